@@ -1,0 +1,9 @@
+"""qwen3vl_jax: Qwen3-VL in JAX/Flax, numerically identical to transformers."""
+
+from qwen3vl_jax.api import Qwen3VLModel, load_pretrained
+from qwen3vl_jax.config import ModelConfig, TextConfig, VisionConfig, from_hf, preset, to_hf
+from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.positions import rope_index
+
+__all__ = ["Qwen3VLModel", "load_pretrained", "ModelConfig", "TextConfig", "VisionConfig", "from_hf", "preset",
+           "to_hf", "ModelInputs", "rope_index"]

@@ -1,0 +1,88 @@
+"""A small HF-like API over the pure functions: load, call with processor outputs, save.
+
+    model = qwen3vl_jax.load_pretrained("path/to/hf_dir", dtype="float32")
+    logits = model(input_ids=..., attention_mask=..., pixel_values=..., image_grid_thw=...,
+                   pixel_values_videos=..., video_grid_thw=...)      # numpy (B, L, vocab)
+    model.save_pretrained("path/to/out_dir")
+
+Inputs are padded to power-of-two buckets (or to `seq_len` / `max_patches`), so calls with different image
+sizes reuse one compiled function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from qwen3vl_jax import hf_io
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.model_inputs import ModelInputs, bucket, empty_inputs, fill_patches, from_hf_batch
+from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+from qwen3vl_jax.positions import IMAGE, visual_blocks
+
+
+class Qwen3VLModel:
+    """A config, its parameters and jitted entry points."""
+
+    def __init__(self, config: ModelConfig, params: Any):
+        self.config = config
+        self.params = params
+        self.module = Qwen3VL(config)
+        self.forward = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
+        self.vision_forward = jax.jit(
+            lambda p, x: self.module.apply({"params": p}, x, method=Qwen3VL.encode_vision))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0) -> "Qwen3VLModel":
+        """A randomly initialised model."""
+        return cls(config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed)))
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, *,
+                seq_len: Optional[int] = None, max_patches: Optional[int] = None) -> tuple[ModelInputs, np.ndarray]:
+        """Static-shape ModelInputs and rope_deltas (B, 1) from HF processor outputs. `mm_token_type_ids` is
+        accepted and not needed: token types follow from the image / video token ids."""
+        return from_hf_batch(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                             pixel_values_videos, video_grid_thw, seq_len=seq_len, max_patches=max_patches)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, *,
+                 seq_len: Optional[int] = None, max_patches: Optional[int] = None) -> np.ndarray:
+        """Logits (B, L, vocab) as float32 numpy for HF processor outputs (numpy or torch tensors)."""
+        inputs, _ = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                 video_grid_thw, seq_len=seq_len, max_patches=max_patches)
+        logits = self.forward(self.params, inputs)
+        return np.asarray(logits[:, :np.shape(input_ids)[1]], np.float32)
+
+    def encode_vision(self, pixel_values, grid_thw, *, max_patches: Optional[int] = None):
+        """The ViT alone, like transformers' `model.visual(pixel_values, grid_thw)`: merged visual tokens
+        (N / m^2, out_hidden) and the list of DeepStack features of the same shape, float32 numpy."""
+        c = self.config.vision
+        blocks, _ = visual_blocks(grid_thw, None, c.spatial_merge_size)
+        n = sum(b.num_patches for b in blocks)
+        pixels = np.asarray(pixel_values, np.float32)
+        if pixels.shape != (n, c.patch_dim):
+            raise ValueError(f"pixel_values shape {pixels.shape} != ({n}, {c.patch_dim}) implied by grid_thw")
+        fields = empty_inputs(1, 1, max_patches or bucket(n, 256), c.patch_dim)
+        fill_patches(fields, 0, blocks, {IMAGE: pixels}, c)
+        merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
+        tokens = n // c.spatial_merge_size**2
+        as_numpy = lambda x: np.asarray(x[0, :tokens], np.float32)
+        return as_numpy(merged), [as_numpy(x) for x in deepstack]
+
+    def save_pretrained(self, path: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30):
+        """Writes an HF checkpoint directory that transformers loads (`dtype` defaults to param_dtype)."""
+        hf_io.save_params(path, jax.device_get(self.params), self.config, dtype=dtype,
+                          max_shard_bytes=max_shard_bytes)
+
+
+def load_pretrained(path: str, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+                    **overrides: Any) -> Qwen3VLModel:
+    """Loads an HF Qwen3-VL checkpoint directory. `dtype` (compute) and `param_dtype` (storage) default to
+    the checkpoint's dtype; other ModelConfig fields (e.g. mrope_layout) may be overridden."""
+    config = hf_io.load_config(path, **overrides)
+    dtype = dtype or config.dtype
+    config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+    return Qwen3VLModel(config, jax.device_put(hf_io.load_params(path, config)))

@@ -1,0 +1,277 @@
+"""Hugging Face checkpoint directories <-> our parameter tree (spec §7), with safetensors only.
+
+Every HF tensor maps to one parameter (or one layer slice of a scanned stack) by a `Rule`. The rules are
+generated from the config, so they also state the shape each checkpoint tensor must have; a missing,
+unexpected or mis-shaped tensor is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import ml_dtypes
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
+from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.modeling.vision import block_stacks
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LINEAR, COPY = "linear", "copy"
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model (names the file or tensor)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """HF tensor `hf` of shape `hf_shape` <-> params[path] (or params[path][index] for a scanned stack).
+
+    LINEAR: an nn.Linear / Conv weight (out, ...in) <-> kernel (...in, ...out); COPY: same values, reshaped.
+    """
+
+    hf: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    kind: str = COPY
+    index: Optional[int] = None
+
+    def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == LINEAR:
+            x = x.reshape(x.shape[0], -1).T
+        return x.reshape(shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == LINEAR:
+            x = x.reshape(-1, self.hf_shape[0]).T
+        return np.ascontiguousarray(x.reshape(self.hf_shape))
+
+
+def hf_rules(config: ModelConfig) -> list[Rule]:
+    """All tensors of the HF checkpoint of `config`, in checkpoint order."""
+    v, t = config.vision, config.text
+    D, Iv, Dm, O = v.hidden_size, v.intermediate_size, v.merged_dim, v.out_hidden_size
+    H, I, hd = t.hidden_size, t.intermediate_size, t.head_dim
+    rules: list[Rule] = []
+
+    def add(hf, path, hf_shape, kind=COPY, index=None):
+        rules.append(Rule(hf, tuple(path.split("/")), tuple(hf_shape), kind, index))
+
+    def linear(hf, path, out_dim, in_dim, bias, index=None):
+        add(hf + ".weight", path + "/kernel", (out_dim, in_dim), LINEAR, index)
+        if bias:
+            add(hf + ".bias", path + "/bias", (out_dim,), COPY, index)
+
+    def layer_norm(hf, path, dim, index=None):
+        add(hf + ".weight", path + "/scale", (dim,), COPY, index)
+        add(hf + ".bias", path + "/bias", (dim,), COPY, index)
+
+    def merger(hf, path, norm_dim):
+        layer_norm(hf + ".norm", path + "/norm", norm_dim)
+        linear(hf + ".linear_fc1", path + "/linear_fc1", Dm, Dm, True)
+        linear(hf + ".linear_fc2", path + "/linear_fc2", O, Dm, True)
+
+    vis = "model.visual"
+    add(f"{vis}.patch_embed.proj.weight", "visual/patch_embed/kernel",
+        (D, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), LINEAR)
+    add(f"{vis}.patch_embed.proj.bias", "visual/patch_embed/bias", (D,))
+    add(f"{vis}.pos_embed.weight", "visual/pos_embed", (v.num_position_embeddings, D))
+    taps = v.deepstack_visual_indexes[:config.num_deepstack]
+    for stack, (start, end) in enumerate(block_stacks(v.depth, taps)):
+        for i in range(start, end):
+            hf, ours, j = f"{vis}.blocks.{i}", f"visual/blocks_{stack}", i - start
+            layer_norm(f"{hf}.norm1", f"{ours}/norm1", D, j)
+            layer_norm(f"{hf}.norm2", f"{ours}/norm2", D, j)
+            linear(f"{hf}.attn.qkv", f"{ours}/attn_qkv", 3 * D, D, True, j)
+            linear(f"{hf}.attn.proj", f"{ours}/attn_proj", D, D, True, j)
+            linear(f"{hf}.mlp.linear_fc1", f"{ours}/mlp_fc1", Iv, D, True, j)
+            linear(f"{hf}.mlp.linear_fc2", f"{ours}/mlp_fc2", D, Iv, True, j)
+    merger(f"{vis}.merger", "visual/merger", D)
+    for j in range(len(taps)):
+        merger(f"{vis}.deepstack_merger_list.{j}", f"visual/deepstack_merger_{j}", Dm)
+
+    lm = "model.language_model"
+    add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", (t.vocab_size, H))
+    bias = t.attention_bias
+    for l in range(t.num_hidden_layers):
+        hf, ours = f"{lm}.layers.{l}", "decoder/layers"
+        add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (H,), COPY, l)
+        add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (H,), COPY, l)
+        linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", t.num_attention_heads * hd, H, bias, l)
+        linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", t.num_key_value_heads * hd, H, bias, l)
+        linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", t.num_key_value_heads * hd, H, bias, l)
+        linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", H, t.num_attention_heads * hd, bias, l)
+        add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, l)
+        add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, l)
+        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", I, H, False, l)
+        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", I, H, False, l)
+        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", H, I, False, l)
+    add(f"{lm}.norm.weight", "decoder/norm/scale", (H,))
+    if not config.tie_word_embeddings:
+        linear("lm_head", "lm_head", t.vocab_size, H, False)
+    return rules
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_config(path: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig from `path/config.json` (plus ModelConfig field overrides)."""
+    return from_hf(_read_json(os.path.join(path, "config.json")), **overrides)
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = {key: os.path.join(path, name) for key, name in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not os.path.exists(file):
+                raise CheckpointError(f"{index} lists shard {os.path.basename(file)}, which does not exist")
+        return files
+    single = os.path.join(path, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    with _open(single) as f:
+        return {key: single for key in f.keys()}
+
+
+def load_params(path: str, config: ModelConfig) -> dict:
+    """Parameters (nested dict of numpy arrays in config.param_dtype) from the HF checkpoint at `path`."""
+    files = checkpoint_files(path)
+    rules = hf_rules(config)
+    expected = {r.hf for r in rules}
+    missing = sorted(expected - files.keys())
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
+                              f"{missing[:5]}")
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if not config.deepstack:  # the ablation switch drops the DeepStack mergers of a pretrained model
+        dropped = {k for k in files if k.startswith("model.visual.deepstack_merger_list.")}
+        if dropped:
+            log.info("deepstack=False: ignoring %d DeepStack merger tensors of %s", len(dropped), path)
+        ignorable |= dropped
+    unexpected = sorted(files.keys() - expected - ignorable)
+    if unexpected:
+        raise CheckpointError(f"{path}: checkpoint has {len(unexpected)} tensor(s) this config does not use, "
+                              f"e.g. {unexpected[:5]}")
+
+    dtype = _NUMPY_DTYPES[config.param_dtype]
+    shapes = _flat_shapes(config)
+    flat = {p: np.zeros(shape, dtype) for p, shape in shapes.items()}
+    for file in sorted(set(files[r.hf] for r in rules)):
+        with _open(file) as f:
+            for rule in (r for r in rules if files[r.hf] == file):
+                tensor = _get_tensor(f, rule.hf, file)
+                if tuple(tensor.shape) != rule.hf_shape:
+                    raise CheckpointError(f"{file}: tensor {rule.hf} has shape {tuple(tensor.shape)}, but the "
+                                          f"config needs {rule.hf_shape}")
+                target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
+                target[...] = rule.to_ours(tensor, target.shape).astype(dtype)
+    if config.tie_word_embeddings and "lm_head.weight" in files:
+        with _open(files["lm_head.weight"]) as f:
+            head = _get_tensor(f, "lm_head.weight", files["lm_head.weight"])
+        if head.shape != flat[("embed_tokens", "embedding")].shape or not np.array_equal(
+                head.astype(dtype), flat[("embed_tokens", "embedding")]):
+            log.warning("tie_word_embeddings=True: ignoring lm_head.weight, which differs from the embedding "
+                        "(transformers ties them the same way)")
+    return unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional[str] = None,
+                max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with an index when
+    larger than `max_shard_bytes`) that transformers' `from_pretrained` loads."""
+    dtype = dtype or config.param_dtype
+    np_dtype = _NUMPY_DTYPES[dtype]
+    flat = {p: np.asarray(x) for p, x in flatten_dict(params).items()}
+    tensors = {}
+    for rule in hf_rules(config):
+        if rule.path not in flat:
+            raise CheckpointError(f"params lack {'/'.join(rule.path)} (needed for {rule.hf})")
+        x = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
+        tensors[rule.hf] = rule.to_hf(x.astype(np_dtype))
+    os.makedirs(path, exist_ok=True)
+    hf_config = to_hf(config)
+    hf_config["dtype"] = dtype
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+    shards = _shard(tensors, max_shard_bytes)
+    for stale in (SINGLE_FILE, INDEX_FILE):
+        if os.path.exists(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    total = sum(x.nbytes for x in tensors.values())
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, size = [{}], 0
+    for key, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = x
+        size += x.nbytes
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read safetensors file {file}: {e}") from None
+
+
+def _get_tensor(f, key: str, file: str) -> np.ndarray:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
+
+
+def _flat_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {p: x.shape for p, x in flatten_dict(abstract_params(config)).items()}

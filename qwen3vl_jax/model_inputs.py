@@ -1,0 +1,141 @@
+"""The model's static-shape input contract, and its construction from HF processor outputs.
+
+Every array has the batch on axis 0, so a batch shards over the data axes as one pytree. Text is a fixed
+length-L buffer; vision is a fixed buffer of P patches per row holding that row's images and video temporal
+groups in order of appearance, then padding (segment id 0). P is a multiple of 4 (the 2x2 merge windows of
+an image never straddle a block boundary because every block has an even h and w).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import numpy as np
+
+from qwen3vl_jax.config import ModelConfig, VisionConfig
+from qwen3vl_jax.positions import IMAGE, VIDEO, VisualBlock, batch_positions, layout_batch, visual_blocks
+from qwen3vl_jax.vision_inputs import patch_geometry
+
+
+@flax.struct.dataclass
+class ModelInputs:
+    input_ids: jax.Array          # (B, L) int32
+    segment_ids: jax.Array        # (B, L) int32: example id within the row (packing); 0 = padding
+    positions: jax.Array          # (B, 3, L) int32: t, h, w MRoPE positions (spec §4)
+    visual_index: jax.Array       # (B, L) int32: merged-token row in this row's patch buffer; -1 = text
+    pixel_patches: jax.Array      # (B, P, C*Tp*P*P) float32
+    patch_segment_ids: jax.Array  # (B, P) int32: one id per (image, temporal group); 0 = padding
+    pos_embed_index: jax.Array    # (B, P, 4) int32: bilinear taps into the learned position table
+    pos_embed_weight: jax.Array   # (B, P, 4) float32
+    patch_rowcol: jax.Array       # (B, P, 2) int32: rotary (row, col) ids
+
+    @property
+    def has_vision(self) -> bool:
+        return self.pixel_patches.shape[1] > 0
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum): few distinct shapes, hence few compiles."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def from_hf_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None, *, seq_len: Optional[int] = None,
+                  max_patches: Optional[int] = None) -> tuple[ModelInputs, np.ndarray]:
+    """Numpy ModelInputs (padded to `seq_len` / `max_patches`, or to power-of-two buckets when None) and the
+    rope_deltas (B, 1) from the arrays an HF Qwen3-VL processor returns."""
+    vc, merge = config.vision, config.vision.spatial_merge_size
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+    batch, length = input_ids.shape
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+
+    images, videos = visual_blocks(image_grid_thw, video_grid_thw, merge)
+    pixels = {IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
+              VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos",
+                                 "video_grid_thw")}
+    image_iter, video_iter = iter(images), iter(videos)
+    rows = layout_batch(input_ids, mask, image_iter, video_iter, image_token_id=config.image_token_id,
+                        video_token_id=config.video_token_id, merge=merge)
+    for leftover, name in ((image_iter, "image"), (video_iter, "video")):
+        block = next(leftover, None)
+        if block is not None:
+            raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids: every {name} needs its "
+                             f"block of placeholder tokens")
+
+    row_patches = [sum(p.block.num_patches for p in pieces if p.block) for _, pieces in rows]
+    seq_len = _fit("seq_len", length, seq_len, bucket(length, 64))
+    max_patches = _fit("max_patches", max(row_patches), max_patches,
+                       bucket(max(row_patches), 256) if max(row_patches) else 0)
+    if max_patches % merge**2:
+        raise ValueError(f"max_patches {max_patches} must be a multiple of {merge**2}")
+
+    out = empty_inputs(batch, seq_len, max_patches, vc.patch_dim)
+    positions, deltas = batch_positions(rows, length, merge)
+    out["positions"][:, :, :length] = positions.transpose(1, 0, 2)
+    out["input_ids"][:, :length] = input_ids
+    out["segment_ids"][:, :length] = mask
+    for b, (keep, pieces) in enumerate(rows):
+        visual = [p for p in pieces if p.block is not None]
+        tokens = np.concatenate([keep[p.start:p.start + p.length] for p in visual]) if visual else np.zeros(0, int)
+        out["visual_index"][b, tokens] = np.arange(len(tokens))
+        fill_patches(out, b, [p.block for p in visual], pixels, vc)
+    return ModelInputs(**out), deltas
+
+
+def empty_inputs(batch: int, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
+    """All-padding ModelInputs fields as writable numpy arrays."""
+    return dict(
+        input_ids=np.zeros((batch, seq_len), np.int32), segment_ids=np.zeros((batch, seq_len), np.int32),
+        positions=np.zeros((batch, 3, seq_len), np.int32), visual_index=np.full((batch, seq_len), -1, np.int32),
+        pixel_patches=np.zeros((batch, max_patches, patch_dim), np.float32),
+        patch_segment_ids=np.zeros((batch, max_patches), np.int32),
+        pos_embed_index=np.zeros((batch, max_patches, 4), np.int32),
+        pos_embed_weight=np.zeros((batch, max_patches, 4), np.float32),
+        patch_rowcol=np.zeros((batch, max_patches, 2), np.int32))
+
+
+def fill_patches(out: dict[str, np.ndarray], row: int, blocks: list[VisualBlock],
+                 pixels: dict[int, np.ndarray], vision: VisionConfig) -> None:
+    """Writes `blocks` one after the other into the patch buffer of batch row `row`: pixels (taken from
+    pixels[block.kind]), one segment id per temporal group, and the grid geometry."""
+    patch, segment = 0, 0
+    for block in blocks:
+        n, (t, h, w) = block.num_patches, block.grid
+        if patch + n > out["pixel_patches"].shape[1]:
+            raise ValueError(f"batch row {row}: {block.describe()} does not fit into max_patches = "
+                             f"{out['pixel_patches'].shape[1]}")
+        window = slice(patch, patch + n)
+        out["pixel_patches"][row, window] = pixels[block.kind][block.first_row:block.first_row + n]
+        out["patch_segment_ids"][row, window] = segment + 1 + np.repeat(np.arange(t), h * w)
+        geometry = patch_geometry(block.grid, vision.spatial_merge_size, vision.grid_per_side)
+        for name, value in zip(("pos_embed_index", "pos_embed_weight", "patch_rowcol"), geometry):
+            out[name][row, window] = value
+        patch, segment = patch + n, segment + t
+
+
+def _pixel_rows(pixels, blocks, patch_dim: int, name: str, grid_name: str) -> np.ndarray:
+    needed = sum(b.num_patches for b in blocks)
+    if pixels is None:
+        if needed:
+            raise ValueError(f"{grid_name} is given but {name} is missing")
+        return np.zeros((0, patch_dim), np.float32)
+    pixels = np.asarray(pixels, np.float32)
+    if pixels.ndim != 2 or pixels.shape[1] != patch_dim:
+        raise ValueError(f"{name} must be (patches, {patch_dim}) for this model, got shape {pixels.shape}")
+    if pixels.shape[0] != needed:
+        raise ValueError(f"{name} has {pixels.shape[0]} patch rows but {grid_name} describes {needed}")
+    return pixels
+
+
+def _fit(name: str, needed: int, given: Optional[int], default: int) -> int:
+    if given is None:
+        return default
+    if needed > given:
+        raise ValueError(f"the batch needs {name} >= {needed}, but {name} = {given}")
+    return given

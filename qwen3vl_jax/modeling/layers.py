@@ -1,0 +1,102 @@
+"""Building blocks with logical axis names on every parameter (design.md §3).
+
+Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in float32 (spec §8.14).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+default_init = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
+
+
+def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], dtype, axes: Sequence[str]):
+    """A parameter annotated with logical axis names (one per dim)."""
+    assert len(axes) == len(shape), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `contract` dims of x.
+
+    kernel: (*x.shape[-contract:], *features) with logical names `axes` (input dims first).
+    """
+
+    features: int | tuple[int, ...]
+    axes: tuple[str, ...]
+    contract: int = 1
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.contract:]
+        kernel = param(self, "kernel", self.kernel_init, in_shape + features, self.param_dtype, self.axes)
+        contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ())))
+        if self.use_bias:
+            bias = param(self, "bias", nn.initializers.zeros, features, self.param_dtype, self.axes[self.contract:])
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Qwen3 RMSNorm (spec §3.2): normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
+
+    eps: float
+    axis_name: str = "embed"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, (self.axis_name,))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias, computed entirely in fp32 and cast to the input dtype (torch's CPU/TPU
+    behaviour for half-precision inputs)."""
+
+    eps: float
+    axis_name: str = "vision_embed"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape, axes = (x.shape[-1],), (self.axis_name,)
+        scale = param(self, "scale", nn.initializers.ones, shape, self.param_dtype, axes)
+        bias = param(self, "bias", nn.initializers.zeros, shape, self.param_dtype, axes)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table (vocab, embed); `attend` gives the tied output head."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = param(self, "embedding", default_init, (self.num_embeddings, self.features),
+                               self.param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...h,vh->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))

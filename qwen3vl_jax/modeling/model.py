@@ -1,0 +1,70 @@
+"""Qwen3-VL: ViT -> visual tokens replace their placeholders -> decoder with MRoPE and DeepStack -> logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.model_inputs import ModelInputs, empty_inputs
+from qwen3vl_jax.modeling.decoder import Decoder
+from qwen3vl_jax.modeling.deepstack import gather_visual
+from qwen3vl_jax.modeling.layers import Dense, Embed
+from qwen3vl_jax.modeling.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_tables
+from qwen3vl_jax.modeling.vision import VisionTower
+
+
+class Qwen3VL(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        self.visual = VisionTower(c.vision, c.num_deepstack, attention_impl=c.attention_impl, **kw)
+        self.embed_tokens = Embed(c.text.vocab_size, c.text.hidden_size, **kw)
+        self.decoder = Decoder(c.text, attention_impl=c.attention_impl, **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), **kw)
+
+    def encode_vision(self, inputs: ModelInputs):
+        """Merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
+        return self.visual(inputs.pixel_patches, inputs.patch_segment_ids, inputs.pos_embed_index,
+                           inputs.pos_embed_weight, inputs.patch_rowcol)
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-norm hidden states (B, L, H)."""
+        c = self.config
+        x = self.embed_tokens(inputs.input_ids)
+        deepstack = None
+        if inputs.has_vision:
+            visual, levels = self.encode_vision(inputs)
+            is_visual = (inputs.visual_index >= 0)[..., None]
+            x = jnp.where(is_visual, gather_visual(visual, inputs.visual_index).astype(x.dtype), x)
+            deepstack = jnp.stack(levels) if levels else None
+        inv_freq = inverse_frequencies(c.text.rope_theta, c.text.head_dim)
+        axes = mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout)
+        cos, sin = mrope_tables(inputs.positions, inv_freq, axes)
+        return self.decoder(x, inputs.segment_ids, cos, sin, deepstack, inputs.visual_index)
+
+    def __call__(self, inputs: ModelInputs) -> jax.Array:
+        """Logits (B, L, vocab) in the compute dtype."""
+        x = self.hidden_states(inputs)
+        return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, patches: int = 4) -> ModelInputs:
+    """All-padding inputs of the given shapes (for init and abstract evaluation)."""
+    return ModelInputs(**empty_inputs(batch, seq_len, patches, config.vision.patch_dim))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):
+    """Random parameters (normal(0.02) kernels and embeddings, unit norms, zero biases). With boxed=True the
+    leaves keep their logical-axis metadata (nn.LogicallyPartitioned)."""
+    variables = Qwen3VL(config).init(rng, dummy_inputs(config))
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig, *, boxed: bool = False):
+    """Parameter shapes and dtypes (jax.ShapeDtypeStruct) without allocating memory."""
+    return jax.eval_shape(lambda rng: init_params(config, rng, boxed=boxed), jax.random.key(0))

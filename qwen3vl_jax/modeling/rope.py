@@ -1,0 +1,67 @@
+"""Rotary position embeddings: the text MRoPE (spec §3.3) and the ViT's 2-D rotary (spec §2.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+
+def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
+    """1 / theta^(2k/dim) for k < dim/2 in float32; the power is rounded from float64, which reproduces
+    torch's float32 `theta ** exponent` in all but rare last-ulp cases."""
+    exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    return np.float32(1.0) / np.power(np.float64(theta), exponent).astype(np.float32)
+
+
+def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) -> np.ndarray:
+    """Which position axis (0=t, 1=h, 2=w) drives each of the head_dim/2 frequencies.
+
+    interleaved (Qwen3-VL, spec §3.3): t h w t h w ... t t t t — h at i%3==1 for i < 3*sec[1], w at i%3==2
+    for i < 3*sec[2], t elsewhere. chunked (Qwen2-VL): t takes the first sec[0], h the next sec[1], w the rest.
+    """
+    t, h, w = mrope_section
+    if layout == "chunked":
+        return np.repeat(np.arange(3), (t, h, w))
+    i = np.arange(t + h + w)
+    axis = np.zeros_like(i)
+    axis[(i % 3 == 1) & (i < 3 * h)] = 1
+    axis[(i % 3 == 2) & (i < 3 * w)] = 2
+    return axis
+
+
+def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray):
+    """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32."""
+    selected = positions[:, axis_of_frequency]                       # (B, hd/2, L)
+    angles = jnp.swapaxes(selected, 1, 2).astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def vision_rotary_tables(rowcol: jax.Array, head_dim: int, theta: float):
+    """rowcol (..., 2) int patch coordinates -> cos, sin (..., head_dim) float32.
+
+    Angles are [row * f, col * f] over hd/4 frequencies of a rotary dim hd/2, duplicated to hd (spec §2.3).
+    """
+    inv_freq = inverse_frequencies(theta, head_dim // 2)
+    angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq     # (..., 2, hd/4)
+    angles = angles.reshape(*rowcol.shape[:-1], -1)                  # [row freqs | col freqs]
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, compute_dtype=None) -> jax.Array:
+    """x (B, L, heads, hd); cos/sin (B, L, hd). Rotate-half pairing (i, i + hd/2).
+
+    The text decoder rotates in the activation dtype with cos/sin cast to it; the ViT rotates in float32
+    (`compute_dtype=jnp.float32`), as transformers does.
+    """
+    dtype = compute_dtype or x.dtype
+    cos, sin = cos[..., None, :].astype(dtype), sin[..., None, :].astype(dtype)
+    xc = x.astype(dtype)
+    return (xc * cos + rotate_half(xc) * sin).astype(x.dtype)
