@@ -18,7 +18,8 @@ import numpy as np
 
 from qwen3vl_jax import hf_io
 from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.model_inputs import ModelInputs, bucket, empty_inputs, fill_patches, from_hf_batch
+from qwen3vl_jax.model_inputs import (PATCH_FIELDS, ModelInputs, bucket, empty_inputs, from_hf_batch,
+                                     patch_features)
 from qwen3vl_jax.modeling.model import Qwen3VL, init_params
 from qwen3vl_jax.positions import IMAGE, visual_blocks
 
@@ -65,8 +66,14 @@ class Qwen3VLModel:
         pixels = np.asarray(pixel_values, np.float32)
         if pixels.shape != (n, c.patch_dim):
             raise ValueError(f"pixel_values shape {pixels.shape} != ({n}, {c.patch_dim}) implied by grid_thw")
-        fields = empty_inputs(1, 1, max_patches or bucket(n, 256), c.patch_dim)
-        fill_patches(fields, 0, blocks, {IMAGE: pixels}, c)
+        max_patches = max_patches or bucket(n, 256)
+        if n > max_patches:
+            raise ValueError(f"grid_thw describes {n} patches, more than max_patches = {max_patches}")
+        features = patch_features(blocks, {IMAGE: pixels}, c)
+        fields = empty_inputs(1, 1, max_patches, c.patch_dim)
+        for name in PATCH_FIELDS:
+            fields[name][0, :n] = features[name]
+        fields["patch_segment_ids"][0, :n] = features["patch_group"]
         merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
         tokens = n // c.spatial_merge_size**2
         as_numpy = lambda x: np.asarray(x[0, :tokens], np.float32)

@@ -300,7 +300,8 @@ def _tiny(**changes) -> ModelConfig:
         text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=5_000_000.0,
                         mrope_section=(6, 5, 5)),
-        image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+        # the ids of processing.tokenizer.byte_tokenizer(), so tiny models train with it
+        image_token_id=268, video_token_id=269, vision_start_token_id=265, vision_end_token_id=266)
     return config.replace(**changes)
 
 

@@ -1,22 +1,27 @@
-"""The model's static-shape input contract, and its construction from HF processor outputs.
+"""The model's static-shape input contract, and how token sequences with their images become its arrays.
 
 Every array has the batch on axis 0, so a batch shards over the data axes as one pytree. Text is a fixed
 length-L buffer; vision is a fixed buffer of P patches per row holding that row's images and video temporal
-groups in order of appearance, then padding (segment id 0). P is a multiple of 4 (the 2x2 merge windows of
-an image never straddle a block boundary because every block has an even h and w).
+groups in order of appearance, then padding (segment id 0). P is a multiple of 4: the 2x2 merge windows of
+an image never straddle a block boundary because every block has an even h and w. Because patches are stored
+in the order their placeholder tokens appear, a row's k-th visual token is its k-th merged token.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Iterator, Optional
 
 import flax.struct
 import jax
 import numpy as np
 
 from qwen3vl_jax.config import ModelConfig, VisionConfig
-from qwen3vl_jax.positions import IMAGE, VIDEO, VisualBlock, batch_positions, layout_batch, visual_blocks
+from qwen3vl_jax.positions import (IMAGE, VIDEO, VisualBlock, layout_sequence, rope_delta, sequence_positions,
+                                   visual_blocks)
 from qwen3vl_jax.vision_inputs import patch_geometry
+
+PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
 
 
 @flax.struct.dataclass
@@ -35,57 +40,49 @@ class ModelInputs:
     def has_vision(self) -> bool:
         return self.pixel_patches.shape[1] > 0
 
+    @classmethod
+    def from_batch(cls, batch: dict) -> "ModelInputs":
+        """The ModelInputs fields of a batch dict that may hold more (targets, loss_mask, ...)."""
+        return cls(**{field.name: batch[field.name] for field in dataclasses.fields(cls)})
 
-def bucket(n: int, minimum: int) -> int:
-    """Smallest power of two >= max(n, minimum): few distinct shapes, hence few compiles."""
-    return 1 << (max(n, minimum) - 1).bit_length()
+
+def patch_features(blocks: list[VisualBlock], pixels: dict[int, np.ndarray], vision: VisionConfig) -> dict:
+    """Per-patch arrays for `blocks` one after the other: `pixel_patches` (rows of pixels[block.kind]),
+    `patch_group` (1, 2, ... one id per temporal group), `pos_embed_index`, `pos_embed_weight`, `patch_rowcol`."""
+    columns = {name: [] for name in PATCH_FIELDS + ("patch_group",)}
+    groups = 0
+    for block in blocks:
+        t, h, w = block.grid
+        columns["pixel_patches"].append(pixels[block.kind][block.first_row:block.first_row + block.num_patches])
+        columns["patch_group"].append(groups + 1 + np.repeat(np.arange(t, dtype=np.int32), h * w))
+        geometry = patch_geometry(block.grid, vision.spatial_merge_size, vision.grid_per_side)
+        for name, value in zip(("pos_embed_index", "pos_embed_weight", "patch_rowcol"), geometry):
+            columns[name].append(value)
+        groups += t
+    empty = dict(pixel_patches=np.zeros((0, vision.patch_dim), np.float32), patch_group=np.zeros(0, np.int32),
+                 pos_embed_index=np.zeros((0, 4), np.int32), pos_embed_weight=np.zeros((0, 4), np.float32),
+                 patch_rowcol=np.zeros((0, 2), np.int32))
+    return {name: np.concatenate(parts).astype(empty[name].dtype) if parts else empty[name]
+            for name, parts in columns.items()}
 
 
-def from_hf_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None, *, seq_len: Optional[int] = None,
-                  max_patches: Optional[int] = None) -> tuple[ModelInputs, np.ndarray]:
-    """Numpy ModelInputs (padded to `seq_len` / `max_patches`, or to power-of-two buckets when None) and the
-    rope_deltas (B, 1) from the arrays an HF Qwen3-VL processor returns."""
-    vc, merge = config.vision, config.vision.spatial_merge_size
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-    batch, length = input_ids.shape
-    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+def sequence_features(config: ModelConfig, ids: np.ndarray, images: Iterator[VisualBlock],
+                      videos: Iterator[VisualBlock], pixels: dict[int, np.ndarray], *, where: str) -> dict:
+    """Arrays of one unpadded token sequence: `positions` (n, 3) plus the `patch_features` of its visual blocks
+    in order of appearance. Blocks are taken from the iterators. Raises ValueError naming `where` when
+    placeholders and grids disagree."""
+    merge = config.vision.spatial_merge_size
+    pieces = layout_sequence(ids, images, videos, image_token_id=config.image_token_id,
+                             video_token_id=config.video_token_id, merge=merge, where=where)
+    features = patch_features([p.block for p in pieces if p.block is not None], pixels, config.vision)
+    features["positions"] = sequence_positions(pieces, merge).T.astype(np.int32)
+    return features
 
-    images, videos = visual_blocks(image_grid_thw, video_grid_thw, merge)
-    pixels = {IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
-              VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos",
-                                 "video_grid_thw")}
-    image_iter, video_iter = iter(images), iter(videos)
-    rows = layout_batch(input_ids, mask, image_iter, video_iter, image_token_id=config.image_token_id,
-                        video_token_id=config.video_token_id, merge=merge)
-    for leftover, name in ((image_iter, "image"), (video_iter, "video")):
-        block = next(leftover, None)
-        if block is not None:
-            raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids: every {name} needs its "
-                             f"block of placeholder tokens")
 
-    row_patches = [sum(p.block.num_patches for p in pieces if p.block) for _, pieces in rows]
-    seq_len = _fit("seq_len", length, seq_len, bucket(length, 64))
-    max_patches = _fit("max_patches", max(row_patches), max_patches,
-                       bucket(max(row_patches), 256) if max(row_patches) else 0)
-    if max_patches % merge**2:
-        raise ValueError(f"max_patches {max_patches} must be a multiple of {merge**2}")
-
-    out = empty_inputs(batch, seq_len, max_patches, vc.patch_dim)
-    positions, deltas = batch_positions(rows, length, merge)
-    out["positions"][:, :, :length] = positions.transpose(1, 0, 2)
-    out["input_ids"][:, :length] = input_ids
-    out["segment_ids"][:, :length] = mask
-    for b, (keep, pieces) in enumerate(rows):
-        visual = [p for p in pieces if p.block is not None]
-        tokens = np.concatenate([keep[p.start:p.start + p.length] for p in visual]) if visual else np.zeros(0, int)
-        out["visual_index"][b, tokens] = np.arange(len(tokens))
-        fill_patches(out, b, [p.block for p in visual], pixels, vc)
-    return ModelInputs(**out), deltas
+def visual_index(input_ids: np.ndarray, segment_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """(B, L): the k-th visual token of a row -> k; text and padding -> -1."""
+    visual = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)) & (segment_ids > 0)
+    return np.where(visual, np.cumsum(visual, axis=-1) - 1, -1).astype(np.int32)
 
 
 def empty_inputs(batch: int, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
@@ -100,23 +97,56 @@ def empty_inputs(batch: int, seq_len: int, max_patches: int, patch_dim: int) -> 
         patch_rowcol=np.zeros((batch, max_patches, 2), np.int32))
 
 
-def fill_patches(out: dict[str, np.ndarray], row: int, blocks: list[VisualBlock],
-                 pixels: dict[int, np.ndarray], vision: VisionConfig) -> None:
-    """Writes `blocks` one after the other into the patch buffer of batch row `row`: pixels (taken from
-    pixels[block.kind]), one segment id per temporal group, and the grid geometry."""
-    patch, segment = 0, 0
-    for block in blocks:
-        n, (t, h, w) = block.num_patches, block.grid
-        if patch + n > out["pixel_patches"].shape[1]:
-            raise ValueError(f"batch row {row}: {block.describe()} does not fit into max_patches = "
-                             f"{out['pixel_patches'].shape[1]}")
-        window = slice(patch, patch + n)
-        out["pixel_patches"][row, window] = pixels[block.kind][block.first_row:block.first_row + n]
-        out["patch_segment_ids"][row, window] = segment + 1 + np.repeat(np.arange(t), h * w)
-        geometry = patch_geometry(block.grid, vision.spatial_merge_size, vision.grid_per_side)
-        for name, value in zip(("pos_embed_index", "pos_embed_weight", "patch_rowcol"), geometry):
-            out[name][row, window] = value
-        patch, segment = patch + n, segment + t
+def bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum): few distinct shapes, hence few compiles."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def from_hf_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None, *, seq_len: Optional[int] = None,
+                  max_patches: Optional[int] = None) -> tuple[ModelInputs, np.ndarray]:
+    """Numpy ModelInputs (padded to `seq_len` / `max_patches`, or to power-of-two buckets when None) and the
+    rope_deltas (B, 1) from the arrays an HF Qwen3-VL processor returns. Each row holds one sequence
+    (padding on either side)."""
+    vc, merge = config.vision, config.vision.spatial_merge_size
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+    batch, length = input_ids.shape
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+
+    images, videos = visual_blocks(image_grid_thw, video_grid_thw, merge)
+    pixels = {IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
+              VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos",
+                                 "video_grid_thw")}
+    image_iter, video_iter = iter(images), iter(videos)
+    rows = [sequence_features(config, input_ids[b, mask[b]], image_iter, video_iter, pixels, where=f"batch row {b}")
+            for b in range(batch)]
+    for leftover in (image_iter, video_iter):
+        if (block := next(leftover, None)) is not None:
+            raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids")
+
+    row_patches = max(len(r["pixel_patches"]) for r in rows)
+    seq_len = _fit("seq_len", length, seq_len, bucket(length, 64))
+    max_patches = _fit("max_patches", row_patches, max_patches, bucket(row_patches, 256) if row_patches else 0)
+    if max_patches % merge**2:
+        raise ValueError(f"max_patches {max_patches} must be a multiple of {merge**2}")
+
+    out = empty_inputs(batch, seq_len, max_patches, vc.patch_dim)
+    out["input_ids"][:, :length] = input_ids
+    out["segment_ids"][:, :length] = mask
+    deltas = np.zeros((batch, 1), np.int64)
+    for b, row in enumerate(rows):
+        out["positions"][b][:, np.flatnonzero(mask[b])] = row["positions"].T
+        deltas[b] = rope_delta(row["positions"].T)
+        n = len(row["pixel_patches"])
+        for name in PATCH_FIELDS:
+            out[name][b, :n] = row[name]
+        out["patch_segment_ids"][b, :n] = row["patch_group"]
+    out["visual_index"] = visual_index(out["input_ids"], out["segment_ids"], config)
+    return ModelInputs(**out), deltas
 
 
 def _pixel_rows(pixels, blocks, patch_dim: int, name: str, grid_name: str) -> np.ndarray:

@@ -119,37 +119,22 @@ def sequence_positions(pieces: list[Piece], merge: int) -> np.ndarray:
     return np.concatenate(out, axis=1) if out else np.zeros((3, 0), np.int64)
 
 
-def layout_batch(input_ids: np.ndarray, mask: np.ndarray, images: Iterator[VisualBlock],
-                 videos: Iterator[VisualBlock], *, image_token_id: int, video_token_id: int,
-                 merge: int) -> list[tuple[np.ndarray, list[Piece]]]:
-    """Per batch row: the indices of its unpadded tokens and their pieces."""
-    rows = []
-    for b in range(input_ids.shape[0]):
-        keep = np.flatnonzero(mask[b])
-        rows.append((keep, layout_sequence(input_ids[b, keep], images, videos, image_token_id=image_token_id,
-                                           video_token_id=video_token_id, merge=merge, where=f"batch row {b}")))
-    return rows
-
-
-def batch_positions(rows: list[tuple[np.ndarray, list[Piece]]], length: int,
-                    merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (3, B, length) int64 (padding slots 0) and rope_deltas (B, 1) = max position + 1 - unpadded
-    length (spec §4.3) from `layout_batch` rows."""
-    positions = np.zeros((3, len(rows), length), np.int64)
-    deltas = np.zeros((len(rows), 1), np.int64)
-    for b, (keep, pieces) in enumerate(rows):
-        pos = sequence_positions(pieces, merge)
-        positions[:, b, keep] = pos
-        deltas[b] = pos.max() + 1 - len(keep) if len(keep) else 0
-    return positions, deltas
+def rope_delta(positions: np.ndarray) -> int:
+    """max position + 1 - sequence length for positions (3, n) (spec §4.3); 0 for an empty sequence."""
+    return int(positions.max()) + 1 - positions.shape[1] if positions.size else 0
 
 
 def rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None, *, image_token_id: int,
                video_token_id: int, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' `get_rope_index`: positions (3, B, L) and rope_deltas (B, 1)."""
+    """transformers' `get_rope_index`: positions (3, B, L) int64 (padding slots 0) and rope_deltas (B, 1)."""
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     images, videos = (iter(b) for b in visual_blocks(image_grid_thw, video_grid_thw, spatial_merge_size))
-    rows = layout_batch(input_ids, mask, images, videos, image_token_id=image_token_id,
-                        video_token_id=video_token_id, merge=spatial_merge_size)
-    return batch_positions(rows, input_ids.shape[1], spatial_merge_size)
+    positions = np.zeros((3, *input_ids.shape), np.int64)
+    deltas = np.zeros((input_ids.shape[0], 1), np.int64)
+    for b in range(input_ids.shape[0]):
+        pieces = layout_sequence(input_ids[b, mask[b]], images, videos, image_token_id=image_token_id,
+                                 video_token_id=video_token_id, merge=spatial_merge_size, where=f"batch row {b}")
+        positions[:, b, mask[b]] = sequence_positions(pieces, spatial_merge_size)
+        deltas[b] = rope_delta(positions[:, b, mask[b]])
+    return positions, deltas

@@ -1,0 +1,99 @@
+"""Records -> per-example feature arrays for packing, with the policies for inputs that do not fit or are bad.
+
+A record is a dict with an "id" and either "messages" (a conversation: assistant replies are supervised) or
+"document" (interleaved text/media: all text is supervised). Media paths are relative to record["base_dir"].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.model_inputs import sequence_features
+from qwen3vl_jax.positions import IMAGE, VIDEO, visual_blocks
+from qwen3vl_jax.processing import DataError, Encoded, Processor
+
+log = logging.getLogger(__name__)
+
+TOKEN_FEATURES = ("tokens", "targets", "loss_mask", "positions")
+PATCH_FEATURES = ("pixel_patches", "patch_group", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
+OVERFLOW_POLICIES = ("truncate", "drop")
+BAD_INPUT_POLICIES = ("error", "skip")
+DROPPED = "dropped"  # key of the marker a skipped record becomes
+
+
+def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str,
+                     where: str) -> dict[str, np.ndarray]:
+    """Arrays of one example: tokens, targets (the next token), loss_mask (the target is supervised) and 3-D
+    positions (n, 3), plus its patch features (spec §4, design.md §1).
+
+    An example longer than `seq_len` is cut to `seq_len` tokens under overflow="truncate" when no visual token
+    lies past the cut; otherwise (or under "drop") it raises DataError, as does one with more than
+    `max_patches` patches."""
+    ids, supervised = encoded.input_ids, encoded.supervised
+    targets = np.append(ids[1:], 0).astype(np.int32)
+    loss_mask = np.append(supervised[1:], False)
+    if len(ids) > seq_len:
+        visual = np.flatnonzero((ids == config.image_token_id) | (ids == config.video_token_id))
+        if overflow == "drop" or (len(visual) and visual[-1] >= seq_len):
+            raise DataError(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len}"
+                            + (f" (visual tokens up to position {visual[-1]})" if len(visual) else ""))
+        ids, targets, loss_mask = ids[:seq_len], targets[:seq_len], loss_mask[:seq_len]
+    patches = len(encoded.pixel_values) + len(encoded.pixel_values_videos)
+    if patches > max_patches:
+        raise DataError(f"{where}: {patches} patches do not fit max_patches = {max_patches}")
+    merge = config.vision.spatial_merge_size
+    images, videos = visual_blocks(encoded.image_grid_thw, encoded.video_grid_thw, merge)
+    image_iter, video_iter = iter(images), iter(videos)
+    pixels = {IMAGE: encoded.pixel_values, VIDEO: encoded.pixel_values_videos}
+    try:
+        features = sequence_features(config, ids, image_iter, video_iter, pixels, where=where)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if next(image_iter, None) or next(video_iter, None):
+        raise DataError(f"{where}: more images/videos than placeholder tokens")
+    return dict(features, tokens=ids.astype(np.int32), targets=targets, loss_mask=loss_mask.astype(np.int32))
+
+
+class Featurizer:
+    """record -> example features, or a {DROPPED: reason} marker under on_bad_input="skip". Picklable, so it
+    runs inside grain worker processes."""
+
+    def __init__(self, processor: Processor, config: ModelConfig, *, seq_len: int, max_patches: int,
+                 overflow: str = "truncate", on_bad_input: str = "error"):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow policy {overflow!r} not in {OVERFLOW_POLICIES}")
+        if on_bad_input not in BAD_INPUT_POLICIES:
+            raise ValueError(f"bad-input policy {on_bad_input!r} not in {BAD_INPUT_POLICIES}")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(processor, name) != getattr(config, name):
+                raise ValueError(f"tokenizer and model disagree on {name}: {getattr(processor, name)} vs "
+                                 f"{getattr(config, name)}")
+        self.processor, self.config = processor, config
+        self.seq_len, self.max_patches = seq_len, max_patches
+        self.overflow, self.on_bad_input = overflow, on_bad_input
+
+    def __call__(self, record: dict) -> dict:
+        where = f"example {record.get('id', '?')}"
+        try:
+            if "error" in record:  # a source could not even read the record
+                raise DataError(record["error"])
+            encoded = self.encode(record)
+            return example_features(encoded, self.config, seq_len=self.seq_len, max_patches=self.max_patches,
+                                    overflow=self.overflow, where=where)
+        except DataError as e:
+            message = str(e) if str(e).startswith(where) else f"{where}: {e}"
+            if self.on_bad_input == "error":
+                raise DataError(message) from None
+            log.warning("skipping %s", message)
+            return {DROPPED: message}
+
+    def encode(self, record: dict) -> Encoded:
+        base_dir = record.get("base_dir", "")
+        if "messages" in record:
+            return self.processor.encode_conversation(record["messages"], base_dir)
+        if "document" in record:
+            return self.processor.encode_document(record["document"], base_dir)
+        raise DataError("record has neither 'messages' nor 'document'")

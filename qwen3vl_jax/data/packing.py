@@ -1,0 +1,83 @@
+"""Multimodal packing: several examples share one fixed-length token row and one fixed-size patch buffer.
+
+grain's first-fit packer places each example into the first row where both its tokens and its patches fit,
+giving per-feature segment ids (1, 2, ... per example, 0 = padding). `finalize` turns a packed row into the
+model's arrays: positions restart per example (they were computed per example), each example's visual
+tokens map to its own patches because both are stored in example order, and the ViT gets one segment per
+(example, temporal group) so nothing attends across examples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grain
+import numpy as np
+
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.data.features import DROPPED, PATCH_FEATURES, TOKEN_FEATURES
+from qwen3vl_jax.model_inputs import visual_index
+
+NUM_DROPPED = "num_dropped"
+log = logging.getLogger(__name__)
+
+
+def pack(dataset: grain.IterDataset, *, seq_len: int, max_patches: int, num_bins: int) -> grain.IterDataset:
+    """Packs example features (see data.features) into rows of seq_len tokens and max_patches patches; the
+    markers of skipped examples are removed and counted."""
+    lengths = {**{k: seq_len for k in TOKEN_FEATURES}, **{k: max_patches for k in PATCH_FEATURES}}
+    return grain.experimental.FirstFitPackIterDataset(_CountDrops(dataset), length_struct=lengths,
+                                                      num_packing_bins=num_bins, shuffle_bins=False,
+                                                      meta_features=(NUM_DROPPED,))
+
+
+def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """A packed row -> ModelInputs fields (one row, no batch axis) plus targets, loss_mask and the number of
+    examples dropped before the examples of this row."""
+    segments = row["tokens_segment_ids"]
+    patch_segments = row["pixel_patches_segment_ids"]
+    return dict(
+        input_ids=row["tokens"], segment_ids=segments, positions=np.ascontiguousarray(row["positions"].T),
+        visual_index=visual_index(row["tokens"], segments, config),
+        pixel_patches=row["pixel_patches"], patch_segment_ids=_group_ids(patch_segments, row["patch_group"]),
+        pos_embed_index=row["pos_embed_index"], pos_embed_weight=row["pos_embed_weight"],
+        patch_rowcol=row["patch_rowcol"], targets=row["targets"], loss_mask=row["loss_mask"],
+        num_dropped=np.int32(sum(row.get(NUM_DROPPED, ()))))
+
+
+def _group_ids(example: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """1, 2, ... for each distinct consecutive (example, group) pair; 0 for padding."""
+    real = example > 0
+    key = example.astype(np.int64) * (int(group.max(initial=0)) + 1) + group
+    new = real & (key != np.concatenate([[-1], key[:-1]]))
+    return (np.cumsum(new) * real).astype(np.int32)
+
+
+class _CountDrops(grain.IterDataset):
+    """Removes the markers of skipped examples and records how many preceded each kept example."""
+
+    def __iter__(self):
+        return _CountDropsIterator(self._parent.__iter__())
+
+
+class _CountDropsIterator(grain.DatasetIterator):
+    def __next__(self) -> dict:
+        dropped = 0
+        while True:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if dropped:
+                    log.warning("%d skipped examples at the end of the data are not reported in any batch", dropped)
+                raise
+            if DROPPED in element:
+                dropped += 1
+                continue
+            element[NUM_DROPPED] = dropped
+            return element
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)

@@ -1,0 +1,279 @@
+"""Built-in synthetic vision-language tasks, generated on the fly with PIL/numpy.
+
+Every example is a *record*: a plain picklable dict describing one single-turn conversation in Qwen chat format,
+
+    {"id": "shapes/17", "task": "shapes",
+     "messages": [{"role": "user", "content": [{"type": "image", "image": <PIL RGB>}, {"type": "text", "text": ...}]},
+                  {"role": "assistant", "content": "red"}],
+     "answer": "red", "meta": {...}}
+
+and is a pure function of (task, index, seed, image_size, num_frames): the same inputs give a pixel-identical record.
+
+Tasks (all images are ``image_size`` x ``image_size`` RGB):
+
+- ``shapes``: one circle/square/triangle of one palette colour; asks its colour or its kind.
+  meta ``{"colour", "shape"}``.
+- ``counting``: 1..5 shapes of one kind and colour, pairwise separated by >= 2 background pixels (so connected
+  components are countable); asks how many. meta ``{"count", "shape", "colour"}``.
+- ``grounding``: a target shape plus 1..3 distractors, each differing from the target in colour or kind (or both;
+  a distractor may share the target's colour). All shapes are separated by >= 2 background pixels, so the target's
+  box contains no distractor pixels. The answer is the target's tight pixel box ``[left, top, right, bottom)``
+  normalised to 0..1000, Qwen style ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``. meta ``{"box", "colour", "shape"}``.
+- ``ocr``: a random 3..8 character string of [A-Z0-9] in black on a light grey background, rendered with Pillow's
+  scalable default font; asks what the text says. meta ``{"text"}``.
+- ``video_timestamp``: ``num_frames`` frames at 2 fps of a square that is blue in frames [0, 2k) and red in
+  [2k, num_frames). The model sees frames merged in pairs, each pair (i0, i1) preceded by ``<t seconds>`` with
+  t = (i0 + i1) / 2 / fps, so the answer is the timestamp of pair k, ``f"{t:.1f} seconds"``.
+  meta ``{"seconds", "frame"}`` (``frame`` = 2k, the first red frame).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import string
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
+
+# Saturated colours that differ strongly from each other and from the mid-grey background.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (20, 200, 40),
+    "blue": (30, 60, 240),
+    "yellow": (250, 230, 20),
+    "purple": (160, 40, 200),
+    "white": (255, 255, 255),
+}
+BACKGROUND = (110, 110, 110)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+VIDEO_FPS = 2.0
+OCR_ALPHABET = string.ascii_uppercase + string.digits
+
+_COLOURS = tuple(PALETTE)
+_BOX_RE = re.compile(r"<\|box_start\|>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*<\|box_end\|>")
+
+_COLOUR_QUESTIONS = ("What colour is the shape?", "What is the colour of the shape?",
+                     "Which colour does the shape have?")
+_SHAPE_QUESTIONS = ("What shape is shown?", "What kind of shape is in the image?", "Which shape is this?")
+_COUNT_QUESTIONS = ("How many {shape}s are there?", "How many {colour} {shape}s are in the image?",
+                    "Count the {shape}s in the image.")
+_GROUND_QUESTIONS = ("Where is the {colour} {shape}?", "Locate the {colour} {shape}.",
+                     "Give the bounding box of the {colour} {shape}.")
+_OCR_QUESTIONS = ("What does the text say?", "Read the text in the image.", "What is written in the image?")
+_VIDEO_QUESTIONS = ("When does the square turn red?", "At what time does the square change from blue to red?")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _choice(rng: np.random.Generator, options):
+    """Returns one element of ``options`` chosen uniformly."""
+    return options[int(rng.integers(len(options)))]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
+    """Draws a filled shape inside the inclusive pixel box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    fill = PALETTE[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+
+
+def _separated(a, b, gap: int) -> bool:
+    """True when inclusive boxes a and b have at least ``gap`` background pixels between them on some axis."""
+    return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
+
+
+def _place(rng: np.random.Generator, n: int, lo: int, hi: int, image_size: int, gap: int = 2) -> list:
+    """Returns n square inclusive boxes (x0, y0, x1, y1) with sides in [lo, hi], fully inside the image and
+    pairwise separated by >= ``gap`` pixels, by rejection sampling (restarting with smaller sizes if stuck)."""
+    for _ in range(1000):
+        boxes = []
+        for _ in range(100 * n):
+            s = int(rng.integers(lo, hi + 1))
+            x0, y0 = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
+            box = (x0, y0, x0 + s - 1, y0 + s - 1)
+            if all(_separated(box, other, gap) for other in boxes):
+                boxes.append(box)
+                if len(boxes) == n:
+                    return boxes
+        hi = max(lo, hi - 1)
+    raise RuntimeError(f"could not place {n} shapes of size {lo}..{hi} in {image_size} px")
+
+
+def _sizes(image_size: int, lo: float, hi: float, min_px: int = 4) -> tuple[int, int]:
+    """Returns the (lo, hi) shape side range in pixels for fractions lo, hi of the image size."""
+    a = max(min_px, round(lo * image_size))
+    return a, max(a, round(hi * image_size))
+
+
+def _canvas(image_size: int, colour=BACKGROUND) -> Image.Image:
+    return Image.new("RGB", (image_size, image_size), colour)
+
+
+def _image_message(image: Image.Image, question: str, answer: str) -> list:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]
+
+
+def _shapes(rng, image_size):
+    colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
+    (box,) = _place(rng, 1, *_sizes(image_size, 0.25, 0.6), image_size)
+    image = _canvas(image_size)
+    _draw_shape(ImageDraw.Draw(image), shape, box, colour)
+    if rng.integers(2):
+        question, answer = _choice(rng, _COLOUR_QUESTIONS), colour
+    else:
+        question, answer = _choice(rng, _SHAPE_QUESTIONS), shape
+    return _image_message(image, question, answer), answer, {"colour": colour, "shape": shape}
+
+
+def _counting(rng, image_size):
+    colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
+    count = int(rng.integers(1, 6))
+    image = _canvas(image_size)
+    draw = ImageDraw.Draw(image)
+    for box in _place(rng, count, *_sizes(image_size, 0.1, 0.22, min_px=5), image_size):
+        _draw_shape(draw, shape, box, colour)
+    question = _choice(rng, _COUNT_QUESTIONS).format(shape=shape, colour=colour)
+    answer = str(count)
+    return _image_message(image, question, answer), answer, {"count": count, "shape": shape, "colour": colour}
+
+
+def format_box(box) -> str:
+    """Returns the Qwen grounding string ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` for a 0..1000 box."""
+    x1, y1, x2, y2 = box
+    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+
+def _grounding(rng, image_size):
+    colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
+    others = [(c, s) for c in _COLOURS for s in SHAPES if (c, s) != (colour, shape)]
+    picks = rng.choice(len(others), size=int(rng.integers(1, 4)), replace=False)
+    distractors = [others[int(j)] for j in picks]
+    boxes = _place(rng, 1 + len(distractors), *_sizes(image_size, 0.15, 0.3, min_px=5), image_size)
+    image = _canvas(image_size)
+    draw = ImageDraw.Draw(image)
+    _draw_shape(draw, shape, boxes[0], colour)
+    # Tight box of the target's drawn pixels, read back before distractors (which may share its colour) are drawn.
+    ys, xs = np.nonzero(np.all(np.asarray(image) == PALETTE[colour], axis=-1))
+    pixel_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # [left, top, right, bottom)
+    box = [int(round(1000 * v / image_size)) for v in pixel_box]
+    for (c, s), b in zip(distractors, boxes[1:]):
+        _draw_shape(draw, s, b, c)
+    question = _choice(rng, _GROUND_QUESTIONS).format(shape=shape, colour=colour)
+    answer = format_box(box)
+    return _image_message(image, question, answer), answer, {"box": box, "colour": colour, "shape": shape}
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _ocr(rng, image_size):
+    text = "".join(_choice(rng, OCR_ALPHABET) for _ in range(int(rng.integers(3, 9))))
+    room = image_size - 4  # keep a 2 px margin on each side
+    size = max(4, round(0.4 * image_size))
+    while True:
+        font = _font(size)
+        left, top, right, bottom = font.getbbox(text)
+        if (right - left <= room and bottom - top <= room) or size <= 4:
+            break
+        size = max(4, min(size - 1, int(size * room / (right - left))))
+    grey = int(rng.integers(215, 256))
+    image = _canvas(image_size, (grey, grey, grey))
+    x = int(rng.integers(2, max(2, image_size - 2 - (right - left)) + 1)) - left
+    y = int(rng.integers(2, max(2, image_size - 2 - (bottom - top)) + 1)) - top
+    ImageDraw.Draw(image).text((x, y), text, fill=(0, 0, 0), font=font)
+    return _image_message(image, _choice(rng, _OCR_QUESTIONS), text), text, {"text": text}
+
+
+def _video_timestamp(rng, image_size, num_frames):
+    if num_frames < 4 or num_frames % 2:
+        raise ValueError(f"video_timestamp needs an even num_frames >= 4, got {num_frames}")
+    k = int(rng.integers(1, num_frames // 2))
+    (box,) = _place(rng, 1, *_sizes(image_size, 0.2, 0.5), image_size)
+    frames = {}
+    for colour in ("blue", "red"):
+        frames[colour] = _canvas(image_size)
+        _draw_shape(ImageDraw.Draw(frames[colour]), "square", box, colour)
+    video = [frames["blue" if i < 2 * k else "red"].copy() for i in range(num_frames)]
+    seconds = (2 * k + 2 * k + 1) / 2 / VIDEO_FPS
+    answer = f"{seconds:.1f} seconds"
+    messages = [{"role": "user", "content": [{"type": "video", "video": video, "fps": VIDEO_FPS},
+                                             {"type": "text", "text": _choice(rng, _VIDEO_QUESTIONS)}]},
+                {"role": "assistant", "content": answer}]
+    return messages, answer, {"seconds": seconds, "frame": 2 * k}
+
+
+def make_record(task: str, index: int, seed: int = 0, *, image_size: int = 64, num_frames: int = 8) -> dict:
+    """Returns example ``index`` of ``task`` as a record dict (see module docstring); deterministic in all arguments."""
+    _check_task(task)
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    rng = np.random.default_rng([seed, TASKS.index(task), index])
+    if task == "video_timestamp":
+        messages, answer, meta = _video_timestamp(rng, image_size, num_frames)
+    else:
+        messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding,
+                                  "ocr": _ocr}[task](rng, image_size)
+    return {"id": f"{task}/{index}", "task": task, "messages": messages, "answer": answer, "meta": meta}
+
+
+class SyntheticSource:
+    """A grain-compatible random-access source of synthetic records: ``len()`` and ``__getitem__(i) -> record``.
+
+    Record i is example ``i // len(tasks)`` of task ``tasks[i % len(tasks)]``."""
+
+    def __init__(self, tasks=TASKS, size: int = 100_000, seed: int = 0, image_size: int = 64, num_frames: int = 8):
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        if not tasks:
+            raise ValueError("tasks must not be empty")
+        for task in tasks:
+            _check_task(task)
+        if size <= 0:
+            raise ValueError(f"size must be > 0, got {size}")
+        self.tasks, self.size, self.seed = tasks, int(size), int(seed)
+        self.image_size, self.num_frames = int(image_size), int(num_frames)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        """Returns record i; raises IndexError outside [0, len)."""
+        i = int(i)
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for {self!r}")
+        n = len(self.tasks)
+        return make_record(self.tasks[i % n], i // n, self.seed, image_size=self.image_size,
+                           num_frames=self.num_frames)
+
+    def __repr__(self) -> str:
+        return (f"SyntheticSource(tasks={self.tasks}, size={self.size}, seed={self.seed}, "
+                f"image_size={self.image_size}, num_frames={self.num_frames})")
+
+
+def parse_box(text: str) -> tuple[int, int, int, int] | None:
+    """Returns (x1, y1, x2, y2) from the first ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in text, else None."""
+    match = _BOX_RE.search(text)
+    return None if match is None else tuple(int(v) for v in match.groups())
+
+
+def box_iou(a, b) -> float:
+    """Returns the intersection-over-union of boxes (x1, y1, x2, y2); 0.0 when disjoint or both have zero area."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda box: max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return float(inter / union) if union > 0 else 0.0

@@ -1,0 +1,5 @@
+"""Turning conversations, images and videos into token ids and pixel patches (spec §5)."""
+
+from qwen3vl_jax.processing.errors import DataError
+from qwen3vl_jax.processing.processor import Encoded, Processor, VisionProcessingConfig, load_processor
+from qwen3vl_jax.processing.tokenizer import byte_tokenizer
