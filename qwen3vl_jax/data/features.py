@@ -24,22 +24,28 @@ BAD_INPUT_POLICIES = ("error", "skip")
 DROPPED = "dropped"  # key of the marker a skipped record becomes
 
 
+class TooLong(DataError):
+    """A text-only overflow under overflow="drop": always dropped and counted, whatever on_bad_input says."""
+
+
 def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str,
                      where: str) -> dict[str, np.ndarray]:
     """Arrays of one example: tokens, targets (the next token), loss_mask (the target is supervised) and 3-D
     positions (n, 3), plus its patch features (spec §4, design.md §1).
 
-    An example longer than `seq_len` is cut to `seq_len` tokens under overflow="truncate" when no visual token
-    lies past the cut; otherwise (or under "drop") it raises DataError, as does one with more than
-    `max_patches` patches."""
+    An example longer than `seq_len` is cut to `seq_len` tokens under overflow="truncate", or raises TooLong
+    under "drop". One whose visual tokens reach past `seq_len`, or with more than `max_patches` patches,
+    raises DataError (a bad input)."""
     ids, supervised = encoded.input_ids, encoded.supervised
     targets = np.append(ids[1:], 0).astype(np.int32)
     loss_mask = np.append(supervised[1:], False)
     if len(ids) > seq_len:
         visual = np.flatnonzero((ids == config.image_token_id) | (ids == config.video_token_id))
-        if overflow == "drop" or (len(visual) and visual[-1] >= seq_len):
-            raise DataError(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len}"
-                            + (f" (visual tokens up to position {visual[-1]})" if len(visual) else ""))
+        if len(visual) and visual[-1] >= seq_len:
+            raise DataError(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len} and visual tokens reach "
+                            f"position {visual[-1]}, so the text cannot be truncated")
+        if overflow == "drop":
+            raise TooLong(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len}")
         ids, targets, loss_mask = ids[:seq_len], targets[:seq_len], loss_mask[:seq_len]
     patches = len(encoded.pixel_values) + len(encoded.pixel_values_videos)
     if patches > max_patches:
@@ -58,8 +64,8 @@ def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max
 
 
 class Featurizer:
-    """record -> example features, or a {DROPPED: reason} marker under on_bad_input="skip". Picklable, so it
-    runs inside grain worker processes."""
+    """record -> example features, or a {DROPPED: reason} marker (bad inputs under on_bad_input="skip", and
+    too-long examples under overflow="drop"). Picklable, so it runs inside grain worker processes."""
 
     def __init__(self, processor: Processor, config: ModelConfig, *, seq_len: int, max_patches: int,
                  overflow: str = "truncate", on_bad_input: str = "error"):
@@ -85,7 +91,7 @@ class Featurizer:
                                     overflow=self.overflow, where=where)
         except DataError as e:
             message = str(e) if str(e).startswith(where) else f"{where}: {e}"
-            if self.on_bad_input == "error":
+            if self.on_bad_input == "error" and not isinstance(e, TooLong):
                 raise DataError(message) from None
             log.warning("skipping %s", message)
             return {DROPPED: message}
