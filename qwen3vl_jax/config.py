@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 MROPE_LAYOUTS = ("interleaved", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla",)
+REMAT_POLICIES = ("none", "full", "dots")  # see modeling/remat.py
 
 
 def _check(condition: bool, message: str) -> None:
@@ -149,8 +150,10 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "xla"
+    remat: str = "none"
 
     def __post_init__(self):
+        _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
         _check(self.mrope_layout in MROPE_LAYOUTS, f"mrope_layout {self.mrope_layout!r} not in {MROPE_LAYOUTS}")
         _check(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} not in {DTYPES}")

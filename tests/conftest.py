@@ -2,6 +2,11 @@
 
 import os
 
+# Before jax is imported: 8 fake CPU devices for the sharding tests (computations without a mesh still run on
+# device 0), and CPU even where libtpu is installed (it is, for the TPU compile tests).
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
 import numpy as np
 import pytest
 

@@ -11,6 +11,7 @@ from qwen3vl_jax.config import TextConfig
 from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.layers import Dense, RMSNorm
+from qwen3vl_jax.modeling.remat import maybe_remat
 from qwen3vl_jax.modeling.rope import apply_rotary
 
 
@@ -41,6 +42,7 @@ class DecoderLayer(nn.Module):
         deepstack (K, B, N, H) or None; visual_index (B, L)."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         norm = lambda name, axis="embed": RMSNorm(c.rms_norm_eps, axis, self.param_dtype, name=name)
         h = norm("input_layernorm")(x)
         q = Dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), use_bias=c.attention_bias,
@@ -67,13 +69,14 @@ class Decoder(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin, deepstack=None, visual_index=None):
         c = self.config
         if c.is_moe:
             raise NotImplementedError("the MoE decoder is not implemented yet; only dense Qwen3-VL models run")
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layers = nn.scan(maybe_remat(DecoderLayer, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_hidden_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = layers(c, self.dtype, self.param_dtype, self.attention_impl, name="layers")(

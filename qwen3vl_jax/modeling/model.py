@@ -21,9 +21,9 @@ class Qwen3VL(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        self.visual = VisionTower(c.vision, c.num_deepstack, attention_impl=c.attention_impl, **kw)
+        self.visual = VisionTower(c.vision, c.num_deepstack, attention_impl=c.attention_impl, remat=c.remat, **kw)
         self.embed_tokens = Embed(c.text.vocab_size, c.text.hidden_size, **kw)
-        self.decoder = Decoder(c.text, attention_impl=c.attention_impl, **kw)
+        self.decoder = Decoder(c.text, attention_impl=c.attention_impl, remat=c.remat, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), **kw)
 

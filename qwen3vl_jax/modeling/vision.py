@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from qwen3vl_jax.config import VisionConfig
 from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
+from qwen3vl_jax.modeling.remat import maybe_remat
 from qwen3vl_jax.modeling.rope import apply_rotary, vision_rotary_tables
 
 
@@ -40,6 +41,7 @@ class VisionBlock(nn.Module):
         """x (B, P, D); segment_ids (B, P); cos, sin (B, P, hd). Returns (x, None) for nn.scan."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "patches", "vision_embed"))
         h = LayerNorm(c.layer_norm_eps, param_dtype=self.param_dtype, name="norm1")(x)
         qkv = Dense((3, c.num_heads, c.head_dim), ("vision_embed", "qkv", "vision_heads", "head_dim"),
                     use_bias=True, name="attn_qkv", **kw)(h)
@@ -89,6 +91,7 @@ class VisionTower(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, pixel_patches, patch_segment_ids, pos_embed_index, pos_embed_weight, patch_rowcol):
@@ -110,7 +113,7 @@ class VisionTower(nn.Module):
         taps = c.deepstack_visual_indexes[:self.num_deepstack]
         deepstack = []
         for stack, (start, end) in enumerate(block_stacks(c.depth, taps)):
-            blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+            blocks = nn.scan(maybe_remat(VisionBlock, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=end - start,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = blocks(c, attention_impl=self.attention_impl, name=f"blocks_{stack}", **kw)(

@@ -1,0 +1,134 @@
+"""Device mesh and logical-axis sharding (design.md §3): sharding is data, not code.
+
+The mesh has four named axes, `data`, `fsdp`, `tensor` and `expert`; a config gives their sizes with one -1
+for "all remaining devices". Every parameter and key activation carries logical axis names (`embed`, `mlp`,
+`q_heads`, ...); `rules` map each logical name to mesh axes. A mesh axis that does not divide a dimension is
+dropped for that dimension (the dimension is replicated instead), so any rule set works on any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axes. Batch over data and fsdp; weights over fsdp (ZeRO-3) on their model dimension and
+# over tensor (Megatron) on heads / mlp / vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("vision_merged", "fsdp"),
+    ("patch", "fsdp"),
+    ("vision_positions", None),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merged_out", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision_heads", "tensor"),
+    ("expert", "expert"),
+    ("layers", None),
+    ("head_dim", None),
+    ("qkv", None),
+    ("length", None),
+    ("patches", None),
+)
+
+
+def mesh_shape(sizes: dict[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Axis sizes (data, fsdp, tensor, expert) with the single -1 resolved; their product must be num_devices."""
+    if isinstance(sizes, dict):
+        unknown = set(sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+        sizes = [sizes.get(axis, 1) for axis in MESH_AXES]
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {sizes} must give {len(MESH_AXES)} positive sizes, at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh sizes {sizes} do not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
+                         f"but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes MESH_AXES; device order follows jax's topology-aware
+    `mesh_utils.create_device_mesh` when the devices are the real ones."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    try:
+        array = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        array = np.asarray(devices).reshape(shape)
+    return Mesh(array, MESH_AXES)
+
+
+def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+    """The PartitionSpec of an array with logical axis `names`, dropping mesh axes that do not divide its dim
+    or are already used by an earlier dim."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for axis in axes:
+            size = mesh.shape[axis]
+            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in kept) * size):
+                continue
+            kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. `abstract_params(config, boxed=True)`
+    or an optimizer state built from them); unannotated leaves are replicated."""
+
+    def sharding(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map(sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Every batch array is split along its leading (batch) axis over the data and fsdp mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each host's local batch into global arrays sharded over the batch axes (multi-host safe)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when this is one process of several (TPU pod slices are detected by jax;
+    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+    multi_host = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+    if multi_host and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        log.info("process %d of %d", jax.process_index(), jax.process_count())

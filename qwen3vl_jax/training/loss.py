@@ -1,0 +1,38 @@
+"""Cross-entropy on supervised tokens with per-token weights.
+
+Let n_e be the number of supervised tokens of example e (one packed segment) and l_t the cross-entropy of
+token t. The loss is  L = sum_t w_t l_t / sum_t w_t  over the supervised tokens of the whole (global) batch, with
+
+  "token":  w_t = 1              every supervised token counts the same (long answers dominate);
+  "sample": w_t = 1 / n_e        every example counts the same (each token of a short answer weighs more);
+  "sqrt":   w_t = 1 / sqrt(n_e)  the Qwen3-VL paper's square-root normalisation, between the two.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+LOSS_NORMALIZATIONS = ("sqrt", "token", "sample")
+
+
+def token_weights(loss_mask: jax.Array, segment_ids: jax.Array, normalization: str) -> jax.Array:
+    """(B, L) float32 weights w_t (0 for unsupervised tokens) for loss_mask / segment_ids of shape (B, L)."""
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss_normalization {normalization!r} not in {LOSS_NORMALIZATIONS}")
+    mask = loss_mask.astype(jnp.float32)
+    if normalization == "token":
+        return mask
+    batch, length = segment_ids.shape
+    # supervised-token count of each (row, segment), gathered back to every token of the segment
+    segment = segment_ids + jnp.arange(batch)[:, None] * (length + 1)
+    counts = jax.ops.segment_sum(mask.reshape(-1), segment.reshape(-1), num_segments=batch * (length + 1))
+    n = jnp.maximum(counts[segment], 1.0)
+    return mask / (n if normalization == "sample" else jnp.sqrt(n))
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """(B, L) cross-entropy in float32 of logits (B, L, V) against integer targets (B, L)."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits

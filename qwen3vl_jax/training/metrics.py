@@ -1,0 +1,75 @@
+"""Metrics: FLOPs of a train step (for MFU), a measured matmul peak, and writers (TensorBoard + JSONL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from tensorboardX import SummaryWriter
+
+from qwen3vl_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, for MFU on TPUs (public figures).
+TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5 lite": 197e12, "v5p": 459e12, "v6e": 918e12, "v6 lite": 918e12}
+
+
+def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:
+    """Matmul FLOPs of one forward + backward pass (3 x forward) over the padded shapes that are computed:
+    2 FLOPs per multiply-add with every weight matrix for each token / patch, plus the attention score and
+    value matmuls over the full (masked) L x L and P x P blocks."""
+    v, t = config.vision, config.text
+    d_attn = t.num_attention_heads * t.head_dim
+    d_kv = t.num_key_value_heads * t.head_dim
+    text_weights = t.num_hidden_layers * (t.hidden_size * (2 * d_attn + 2 * d_kv) + 3 * t.hidden_size * t.intermediate_size)
+    text = 2 * batch * seq_len * (text_weights + t.hidden_size * t.vocab_size)
+    text += 4 * batch * seq_len**2 * d_attn * t.num_hidden_layers
+    vit_weights = v.patch_dim * v.hidden_size + v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    mergers = (1 + config.num_deepstack) * (v.merged_dim**2 + v.merged_dim * v.out_hidden_size)
+    vision = 2 * batch * (patches * vit_weights + patches // v.spatial_merge_size**2 * mergers)
+    vision += 4 * batch * patches**2 * v.hidden_size * v.depth
+    return 3.0 * (text + vision * (patches > 0))
+
+
+def device_peak_flops(measure_seconds: float = 1.0) -> float:
+    """Peak FLOP/s of one device: the public bf16 figure for known TPUs, else a measured fp32 matmul rate
+    (2048^3, repeated for `measure_seconds`)."""
+    kind = jax.devices()[0].device_kind.lower()
+    for name, flops in TPU_PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    x = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < measure_seconds:
+        matmul(x).block_until_ready()
+        runs += 1
+    return runs * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+class MetricWriter:
+    """Scalars to TensorBoard (workdir/tensorboard) and to workdir/metrics.jsonl, on process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> Optional[None]:
+        if self.enabled:
+            self.tensorboard.close()
+            self.jsonl.close()

@@ -1,0 +1,193 @@
+"""The training loop behind `python -m experiments.train`: model, processor, mesh, sharded state, data,
+checkpoints (resumed automatically), metrics, periodic eval and the final HF export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from qwen3vl_jax import hf_io
+from qwen3vl_jax.config import ModelConfig, preset
+from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.modeling.model import abstract_params, init_params
+from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
+from qwen3vl_jax.processing.chat import load_chat_template
+from qwen3vl_jax.sharding import (DEFAULT_RULES, batch_sharding, global_batch, initialize_distributed, make_mesh,
+                                  param_shardings)
+from qwen3vl_jax.training.checkpointing import Checkpointer, abstract_like
+from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
+from qwen3vl_jax.training.optimizer import make_optimizer
+from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_train_step
+
+
+
+def report(message: str) -> None:
+    """A line on the console of process 0 that does not break the progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def model_config_from(config: ConfigDict) -> ModelConfig:
+    """An HF checkpoint's config (config.model.init_from) or a preset, with config.model.overrides."""
+    overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
+    if config.model.init_from:
+        return hf_io.load_config(config.model.init_from, **overrides)
+    return preset(config.model.preset, **overrides)
+
+
+def processor_from(config: ConfigDict) -> Processor:
+    """The checkpoint's own processor when initialising from one, else the byte tokenizer with the bundled
+    chat template; config.processing overrides the vision settings either way."""
+    settings = config.processing.to_dict() if config.get("processing") else {}
+    if config.model.init_from:
+        return load_processor(config.model.init_from, **settings)
+    return Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(**settings))
+
+
+class Trainer:
+    def __init__(self, config: ConfigDict, workdir: str):
+        initialize_distributed()
+        self.config, self.workdir = config, workdir
+        self.model_config = model_config_from(config)
+        self.processor = processor_from(config)
+        self.mesh = make_mesh(config.mesh.to_dict())
+        self.rules = DEFAULT_RULES
+        boxed = abstract_params(self.model_config, boxed=True)
+        self.optimizer, self.schedule = make_optimizer(config.optimizer, config.steps, nn.meta.unbox(boxed))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.shardings = TrainState(step=replicated, params=param_shardings(boxed, self.mesh, self.rules),
+                                    opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), self.mesh,
+                                                              self.rules), rng=replicated)
+        step_fn = make_train_step(self.model_config, self.optimizer, self.schedule,
+                                  loss_normalization=config.loss_normalization,
+                                  grad_accum_steps=config.grad_accum_steps)
+        batch = batch_sharding(self.mesh)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, batch),
+                                  out_shardings=(self.shardings, replicated), donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch),
+                                 out_shardings=replicated)
+        self.data_config = self._data_config(config.data, config.data.batch_size)
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                         every=config.checkpoint.every)
+        self.writer = MetricWriter(workdir)
+        self._stop = False
+
+    def _data_config(self, data: Any, global_batch_size: int) -> DataConfig:
+        if global_batch_size % jax.process_count():
+            raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} hosts")
+        values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+        return DataConfig.from_dict({**values, "batch_size": global_batch_size // jax.process_count()})
+
+    def dataset(self, data_config: DataConfig):
+        return build_dataset(data_config, self.processor, self.model_config, shard_index=jax.process_index(),
+                             shard_count=jax.process_count())
+
+    def initial_state(self) -> TrainState:
+        mc, shardings = self.model_config, self.shardings
+        if self.config.model.init_from:
+            params = jax.device_put(hf_io.load_params(self.config.model.init_from, mc), shardings.params)
+        else:
+            init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
+            params = init(mc, jax.random.PRNGKey(self.config.seed))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
+                           rng=jax.random.PRNGKey(self.config.seed + 1))
+        return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (restore target)."""
+        params = nn.meta.unbox(abstract_params(self.model_config))
+        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
+        state = TrainState(step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
+                           rng=scalar(jnp.uint32, (2,)))
+        return abstract_like(state, self.shardings)
+
+    def run(self) -> dict[str, float]:
+        """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics."""
+        c = self.config
+        iterator = iter(self.dataset(self.data_config))
+        step = self.checkpointer.latest_step()
+        if step is None:
+            step, state = 0, self.initial_state()
+        else:
+            state = self.checkpointer.restore(step, self.abstract_state(), iterator)
+            report(f"resumed from the checkpoint of step {step} in {self.workdir}")
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        peak = c.peak_flops_per_device or device_peak_flops()
+        flops = train_flops(self.model_config, self.data_config.batch_size * jax.process_count(),
+                            self.data_config.seq_len, self.data_config.max_patches)
+        results: dict[str, float] = {}
+        progress = tqdm(total=c.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
+        window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            while step < c.steps and not self._stop:
+                batch = next(iterator)
+                window["dropped"] += int(batch.pop("num_dropped").sum())
+                window["tokens"] += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+                state, metrics = self.train_step(state, global_batch(batch, self.mesh))
+                step += 1
+                window["steps"] += 1
+                if step % c.log_every == 0 or step == c.steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the steps
+                    seconds = time.perf_counter() - window["start"]
+                    metrics.update(tokens_per_second=window["tokens"] / seconds, dropped_examples=window["dropped"],
+                                   mfu=window["steps"] * flops / seconds / (peak * jax.device_count()))
+                    self.writer.write(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                    window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)
+                progress.update(1)
+                self.checkpointer.maybe_save(step, state, iterator)
+                if c.eval.every and (step % c.eval.every == 0 or step == c.steps):
+                    results = self.evaluate(state.params, step)
+            self.checkpointer.maybe_save(step, state, iterator, force=True)
+        progress.close()
+        self.checkpointer.wait()
+        if step == c.steps and c.export_hf:
+            self.export(state.params, os.path.join(self.workdir, "hf"))
+        self.checkpointer.close()
+        self.writer.close()
+        return results
+
+    def evaluate(self, params: Any, step: int) -> dict[str, float]:
+        """Per eval set: token cross-entropy and teacher-forced exact match (every answer token is the argmax:
+        exactly what greedy decoding would answer) over its first num_examples examples."""
+        results = {}
+        for name, eval_set in self.config.eval.sets.items():
+            data = self._data_config(dict(eval_set.data, shuffle=False, num_epochs=1, workers=0),
+                                     self.config.eval.batch_size)
+            totals = dict(token_ce=0.0, tokens=0.0, examples=0.0, exact=0.0)
+            for batch in self.dataset(data):
+                batch.pop("num_dropped")
+                sums = jax.device_get(self.eval_step(params, global_batch(batch, self.mesh)))
+                totals = {k: totals[k] + float(sums[k]) for k in totals}
+                if totals["examples"] >= eval_set.num_examples:
+                    break
+            metrics = dict(token_ce=totals["token_ce"] / max(totals["tokens"], 1),
+                           exact_match=totals["exact"] / max(totals["examples"], 1), examples=totals["examples"])
+            self.writer.write(step, metrics, prefix=f"eval/{name}")
+            report(f"step {step} eval {name}: exact match {metrics['exact_match']:.3f}, token CE "
+                   f"{metrics['token_ce']:.3f} ({metrics['examples']:.0f} examples)")
+            results.update({f"{name}/{k}": v for k, v in metrics.items()})
+        return results
+
+    def export(self, params: Any, path: str) -> None:
+        """The trained model and its processor as an HF checkpoint directory (process 0 writes)."""
+        params = jax.device_get(params)
+        if jax.process_index() == 0:
+            hf_io.save_params(path, params, self.model_config)
+            self.processor.save_pretrained(path)
+            report(f"exported the model and its processor to {path}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        report("SIGTERM: saving a checkpoint and stopping after this step")
+        self._stop = True
