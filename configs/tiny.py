@@ -3,8 +3,8 @@
     python -m experiments.train --config=configs/tiny.py --workdir=/tmp/qwen3vl_tiny
 
 Byte-level tokenizer, 64 px images (4 visual tokens each), 8-frame videos; rows of 384 tokens packed from
-several examples. Expect the loss to fall from ~5.6 to below 1 and eval exact match well above chance on
-shapes, counting and digits within ~10 minutes on 2 CPU cores (the README states the numbers seen).
+several examples. Expected on 2 CPU cores: ~6 minutes; loss 5.5 -> 0.7; held-out exact match digits ~0.99,
+shapes ~0.65, counting ~0.6, video timestamps 1.0 (README: the numbers seen).
 """
 
 from ml_collections import ConfigDict
@@ -16,7 +16,7 @@ EVAL_SEED = 1_000_003  # synthetic eval examples are drawn with another seed tha
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
-    c.steps = 1000
+    c.steps = 1500
     c.log_every = 10
     c.export_hf = True
     c.peak_flops_per_device = 0.0  # 0: known TPU figure, else measured on this machine
@@ -26,12 +26,12 @@ def get_config() -> ConfigDict:
                                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, mrope_section=(6, 5, 5)),
                        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                                    num_position_embeddings=64, deepstack_visual_indexes=(0, 1)),
-                       dtype="float32", param_dtype="float32", remat="none")))
+                       dtype="float32", param_dtype="float32", remat="dots")))
     c.processing = ConfigDict(dict(image_min_pixels=64 * 64, image_max_pixels=64 * 64, video_min_pixels=0,
                                    video_max_pixels=8 * 64 * 64))
     synthetic = dict(kind="synthetic", tasks=TASKS, size=1_000_000, image_size=64, num_frames=8)
     c.data = ConfigDict(dict(
-        sources=[dict(synthetic, weight=5.0), dict(kind="digits", split="train", image_size=64, weight=1.0)],
+        sources=dict(synthetic=dict(synthetic, weight=5.0), digits=dict(kind="digits", split="train", image_size=64)),
         seq_len=384, max_patches=256, batch_size=8, seed=0, workers=0, overflow="truncate", on_bad_input="error"))
     shapes = dict(seq_len=384, max_patches=256)
     c.eval = ConfigDict(dict(every=500, batch_size=8, sets={

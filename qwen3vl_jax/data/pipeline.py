@@ -36,8 +36,11 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> "DataConfig":
+        """From a dict / ConfigDict; `sources` may be a list of specs or a mapping name -> spec (the form whose
+        fields can be overridden on the command line: --config.data.sources.sft.path=...)."""
         values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        values["sources"] = tuple(dict(s) for s in values["sources"])
+        sources = values["sources"]
+        values["sources"] = tuple(dict(s) for s in (sources.values() if isinstance(sources, dict) else sources))
         return cls(**values)
 
 

@@ -67,4 +67,4 @@ def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):
 
 def abstract_params(config: ModelConfig, *, boxed: bool = False):
     """Parameter shapes and dtypes (jax.ShapeDtypeStruct) without allocating memory."""
-    return jax.eval_shape(lambda rng: init_params(config, rng, boxed=boxed), jax.random.key(0))
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=boxed))

@@ -13,8 +13,9 @@ from tensorboardX import SummaryWriter
 
 from qwen3vl_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per chip, for MFU on TPUs (public figures).
-TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5 lite": 197e12, "v5p": 459e12, "v6e": 918e12, "v6 lite": 918e12}
+# Public per-chip figures by jax device_kind: dense bf16 peak FLOP/s and HBM bytes.
+TPU_CHIPS = {"TPU v4": (275e12, 32 * 2**30), "TPU v5 lite": (197e12, 16 * 2**30), "TPU v5": (459e12, 95 * 2**30),
+             "TPU v6 lite": (918e12, 32 * 2**30)}
 
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:
@@ -37,10 +38,9 @@ def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> 
 def device_peak_flops(measure_seconds: float = 1.0) -> float:
     """Peak FLOP/s of one device: the public bf16 figure for known TPUs, else a measured fp32 matmul rate
     (2048^3, repeated for `measure_seconds`)."""
-    kind = jax.devices()[0].device_kind.lower()
-    for name, flops in TPU_PEAK_FLOPS.items():
-        if name in kind:
-            return flops
+    kind = jax.devices()[0].device_kind
+    if kind in TPU_CHIPS:
+        return TPU_CHIPS[kind][0]
     x = jnp.ones((2048, 2048), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -54,29 +54,52 @@ def processor_from(config: ConfigDict) -> Processor:
     return Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(**settings))
 
 
-class Trainer:
-    def __init__(self, config: ConfigDict, workdir: str):
-        initialize_distributed()
-        self.config, self.workdir = config, workdir
+class StepBuilder:
+    """The model, optimizer, state shardings and jitted train / eval steps of a config on a mesh. Shared by the
+    trainer (real devices) and the TPU compile planner (devices of a topology description)."""
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        rules = config.get("sharding_rules")  # [[logical axis, mesh axis | [mesh axes] | None], ...]
+        self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules) \
+            if rules else DEFAULT_RULES
         self.model_config = model_config_from(config)
-        self.processor = processor_from(config)
-        self.mesh = make_mesh(config.mesh.to_dict())
-        self.rules = DEFAULT_RULES
         boxed = abstract_params(self.model_config, boxed=True)
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.steps, nn.meta.unbox(boxed))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.shardings = TrainState(step=replicated, params=param_shardings(boxed, self.mesh, self.rules),
-                                    opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), self.mesh,
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.shardings = TrainState(step=replicated, params=param_shardings(boxed, mesh, self.rules),
+                                    opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh,
                                                               self.rules), rng=replicated)
         step_fn = make_train_step(self.model_config, self.optimizer, self.schedule,
                                   loss_normalization=config.loss_normalization,
                                   grad_accum_steps=config.grad_accum_steps)
-        batch = batch_sharding(self.mesh)
+        batch = batch_sharding(mesh)
         self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, batch),
                                   out_shardings=(self.shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch),
                                  out_shardings=replicated)
-        self.data_config = self._data_config(config.data, config.data.batch_size)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (restore and compile target)."""
+        params = nn.meta.unbox(abstract_params(self.model_config))
+        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
+        state = TrainState(step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
+                           rng=scalar(jnp.uint32, (2,)))
+        return abstract_like(state, self.shardings)
+
+    def global_batch_size(self, data: Any) -> int:
+        """data.rows_per_device x devices when set (configs that scale with the slice), else data.batch_size."""
+        rows = data.get("rows_per_device", 0) if hasattr(data, "get") else 0
+        return rows * self.mesh.devices.size if rows else data.batch_size
+
+
+class Trainer(StepBuilder):
+    def __init__(self, config: ConfigDict, workdir: str):
+        initialize_distributed()
+        super().__init__(config, make_mesh(config.mesh.to_dict()))
+        self.workdir = workdir
+        self.processor = processor_from(config)
+        self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                          every=config.checkpoint.every)
         self.writer = MetricWriter(workdir)
@@ -86,6 +109,7 @@ class Trainer:
         if global_batch_size % jax.process_count():
             raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} hosts")
         values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+        values.pop("rows_per_device", None)
         return DataConfig.from_dict({**values, "batch_size": global_batch_size // jax.process_count()})
 
     def dataset(self, data_config: DataConfig):
@@ -103,14 +127,6 @@ class Trainer:
         state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                            rng=jax.random.PRNGKey(self.config.seed + 1))
         return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
-
-    def abstract_state(self) -> TrainState:
-        """The state's shapes, dtypes and shardings (restore target)."""
-        params = nn.meta.unbox(abstract_params(self.model_config))
-        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
-        state = TrainState(step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
-                           rng=scalar(jnp.uint32, (2,)))
-        return abstract_like(state, self.shardings)
 
     def run(self) -> dict[str, float]:
         """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics."""

@@ -1,0 +1,90 @@
+"""Will it fit? AOT-compile a config's train step for a TPU topology with libtpu, on any machine.
+
+    pip install -r requirements-tpu.txt
+    python -m experiments.compile --config=configs/qwen3_vl_8b.py --topology=v5p:4x4x4
+
+Prints the per-chip memory of the compiled step (arguments, outputs, temporaries; donated state is counted
+once) against the chip's HBM and says `fits` or `does not fit`; exits 0 only when it fits. Topology names are
+`<generation>:<chip grid>` (v5p grids are 3-D; a v5p-N slice has N/2 chips, e.g. v5p:4x4x4 = v5p-128).
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices come from the topology description
+
+import flax.linen as nn
+import jax
+from absl import app, flags
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from qwen3vl_jax.sharding import batch_sharding, make_mesh
+from qwen3vl_jax.training.metrics import TPU_CHIPS
+from qwen3vl_jax.training.trainer import StepBuilder
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 or v6e:16x16.")
+
+GIB = 2**30
+
+
+def hbm_per_chip(device) -> int:
+    if device.device_kind not in TPU_CHIPS:
+        raise ValueError(f"unknown HBM size for TPU kind {device.device_kind!r}; known: {sorted(TPU_CHIPS)}")
+    return TPU_CHIPS[device.device_kind][1]
+
+
+def abstract_batch(builder: StepBuilder) -> dict:
+    """ShapeDtypeStructs of one global batch, sharded like the real batches."""
+    data, vision = builder.config.data, builder.model_config.vision
+    b, length, patches = builder.global_batch_size(data), data.seq_len, data.max_patches
+    shapes = dict(input_ids=(b, length), segment_ids=(b, length), positions=(b, 3, length), visual_index=(b, length),
+                  targets=(b, length), loss_mask=(b, length), pixel_patches=(b, patches, vision.patch_dim),
+                  patch_segment_ids=(b, patches), pos_embed_index=(b, patches, 4), pos_embed_weight=(b, patches, 4),
+                  patch_rowcol=(b, patches, 2))
+    floats = ("pixel_patches", "pos_embed_weight")
+    sharding = batch_sharding(builder.mesh)
+    return {k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=sharding)
+            for k, s in shapes.items()}
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
+    devices = topology.devices
+    builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
+    hbm = hbm_per_chip(devices[0])
+    mc = builder.model_config
+    params = sum(x.size for x in jax.tree_util.tree_leaves(builder.abstract_state().params))
+    print(f"config: {mc.model_type} {params / 1e6:,.1f}M parameters, {mc.dtype} compute / {mc.param_dtype} weights, "
+          f"remat={mc.remat}; batch {builder.global_batch_size(config.data)} x {config.data.seq_len} tokens + "
+          f"{config.data.max_patches} patches per row")
+    print(f"topology: {_TOPOLOGY.value} ({len(devices)} x {devices[0].device_kind}), mesh {dict(builder.mesh.shape)}")
+    start = time.perf_counter()
+    try:
+        with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules):
+            compiled = builder.train_step.lower(builder.abstract_state(), abstract_batch(builder)).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"  the TPU compiler ran out of HBM: {str(e).splitlines()[0]}\n  -> does not fit")
+        sys.exit(1)
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    print(f"  compiled in {time.perf_counter() - start:.0f} s")
+    for name, value in (("arguments", memory.argument_size_in_bytes), ("outputs", memory.output_size_in_bytes),
+                        ("aliased (donated)", memory.alias_size_in_bytes), ("temporaries", memory.temp_size_in_bytes),
+                        ("code", memory.generated_code_size_in_bytes), ("total", total)):
+        print(f"  {name:18s} {value / GIB:8.2f} GiB per chip")
+    fits = total <= hbm
+    print(f"  {'HBM':18s} {hbm / GIB:8.2f} GiB per chip -> {'fits' if fits else 'does not fit'}")
+    sys.exit(0 if fits else 1)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

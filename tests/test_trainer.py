@@ -1,0 +1,95 @@
+"""Trainer features: freezing, mixed precision, initialisation from an HF checkpoint, SIGTERM saves."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from qwen3vl_jax.config import preset
+from qwen3vl_jax.hf_io import load_params
+from qwen3vl_jax.modeling.model import init_params
+from qwen3vl_jax.processing import Processor, byte_tokenizer
+from qwen3vl_jax.processing.chat import load_chat_template
+from qwen3vl_jax.training.optimizer import make_optimizer, part_of
+from qwen3vl_jax.training.trainer import Trainer
+from qwen3vl_jax.training.train_step import TrainState, make_train_step
+from test_train_resume import ENV, ROOT, command, losses
+from test_train_step import OPTIMIZER, batch, optimizer, single_device_step  # noqa: F401  (fixtures)
+
+CONFIG = preset("tiny")
+
+
+def one_step(config, optimizer_config, batch):
+    params = init_params(config, jax.random.PRNGKey(0))
+    optimizer, schedule = make_optimizer(optimizer_config, 100, params)
+    state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, loss_normalization="sqrt"))(state, batch)
+    return params, new.params, metrics
+
+
+def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
+    frozen = ConfigDict({**OPTIMIZER.to_dict(), "freeze": ("vision",)})
+    before, after, _ = one_step(CONFIG, frozen, batch)
+    changed = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: (part_of(tuple(k.key for k in path)), bool(np.any(np.asarray(a) != np.asarray(b)))),
+        before, after)
+    parts = {}
+    for part, moved in jax.tree_util.tree_leaves(changed, is_leaf=lambda x: isinstance(x, tuple)):
+        parts.setdefault(part, []).append(moved)
+    assert not any(parts["vision"]) and all(parts["llm"]) and all(parts["mergers"])
+
+
+def test_bf16_compute_with_fp32_master_weights(batch, single_device_step):
+    _, fp32 = single_device_step
+    _, params, bf16 = one_step(CONFIG.replace(dtype="bfloat16"), OPTIMIZER, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=2e-2)  # bf16 keeps ~3 significant digits
+
+
+def tiny_checkpoint_with_processor(tiny, tmp_path):
+    path = tmp_path / "init"
+    shutil.copytree(tiny.path, path)
+    Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(path))
+    return str(path)
+
+
+def test_initialisation_from_an_hf_checkpoint(tiny, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.init_from = tiny_checkpoint_with_processor(tiny, tmp_path)
+    config.model.overrides = ConfigDict(dict(remat="dots"))
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    trainer = Trainer(config, str(tmp_path / "work"))
+    assert trainer.model_config == tiny.config.replace(remat="dots")
+    state = trainer.initial_state()
+    expected = load_params(tiny.path, tiny.config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
+    trainer.checkpointer.close()
+    trainer.writer.close()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    process = subprocess.Popen(command(tmp_path, 500, 1000), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while max(losses(tmp_path), default=0) < 5:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    assert "SIGTERM: saving a checkpoint" in output
+    saved = [int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
+    assert saved == [max(losses(tmp_path))]  # the step it stopped at, although `every` is 1000
+    assert 5 <= saved[0] < 500
