@@ -24,7 +24,7 @@ OPTIMIZER = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=0.1, b1=0.9,
                             weight_decay=0.1, clip_norm=1.0, freeze=()))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def batch():
     processor = Processor(byte_tokenizer(), load_chat_template(None),
                           VisionProcessingConfig(image_min_pixels=64 * 64, image_max_pixels=64 * 64,
@@ -42,12 +42,12 @@ def initial_state(optimizer):
     return TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def optimizer():
     return make_optimizer(OPTIMIZER, 100, init_params(CONFIG, jax.random.PRNGKey(0)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_device_step(batch, optimizer):
     """(state, metrics) of one unsharded step with the whole batch."""
     step = make_train_step(CONFIG, *optimizer, loss_normalization="sqrt")
