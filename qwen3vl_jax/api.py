@@ -11,13 +11,18 @@ sizes reuse one compiled function.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qwen3vl_jax import hf_io
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.inference.generation import eos_array, generate
+from qwen3vl_jax.inference.sampling import SamplingConfig
+from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.model_inputs import (PATCH_FIELDS, ModelInputs, bucket, empty_inputs, from_hf_batch,
                                      patch_features)
 from qwen3vl_jax.modeling.model import Qwen3VL, init_params
@@ -27,9 +32,10 @@ from qwen3vl_jax.positions import IMAGE, visual_blocks
 class Qwen3VLModel:
     """A config, its parameters and jitted entry points."""
 
-    def __init__(self, config: ModelConfig, params: Any):
+    def __init__(self, config: ModelConfig, params: Any, generation_config: Optional[dict] = None):
         self.config = config
         self.params = params
+        self.generation_config = generation_config or {}  # eos_token_id / pad_token_id, as in HF's file
         self.module = Qwen3VL(config)
         self.forward = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
         self.vision_forward = jax.jit(
@@ -57,6 +63,23 @@ class Qwen3VLModel:
         logits = self.forward(self.params, inputs)
         return np.asarray(logits[:, :np.shape(input_ids)[1]], np.float32)
 
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, *, max_new_tokens: int,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, eos_token_ids: Optional[Sequence[int] | int] = "default",
+                 pad_token_id: Optional[int] = None) -> np.ndarray:
+        """New token ids (B, max_new_tokens) as numpy for HF processor outputs (left padding, as transformers
+        generates). A row ends at its first eos token (kept) and is `pad_token_id` after it. eos / pad default
+        to the checkpoint's generation_config.json (no eos: always max_new_tokens)."""
+        inputs, _ = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                 video_grid_thw)
+        eos = self.generation_config.get("eos_token_id") if eos_token_ids == "default" else eos_token_ids
+        pad = self.generation_config.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        tokens = generate(self.params, inputs, jax.random.PRNGKey(seed), eos_array(eos), jnp.int32(pad or 0),
+                          config=self.config, max_new_tokens=max_new_tokens, sampling=sampling)
+        return np.asarray(tokens)
+
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: Optional[int] = None):
         """The ViT alone, like transformers' `model.visual(pixel_values, grid_thw)`: merged visual tokens
         (N / m^2, out_hidden) and the list of DeepStack features of the same shape, float32 numpy."""
@@ -83,6 +106,8 @@ class Qwen3VLModel:
         """Writes an HF checkpoint directory that transformers loads (`dtype` defaults to param_dtype)."""
         hf_io.save_params(path, jax.device_get(self.params), self.config, dtype=dtype,
                           max_shard_bytes=max_shard_bytes)
+        if self.generation_config:
+            write_json(os.path.join(path, hf_io.GENERATION_CONFIG), self.generation_config)
 
 
 def load_pretrained(path: str, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
@@ -92,4 +117,4 @@ def load_pretrained(path: str, dtype: Optional[str] = None, param_dtype: Optiona
     config = hf_io.load_config(path, **overrides)
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
-    return Qwen3VLModel(config, jax.device_put(hf_io.load_params(path, config)))
+    return Qwen3VLModel(config, jax.device_put(hf_io.load_params(path, config)), hf_io.load_generation_config(path))

@@ -20,12 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
+from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.modeling.vision import block_stacks
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 LINEAR, COPY = "linear", "copy"
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -128,6 +130,15 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
 # Reading
 
 
+def load_generation_config(path: str) -> dict:
+    """eos_token_id / pad_token_id from `path/generation_config.json` ({} when there is none)."""
+    file = os.path.join(path, GENERATION_CONFIG)
+    if not os.path.exists(file):
+        return {}
+    hf = _read_json(file)
+    return {k: hf[k] for k in ("eos_token_id", "pad_token_id") if hf.get(k) is not None}
+
+
 def load_config(path: str, **overrides: Any) -> ModelConfig:
     """ModelConfig from `path/config.json` (plus ModelConfig field overrides)."""
     return from_hf(_read_json(os.path.join(path, "config.json")), **overrides)
@@ -214,8 +225,7 @@ def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional
     os.makedirs(path, exist_ok=True)
     hf_config = to_hf(config)
     hf_config["dtype"] = dtype
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    write_json(os.path.join(path, "config.json"), hf_config)
 
     shards = _shard(tensors, max_shard_bytes)
     for stale in (SINGLE_FILE, INDEX_FILE):
@@ -230,8 +240,7 @@ def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
     total = sum(x.nbytes for x in tensors.values())
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

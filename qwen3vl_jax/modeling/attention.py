@@ -16,16 +16,18 @@ MAX_BLOCKS = 16      # ... with at most this many blocks (longer sequences get l
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-              *, causal: bool, impl: str = "xla") -> jax.Array:
+              *, causal: bool, q_offset: int | jax.Array = 0, impl: str = "xla") -> jax.Array:
     """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
     h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
-    Scale D^-0.5; softmax in float32. Causal self-attention skips the key blocks after each query block
-    (half the work of the full L x L product)."""
+    Scale D^-0.5; softmax in float32. When causal, query i sits at key position q_offset + i (a KV cache)
+    and sees keys up to there. Causal self-attention skips the key blocks after each query block (half the
+    work of the full L x L product)."""
     if impl != "xla":
         raise ValueError(f"attention impl {impl!r} is not available; use 'xla'")
     length = q.shape[1]
-    if not causal or length != k.shape[1] or length <= CAUSAL_BLOCK:
-        return _attend(q, k, v, q_segment_ids, kv_segment_ids, 0 if causal else None)
+    self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
+    if not causal or not self_attention or length <= CAUSAL_BLOCK:
+        return _attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))
     outputs = [_attend(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
                        q_segment_ids[:, start:start + block], kv_segment_ids[:, :start + block], start)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.model_inputs import ModelInputs, empty_inputs
 from qwen3vl_jax.modeling.decoder import Decoder
 from qwen3vl_jax.modeling.deepstack import gather_visual
+from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, Embed
 from qwen3vl_jax.modeling.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_tables
 from qwen3vl_jax.modeling.vision import VisionTower
@@ -32,9 +35,8 @@ class Qwen3VL(nn.Module):
         return self.visual(inputs.pixel_patches, inputs.patch_segment_ids, inputs.pos_embed_index,
                            inputs.pos_embed_weight, inputs.patch_rowcol)
 
-    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final-norm hidden states (B, L, H)."""
-        c = self.config
+    def hidden_states(self, inputs: ModelInputs, cache: Optional[KVCache] = None):
+        """Final-norm hidden states (B, L, H) and the cache updated with these tokens (None without one)."""
         x = self.embed_tokens(inputs.input_ids)
         deepstack = None
         if inputs.has_vision:
@@ -42,14 +44,36 @@ class Qwen3VL(nn.Module):
             is_visual = (inputs.visual_index >= 0)[..., None]
             x = jnp.where(is_visual, gather_visual(visual, inputs.visual_index).astype(x.dtype), x)
             deepstack = jnp.stack(levels) if levels else None
-        inv_freq = inverse_frequencies(c.text.rope_theta, c.text.head_dim)
-        axes = mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout)
-        cos, sin = mrope_tables(inputs.positions, inv_freq, axes)
-        return self.decoder(x, inputs.segment_ids, cos, sin, deepstack, inputs.visual_index)
+        return self._decode_layers(x, inputs.segment_ids, inputs.positions, deepstack, inputs.visual_index, cache)
 
     def __call__(self, inputs: ModelInputs) -> jax.Array:
         """Logits (B, L, vocab) in the compute dtype."""
-        x = self.hidden_states(inputs)
+        return self._head(self.hidden_states(inputs)[0])
+
+    def prefill(self, inputs: ModelInputs, cache: KVCache):
+        """Runs the prompt through the model, filling the cache from cache.index on. Returns the logits
+        (B, vocab) after each row's last real token, and the cache."""
+        x, cache = self.hidden_states(inputs, cache)
+        real = inputs.segment_ids > 0
+        last = x.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
+        return self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
+
+    def decode(self, token_ids: jax.Array, positions: jax.Array, cache: KVCache):
+        """One new token per row: token_ids (B,), positions (B,) (the same on the t, h and w axes, spec
+        §4.5). Returns the next logits (B, vocab) and the cache."""
+        x = self.embed_tokens(token_ids[:, None])
+        segment_ids = jnp.ones_like(token_ids)[:, None]
+        x, cache = self._decode_layers(x, segment_ids, jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1)),
+                                       None, None, cache)
+        return self._head(x[:, 0]), cache
+
+    def _decode_layers(self, x, segment_ids, positions, deepstack, visual_index, cache):
+        c = self.config
+        inv_freq = inverse_frequencies(c.text.rope_theta, c.text.head_dim)
+        cos, sin = mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout))
+        return self.decoder(x, segment_ids, cos, sin, deepstack, visual_index, cache)
+
+    def _head(self, x: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.processing import chat, image as image_ops, video as video_ops
 from qwen3vl_jax.processing.errors import DataError
 from qwen3vl_jax.processing.tokenizer import load_tokenizer, token_id
@@ -230,10 +231,10 @@ class Processor:
         c = self.config
         common = dict(patch_size=c.patch_size, temporal_patch_size=c.temporal_patch_size, merge_size=c.merge_size,
                       image_mean=list(c.mean), image_std=list(c.std))
-        _write_json(path, "preprocessor_config.json",
+        write_json(os.path.join(path, "preprocessor_config.json"),
                     dict(common, size=dict(shortest_edge=c.image_min_pixels, longest_edge=c.image_max_pixels),
                          image_processor_type="Qwen2VLImageProcessorFast", processor_class="Qwen3VLProcessor"))
-        _write_json(path, "video_preprocessor_config.json",
+        write_json(os.path.join(path, "video_preprocessor_config.json"),
                     dict(common, size=dict(shortest_edge=c.video_min_pixels, longest_edge=c.video_max_pixels),
                          fps=c.fps, min_frames=c.min_frames, max_frames=c.max_frames,
                          video_processor_type="Qwen3VLVideoProcessor", processor_class="Qwen3VLProcessor"))
@@ -285,8 +286,3 @@ def _pixel_arrays(images: list[_Visual], videos: list[_Visual], config: VisionPr
     (pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw) = stack(images), stack(videos)
     return dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                 video_grid_thw=video_grid_thw)
-
-
-def _write_json(path: str, name: str, value: dict) -> None:
-    with open(os.path.join(path, name), "w") as f:
-        json.dump(value, f, indent=2)

@@ -45,6 +45,11 @@ class Checkpointer:
         log.info("restored step %d from %s", step, self.manager.directory)
         return restored.state
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Only the train state saved at `step` (no data iterator), e.g. for evaluation."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args).state
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from qwen3vl_jax import hf_io
 from qwen3vl_jax.config import ModelConfig, preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.modeling.model import abstract_params, init_params
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
@@ -202,6 +203,8 @@ class Trainer(StepBuilder):
         if jax.process_index() == 0:
             hf_io.save_params(path, params, self.model_config)
             self.processor.save_pretrained(path)
+            write_json(os.path.join(path, hf_io.GENERATION_CONFIG), dict(
+                eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id))
             report(f"exported the model and its processor to {path}")
 
     def _on_sigterm(self, signum, frame) -> None:

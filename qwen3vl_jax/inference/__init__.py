@@ -1,0 +1,1 @@
+"""Generation with a KV cache (greedy and sampling), compiled as one loop."""

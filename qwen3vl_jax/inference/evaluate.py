@@ -1,0 +1,133 @@
+"""Generation-based evaluation of records (built-in tasks or JSONL conversations): prompt = the conversation
+up to its last assistant reply, reference = that reply; answers are generated greedily and scored per task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from qwen3vl_jax.api import Qwen3VLModel
+from qwen3vl_jax.inference.metrics import score
+from qwen3vl_jax.processing import DataError, Processor
+
+log = logging.getLogger(__name__)
+
+
+def split_record(record: dict) -> tuple[list[dict], str]:
+    """(prompt messages, reference answer) of a conversation record whose last message is the answer."""
+    messages = record["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"example {record.get('id')}: the last message is not an assistant answer")
+    answer = messages[-1]["content"]
+    if not isinstance(answer, str):
+        answer = "".join(item.get("text", "") for item in answer)
+    return messages[:-1], record.get("answer", answer)
+
+
+def _media(messages: list[dict], base_dir: str):
+    images, videos, fps = [], [], None
+    for message in messages:
+        for item in message["content"] if isinstance(message["content"], list) else []:
+            if item.get("type") == "image" or "image" in item:
+                image = item["image"]
+                images.append(os.path.join(base_dir, image) if isinstance(image, str) else image)
+            elif item.get("type") == "video" or "video" in item:
+                video = item["video"]
+                videos.append(os.path.join(base_dir, video) if isinstance(video, str) else video)
+                fps = item.get("fps", fps)
+    return images, videos, fps
+
+
+def generate_answers(model: Qwen3VLModel, processor: Processor, records: Iterable[dict], *, set_name: str,
+                     batch_size: int, max_new_tokens: int) -> list[dict]:
+    """Per example: set, id, task, prediction, reference and its metrics. An example whose inputs are bad is
+    reported with an `error` instead and counts as wrong."""
+    results, pending = [], []
+    for record in records:
+        try:
+            if "error" in record:
+                raise DataError(record["error"])
+            messages, reference = split_record(record)
+        except DataError as e:
+            results.append(_failure(record, set_name, e))
+            continue
+        pending.append((record, messages, reference))
+        if len(pending) == batch_size:
+            results += _answer(model, processor, pending, set_name, max_new_tokens)
+            pending = []
+    if pending:
+        results += _answer(model, processor, pending, set_name, max_new_tokens)
+    return results
+
+
+def _answer(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
+    """Generates a batch; when one of its examples is bad, answers the others one by one."""
+    try:
+        return _generate(model, processor, batch, set_name, max_new_tokens)
+    except DataError as e:
+        if len(batch) == 1:
+            return [_failure(batch[0][0], set_name, e)]
+        return [r for item in batch for r in _answer(model, processor, [item], set_name, max_new_tokens)]
+
+
+def _generate(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
+    prompts, images, videos, fps = [], [], [], None
+    for record, messages, _ in batch:
+        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        record_images, record_videos, record_fps = _media(messages, record.get("base_dir", ""))
+        images += record_images
+        videos += record_videos
+        fps = record_fps or fps
+    inputs = processor(text=prompts, images=images or None, videos=videos or None, video_fps=fps)
+    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_ids=processor.eos_token_ids,
+                            pad_token_id=processor.pad_token_id)
+    results = []
+    stops = np.asarray([*processor.eos_token_ids, processor.pad_token_id])
+    for (record, _, reference), row in zip(batch, tokens):
+        end = np.flatnonzero(np.isin(row, stops))
+        # keep special tokens such as <|box_start|>: they are part of grounding answers
+        prediction = processor.decode(row[:end[0] if len(end) else len(row)], skip_special_tokens=False)
+        task = record.get("task", "qa")
+        results.append(dict(set=set_name, id=record.get("id"), task=task, prediction=prediction, reference=reference,
+                            metrics=score(task, prediction, reference, record.get("meta", {}))))
+    return results
+
+
+def _failure(record: dict, set_name: str, error: Exception) -> dict:
+    log.warning("example %s: %s", record.get("id"), error)
+    return dict(set=set_name, id=record.get("id"), task=record.get("task", "qa"), error=str(error),
+                metrics={"exact_match": 0.0})
+
+
+def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean of each metric per eval set (and the number of examples)."""
+    tasks: dict[str, dict[str, list[float]]] = {}
+    for result in results:
+        per_task = tasks.setdefault(result["set"], {"examples": []})
+        per_task["examples"].append(1)
+        for name, value in result["metrics"].items():
+            per_task.setdefault(name, []).append(value)
+    return {task: {name: float(np.sum(v)) if name == "examples" else float(np.mean(v)) for name, v in metrics.items()}
+            for task, metrics in tasks.items()}
+
+
+def write_report(summary: dict, results: list[dict], directory: str, title: str) -> None:
+    """summary.json, predictions.jsonl and report.md in `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(directory, "predictions.jsonl"), "w") as f:
+        for result in results:
+            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+    names = sorted({name for metrics in summary.values() for name in metrics} - {"examples"})
+    lines = [f"# {title}", "", "| set | examples | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for task, metrics in sorted(summary.items()):
+        cells = [f"{metrics[n]:.3f}" if n in metrics else "" for n in names]
+        lines.append(f"| {task} | {metrics['examples']:.0f} | " + " | ".join(cells) + " |")
+    with open(os.path.join(directory, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

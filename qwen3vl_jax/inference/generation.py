@@ -1,0 +1,53 @@
+"""Prefill + decode with a static-size KV cache, the decode loop compiled as one `lax.while_loop`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.modeling.kv_cache import init_cache
+from qwen3vl_jax.modeling.model import Qwen3VL
+from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"))
+def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
+             config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig) -> jax.Array:
+    """New token ids (B, max_new_tokens) for the prompts in `inputs` (any padding): each row stops at its
+    first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
+    max(prompt positions) + 1 + step on all three axes (spec §4.5)."""
+    model = Qwen3VL(config)
+    batch, length = inputs.input_ids.shape
+    cache = init_cache(config, batch, length + max_new_tokens)
+    logits, cache = model.apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
+    first_position = inputs.positions.max(axis=(1, 2)) + 1
+
+    def body(state):
+        step, tokens, done, logits, cache, rng = state
+        rng, key = jax.random.split(rng)
+        token = jnp.where(done, pad_id, next_token(logits, key, sampling))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        done = done | jnp.isin(token, eos_ids)
+        logits, cache = model.apply({"params": params}, token, first_position + step, cache, method=Qwen3VL.decode)
+        return step + 1, tokens, done, logits, cache, rng
+
+    def not_finished(state):
+        step, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, cache, rng)
+    return jax.lax.while_loop(not_finished, body, state)[1]
+
+
+def eos_array(eos_token_ids: Sequence[int] | int | None) -> jax.Array:
+    """The eos ids as an int32 array (-1, matching no token, when there are none)."""
+    if eos_token_ids is None:
+        return jnp.full((1,), -1, jnp.int32)
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    return jnp.asarray(ids or [-1], jnp.int32)
