@@ -26,22 +26,28 @@ def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Arra
     cache = init_cache(config, batch, length + max_new_tokens)
     logits, cache = model.apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
     first_position = inputs.positions.max(axis=(1, 2)) + 1
+    layers = range(config.text.num_hidden_layers)
+    layer_params = [jax.tree_util.tree_map(lambda p, i=i: p[i], params["decoder"]["layers"]) for i in layers]
+    # materialise the per-layer weights once: the barrier keeps XLA from sinking the slices into the loop
+    layer_params = jax.lax.optimization_barrier(layer_params)
+    kv = [(cache.k[i], cache.v[i]) for i in layers]
 
     def body(state):
-        step, tokens, done, logits, cache, rng = state
+        step, tokens, done, logits, kv, kv_segment_ids, rng = state
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_id, next_token(logits, key, sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         done = done | jnp.isin(token, eos_ids)
-        logits, cache = model.apply({"params": params}, token, first_position + step, cache, method=Qwen3VL.decode)
-        return step + 1, tokens, done, logits, cache, rng
+        logits, kv, kv_segment_ids = model.apply({"params": params}, token, first_position + step, kv, kv_segment_ids,
+                                                 cache.index + step, layer_params, method=Qwen3VL.decode)
+        return step + 1, tokens, done, logits, kv, kv_segment_ids, rng
 
     def not_finished(state):
         step, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, cache, rng)
+    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, kv, cache.segment_ids, rng)
     return jax.lax.while_loop(not_finished, body, state)[1]
 
 

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.model_inputs import ModelInputs, empty_inputs
-from qwen3vl_jax.modeling.decoder import Decoder
+from qwen3vl_jax.modeling.decoder import Decoder, DecoderLayer
 from qwen3vl_jax.modeling.deepstack import gather_visual
 from qwen3vl_jax.modeling.kv_cache import KVCache
-from qwen3vl_jax.modeling.layers import Dense, Embed
+from qwen3vl_jax.modeling.layers import Dense, Embed, RMSNorm
 from qwen3vl_jax.modeling.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_tables
 from qwen3vl_jax.modeling.vision import VisionTower
 
@@ -58,19 +58,36 @@ class Qwen3VL(nn.Module):
         last = x.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
         return self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
 
-    def decode(self, token_ids: jax.Array, positions: jax.Array, cache: KVCache):
-        """One new token per row: token_ids (B,), positions (B,) (the same on the t, h and w axes, spec
-        §4.5). Returns the next logits (B, vocab) and the cache."""
+    def decode(self, token_ids: jax.Array, positions: jax.Array, kv: list, kv_segment_ids: jax.Array,
+               index: jax.Array, layer_params: list):
+        """One new token per row, written to cache slot `index`: token_ids (B,), positions (B,) (the same on
+        the t, h and w axes, spec §4.5), kv the per-layer (k, v) caches (B, S, Hkv, D), kv_segment_ids (B, S).
+        layer_params: the decoder stack's parameters sliced per layer once per generation; the layers run
+        unrolled on them, since slicing the stack inside the decode loop would copy every weight at every step.
+        Returns the next logits (B, vocab), the caches and their segment ids."""
+        c = self.config
         x = self.embed_tokens(token_ids[:, None])
         segment_ids = jnp.ones_like(token_ids)[:, None]
-        x, cache = self._decode_layers(x, segment_ids, jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1)),
-                                       None, None, cache)
-        return self._head(x[:, 0]), cache
+        kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(kv_segment_ids, segment_ids, index, axis=1)
+        cos, sin = self._rope(jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1)))
+        context = dict(segment_ids=segment_ids, cos=cos, sin=sin, deepstack=None, visual_index=None,
+                       cache_index=index, kv_segment_ids=kv_segment_ids)
+        layer = DecoderLayer(c.text, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), c.attention_impl, parent=None)
+        new_kv = []
+        for i, (params, cache) in enumerate(zip(layer_params, kv)):
+            x, cache = layer.apply({"params": params}, x, (i, cache), context)
+            new_kv.append(cache)
+        norm = self.variables["params"]["decoder"]["norm"]
+        x = RMSNorm(c.text.rms_norm_eps, parent=None).apply({"params": norm}, x)
+        return self._head(x[:, 0]), new_kv, kv_segment_ids
 
-    def _decode_layers(self, x, segment_ids, positions, deepstack, visual_index, cache):
+    def _rope(self, positions: jax.Array):
         c = self.config
         inv_freq = inverse_frequencies(c.text.rope_theta, c.text.head_dim)
-        cos, sin = mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout))
+        return mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout))
+
+    def _decode_layers(self, x, segment_ids, positions, deepstack, visual_index, cache):
+        cos, sin = self._rope(positions)
         return self.decoder(x, segment_ids, cos, sin, deepstack, visual_index, cache)
 
     def _head(self, x: jax.Array) -> jax.Array:
