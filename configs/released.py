@@ -1,6 +1,6 @@
 """Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b}.py): TPU pod training in bf16 with
-fp32 master weights, FSDP over all chips, full rematerialisation, one packed row of 8192 tokens and 4096
-patches per chip.
+fp32 master weights, FSDP over all chips, full rematerialisation, splash attention, one packed row of 8192
+tokens and 4096 patches per chip.
 
 Two modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a
 released checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
@@ -24,7 +24,7 @@ def released_config(preset: str, mode: str) -> ConfigDict:
     c.export_hf = True
     c.peak_flops_per_device = 0.0
     c.model = ConfigDict(dict(preset=preset, init_from="", overrides=dict(
-        dtype="bfloat16", param_dtype="float32", remat="full")))
+        dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash")))
     # images up to 1024 x 1024 px (4096 patches); the packed row holds 4096 patches of ViT input
     c.processing = ConfigDict(dict(image_max_pixels=1024 * 1024, video_max_pixels=4096 * 16 * 16))
     c.data = ConfigDict(dict(

@@ -75,7 +75,8 @@ def main(argv):
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-    print(f"  compiled in {time.perf_counter() - start:.0f} s")
+    kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    print(f"  compiled in {time.perf_counter() - start:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
     for name, value in (("arguments", memory.argument_size_in_bytes), ("outputs", memory.output_size_in_bytes),
                         ("aliased (donated)", memory.alias_size_in_bytes), ("temporaries", memory.temp_size_in_bytes),
                         ("code", memory.generated_code_size_in_bytes), ("total", total)):

@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 MROPE_LAYOUTS = ("interleaved", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "splash")
+ROPE_TYPES = ("default", "yarn")
+# keys of an HF rope dict that describe the scaling itself (the rest: type, theta, MRoPE layout)
+_ROPE_LAYOUT_KEYS = ("rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved")
 REMAT_POLICIES = ("none", "full", "dots")  # see modeling/remat.py
 
 
@@ -97,6 +100,9 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 500000.0  # transformers' class default; released checkpoints use 5e6
     rope_type: str = "default"
+    # YaRN parameters as in HF's rope dict (factor, original_max_position_embeddings, beta_fast, ...), as sorted
+    # (key, value) pairs so that the config stays hashable
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -118,8 +124,10 @@ class TextConfig:
         _check(len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
                f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}")
         _check(self.hidden_act == "silu", f"text hidden_act {self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
-        _check(self.rope_type == "default",
-               f"rope_type {self.rope_type!r} is not supported; only 'default' rope is implemented")
+        object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+        _check(self.rope_type in ROPE_TYPES, f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+        if self.rope_type == "yarn":
+            _check("factor" in dict(self.rope_scaling), "yarn rope needs a 'factor'")
         if self.num_experts:
             _check(0 < self.num_experts_per_tok <= self.num_experts,
                    f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
@@ -150,10 +158,14 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "xla"
+    splash_block_sizes: tuple[int, int] = (512, 512)  # (q, kv) blocks of the splash kernels; v5p default
     remat: str = "none"
 
     def __post_init__(self):
         _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        object.__setattr__(self, "splash_block_sizes", tuple(self.splash_block_sizes))
+        _check(len(self.splash_block_sizes) == 2 and all(b > 0 and b % 128 == 0 for b in self.splash_block_sizes),
+               f"splash_block_sizes {self.splash_block_sizes} must be two positive multiples of 128")
         _check(self.mrope_layout in MROPE_LAYOUTS, f"mrope_layout {self.mrope_layout!r} not in {MROPE_LAYOUTS}")
         _check(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} not in {DTYPES}")
@@ -233,6 +245,12 @@ def from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     rope = text_hf.get("rope_parameters") or text_hf.get("rope_scaling") or {}
     text["rope_theta"] = float(rope.get("rope_theta", text_hf.get("rope_theta", TextConfig.rope_theta)))
     text["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if text["rope_type"] != "default":
+        scaling = {k: v for k, v in rope.items() if k not in _ROPE_LAYOUT_KEYS}
+        # transformers: original_max_position_embeddings defaults to max_position_embeddings
+        scaling.setdefault("original_max_position_embeddings",
+                           text.get("max_position_embeddings", TextConfig.max_position_embeddings))
+        text["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items())
     text["mrope_section"] = tuple(rope.get("mrope_section", (24, 20, 20)))
     interleaved = rope.get("mrope_interleaved", True)
     if not interleaved:
@@ -263,7 +281,7 @@ def to_hf(config: ModelConfig) -> dict:
     text_hf.update(model_type=f"{config.model_type}_text", rope_theta=text.rope_theta,
                    tie_word_embeddings=config.tie_word_embeddings,
                    rope_scaling=dict(rope_type=text.rope_type, mrope_section=list(text.mrope_section),
-                                     mrope_interleaved=config.mrope_layout == "interleaved"))
+                                     mrope_interleaved=config.mrope_layout == "interleaved", **dict(text.rope_scaling)))
     if text.is_moe:
         text_hf.update({k: getattr(text, k) for k in _MOE_HF_KEYS}, num_experts=text.num_experts,
                        mlp_only_layers=list(text.mlp_only_layers), norm_topk_prob=True)

@@ -59,7 +59,8 @@ def test_released_parameter_counts_equal_transformers(name):
 @pytest.mark.parametrize("change, message", [
     (dict(text=dict(mrope_section=(24, 20, 21))), "mrope_section"),
     (dict(vision=dict(out_hidden_size=100)), "out_hidden_size 100 != text hidden_size"),
-    (dict(text=dict(rope_type="yarn")), "rope_type 'yarn' is not supported"),
+    (dict(text=dict(rope_type="longrope")), "rope_type 'longrope' is not supported"),
+    (dict(text=dict(rope_type="yarn")), "yarn rope needs a 'factor'"),
     (dict(mrope_layout="diagonal"), "mrope_layout"),
     (dict(vision=dict(deepstack_visual_indexes=(2, 1))), "deepstack_visual_indexes"),
     (dict(dtype="float8"), "dtype"),

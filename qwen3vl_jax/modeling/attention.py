@@ -11,21 +11,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwen3vl_jax.kernels.splash import splash_attention
+
 CAUSAL_BLOCK = 128   # causal self-attention runs per query block over the keys up to that block
 MAX_BLOCKS = 16      # ... with at most this many blocks (longer sequences get longer blocks)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-              *, causal: bool, q_offset: int | jax.Array = 0, impl: str = "xla") -> jax.Array:
+              *, causal: bool, q_offset: int | jax.Array = 0, impl: str = "xla",
+              block_sizes: tuple[int, int] = (512, 512)) -> jax.Array:
     """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
     h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
     Scale D^-0.5; softmax in float32. When causal, query i sits at key position q_offset + i (a KV cache)
-    and sees keys up to there. Causal self-attention skips the key blocks after each query block (half the
-    work of the full L x L product)."""
-    if impl != "xla":
-        raise ValueError(f"attention impl {impl!r} is not available; use 'xla'")
+    and sees keys up to there.
+
+    impl "xla": causal self-attention skips the key blocks after each query block (half the work of the full
+    L x L product). impl "splash": the Pallas splash kernels (kernels/splash.py, `block_sizes` = (q, kv)
+    blocks) for self-attention; attention over a KV cache (q_offset != 0) stays on the XLA path."""
     length = q.shape[1]
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
+    if impl == "splash" and self_attention:
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, block_sizes=block_sizes)
+    if impl not in ("xla", "splash"):
+        raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
     if not causal or not self_attention or length <= CAUSAL_BLOCK:
         return _attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))

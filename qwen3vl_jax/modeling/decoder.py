@@ -39,6 +39,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    splash_block_sizes: tuple[int, int] = (512, 512)
 
     @nn.compact
     def __call__(self, x, scanned, context):
@@ -62,7 +63,8 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(norm("q_norm", "head_dim")(q), cos, sin)
         k = apply_rotary(norm("k_norm", "head_dim")(k), cos, sin)
         if kv is None:
-            o = attention(q, k, v, segment_ids, segment_ids, causal=True, impl=self.attention_impl)
+            o = attention(q, k, v, segment_ids, segment_ids, causal=True, impl=self.attention_impl,
+                          block_sizes=self.splash_block_sizes)
         else:
             index = context["cache_index"]
             kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
@@ -84,6 +86,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    splash_block_sizes: tuple[int, int] = (512, 512)
     remat: str = "none"
 
     @nn.compact
@@ -103,7 +106,7 @@ class Decoder(nn.Module):
         layers = nn.scan(maybe_remat(DecoderLayer, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=c.num_hidden_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, kv = layers(c, self.dtype, self.param_dtype, self.attention_impl, name="layers")(
+        x, kv = layers(c, self.dtype, self.param_dtype, self.attention_impl, self.splash_block_sizes, name="layers")(
             x, (jnp.arange(c.num_hidden_layers), kv), context)
         x = RMSNorm(c.rms_norm_eps, param_dtype=self.param_dtype, name="norm")(x)
         if cache is not None:

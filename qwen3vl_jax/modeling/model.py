@@ -14,7 +14,7 @@ from qwen3vl_jax.modeling.decoder import Decoder, DecoderLayer
 from qwen3vl_jax.modeling.deepstack import gather_visual
 from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, Embed, RMSNorm
-from qwen3vl_jax.modeling.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_tables
+from qwen3vl_jax.modeling.rope import mrope_axis_of_frequency, mrope_tables, text_rope
 from qwen3vl_jax.modeling.vision import VisionTower
 
 
@@ -24,9 +24,10 @@ class Qwen3VL(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        self.visual = VisionTower(c.vision, c.num_deepstack, attention_impl=c.attention_impl, remat=c.remat, **kw)
+        attention = dict(attention_impl=c.attention_impl, splash_block_sizes=c.splash_block_sizes)
+        self.visual = VisionTower(c.vision, c.num_deepstack, remat=c.remat, **attention, **kw)
         self.embed_tokens = Embed(c.text.vocab_size, c.text.hidden_size, **kw)
-        self.decoder = Decoder(c.text, attention_impl=c.attention_impl, remat=c.remat, **kw)
+        self.decoder = Decoder(c.text, remat=c.remat, **attention, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), **kw)
 
@@ -83,8 +84,9 @@ class Qwen3VL(nn.Module):
 
     def _rope(self, positions: jax.Array):
         c = self.config
-        inv_freq = inverse_frequencies(c.text.rope_theta, c.text.head_dim)
-        return mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout))
+        inv_freq, scaling = text_rope(c.text)
+        return mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout),
+                            scaling)
 
     def _decode_layers(self, x, segment_ids, positions, deepstack, visual_index, cache):
         cos, sin = self._rope(positions)

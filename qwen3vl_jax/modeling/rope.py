@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,41 @@ def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
     torch's float32 `theta ** exponent` in all but rare last-ulp cases."""
     exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
     return np.float32(1.0) / np.power(np.float64(theta), exponent).astype(np.float32)
+
+
+def text_rope(text) -> tuple[np.ndarray, float]:
+    """The text decoder's inverse frequencies (head_dim/2,) and cos/sin scaling: plain RoPE, or YaRN as
+    transformers computes it (NTK-by-parts interpolation between extrapolated and factor-interpolated
+    frequencies, attention factor 0.1 ln(factor) + 1 unless given)."""
+    if text.rope_type == "default":
+        return inverse_frequencies(text.rope_theta, text.head_dim), 1.0
+    scaling = dict(text.rope_scaling)
+    dim, base, factor = text.head_dim, text.rope_theta, scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_weight = (np.float32(1) - ramp).astype(np.float32)
+    extrapolated = inverse_frequencies(base, dim)
+    interpolated = (extrapolated / np.float32(factor)).astype(np.float32)
+    inv_freq = interpolated * (np.float32(1) - extrapolation_weight) + extrapolated * extrapolation_weight
+    return inv_freq.astype(np.float32), float(attention_factor)
 
 
 def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) -> np.ndarray:
@@ -30,12 +67,14 @@ def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) ->
     return axis
 
 
-def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray):
-    """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32."""
+def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray, scaling: float = 1.0):
+    """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32, times `scaling`."""
     selected = positions[:, axis_of_frequency]                       # (B, hd/2, L)
     angles = jnp.swapaxes(selected, 1, 2).astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if scaling == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
 
 def vision_rotary_tables(rowcol: jax.Array, head_dim: int, theta: float):

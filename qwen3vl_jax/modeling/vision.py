@@ -35,6 +35,7 @@ class VisionBlock(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    splash_block_sizes: tuple[int, int] = (512, 512)
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin):
@@ -47,7 +48,8 @@ class VisionBlock(nn.Module):
                     use_bias=True, name="attn_qkv", **kw)(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = (apply_rotary(t, cos, sin, jnp.float32) for t in (q, k))
-        o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.attention_impl)
+        o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.attention_impl,
+                      block_sizes=self.splash_block_sizes)
         x = x + Dense(c.hidden_size, ("vision_heads", "head_dim", "vision_embed"), contract=2, use_bias=True,
                       name="attn_proj", **kw)(o)
         h = LayerNorm(c.layer_norm_eps, param_dtype=self.param_dtype, name="norm2")(x)
@@ -91,6 +93,7 @@ class VisionTower(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    splash_block_sizes: tuple[int, int] = (512, 512)
     remat: str = "none"
 
     @nn.compact
@@ -116,7 +119,8 @@ class VisionTower(nn.Module):
             blocks = nn.scan(maybe_remat(VisionBlock, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=end - start,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = blocks(c, attention_impl=self.attention_impl, name=f"blocks_{stack}", **kw)(
+            x, _ = blocks(c, attention_impl=self.attention_impl, splash_block_sizes=self.splash_block_sizes,
+                          name=f"blocks_{stack}", **kw)(
                 x, patch_segment_ids, cos, sin)
             if end - 1 in taps:
                 deepstack.append(PatchMerger(c, True, name=f"deepstack_merger_{len(deepstack)}", **kw)(x))
