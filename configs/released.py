@@ -1,6 +1,6 @@
-"""Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b}.py): TPU pod training in bf16 with
-fp32 master weights, FSDP over all chips, full rematerialisation, splash attention, one packed row of 8192
-tokens and 4096 patches per chip.
+"""Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b,30b_a3b,235b_a22b}.py): TPU pod
+training in bf16 with fp32 master weights, FSDP over all chips (MoE: experts over an expert axis, megablox
+dispatch), full rematerialisation, splash attention, one packed row of 8192 tokens and 4096 patches per chip.
 
 Two modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a
 released checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
@@ -13,7 +13,9 @@ from ml_collections import ConfigDict
 MODES = ("sft", "pretrain")
 
 
-def released_config(preset: str, mode: str) -> ConfigDict:
+def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigDict:
+    """The recipe for `preset`; MoE sizes split their experts over an `expert` mesh axis of `expert_parallel`
+    devices (the rest of the slice is fsdp) and dispatch them with the megablox kernels."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not in {MODES}")
     sft = mode == "sft"
@@ -24,7 +26,7 @@ def released_config(preset: str, mode: str) -> ConfigDict:
     c.export_hf = True
     c.peak_flops_per_device = 0.0
     c.model = ConfigDict(dict(preset=preset, init_from="", overrides=dict(
-        dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash")))
+        dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash", moe_backend="megablox")))
     # images up to 1024 x 1024 px (4096 patches); the packed row holds 4096 patches of ViT input
     c.processing = ConfigDict(dict(image_max_pixels=1024 * 1024, video_max_pixels=4096 * 16 * 16))
     c.data = ConfigDict(dict(
@@ -36,6 +38,6 @@ def released_config(preset: str, mode: str) -> ConfigDict:
                                   b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, freeze=()))
     c.loss_normalization = "sqrt"
     c.grad_accum_steps = 1
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=expert_parallel))
     c.checkpoint = ConfigDict(dict(every=500, keep=3))
     return c

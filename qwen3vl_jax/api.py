@@ -26,6 +26,7 @@ from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.model_inputs import (PATCH_FIELDS, ModelInputs, bucket, empty_inputs, from_hf_batch,
                                      patch_features)
 from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+from qwen3vl_jax.modeling.moe import load_balancing_loss
 from qwen3vl_jax.positions import IMAGE, visual_blocks
 
 
@@ -40,6 +41,9 @@ class Qwen3VLModel:
         self.forward = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
         self.vision_forward = jax.jit(
             lambda p, x: self.module.apply({"params": p}, x, method=Qwen3VL.encode_vision))
+        self.aux_loss = jax.jit(lambda p, x: load_balancing_loss(
+            self.module.apply({"params": p}, x, method=Qwen3VL.logits_and_router_logits)[1],
+            x.segment_ids.reshape(-1) > 0, config.text.num_experts_per_tok))
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0) -> "Qwen3VLModel":
@@ -62,6 +66,15 @@ class Qwen3VLModel:
                                  video_grid_thw, seq_len=seq_len, max_patches=max_patches)
         logits = self.forward(self.params, inputs)
         return np.asarray(logits[:, :np.shape(input_ids)[1]], np.float32)
+
+    def router_aux_loss(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                        pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None) -> float:
+        """The MoE load-balancing loss of these inputs over their real tokens, as transformers' `aux_loss`."""
+        if not self.config.text.is_moe:
+            raise ValueError("router_aux_loss needs an MoE model")
+        inputs, _ = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                 video_grid_thw)
+        return float(self.aux_loss(self.params, inputs))
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, *, max_new_tokens: int,
@@ -102,10 +115,12 @@ class Qwen3VLModel:
         as_numpy = lambda x: np.asarray(x[0, :tokens], np.float32)
         return as_numpy(merged), [as_numpy(x) for x in deepstack]
 
-    def save_pretrained(self, path: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30):
-        """Writes an HF checkpoint directory that transformers loads (`dtype` defaults to param_dtype)."""
+    def save_pretrained(self, path: str, *, dtype: Optional[str] = None, max_shard_bytes: int = 5 * 2**30,
+                        expert_layout: str = "hub"):
+        """Writes an HF checkpoint directory that transformers loads (`dtype` defaults to param_dtype; MoE
+        experts in the released "hub" layout or the "transposed" one of transformers 5.x)."""
         hf_io.save_params(path, jax.device_get(self.params), self.config, dtype=dtype,
-                          max_shard_bytes=max_shard_bytes)
+                          max_shard_bytes=max_shard_bytes, expert_layout=expert_layout)
         if self.generation_config:
             write_json(os.path.join(path, hf_io.GENERATION_CONFIG), self.generation_config)
 

@@ -16,6 +16,8 @@ import logging
 import math
 from typing import Any
 
+import jax.numpy as jnp
+
 log = logging.getLogger(__name__)
 
 MROPE_LAYOUTS = ("interleaved", "chunked")
@@ -25,6 +27,7 @@ ROPE_TYPES = ("default", "yarn")
 # keys of an HF rope dict that describe the scaling itself (the rest: type, theta, MRoPE layout)
 _ROPE_LAYOUT_KEYS = ("rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved")
 REMAT_POLICIES = ("none", "full", "dots")  # see modeling/remat.py
+MOE_BACKENDS = ("megablox", "ragged_dot", "dense")  # see modeling/moe.py
 
 
 def _check(condition: bool, message: str) -> None:
@@ -113,6 +116,7 @@ class TextConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0  # optional (ST-MoE); not part of transformers' objective
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
@@ -131,6 +135,8 @@ class TextConfig:
         if self.num_experts:
             _check(0 < self.num_experts_per_tok <= self.num_experts,
                    f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+            _check(self.moe_intermediate_size > 0, f"an MoE model needs moe_intermediate_size > 0, got "
+                                                   f"{self.moe_intermediate_size}")
 
     @property
     def is_moe(self) -> bool:
@@ -159,11 +165,17 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     splash_block_sizes: tuple[int, int] = (512, 512)  # (q, kv) blocks of the splash kernels; v5p default
+    moe_backend: str = "ragged_dot"
+    moe_tiling: tuple[int, int, int] = (512, 1024, 1024)  # (m, k, n) tiles of the megablox grouped matmul
     remat: str = "none"
 
     def __post_init__(self):
         _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
         object.__setattr__(self, "splash_block_sizes", tuple(self.splash_block_sizes))
+        object.__setattr__(self, "moe_tiling", tuple(self.moe_tiling))
+        _check(self.moe_backend in MOE_BACKENDS, f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
+        _check(len(self.moe_tiling) == 3 and all(t > 0 for t in self.moe_tiling),
+               f"moe_tiling {self.moe_tiling} must be three positive (m, k, n) tile sizes")
         _check(len(self.splash_block_sizes) == 2 and all(b > 0 and b % 128 == 0 for b in self.splash_block_sizes),
                f"splash_block_sizes {self.splash_block_sizes} must be two positive multiples of 128")
         _check(self.mrope_layout in MROPE_LAYOUTS, f"mrope_layout {self.mrope_layout!r} not in {MROPE_LAYOUTS}")
@@ -178,6 +190,11 @@ class ModelConfig:
         ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
         _check(all(0 <= i < self.text.vocab_size for i in ids),
                f"special token ids {ids} must lie inside the vocabulary (size {self.text.vocab_size})")
+
+    @property
+    def dense_kwargs(self) -> dict:
+        """dtype / param_dtype for the modules' layers."""
+        return dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
 
     @property
     def num_deepstack(self) -> int:
@@ -337,6 +354,9 @@ PRESETS = {
                                             num_experts_per_tok=8, moe_intermediate_size=1536),
     "tiny": _tiny,
     "tiny-tied": lambda: _tiny(tie_word_embeddings=True),
+    # 8 experts, top-2; expert widths chosen so that no expert tensor is square (the loader tells the two
+    # on-disk layouts apart by shape)
+    "tiny-moe": lambda: _tiny(text=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48)),
 }
 
 

@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.modeling.decoder import layer_runs, run_names
 from qwen3vl_jax.modeling.vision import block_stacks
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
-LINEAR, COPY = "linear", "copy"
+LINEAR, COPY, EXPERTS = "linear", "copy", "experts"
+EXPERT_LAYOUTS = ("hub", "transposed")
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -41,7 +43,9 @@ class CheckpointError(ValueError):
 class Rule:
     """HF tensor `hf` of shape `hf_shape` <-> params[path] (or params[path][index] for a scanned stack).
 
-    LINEAR: an nn.Linear / Conv weight (out, ...in) <-> kernel (...in, ...out); COPY: same values, reshaped.
+    LINEAR: an nn.Linear / Conv weight (out, ...in) <-> kernel (...in, ...out); COPY: same values, reshaped;
+    EXPERTS: stacked expert weights (E, in, out) as the released checkpoints store them (`hf_shape`), or
+    transposed (E, out, in) as transformers 5.x writes them (spec §7), told apart by shape.
     """
 
     hf: str
@@ -50,14 +54,25 @@ class Rule:
     kind: str = COPY
     index: Optional[int] = None
 
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return shape == self.hf_shape or (self.kind == EXPERTS and shape == self.transposed_shape)
+
+    @property
+    def transposed_shape(self) -> tuple[int, ...]:
+        return (self.hf_shape[0], self.hf_shape[2], self.hf_shape[1])
+
     def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if self.kind == LINEAR:
             x = x.reshape(x.shape[0], -1).T
+        elif self.kind == EXPERTS and x.shape != self.hf_shape:
+            x = x.swapaxes(1, 2)
         return x.reshape(shape)
 
-    def to_hf(self, x: np.ndarray) -> np.ndarray:
+    def to_hf(self, x: np.ndarray, expert_layout: str = "hub") -> np.ndarray:
         if self.kind == LINEAR:
             x = x.reshape(-1, self.hf_shape[0]).T
+        elif self.kind == EXPERTS and expert_layout == "transposed":
+            return np.ascontiguousarray(x.swapaxes(1, 2))
         return np.ascontiguousarray(x.reshape(self.hf_shape))
 
 
@@ -65,7 +80,7 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
     """All tensors of the HF checkpoint of `config`, in checkpoint order."""
     v, t = config.vision, config.text
     D, Iv, Dm, O = v.hidden_size, v.intermediate_size, v.merged_dim, v.out_hidden_size
-    H, I, hd = t.hidden_size, t.intermediate_size, t.head_dim
+    H = t.hidden_size
     rules: list[Rule] = []
 
     def add(hf, path, hf_shape, kind=COPY, index=None):
@@ -106,24 +121,35 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
 
     lm = "model.language_model"
     add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", (t.vocab_size, H))
-    bias = t.attention_bias
-    for l in range(t.num_hidden_layers):
-        hf, ours = f"{lm}.layers.{l}", "decoder/layers"
-        add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (H,), COPY, l)
-        add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (H,), COPY, l)
-        linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", t.num_attention_heads * hd, H, bias, l)
-        linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", t.num_key_value_heads * hd, H, bias, l)
-        linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", t.num_key_value_heads * hd, H, bias, l)
-        linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", H, t.num_attention_heads * hd, bias, l)
-        add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, l)
-        add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, l)
-        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", I, H, False, l)
-        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", I, H, False, l)
-        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", H, I, False, l)
+    for (start, end, moe), name in zip(layer_runs(t), run_names(t)):
+        for l in range(start, end):
+            _decoder_layer_rules(t, add, linear, f"{lm}.layers.{l}", f"decoder/{name}", l - start, moe)
     add(f"{lm}.norm.weight", "decoder/norm/scale", (H,))
     if not config.tie_word_embeddings:
         linear("lm_head", "lm_head", t.vocab_size, H, False)
     return rules
+
+
+def _decoder_layer_rules(t, add, linear, hf: str, ours: str, l: int, moe: bool) -> None:
+    """Rules of decoder layer `hf` (slice l of the stack `ours`): attention, then a dense or an MoE MLP."""
+    H, I, hd, bias = t.hidden_size, t.intermediate_size, t.head_dim, t.attention_bias
+    add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (H,), COPY, l)
+    add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (H,), COPY, l)
+    linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", t.num_attention_heads * hd, H, bias, l)
+    linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", t.num_key_value_heads * hd, H, bias, l)
+    linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", t.num_key_value_heads * hd, H, bias, l)
+    linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", H, t.num_attention_heads * hd, bias, l)
+    add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, l)
+    add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, l)
+    if moe:
+        E, Im = t.num_experts, t.moe_intermediate_size
+        linear(f"{hf}.mlp.gate", f"{ours}/mlp/gate", E, H, False, l)
+        add(f"{hf}.mlp.experts.gate_up_proj", f"{ours}/mlp/experts_gate_up", (E, H, 2 * Im), EXPERTS, l)
+        add(f"{hf}.mlp.experts.down_proj", f"{ours}/mlp/experts_down", (E, Im, H), EXPERTS, l)
+    else:
+        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", I, H, False, l)
+        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", I, H, False, l)
+        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", H, I, False, l)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +216,10 @@ def load_params(path: str, config: ModelConfig) -> dict:
         with _open(file) as f:
             for rule in (r for r in rules if files[r.hf] == file):
                 tensor = _get_tensor(f, rule.hf, file)
-                if tuple(tensor.shape) != rule.hf_shape:
+                if rule.kind == EXPERTS and rule.hf_shape == rule.transposed_shape:
+                    raise CheckpointError(f"{file}: cannot tell the layout of {rule.hf} from its square shape "
+                                          f"{rule.hf_shape}")
+                if not rule.accepts(tuple(tensor.shape)):
                     raise CheckpointError(f"{file}: tensor {rule.hf} has shape {tuple(tensor.shape)}, but the "
                                           f"config needs {rule.hf_shape}")
                 target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
@@ -210,9 +239,12 @@ def load_params(path: str, config: ModelConfig) -> dict:
 
 
 def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional[str] = None,
-                max_shard_bytes: int = 5 * 2**30) -> None:
+                max_shard_bytes: int = 5 * 2**30, expert_layout: str = "hub") -> None:
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with an index when
-    larger than `max_shard_bytes`) that transformers' `from_pretrained` loads."""
+    larger than `max_shard_bytes`) that transformers' `from_pretrained` loads. MoE experts are written in the
+    released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
     dtype = dtype or config.param_dtype
     np_dtype = _NUMPY_DTYPES[dtype]
     flat = {p: np.asarray(x) for p, x in flatten_dict(params).items()}
@@ -221,7 +253,7 @@ def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional
         if rule.path not in flat:
             raise CheckpointError(f"params lack {'/'.join(rule.path)} (needed for {rule.hf})")
         x = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
-        tensors[rule.hf] = rule.to_hf(x.astype(np_dtype))
+        tensors[rule.hf] = rule.to_hf(x.astype(np_dtype), expert_layout)
     os.makedirs(path, exist_ok=True)
     hf_config = to_hf(config)
     hf_config["dtype"] = dtype

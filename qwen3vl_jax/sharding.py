@@ -22,16 +22,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch outside the MoE blocks
+# ZeRO-3 axes of the weights' model dimension: the expert axis is data-parallel outside the MoE blocks, so the
+# dense weights are split over it too; an expert tensor uses it for its expert dimension, leaving fsdp here.
+WEIGHT_AXES = ("fsdp", "expert")
 
-# logical axis -> mesh axes. Batch over data and fsdp; weights over fsdp (ZeRO-3) on their model dimension and
-# over tensor (Megatron) on heads / mlp / vocab.
+# logical axis -> mesh axes. Batch over data, fsdp and expert; weights over fsdp and expert (ZeRO-3) on their
+# model dimension, over tensor (Megatron) on heads / mlp / vocab, and MoE experts over expert.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("vision_embed", "fsdp"),
-    ("vision_merged", "fsdp"),
-    ("patch", "fsdp"),
+    ("embed", WEIGHT_AXES),
+    ("vision_embed", WEIGHT_AXES),
+    ("vision_merged", WEIGHT_AXES),
+    ("patch", WEIGHT_AXES),
     ("vision_positions", None),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -41,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("vision_heads", "tensor"),
     ("expert", "expert"),
+    ("expert_router", None),
     ("layers", None),
     ("head_dim", None),
     ("qkv", None),
@@ -115,7 +119,7 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Every batch array is split along its leading (batch) axis over the data and fsdp mesh axes."""
+    """Every batch array is split along its leading (batch) axis over the data, fsdp and expert axes."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 

@@ -17,8 +17,11 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype=torch.float32):
     """A transformers Qwen3VLForConditionalGeneration for `config` whose weights are all perturbed away from
     their init (norm scales != 1, biases != 0), so that no parameter can be mapped wrongly unnoticed."""
     torch.manual_seed(seed)
-    hf_config = transformers.Qwen3VLConfig(**to_hf(config))
-    model = transformers.Qwen3VLForConditionalGeneration(hf_config).eval()
+    if config.text.is_moe:
+        model = transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(**to_hf(config)))
+    else:
+        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**to_hf(config)))
+    model = model.eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -28,7 +31,7 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype=torch.float32):
             elif p.ndim == 1:
                 p.copy_(0.1 * noise)
             else:
-                fan_in = p[0].numel()
+                fan_in = p.shape[-1] if "experts" in name else p[0].numel()  # experts: (E, out, in)
                 p.copy_(noise / np.sqrt(fan_in))
     return model.to(dtype)
 

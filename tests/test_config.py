@@ -10,7 +10,7 @@ import transformers
 from qwen3vl_jax.config import PRESETS, from_hf, preset, to_hf
 from qwen3vl_jax.modeling import abstract_params
 
-DENSE_RELEASED = ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b"]
+RELEASED = ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b", "qwen3-vl-30b-a3b", "qwen3-vl-235b-a22b"]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -47,11 +47,14 @@ def test_hf_class_defaults_fill_missing_keys():
     assert config.tie_word_embeddings is False
 
 
-@pytest.mark.parametrize("name", DENSE_RELEASED)
+@pytest.mark.parametrize("name", RELEASED)
 def test_released_parameter_counts_equal_transformers(name):
     config = preset(name)
     with torch.device("meta"):
-        hf = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**to_hf(config)))
+        if config.text.is_moe:
+            hf = transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(**to_hf(config)))
+        else:
+            hf = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**to_hf(config)))
     ours = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(config)))
     assert ours == sum(p.numel() for p in hf.parameters())
 
@@ -64,16 +67,14 @@ def test_released_parameter_counts_equal_transformers(name):
     (dict(mrope_layout="diagonal"), "mrope_layout"),
     (dict(vision=dict(deepstack_visual_indexes=(2, 1))), "deepstack_visual_indexes"),
     (dict(dtype="float8"), "dtype"),
+    (dict(text=dict(num_experts=4, num_experts_per_tok=5, moe_intermediate_size=16)), "num_experts_per_tok 5"),
+    (dict(text=dict(num_experts=4, num_experts_per_tok=2)), "moe_intermediate_size"),
+    (dict(moe_backend="cutlass"), "moe_backend 'cutlass'"),
+    (dict(moe_tiling=(128, 128)), "moe_tiling"),
 ])
 def test_invalid_configs_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny", **change)
-
-
-def test_moe_decoder_is_reported_as_missing():
-    with pytest.raises(NotImplementedError, match="MoE decoder"):
-        abstract_params(preset("tiny").replace(text=dict(num_experts=4, num_experts_per_tok=2,
-                                                         moe_intermediate_size=16)))
 
 
 def test_config_is_frozen():

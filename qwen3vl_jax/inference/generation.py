@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.modeling.decoder import unstack_layers
 from qwen3vl_jax.modeling.kv_cache import init_cache
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
@@ -26,11 +27,11 @@ def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Arra
     cache = init_cache(config, batch, length + max_new_tokens)
     logits, cache = model.apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
     first_position = inputs.positions.max(axis=(1, 2)) + 1
-    layers = range(config.text.num_hidden_layers)
-    layer_params = [jax.tree_util.tree_map(lambda p, i=i: p[i], params["decoder"]["layers"]) for i in layers]
+    layers = unstack_layers(params["decoder"], config.text)
     # materialise the per-layer weights once: the barrier keeps XLA from sinking the slices into the loop
-    layer_params = jax.lax.optimization_barrier(layer_params)
-    kv = [(cache.k[i], cache.v[i]) for i in layers]
+    weights = jax.lax.optimization_barrier([layer for layer, _ in layers])
+    layer_params = [(layer, moe) for layer, (_, moe) in zip(weights, layers)]
+    kv = [(cache.k[i], cache.v[i]) for i in range(config.text.num_hidden_layers)]
 
     def body(state):
         step, tokens, done, logits, kv, kv_segment_ids, rng = state

@@ -4,7 +4,8 @@ The kernels take one example (heads, length, head_dim) and never build an L x L 
 for the decoder, full for the ViT) is and-ed with segment ids, so packed examples, padding and the ViT's
 per-(image, temporal group) blocks are isolated, and the kernels skip the blocks the mask rules out. Lengths are
 padded to a multiple of 128 (padding gets a segment of its own). Under a mesh the kernel runs inside
-`jax.shard_map`: batch over the data and fsdp axes, heads over tensor. Off TPU it runs in interpret mode.
+`jax.shard_map`: batch over the data, fsdp and expert axes, heads over tensor. Off TPU it runs in interpret
+mode.
 """
 
 from __future__ import annotations

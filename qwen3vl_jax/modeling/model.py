@@ -22,12 +22,10 @@ class Qwen3VL(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        c = self.config
-        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        attention = dict(attention_impl=c.attention_impl, splash_block_sizes=c.splash_block_sizes)
-        self.visual = VisionTower(c.vision, c.num_deepstack, remat=c.remat, **attention, **kw)
+        c, kw = self.config, self.config.dense_kwargs
+        self.visual = VisionTower(c)
         self.embed_tokens = Embed(c.text.vocab_size, c.text.hidden_size, **kw)
-        self.decoder = Decoder(c.text, remat=c.remat, **attention, **kw)
+        self.decoder = Decoder(c)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), **kw)
 
@@ -37,7 +35,8 @@ class Qwen3VL(nn.Module):
                            inputs.pos_embed_weight, inputs.patch_rowcol)
 
     def hidden_states(self, inputs: ModelInputs, cache: Optional[KVCache] = None):
-        """Final-norm hidden states (B, L, H) and the cache updated with these tokens (None without one)."""
+        """Final-norm hidden states (B, L, H), the cache updated with these tokens (None without one) and the
+        router logits of the MoE layers (layers, B*L, E) (None for a dense model)."""
         x = self.embed_tokens(inputs.input_ids)
         deepstack = None
         if inputs.has_vision:
@@ -51,10 +50,15 @@ class Qwen3VL(nn.Module):
         """Logits (B, L, vocab) in the compute dtype."""
         return self._head(self.hidden_states(inputs)[0])
 
+    def logits_and_router_logits(self, inputs: ModelInputs):
+        """Logits (B, L, vocab) and the MoE router logits (layers, B*L, E) (None for a dense model)."""
+        x, _, router_logits = self.hidden_states(inputs)
+        return self._head(x), router_logits
+
     def prefill(self, inputs: ModelInputs, cache: KVCache):
         """Runs the prompt through the model, filling the cache from cache.index on. Returns the logits
         (B, vocab) after each row's last real token, and the cache."""
-        x, cache = self.hidden_states(inputs, cache)
+        x, cache, _ = self.hidden_states(inputs, cache)
         real = inputs.segment_ids > 0
         last = x.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
         return self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
@@ -63,8 +67,9 @@ class Qwen3VL(nn.Module):
                index: jax.Array, layer_params: list):
         """One new token per row, written to cache slot `index`: token_ids (B,), positions (B,) (the same on
         the t, h and w axes, spec §4.5), kv the per-layer (k, v) caches (B, S, Hkv, D), kv_segment_ids (B, S).
-        layer_params: the decoder stack's parameters sliced per layer once per generation; the layers run
-        unrolled on them, since slicing the stack inside the decode loop would copy every weight at every step.
+        layer_params: (parameters, is MoE) of each decoder layer, sliced out of the stacks once per generation
+        (decoder.unstack_layers); the layers run unrolled on them, since slicing the stacks inside the decode loop
+        would copy every weight at every step.
         Returns the next logits (B, vocab), the caches and their segment ids."""
         c = self.config
         x = self.embed_tokens(token_ids[:, None])
@@ -73,10 +78,9 @@ class Qwen3VL(nn.Module):
         cos, sin = self._rope(jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1)))
         context = dict(segment_ids=segment_ids, cos=cos, sin=sin, deepstack=None, visual_index=None,
                        cache_index=index, kv_segment_ids=kv_segment_ids)
-        layer = DecoderLayer(c.text, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), c.attention_impl, parent=None)
         new_kv = []
-        for i, (params, cache) in enumerate(zip(layer_params, kv)):
-            x, cache = layer.apply({"params": params}, x, (i, cache), context)
+        for i, ((params, moe), cache) in enumerate(zip(layer_params, kv)):
+            x, (cache, _) = DecoderLayer(c, moe, parent=None).apply({"params": params}, x, (i, cache), context)
             new_kv.append(cache)
         norm = self.variables["params"]["decoder"]["norm"]
         x = RMSNorm(c.text.rms_norm_eps, parent=None).apply({"params": norm}, x)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen3vl_jax.config import VisionConfig
+from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
 from qwen3vl_jax.modeling.remat import maybe_remat
@@ -31,28 +31,23 @@ def block_stacks(depth: int, taps: tuple[int, ...]) -> list[tuple[int, int]]:
 class VisionBlock(nn.Module):
     """Pre-norm ViT block (spec §2.4): x + Attn(LN1 x), then + MLP(LN2 x) with tanh-GELU."""
 
-    config: VisionConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    attention_impl: str = "xla"
-    splash_block_sizes: tuple[int, int] = (512, 512)
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin):
         """x (B, P, D); segment_ids (B, P); cos, sin (B, P, hd). Returns (x, None) for nn.scan."""
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, kw = self.config.vision, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "patches", "vision_embed"))
-        h = LayerNorm(c.layer_norm_eps, param_dtype=self.param_dtype, name="norm1")(x)
+        h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
         qkv = Dense((3, c.num_heads, c.head_dim), ("vision_embed", "qkv", "vision_heads", "head_dim"),
                     use_bias=True, name="attn_qkv", **kw)(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = (apply_rotary(t, cos, sin, jnp.float32) for t in (q, k))
-        o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.attention_impl,
-                      block_sizes=self.splash_block_sizes)
+        o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.config.attention_impl,
+                      block_sizes=self.config.splash_block_sizes)
         x = x + Dense(c.hidden_size, ("vision_heads", "head_dim", "vision_embed"), contract=2, use_bias=True,
                       name="attn_proj", **kw)(o)
-        h = LayerNorm(c.layer_norm_eps, param_dtype=self.param_dtype, name="norm2")(x)
+        h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm2")(x)
         h = Dense(c.intermediate_size, ("vision_embed", "vision_mlp"), use_bias=True, name="mlp_fc1", **kw)(h)
         h = jax.nn.gelu(h, approximate=True)
         x = x + Dense(c.hidden_size, ("vision_mlp", "vision_embed"), use_bias=True, name="mlp_fc2", **kw)(h)
@@ -63,18 +58,15 @@ class PatchMerger(nn.Module):
     """2x2 merger (spec §2.5): 4 consecutive patches -> one LLM token. The main merger normalises each patch
     before the shuffle; the DeepStack mergers normalise the 4D-wide vector after it. erf-GELU."""
 
-    config: VisionConfig
+    config: ModelConfig
     postshuffle_norm: bool
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x):
         """x (B, P, D) -> (B, P / m^2, out_hidden)."""
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, kw = self.config.vision, self.config.dense_kwargs
         norm = LayerNorm(c.layer_norm_eps, axis_name="vision_merged" if self.postshuffle_norm else "vision_embed",
-                         param_dtype=self.param_dtype, name="norm")
+                         param_dtype=kw["param_dtype"], name="norm")
         if not self.postshuffle_norm:
             x = norm(x)
         x = x.reshape(x.shape[0], x.shape[1] // c.spatial_merge_size**2, c.merged_dim)
@@ -88,13 +80,7 @@ class PatchMerger(nn.Module):
 class VisionTower(nn.Module):
     """Patch embedding + interpolated learned position embedding + blocks + mergers."""
 
-    config: VisionConfig
-    num_deepstack: int
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    attention_impl: str = "xla"
-    splash_block_sizes: tuple[int, int] = (512, 512)
-    remat: str = "none"
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, pixel_patches, patch_segment_ids, pos_embed_index, pos_embed_weight, patch_rowcol):
@@ -103,25 +89,22 @@ class VisionTower(nn.Module):
 
         Returns merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of `num_deepstack`
         arrays of the same shape (spec §2.6)."""
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, kw = self.config.vision, self.config.dense_kwargs
         x = Dense(c.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(pixel_patches)
         table = param(self, "pos_embed", default_init, (c.num_position_embeddings, c.hidden_size),
-                      self.param_dtype, ("vision_positions", "vision_embed"))
+                      kw["param_dtype"], ("vision_positions", "vision_embed"))
         # spec §2.2: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
         pos = jnp.sum(table[pos_embed_index].astype(jnp.float32) * pos_embed_weight[..., None], axis=-2)
         x = x + pos.astype(x.dtype)
         cos, sin = vision_rotary_tables(patch_rowcol, c.head_dim, c.rope_theta)
 
-        taps = c.deepstack_visual_indexes[:self.num_deepstack]
+        taps = c.deepstack_visual_indexes[:self.config.num_deepstack]
         deepstack = []
         for stack, (start, end) in enumerate(block_stacks(c.depth, taps)):
-            blocks = nn.scan(maybe_remat(VisionBlock, self.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=end - start,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = blocks(c, attention_impl=self.attention_impl, splash_block_sizes=self.splash_block_sizes,
-                          name=f"blocks_{stack}", **kw)(
-                x, patch_segment_ids, cos, sin)
+            blocks = nn.scan(maybe_remat(VisionBlock, self.config.remat), variable_axes={"params": 0},
+                             split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=end - start, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = blocks(self.config, name=f"blocks_{stack}")(x, patch_segment_ids, cos, sin)
             if end - 1 in taps:
-                deepstack.append(PatchMerger(c, True, name=f"deepstack_merger_{len(deepstack)}", **kw)(x))
-        return PatchMerger(c, False, name="merger", **kw)(x), deepstack
+                deepstack.append(PatchMerger(self.config, True, name=f"deepstack_merger_{len(deepstack)}")(x))
+        return PatchMerger(self.config, False, name="merger")(x), deepstack

@@ -12,6 +12,7 @@ import optax
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
+from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
 from qwen3vl_jax.training.loss import token_cross_entropy, token_weights
 
 
@@ -23,29 +24,43 @@ class TrainState:
     rng: jax.Array        # uint32[2], split once per step
 
 
-def _sums(model: Qwen3VL, params, batch: dict, normalization: str):
-    """Weighted CE sum (the differentiated quantity) and the counters of one (micro)batch."""
-    logits = model.apply({"params": params}, ModelInputs.from_batch(batch))
+def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, normalization: str,
+               microbatches: int):
+    """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight, plus its
+    MoE router losses divided by the number of microbatches; and the counters for the metrics."""
+    c = model.config.text
+    logits, router_logits = model.apply({"params": params}, ModelInputs.from_batch(batch),
+                                        method=Qwen3VL.logits_and_router_logits)
     ce = token_cross_entropy(logits, batch["targets"])
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
     mask = batch["loss_mask"] > 0
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
-    counters = dict(weight=weights.sum(), tokens=mask.sum(dtype=jnp.float32), correct=correct.sum(dtype=jnp.float32),
-                    token_ce=jnp.where(mask, ce, 0.0).sum())
-    return (weights * ce).sum(), counters
+    counters = dict(ce=(weights * ce).sum() / total_weight, tokens=mask.sum(dtype=jnp.float32),
+                    correct=correct.sum(dtype=jnp.float32), token_ce=jnp.where(mask, ce, 0.0).sum())
+    objective = counters["ce"]
+    if router_logits is not None:
+        real = batch["segment_ids"].reshape(-1) > 0
+        counters["aux_loss"] = load_balancing_loss(router_logits, real, c.num_experts_per_tok) / microbatches
+        counters["z_loss"] = router_z_loss(router_logits, real) / microbatches
+        objective += c.router_aux_loss_coef * counters["aux_loss"] + c.router_z_loss_coef * counters["z_loss"]
+    return objective, counters
 
 
 def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     loss_normalization: str, grad_accum_steps: int = 1) -> Callable:
-    """(state, batch) -> (state, metrics). The batch's rows are split into `grad_accum_steps` microbatches
-    (row i goes to microbatch i % steps); gradients of the weighted CE sums are accumulated and divided by the
-    total weight, so the update equals that of the whole batch at once."""
+    """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
+    (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
+    z-loss). The batch's rows are split into `grad_accum_steps` microbatches (row i goes to microbatch
+    i % steps) whose gradients add up to the whole batch's cross-entropy gradient exactly; the router losses
+    are averaged over the microbatches (each computed on its own tokens, as with a smaller batch)."""
     model = Qwen3VL(config)
-    grad_fn = jax.value_and_grad(lambda p, b: _sums(model, p, b, loss_normalization), has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
+        total = jnp.maximum(token_weights(batch["loss_mask"], batch["segment_ids"], loss_normalization).sum(), 1e-9)
+        grad_fn = jax.value_and_grad(lambda p, b: _objective(model, p, b, total, loss_normalization,
+                                                             grad_accum_steps), has_aux=True)
         if grad_accum_steps == 1:
-            (loss_sum, counters), grads = grad_fn(state.params, batch)
+            (loss, counters), grads = grad_fn(state.params, batch)
         else:
             micro = jax.tree_util.tree_map(
                 lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]),
@@ -56,15 +71,14 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
             zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
-            ((loss_sum, counters), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        total = jnp.maximum(counters["weight"], 1e-9)
-        grads = jax.tree_util.tree_map(lambda g: g / total, grads)
+            ((loss, counters), grads), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss_sum / total, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
-                       supervised_tokens=counters["tokens"],
+        metrics = dict(loss=loss, ce_loss=counters["ce"], grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step), supervised_tokens=counters["tokens"],
                        token_accuracy=counters["correct"] / jnp.maximum(counters["tokens"], 1.0),
                        token_ce=counters["token_ce"] / jnp.maximum(counters["tokens"], 1.0))
+        metrics.update({k: counters[k] for k in ("aux_loss", "z_loss") if k in counters})
         rng, _ = jax.random.split(state.rng)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 

@@ -1,0 +1,17 @@
+"""A small MoE Qwen3-VL (8 experts, top-2) trained from scratch on the built-in tasks, on a CPU.
+
+    python -m experiments.train --config=configs/tiny_moe.py --workdir=/tmp/qwen3vl_tiny_moe
+
+Everything as configs/tiny.py, with the MoE decoder; the load-balancing loss (coefficient
+model.overrides.text.router_aux_loss_coef) is part of the objective and logged as aux_loss.
+"""
+
+from configs import tiny
+
+
+def get_config():
+    c = tiny.get_config()
+    c.model.preset = "tiny-moe"
+    c.model.overrides.text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                                  router_aux_loss_coef=0.01)
+    return c

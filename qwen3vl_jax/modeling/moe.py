@@ -1,0 +1,186 @@
+"""The sparse MoE block of Qwen3-VL-30B-A3B / 235B-A22B (spec §6): softmax router, top-k, renormalised weights,
+dropless expert dispatch, SwiGLU experts; plus the load-balancing loss as transformers computes it.
+
+Dispatch: the (token, slot) assignments are sorted by expert, the experts' SwiGLU runs as two grouped
+matmuls over the sorted rows, and the rows are unsorted and summed with the routing weights. Backends:
+"megablox" (Pallas grouped matmul, interpret mode off TPU), "ragged_dot" (jax.lax.ragged_dot) and "dense"
+(every expert on every token: the test reference). With an `expert` mesh axis > 1 the block runs expert-
+parallel (see `_expert_parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
+from jax.sharding import PartitionSpec
+
+from qwen3vl_jax.config import TextConfig
+from qwen3vl_jax.modeling.layers import Dense, default_init, param
+from qwen3vl_jax.sharding import BATCH_AXES
+
+
+def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """logits (T, E) -> (weights (T, k) in the logits dtype, experts (T, k) int32): softmax over all experts in
+    fp32, top-k, then always renormalised (spec §6, pitfall 15)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, experts = jax.lax.top_k(probs, top_k)
+    return (top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype), experts.astype(jnp.int32)
+
+
+def load_balancing_loss(router_logits: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
+    """transformers' load_balancing_loss_func: router_logits (layers, T, E), mask (T,) of real tokens.
+    f_e = top-k assignments to e / (real tokens x layers), P_e = mean softmax probability of e over the same
+    rows; loss = E * sum_e f_e P_e."""
+    experts = router_logits.shape[-1]
+    mask = mask.astype(jnp.float32)
+    probs = jax.nn.softmax(router_logits, axis=-1).astype(jnp.float32)
+    chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], experts, dtype=jnp.float32).sum(axis=-2)
+    rows = mask.sum() * router_logits.shape[0]
+    tokens_per_expert = jnp.einsum("lte,t->e", chosen, mask) / rows
+    prob_per_expert = jnp.einsum("lte,t->e", probs, mask) / rows
+    return experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+def router_z_loss(router_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over real tokens and layers of logsumexp(router logits)^2 (ST-MoE)."""
+    z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2
+    return jnp.einsum("lt,t->", z, mask.astype(jnp.float32)) / (mask.sum() * router_logits.shape[0])
+
+
+def experts_dense(x, experts, weights, gate_up, down):
+    """Every expert on every token, combined with the routing weights: O(T E) work, the reference."""
+    inter = down.shape[1]
+    h = jnp.einsum("th,ehf->etf", x, gate_up)
+    h = jax.nn.silu(h[..., :inter]) * h[..., inter:]
+    y = jnp.einsum("etf,efh->eth", h, down)
+    combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, gate_up.shape[0], dtype=weights.dtype))
+    return jnp.einsum("te,eth->th", combine, y)
+
+
+def experts_grouped(x, experts, weights, gate_up, down, *, backend: str, tiling: tuple[int, int, int],
+                    first_expert: int | jax.Array = 0):
+    """Dropless sorted dispatch over the local experts first_expert .. first_expert + E_local - 1 (all when not
+    expert-parallel); assignments to other experts contribute nothing here."""
+    tokens, top_k = experts.shape
+    local_experts, inter = gate_up.shape[0], down.shape[1]
+    local = experts - first_expert
+    mine = (local >= 0) & (local < local_experts)
+    groups = jnp.where(mine, local, local_experts).reshape(-1)  # other experts: a last group, not computed
+    order = jnp.argsort(groups, stable=True)
+    group_sizes = jnp.bincount(groups, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    rows = x[order // top_k]
+    h = _grouped_matmul(rows, gate_up, group_sizes, backend, tiling)
+    h = jax.nn.silu(h[:, :inter]) * h[:, inter:]
+    out = _grouped_matmul(h, down, group_sizes, backend, tiling)
+    out = jnp.zeros_like(out).at[order].set(out).reshape(tokens, top_k, -1)
+    return jnp.einsum("tk,tkh->th", jnp.where(mine, weights, 0), out)
+
+
+def _grouped_matmul(lhs, rhs, group_sizes, backend, tiling):
+    """lhs (m, k) rows grouped by group_sizes, rhs (groups, k, n) -> (m, n); rows past sum(group_sizes) (those
+    of no local expert) are zero. megablox leaves garbage there, in its output and in the lhs gradient of its
+    backward pass: masking the output drops the first, masking the input drops the second."""
+    valid = (jnp.arange(lhs.shape[0]) < group_sizes.sum())[:, None]
+    lhs = jnp.where(valid, lhs, 0)
+    if backend == "ragged_dot":
+        out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    else:
+        out = _megablox(lhs, rhs, group_sizes, tiling)
+    return jnp.where(valid, out, 0)
+
+
+def _megablox(lhs, rhs, group_sizes, tiling):
+    m = lhs.shape[0]
+    tm = min(tiling[0], _round_up(m, 8))
+    pad = -m % tm
+    lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
+    # one tile for k and n: the backward pass reuses the tiling with k and n swapped (on TPU the expert dims must
+    # be multiples of 128, as in every released model)
+    tile = min(tiling[1], tiling[2], lhs.shape[1], rhs.shape[2])
+    tiles = (tm, tile, tile)
+    out = megablox_gmm(lhs, rhs, group_sizes, lhs.dtype, tiles, None, None, False, _interpret())
+    return out[:m]
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _interpret() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
+    return platform != "tpu"
+
+
+class MoeBlock(nn.Module):
+    """x (B, L, H) -> (y (B, L, H), router logits (B*L, E))."""
+
+    config: TextConfig
+    backend: str
+    tiling: tuple[int, int, int]
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        batch, length, hidden = x.shape
+        tokens = x.reshape(batch * length, hidden)
+        logits = Dense(c.num_experts, ("embed", "expert_router"), dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="gate")(tokens)
+        weights, experts = route(logits, c.num_experts_per_tok)
+        inter = c.moe_intermediate_size
+        gate_up = param(self, "experts_gate_up", default_init, (c.num_experts, hidden, 2 * inter), self.param_dtype,
+                        ("expert", "embed", "mlp"))
+        down = param(self, "experts_down", default_init, (c.num_experts, inter, hidden), self.param_dtype,
+                     ("expert", "mlp", "embed"))
+        args = (tokens.astype(self.dtype), experts, weights.astype(self.dtype), gate_up.astype(self.dtype),
+                down.astype(self.dtype))
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.backend == "dense":
+            y = experts_dense(*args)
+        elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
+            y = _expert_parallel(*args, mesh=mesh, backend=self.backend, tiling=self.tiling)
+        else:
+            y = experts_grouped(*args, backend=self.backend, tiling=self.tiling)
+        return y.reshape(batch, length, hidden), logits
+
+
+def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, tiling):
+    """Experts split over the `expert` mesh axis (n devices), tokens over all batch axes (expert included).
+    Each device all-gathers the tokens of its expert group and computes what its local experts contribute to
+    them, one source device's T tokens at a time (dropless: the other experts' rows are left out of the grouped
+    matmuls); a reduce-scatter over `expert` sums the contributions and hands them back to the tokens' owners.
+
+    Why not an all-to-all dispatch: per device the all-gather receives (n-1) T token rows and the reduce-scatter
+    sends (n-1) T, where an all-to-all dispatch sends up to k (n-1)/n T rows and its combine as many back; for n <= k (the released
+    configs: n = 4 or 8, k = 8) this moves no more data and needs no second routing exchange. Memory: dropless
+    with static shapes, an all-to-all must receive into a worst-case buffer of n T k rows; the chunks here, each
+    recomputed in the backward pass, keep T k rows of temporaries whatever n is (one 235B-A22B layer on 8 v5p
+    chips: 5.2 GiB instead of 29.5 GiB for all n T k rows at once; benchmarks/moe_layer.py). Too few tokens to
+    split over the batch axes (a decode step): they stay replicated and the contributions are psum-ed."""
+    n, num_experts = mesh.shape["expert"], gate_up.shape[0]
+    if num_experts % n:
+        raise ValueError(f"num_experts {num_experts} is not a multiple of the expert mesh axis size {n}")
+    batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    split = tokens.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) == 0
+    row = PartitionSpec(batch_axes) if split else PartitionSpec()
+
+    def local(tokens, experts, weights, gate_up, down):
+        dispatch = lambda tokens, experts, weights: experts_grouped(
+            tokens, experts, weights, gate_up, down, backend=backend, tiling=tiling,
+            first_expert=jax.lax.axis_index("expert") * gate_up.shape[0])
+        if not split:
+            return jax.lax.psum(dispatch(tokens, experts, weights), "expert")
+        gathered = [jax.lax.all_gather(a, "expert") for a in (tokens, experts, weights)]  # (n, T, ...)
+        # one source device's tokens at a time, recomputed in the backward pass: T k rows of temporaries
+        _, y = jax.lax.scan(lambda _, chunk: (None, jax.checkpoint(dispatch)(*chunk)), None, gathered)
+        return jax.lax.psum_scatter(y, "expert")  # (n, T, H) -> this device's (T, H)
+
+    experts_spec = PartitionSpec("expert")
+    return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, experts_spec, experts_spec), out_specs=row,
+                         check_vma=False)(tokens, experts, weights, gate_up, down)
