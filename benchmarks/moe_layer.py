@@ -83,7 +83,7 @@ def transformers_block(implementation: str, params, x):
 def cpu_table():
     module = MoeBlock(moe_text(**CPU_SHAPE), "dense", TILING, dtype=jnp.float32, param_dtype=jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, TOKENS, CPU_SHAPE["hidden"]))
-    params = module.init(jax.random.PRNGKey(1), x)
+    params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), x))
     params = jax.tree_util.tree_map(lambda a: a * 4, params)  # spread the router logits: uneven expert loads
     rows = [(f"transformers {impl}", *transformers_block(impl, params, x)) for impl in ("grouped_mm", "eager")]
     rows += [(f"qwen3vl_jax {backend}", *ours(backend, params, x)) for backend in ("ragged_dot", "megablox", "dense")]

@@ -26,8 +26,7 @@ def get_config() -> ConfigDict:
                                  num_key_value_heads=2, head_dim=32, rope_theta=10000.0, mrope_section=(6, 5, 5)),
                        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                                    num_position_embeddings=64, deepstack_visual_indexes=(0, 1)),
-                       dtype="float32", param_dtype="float32", remat="dots", attention_impl="xla",
-                       moe_backend="ragged_dot")))
+                       dtype="float32", param_dtype="float32", remat="dots", attention_impl="xla")))
     c.processing = ConfigDict(dict(image_min_pixels=64 * 64, image_max_pixels=64 * 64, video_min_pixels=0,
                                    video_max_pixels=8 * 64 * 64))
     synthetic = dict(kind="synthetic", tasks=TASKS, size=1_000_000, image_size=64, num_frames=8)

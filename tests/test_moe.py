@@ -25,6 +25,7 @@ from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.modeling.moe import MoeBlock, experts_dense, experts_grouped, load_balancing_loss, route
 from qwen3vl_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 from qwen3vl_jax.training.loss import token_cross_entropy
+from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 from test_compile_tpu import ROOT
@@ -142,6 +143,16 @@ def test_mixed_dense_and_moe_layers(tmp_path):
     ref_logits, ref_aux = hf_outputs(reference.hf, inputs)
     np.testing.assert_allclose(reference.ours(**inputs), ref_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(reference.ours.router_aux_loss(**inputs), ref_aux, rtol=1e-5)
+
+
+def test_mfu_counts_the_active_experts():
+    """Training FLOPs of an MoE model: a dense model of width k x moe_intermediate_size plus the router."""
+    moe = preset("tiny-moe")
+    t = moe.text
+    dense = moe.replace(text=dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0,
+                                  intermediate_size=t.num_experts_per_tok * t.moe_intermediate_size))
+    router = 3 * 2 * 2 * 16 * t.hidden_size * t.num_experts * t.num_hidden_layers
+    assert train_flops(moe, 2, 16, 0) == train_flops(dense, 2, 16, 0) + router
 
 
 def test_greedy_generation_equals_transformers(moe):

@@ -20,12 +20,16 @@ TPU_CHIPS = {"TPU v4": (275e12, 32 * 2**30), "TPU v5 lite": (197e12, 16 * 2**30)
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:
     """Matmul FLOPs of one forward + backward pass (3 x forward) over the padded shapes that are computed:
-    2 FLOPs per multiply-add with every weight matrix for each token / patch, plus the attention score and
+    2 FLOPs per multiply-add with every weight matrix for each token / patch (MoE: the weights it is routed
+    through), plus the attention score and
     value matmuls over the full (masked) L x L and P x P blocks."""
     v, t = config.vision, config.text
     d_attn = t.num_attention_heads * t.head_dim
     d_kv = t.num_key_value_heads * t.head_dim
-    text_weights = t.num_hidden_layers * (t.hidden_size * (2 * d_attn + 2 * d_kv) + 3 * t.hidden_size * t.intermediate_size)
+    # MoE layers: the router and the k experts each token is routed to (the active weights)
+    mlp = [t.num_experts + 3 * t.num_experts_per_tok * t.moe_intermediate_size if t.is_sparse_layer(layer)
+           else 3 * t.intermediate_size for layer in range(t.num_hidden_layers)]
+    text_weights = t.hidden_size * (t.num_hidden_layers * (2 * d_attn + 2 * d_kv) + sum(mlp))
     text = 2 * batch * seq_len * (text_weights + t.hidden_size * t.vocab_size)
     text += 4 * batch * seq_len**2 * d_attn * t.num_hidden_layers
     vit_weights = v.patch_dim * v.hidden_size + v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
