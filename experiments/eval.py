@@ -15,8 +15,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import qwen3vl_jax
-from qwen3vl_jax.data.sources import JsonlSource, make_source
-from qwen3vl_jax.inference.evaluate import generate_answers, summarize, write_report
+from qwen3vl_jax import storage
+from qwen3vl_jax.data.sources import JsonlSource
+from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summarize, write_report
 from qwen3vl_jax.sharding import make_mesh
 from qwen3vl_jax.training.checkpointing import Checkpointer
 from qwen3vl_jax.training.trainer import StepBuilder, processor_from
@@ -52,12 +53,7 @@ def eval_sets():
     sets = {}
     if _CONFIG.value is not None and _CONFIG.value.get("eval"):
         for name, eval_set in _CONFIG.value.eval.sets.items():
-            limit = _LIMIT.value or eval_set.num_examples
-            sources = eval_set.data.sources
-            sources = sources.values() if hasattr(sources, "values") else sources
-            records = [r for spec in sources for source in [make_source(dict(spec))]
-                       for r in (source[i] for i in range(min(limit, len(source))))]
-            sets[name] = records[:limit]
+            sets[name] = eval_records(eval_set.data.sources, _LIMIT.value or eval_set.num_examples)
     for path in _JSONL.value:
         source = JsonlSource(path)
         sets[os.path.basename(path)] = [source[i] for i in range(min(_LIMIT.value or len(source), len(source)))]
@@ -77,8 +73,9 @@ def main(argv):
                                     max_new_tokens=_MAX_NEW.value)
     summary = summarize(results)
     output = _OUTPUT.value or os.path.join(_CHECKPOINT.value or _WORKDIR.value, "eval")
-    write_report(summary, results, output, f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}")
-    print(open(os.path.join(output, "report.md")).read())
+    with storage.local_dir(output) as local:
+        write_report(summary, results, local, f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}")
+        print(open(os.path.join(local, "report.md")).read())
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 Field names and defaults mirror the transformers classes (`Qwen3VLVisionConfig`, `Qwen3VLTextConfig`,
 `Qwen3VLMoeTextConfig`, spec §1) so that `from_hf` fills a missing key exactly as transformers would.
-Two ablation switches have no HF counterpart and change the computation:
+Three ablation switches have no HF counterpart and change the computation:
 
 * `mrope_layout`: "interleaved" (Qwen3-VL, spec §3.3) or "chunked" (Qwen2-VL: t, h, w take consecutive
   blocks of frequencies).
 * `deepstack`: False removes the DeepStack mergers and their injection into the decoder (spec §3.4).
+* `vision_positions`: False turns off the ViT's learned position embedding and 2-D rotary (spec §2.2-2.3), so
+  visual tokens carry no position of their own and MRoPE is the model's only spatial signal (the controlled
+  MRoPE ablation). The position-embedding table stays in the parameters (unused) so checkpoints keep their keys.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     mrope_layout: str = "interleaved"
     deepstack: bool = True
+    vision_positions: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "xla"

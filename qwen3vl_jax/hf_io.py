@@ -245,6 +245,9 @@ def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional
     released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
+    if not config.vision_positions:
+        log.warning("vision_positions=False has no transformers counterpart: transformers will add the ViT position "
+                    "embedding and rotary that this model was trained without")
     dtype = dtype or config.param_dtype
     np_dtype = _NUMPY_DTYPES[dtype]
     flat = {p: np.asarray(x) for p, x in flatten_dict(params).items()}

@@ -130,9 +130,12 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when this is one process of several (TPU pod slices are detected by jax;
-    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
-    multi_host = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+    """`jax.distributed.initialize()` when this may be one process of several: on Cloud TPU VMs asked for
+    with JAX_PLATFORMS=tpu (as tpu/launch.sh does; jax finds the slice's workers from the VM metadata, one
+    process on a single-host slice), or where JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+    or a multi-host TPU_WORKER_HOSTNAMES is set."""
+    multi_host = (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+                  or "tpu" in os.environ.get("JAX_PLATFORMS", "").split(","))
     if multi_host and not jax.distributed.is_initialized():
         jax.distributed.initialize()
         log.info("process %d of %d", jax.process_index(), jax.process_count())

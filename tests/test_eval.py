@@ -24,7 +24,12 @@ def test_metrics():
     assert score("grounding", "<|box_start|>(100,100),(300,300)<|box_end|>", "", box)["box_hit"] == 1.0
     half = score("grounding", "<|box_start|>(100,100),(300,200)<|box_end|>", "", box)
     assert half["iou"] == pytest.approx(0.5) and half["box_hit"] == 1.0
-    assert score("grounding", "no box", "", box) == {"exact_match": 0.0, "iou": 0.0, "box_hit": 0.0}
+    assert score("grounding", "no box", "", box) == {"exact_match": 0.0, "iou": 0.0, "box_hit": 0.0,
+                                                      "x_accuracy": 0.0, "y_accuracy": 0.0}
+    # per-axis: the centre (350, 200) of a box in the right row but the next column
+    shifted = score("grid_grounding", "<|box_start|>(300,100),(400,300)<|box_end|>", "", box)
+    assert (shifted["x_accuracy"], shifted["y_accuracy"], shifted["box_hit"]) == (0.0, 1.0, 0.0)
+    assert score("text_reverse", "CBX", "CBA", {})["char_accuracy"] == pytest.approx(2 / 3)
     assert score("video_timestamp", "2.5 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0.25
     assert "abs_error_seconds" not in score("video_timestamp", "soon", "2.5 seconds", {"seconds": 2.25})
     assert score("qa", " red ", "red", {}) == {"exact_match": 1.0}

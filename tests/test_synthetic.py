@@ -12,8 +12,8 @@ from PIL import Image
 from scipy import ndimage
 
 from qwen3vl_jax.data.digits import DigitsSource
-from qwen3vl_jax.data.synthetic import (BACKGROUND, PALETTE, SHAPES, TASKS, SyntheticSource, box_iou, make_record,
-                                        parse_box)
+from qwen3vl_jax.data.synthetic import (ALL_TASKS, BACKGROUND, CELL_PX, PALETTE, PROBE_TASKS, SHAPES, SMALL_MARK_PX,
+                                        TASKS, SyntheticSource, box_iou, make_record, parse_box)
 
 N_CHECK = 30  # indices checked per task for content tests
 
@@ -299,3 +299,49 @@ def test_digits_source(sklearn_digits):
     assert repr(restored) == repr(eval_) and np.array_equal(_image(restored[3]), _image(eval_[3]))
     with pytest.raises(ValueError):
         DigitsSource("test")
+
+
+# ---------------------------------------------------------------- probe tasks of the ablations
+
+
+@pytest.mark.parametrize("task", ["grid_grounding", "small_object_grounding"])
+def test_grid_tasks_answer_the_target_cell(task):
+    grids = set()
+    for index in range(N_CHECK):
+        record = make_record(task, index, seed=2, grid_sizes=(4, 8, 12))
+        image, meta = _image(record), record["meta"]
+        grid, row, col = meta["grid"], meta["row"], meta["col"]
+        grids.add(grid)
+        assert image.shape == (grid * CELL_PX, grid * CELL_PX, 3)
+        assert parse_box(record["answer"]) == tuple(meta["box"]) == tuple(
+            round(1000 * v / grid) for v in (col, row, col + 1, row + 1))
+        target = _mask(image, meta["colour"])
+        cell = (slice(row * CELL_PX, (row + 1) * CELL_PX), slice(col * CELL_PX, (col + 1) * CELL_PX))
+        assert target.sum() == target[cell].sum() > 0  # the target colour is inside the answer's cell only
+        marked = ~np.all(image == BACKGROUND, axis=-1)
+        if task == "grid_grounding":
+            assert target[cell].all() and marked.sum() == CELL_PX**2  # one whole cell, the rest identical grey
+        else:
+            assert target.sum() == SMALL_MARK_PX**2
+            labels, count = ndimage.label(marked)
+            assert 2 <= count <= 4  # the target and 1..3 distractors of other colours
+    assert grids == {4, 8, 12}
+
+
+def test_text_reverse_is_text_only():
+    for index in range(N_CHECK):
+        record = make_record("text_reverse", index)
+        (item,) = _user(record)
+        text = record["meta"]["text"]
+        assert item == {"type": "text", "text": item["text"]} and item["text"].endswith(text)
+        assert record["answer"] == text[::-1] and 8 <= len(text) <= 20
+
+
+def test_probe_tasks_are_appended_and_validated():
+    """A record's RNG key holds its task's index in ALL_TASKS: appending the probe tasks keeps every default
+    task's records as they were."""
+    assert ALL_TASKS[:len(TASKS)] == TASKS and set(PROBE_TASKS) == set(ALL_TASKS[len(TASKS):])
+    mixed = SyntheticSource(tasks=("shapes", "text_reverse"), size=4, seed=4)
+    assert [mixed[i]["id"] for i in range(4)] == ["shapes/0", "text_reverse/0", "shapes/1", "text_reverse/1"]
+    with pytest.raises(ValueError, match="grid_sizes"):
+        make_record("grid_grounding", 0, grid_sizes=(1,))

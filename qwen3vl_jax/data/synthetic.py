@@ -25,6 +25,16 @@ Tasks (all images are ``image_size`` x ``image_size`` RGB):
   [2k, num_frames). The model sees frames merged in pairs, each pair (i0, i1) preceded by ``<t seconds>`` with
   t = (i0 + i1) / 2 / fps, so the answer is the timestamp of pair k, ``f"{t:.1f} seconds"``.
   meta ``{"seconds", "frame"}`` (``frame`` = 2k, the first red frame).
+
+Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size``):
+
+- ``grid_grounding``: a G x G grid of identical grey cells of 32 px (one visual token each: 16 px patches merged
+  2 x 2), one of them filled with a palette colour; asks where it is; the answer is the cell's box (0..1000).
+  G is drawn from ``grid_sizes``, so larger grids than in training test extrapolation. meta ``{"box", "row",
+  "col", "grid", "colour"}``.
+- ``small_object_grounding``: the same grid with 8 px squares: the target in its cell plus 1..3 distractors of
+  other colours in other cells (a fine-grained task); the answer is the target's cell box. Same meta.
+- ``text_reverse``: text only; reverse a string of 8..20 letters. meta ``{"text"}``.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
+PROBE_TASKS: tuple[str, ...] = ("grid_grounding", "small_object_grounding", "text_reverse")
+ALL_TASKS = TASKS + PROBE_TASKS
+CELL_PX = 32  # one LLM visual token: a 16 px patch merged 2 x 2
+SMALL_MARK_PX = 8
 
 # Saturated colours that differ strongly from each other and from the mid-grey background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -64,11 +78,14 @@ _GROUND_QUESTIONS = ("Where is the {colour} {shape}?", "Locate the {colour} {sha
                      "Give the bounding box of the {colour} {shape}.")
 _OCR_QUESTIONS = ("What does the text say?", "Read the text in the image.", "What is written in the image?")
 _VIDEO_QUESTIONS = ("When does the square turn red?", "At what time does the square change from blue to red?")
+_CELL_QUESTIONS = ("Where is the {colour} cell?", "Locate the {colour} cell.")
+_MARK_QUESTIONS = ("Where is the small {colour} square?", "Locate the small {colour} square.")
+_REVERSE_QUESTIONS = ("Reverse the letters: {text}", "Write backwards: {text}")
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {ALL_TASKS}")
 
 
 def _choice(rng: np.random.Generator, options):
@@ -175,6 +192,40 @@ def _grounding(rng, image_size):
     return _image_message(image, question, answer), answer, {"box": box, "colour": colour, "shape": shape}
 
 
+def _grid_grounding(rng, grid_sizes, small: bool):
+    grid = int(_choice(rng, grid_sizes))
+    row, col = (int(v) for v in rng.integers(grid, size=2))
+    colour = _choice(rng, _COLOURS)
+    image = _canvas(grid * CELL_PX)
+    draw = ImageDraw.Draw(image)
+    if small:
+        others = [c for c in _COLOURS if c != colour]
+        empty = [i for i in range(grid * grid) if i != row * grid + col]
+        distractors = rng.choice(empty, size=min(int(rng.integers(1, 4)), len(empty)), replace=False)
+        cells = [(row, col)] + [divmod(int(i), grid) for i in distractors]
+        for k, (r, c) in enumerate(cells):
+            x, y = (int(v) for v in rng.integers(0, CELL_PX - SMALL_MARK_PX + 1, size=2))
+            x0, y0 = c * CELL_PX + x, r * CELL_PX + y
+            fill = colour if k == 0 else _choice(rng, others)
+            _draw_shape(draw, "square", (x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), fill)
+        question = _choice(rng, _MARK_QUESTIONS)
+    else:
+        x0, y0 = col * CELL_PX, row * CELL_PX
+        _draw_shape(draw, "square", (x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour)
+        question = _choice(rng, _CELL_QUESTIONS)
+    box = [round(1000 * v / grid) for v in (col, row, col + 1, row + 1)]
+    meta = {"box": box, "row": row, "col": col, "grid": grid, "colour": colour}
+    return _image_message(image, question.format(colour=colour), format_box(box)), format_box(box), meta
+
+
+def _text_reverse(rng):
+    text = "".join(_choice(rng, string.ascii_uppercase) for _ in range(int(rng.integers(8, 21))))
+    question = _choice(rng, _REVERSE_QUESTIONS).format(text=text)
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}]},
+                {"role": "assistant", "content": text[::-1]}]
+    return messages, text[::-1], {"text": text}
+
+
 @functools.lru_cache(maxsize=None)
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
@@ -216,13 +267,20 @@ def _video_timestamp(rng, image_size, num_frames):
     return messages, answer, {"seconds": seconds, "frame": 2 * k}
 
 
-def make_record(task: str, index: int, seed: int = 0, *, image_size: int = 64, num_frames: int = 8) -> dict:
+def make_record(task: str, index: int, seed: int = 0, *, image_size: int = 64, num_frames: int = 8,
+                grid_sizes: tuple[int, ...] = (8,)) -> dict:
     """Returns example ``index`` of ``task`` as a record dict (see module docstring); deterministic in all arguments."""
     _check_task(task)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
-    rng = np.random.default_rng([seed, TASKS.index(task), index])
-    if task == "video_timestamp":
+    if not grid_sizes or min(grid_sizes) < 2:
+        raise ValueError(f"grid_sizes must be sizes >= 2, got {grid_sizes}")
+    rng = np.random.default_rng([seed, ALL_TASKS.index(task), index])
+    if task in ("grid_grounding", "small_object_grounding"):
+        messages, answer, meta = _grid_grounding(rng, grid_sizes, small=task == "small_object_grounding")
+    elif task == "text_reverse":
+        messages, answer, meta = _text_reverse(rng)
+    elif task == "video_timestamp":
         messages, answer, meta = _video_timestamp(rng, image_size, num_frames)
     else:
         messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding,
@@ -235,7 +293,8 @@ class SyntheticSource:
 
     Record i is example ``i // len(tasks)`` of task ``tasks[i % len(tasks)]``."""
 
-    def __init__(self, tasks=TASKS, size: int = 100_000, seed: int = 0, image_size: int = 64, num_frames: int = 8):
+    def __init__(self, tasks=TASKS, size: int = 100_000, seed: int = 0, image_size: int = 64, num_frames: int = 8,
+                 grid_sizes: tuple[int, ...] = (8,)):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if not tasks:
             raise ValueError("tasks must not be empty")
@@ -245,6 +304,7 @@ class SyntheticSource:
             raise ValueError(f"size must be > 0, got {size}")
         self.tasks, self.size, self.seed = tasks, int(size), int(seed)
         self.image_size, self.num_frames = int(image_size), int(num_frames)
+        self.grid_sizes = tuple(int(g) for g in grid_sizes)
 
     def __len__(self) -> int:
         return self.size
@@ -256,11 +316,11 @@ class SyntheticSource:
             raise IndexError(f"index {i} out of range for {self!r}")
         n = len(self.tasks)
         return make_record(self.tasks[i % n], i // n, self.seed, image_size=self.image_size,
-                           num_frames=self.num_frames)
+                           num_frames=self.num_frames, grid_sizes=self.grid_sizes)
 
     def __repr__(self) -> str:
         return (f"SyntheticSource(tasks={self.tasks}, size={self.size}, seed={self.seed}, "
-                f"image_size={self.image_size}, num_frames={self.num_frames})")
+                f"image_size={self.image_size}, num_frames={self.num_frames}, grid_sizes={self.grid_sizes})")
 
 
 def parse_box(text: str) -> tuple[int, int, int, int] | None:

@@ -11,10 +11,20 @@ from typing import Any, Iterable
 import numpy as np
 
 from qwen3vl_jax.api import Qwen3VLModel
+from qwen3vl_jax.data.sources import make_source
 from qwen3vl_jax.inference.metrics import score
 from qwen3vl_jax.processing import DataError, Processor
 
 log = logging.getLogger(__name__)
+
+
+def eval_records(sources: Any, limit: int) -> list[dict]:
+    """The first `limit` records of an eval set: its source specs (a list, or a dict of named specs) read in
+    order, each up to the limit."""
+    sources = sources.values() if hasattr(sources, "values") else sources
+    records = [source[i] for spec in sources for source in [make_source(dict(spec))]
+               for i in range(min(limit, len(source)))]
+    return records[:limit]
 
 
 def split_record(record: dict) -> tuple[list[dict], str]:

@@ -34,21 +34,32 @@ def parse_seconds(text: str) -> Optional[float]:
     return float(match.group()) if match else None
 
 
+BOX_TASKS = ("grounding", "grid_grounding", "small_object_grounding")
+
+
+def box_metrics(box, truth) -> dict[str, float]:
+    """iou, box_hit (IoU >= 0.5) and per-axis accuracy: x_accuracy (y_accuracy) is 1 when the predicted box's
+    centre lies inside the true box horizontally (vertically). All 0 when no box parses."""
+    if not box or not truth:
+        return dict(iou=0.0, box_hit=0.0, x_accuracy=0.0, y_accuracy=0.0)
+    iou = box_iou(box, truth)
+    inside = lambda axis: float(truth[axis] <= (box[axis] + box[axis + 2]) / 2 < truth[axis + 2])  # noqa: E731
+    return dict(iou=iou, box_hit=float(iou >= 0.5), x_accuracy=inside(0), y_accuracy=inside(1))
+
+
 def score(task: str, prediction: str, reference: str, meta: dict[str, Any]) -> dict[str, float]:
-    """The metrics of one answer. Every task gets exact_match; grounding adds iou and box_hit (IoU >= 0.5,
-    0 when no box parses); video_timestamp adds abs_error_seconds (absent when no number parses); ocr adds
+    """The metrics of one answer. Every task gets exact_match; the grounding tasks add box_metrics;
+    video_timestamp adds abs_error_seconds (absent when no number parses); ocr and text_reverse add
     char_accuracy."""
     metrics = {"exact_match": exact_match(prediction, reference)}
-    if task == "grounding":
+    if task in BOX_TASKS:
         truth = tuple(meta["box"]) if "box" in meta else parse_box(reference)
-        box = parse_box(prediction)
-        metrics["iou"] = box_iou(box, truth) if box and truth else 0.0
-        metrics["box_hit"] = float(metrics["iou"] >= 0.5)
+        metrics.update(box_metrics(parse_box(prediction), truth))
     elif task == "video_timestamp":
         seconds = parse_seconds(prediction)
         truth = meta.get("seconds", parse_seconds(reference))
         if seconds is not None and truth is not None:
             metrics["abs_error_seconds"] = abs(seconds - truth)
-    elif task == "ocr":
+    elif task in ("ocr", "text_reverse"):
         metrics["char_accuracy"] = character_accuracy(prediction, reference)
     return metrics

@@ -35,14 +35,16 @@ class VisionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, segment_ids, cos, sin):
-        """x (B, P, D); segment_ids (B, P); cos, sin (B, P, hd). Returns (x, None) for nn.scan."""
+        """x (B, P, D); segment_ids (B, P); cos, sin (B, P, hd), or None without vision positions. Returns
+        (x, None) for nn.scan."""
         c, kw = self.config.vision, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "patches", "vision_embed"))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
         qkv = Dense((3, c.num_heads, c.head_dim), ("vision_embed", "qkv", "vision_heads", "head_dim"),
                     use_bias=True, name="attn_qkv", **kw)(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k = (apply_rotary(t, cos, sin, jnp.float32) for t in (q, k))
+        if cos is not None:
+            q, k = (apply_rotary(t, cos, sin, jnp.float32) for t in (q, k))
         o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.config.attention_impl,
                       block_sizes=self.config.splash_block_sizes)
         x = x + Dense(c.hidden_size, ("vision_heads", "head_dim", "vision_embed"), contract=2, use_bias=True,
@@ -93,10 +95,12 @@ class VisionTower(nn.Module):
         x = Dense(c.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(pixel_patches)
         table = param(self, "pos_embed", default_init, (c.num_position_embeddings, c.hidden_size),
                       kw["param_dtype"], ("vision_positions", "vision_embed"))
-        # spec §2.2: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
-        pos = jnp.sum(table[pos_embed_index].astype(jnp.float32) * pos_embed_weight[..., None], axis=-2)
-        x = x + pos.astype(x.dtype)
-        cos, sin = vision_rotary_tables(patch_rowcol, c.head_dim, c.rope_theta)
+        cos = sin = None
+        if self.config.vision_positions:
+            # spec §2.2: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
+            pos = jnp.sum(table[pos_embed_index].astype(jnp.float32) * pos_embed_weight[..., None], axis=-2)
+            x = x + pos.astype(x.dtype)
+            cos, sin = vision_rotary_tables(patch_rowcol, c.head_dim, c.rope_theta)
 
         taps = c.deepstack_visual_indexes[:self.config.num_deepstack]
         deepstack = []

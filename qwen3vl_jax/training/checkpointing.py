@@ -11,6 +11,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from qwen3vl_jax import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ class Checkpointer:
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(storage.absolute(directory), options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from tensorboardX import SummaryWriter
 
+from qwen3vl_jax import storage
 from qwen3vl_jax.config import ModelConfig
 
 # Public per-chip figures by jax device_kind: dense bf16 peak FLOP/s and HBM bytes.
@@ -56,24 +57,37 @@ def device_peak_flops(measure_seconds: float = 1.0) -> float:
 
 
 class MetricWriter:
-    """Scalars to TensorBoard (workdir/tensorboard) and to workdir/metrics.jsonl, on process 0 only."""
+    """Scalars to TensorBoard (workdir/tensorboard) and to workdir/metrics.jsonl, on process 0 only. In a
+    bucket, which cannot append, metrics.jsonl is rewritten whole at each write (tensorboardX writes gs://
+    itself, with google-cloud-storage)."""
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
-        if self.enabled:
+        if not self.enabled:
+            return
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.remote = storage.path(workdir) / "metrics.jsonl" if storage.is_remote(workdir) else None
+        if self.remote is None:
             os.makedirs(workdir, exist_ok=True)
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        else:
+            self.lines = self.remote.read_text() if self.remote.exists() else ""
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
         for name, value in scalars.items():
             self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, "split": prefix, **scalars}) + "\n"
+        if self.remote is None:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        else:
+            self.lines += line
+            self.remote.write_text(self.lines)
 
     def close(self) -> Optional[None]:
         if self.enabled:
             self.tensorboard.close()
-            self.jsonl.close()
+            if self.remote is None:
+                self.jsonl.close()

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from qwen3vl_jax import hf_io
+from qwen3vl_jax import hf_io, storage
 from qwen3vl_jax.config import ModelConfig, preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.jsonio import write_json
@@ -130,7 +130,8 @@ class Trainer(StepBuilder):
         return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
 
     def run(self) -> dict[str, float]:
-        """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics."""
+        """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics; the
+        final train state stays in `self.state`."""
         c = self.config
         iterator = iter(self.dataset(self.data_config))
         step = self.checkpointer.latest_step()
@@ -173,6 +174,7 @@ class Trainer(StepBuilder):
             self.export(state.params, os.path.join(self.workdir, "hf"))
         self.checkpointer.close()
         self.writer.close()
+        self.state = state
         return results
 
     def evaluate(self, params: Any, step: int) -> dict[str, float]:
@@ -201,10 +203,11 @@ class Trainer(StepBuilder):
         """The trained model and its processor as an HF checkpoint directory (process 0 writes)."""
         params = jax.device_get(params)
         if jax.process_index() == 0:
-            hf_io.save_params(path, params, self.model_config)
-            self.processor.save_pretrained(path)
-            write_json(os.path.join(path, hf_io.GENERATION_CONFIG), dict(
-                eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id))
+            with storage.local_dir(path) as local:
+                hf_io.save_params(local, params, self.model_config)
+                self.processor.save_pretrained(local)
+                write_json(os.path.join(local, hf_io.GENERATION_CONFIG), dict(
+                    eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id))
             report(f"exported the model and its processor to {path}")
 
     def _on_sigterm(self, signum, frame) -> None:

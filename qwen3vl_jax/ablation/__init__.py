@@ -1,0 +1,1 @@
+"""Ablation sweeps: run variants x seeds, aggregate with confidence intervals (experiments/ablate.py)."""

@@ -1,0 +1,77 @@
+"""Aggregating a sweep: mean and 95% confidence interval over seeds per (variant, eval set, metric), a markdown
+table and a PNG plot."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+# results of one run: {eval set: {metric: value}}
+RunResults = Mapping[str, Mapping[str, float]]
+
+
+def mean_and_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (nan for a single value)."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    sem = values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+def aggregate(results: Mapping[str, Sequence[RunResults]], columns: Sequence[tuple[str, str]]) -> dict:
+    """{variant: {(set, metric): (mean, ci, per-seed values)}} over the runs (one per seed) of each variant."""
+    table = {}
+    for variant, runs in results.items():
+        table[variant] = {}
+        for eval_set, metric in columns:
+            values = [run[eval_set][metric] for run in runs if metric in run.get(eval_set, {})]
+            if values:
+                table[variant][eval_set, metric] = (*mean_and_ci(values), values)
+    return table
+
+
+def markdown_table(table: dict, columns: Sequence[tuple[str, str]], seeds: Mapping[str, Sequence[int]]) -> str:
+    """Rows: variants; columns: `set metric` as mean ± 95% CI."""
+    header = "| variant | seeds | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"
+    lines = [header, "|---|---|" + "---|" * len(columns)]
+    for variant, cells in table.items():
+        row = []
+        for column in columns:
+            if column not in cells:
+                row.append("–")
+                continue
+            mean, ci, _ = cells[column]
+            row.append(f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}")
+        lines.append(f"| {variant} | {', '.join(map(str, seeds[variant]))} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, columns: Sequence[tuple[str, str]], path: str, title: str) -> None:
+    """One panel per column: a bar per variant (mean, 95% CI error bar) with the per-seed values as dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(table)
+    width = min(4, len(columns))
+    rows = math.ceil(len(columns) / width)
+    fig, axes = plt.subplots(rows, width, figsize=(3.2 * width, 3.0 * rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for i, variant in enumerate(variants):
+            if column not in table[variant]:
+                continue
+            mean, ci, values = table[variant][column]
+            ax.bar(i, mean, yerr=None if math.isnan(ci) else ci, capsize=4, color=f"C{i}", alpha=0.7)
+            ax.plot([i] * len(values), values, "k.", markersize=4)
+        ax.set_title(" ".join(column), fontsize=9)
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

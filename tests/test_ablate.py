@@ -1,0 +1,91 @@
+"""The ablation sweep: confidence intervals, overrides, and the binary end to end on a tiny sweep (two variants x
+two seeds): table and plot written, finished runs skipped, an interrupted run resumed from its checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from ml_collections import ConfigDict
+
+from qwen3vl_jax.ablation.report import mean_and_ci
+from qwen3vl_jax.ablation.sweep import Run, merge, run_config, run_dir, runs_of
+from test_train_resume import ENV, ROOT
+
+SWEEP = textwrap.dedent('''
+    from ml_collections import ConfigDict
+    from configs.ablation_base import base_config, synthetic
+
+    def get_config():
+        c = ConfigDict()
+        c.name, c.description = "tiny sweep", "two variants, two seeds"
+        c.base = base_config(dict(grid=dict(synthetic(("grid_grounding",), grid_sizes=(2,)), weight=1.0)), steps=STEPS,
+                             seq_len=64, max_patches=16)
+        c.base.log_every, c.base.checkpoint.every = 1, 2
+        c.variants = ConfigDict({"interleaved": {}, "chunked": dict(model=dict(overrides=dict(
+            mrope_layout="chunked")))}, sort_keys=False)
+        c.seeds = (0, 1)
+        c.eval = ConfigDict(dict(batch_size=4, max_new_tokens=4, sets=dict(grid=dict(num_examples=4, sources=[
+            synthetic(("grid_grounding",), seed=99, grid_sizes=(2,))]))))
+        c.columns = [("grid", "x_accuracy"), ("grid", "exact_match")]
+        return c
+''')
+
+
+def test_mean_and_ci():
+    mean, ci = mean_and_ci([1.0, 2.0, 3.0])  # sd 1, n 3: t(0.975, 2) = 4.3027 (tables)
+    assert mean == 2.0 and ci == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
+    assert mean_and_ci([0.5])[0] == 0.5 and mean_and_ci([0.5])[1] != mean_and_ci([0.5])[1]  # nan: one seed
+
+
+def test_overrides_must_name_existing_fields():
+    base = ConfigDict(dict(model=dict(overrides=dict(mrope_layout="interleaved")), seed=0, data=dict(seed=0)))
+    sweep = ConfigDict(dict(base=base, variants=dict(c=dict(model=dict(overrides=dict(mrope_layout="chunked")))),
+                            seeds=(3,)))
+    config = run_config(sweep, Run("c", 3))
+    assert config.model.overrides.mrope_layout == "chunked" and config.seed == config.data.seed == 3
+    assert base.model.overrides.mrope_layout == "interleaved"  # the base is not modified
+    with pytest.raises(KeyError, match="model.overrides.mrope_layot"):
+        merge(ConfigDict(base.to_dict()), dict(model=dict(overrides=dict(mrope_layot="chunked"))))
+    with pytest.raises(ValueError, match="variant name"):
+        runs_of(ConfigDict(dict(variants={"a/b": {}}, seeds=(0,))))
+
+
+def ablate(config, workdir, *args):
+    result = subprocess.run([sys.executable, "-m", "experiments.ablate", f"--config={config}",
+                             f"--workdir={workdir}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_sweep_runs_reports_skips_and_resumes(tmp_path):
+    config = tmp_path / "sweep.py"
+    config.write_text(SWEEP.replace("STEPS", "4"))
+    workdir = tmp_path / "sweep"
+    sweep = ConfigDict(dict(variants={"interleaved": {}, "chunked": {}}, seeds=(0, 1)))
+    # an interrupted first run: 2 of its 4 steps done and checkpointed, no results (shard 0 of 4 runs only it)
+    first = run_dir(str(workdir), Run("interleaved", 0))
+    out = ablate(config, workdir, "--num_shards=4", "--shard_index=0", "--config.base.steps=2")
+    assert "[1/1] interleaved/seed_0" in out and not (workdir / "results.md").exists()  # 3 runs missing
+    os.remove(os.path.join(first, "results.json"))
+
+    out = ablate(config, workdir)
+    assert "resumed from the checkpoint of step 2" in out  # the interrupted run continues, then 3 new runs
+    with open(os.path.join(first, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+    assert steps == [1, 2, 3, 4]
+    report = (workdir / "results.md").read_text()
+    assert "| interleaved | 0, 1 |" in report and "| chunked | 0, 1 |" in report and "±" in report
+    assert (workdir / "results.png").read_bytes()[:4] == b"\x89PNG"
+    values = json.loads((workdir / "results.json").read_text())
+    assert len(values["chunked"]["grid/exact_match"]) == 2
+
+    stamps = {r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json"))
+              for r in runs_of(sweep)}
+    out = ablate(config, workdir)  # everything finished: nothing runs again, the report is rewritten
+    assert "[4/4] chunked/seed_1: finished earlier, skipped" in out and "| chunked | 0, 1 |" in out
+    assert stamps == {r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json"))
+                      for r in runs_of(sweep)}
