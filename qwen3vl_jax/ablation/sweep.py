@@ -69,8 +69,7 @@ def merge(config: ConfigDict, overrides: Mapping[str, Any], path: str = "") -> N
 def run_config(sweep: ConfigDict, run: Run) -> ConfigDict:
     """The training config of one run: base, the variant's overrides, the run's seed."""
     config = ConfigDict(sweep.base.to_dict())
-    merge(config, sweep.variants[run.variant].to_dict() if hasattr(sweep.variants[run.variant], "to_dict")
-          else dict(sweep.variants[run.variant]))
+    merge(config, sweep.variants[run.variant].to_dict())
     config.seed, config.data.seed = run.seed, run.seed
     return config
 
