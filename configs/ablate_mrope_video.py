@@ -19,8 +19,8 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.name = "MRoPE layout on video: interleaved vs chunked"
     c.description = ("Trained on the video timestamp task with 8 frames at 2 fps (4 temporal groups, answers "
-                     "0.7-2.7 s); evaluated by greedy decoding on held-out 8-frame videos and on 16-frame videos "
-                     "(8 groups, answers up to 6.7 s: longer than any training video).")
+                     "1.2-3.2 s); evaluated by greedy decoding on held-out 8-frame videos and on 16-frame videos "
+                     "(8 groups, answers up to 7.2 s: longer than any training video).")
     video = synthetic(("video_timestamp",))
     c.base = base_config(dict(video=dict(video, weight=1.0)), steps=1000, seq_len=176, max_patches=64)
     c.variants = ConfigDict({"interleaved": {}, "chunked": dict(model=dict(overrides=dict(mrope_layout="chunked")))},

@@ -22,7 +22,7 @@ SWEEP = textwrap.dedent('''
         c = ConfigDict()
         c.name, c.description = "tiny sweep", "two variants, two seeds"
         c.base = base_config(dict(grid=dict(synthetic(("grid_grounding",), grid_sizes=(2,)), weight=1.0)), steps=STEPS,
-                             seq_len=64, max_patches=16)
+                             seq_len=80, max_patches=16)
         c.base.log_every, c.base.checkpoint.every = 1, 2
         c.variants = ConfigDict({"interleaved": {}, "chunked": dict(model=dict(overrides=dict(
             mrope_layout="chunked")))}, sort_keys=False)

@@ -30,7 +30,8 @@ def test_metrics():
     shifted = score("grid_grounding", "<|box_start|>(300,100),(400,300)<|box_end|>", "", box)
     assert (shifted["x_accuracy"], shifted["y_accuracy"], shifted["box_hit"]) == (0.0, 1.0, 0.0)
     assert score("text_reverse", "CBX", "CBA", {})["char_accuracy"] == pytest.approx(2 / 3)
-    assert score("video_timestamp", "2.5 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0.25
+    assert score("video_timestamp", "2.5 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0
+    assert score("video_timestamp", "3.0 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0.5
     assert "abs_error_seconds" not in score("video_timestamp", "soon", "2.5 seconds", {"seconds": 2.25})
     assert score("qa", " red ", "red", {}) == {"exact_match": 1.0}
 

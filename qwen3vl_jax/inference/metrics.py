@@ -57,7 +57,8 @@ def score(task: str, prediction: str, reference: str, meta: dict[str, Any]) -> d
         metrics.update(box_metrics(parse_box(prediction), truth))
     elif task == "video_timestamp":
         seconds = parse_seconds(prediction)
-        truth = meta.get("seconds", parse_seconds(reference))
+        truth = parse_seconds(reference)  # the timestamp as written in the prompt, not the unrounded meta
+        truth = meta.get("seconds") if truth is None else truth
         if seconds is not None and truth is not None:
             metrics["abs_error_seconds"] = abs(seconds - truth)
     elif task in ("ocr", "text_reverse"):

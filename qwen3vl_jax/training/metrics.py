@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -40,9 +41,10 @@ def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> 
     return 3.0 * (text + vision * (patches > 0))
 
 
+@functools.cache
 def device_peak_flops(measure_seconds: float = 1.0) -> float:
     """Peak FLOP/s of one device: the public bf16 figure for known TPUs, else a measured fp32 matmul rate
-    (2048^3, repeated for `measure_seconds`)."""
+    (2048^3, repeated for `measure_seconds`; once per process)."""
     kind = jax.devices()[0].device_kind
     if kind in TPU_CHIPS:
         return TPU_CHIPS[kind][0]
