@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from ml_collections import ConfigDict
 
-from qwen3vl_jax.ablation.report import mean_and_ci
+from qwen3vl_jax.ablation.report import aggregate, markdown_table, mean_and_ci
 from qwen3vl_jax.ablation.sweep import Run, merge, run_config, run_dir, runs_of
 from test_train_resume import ENV, ROOT
 
@@ -38,6 +38,15 @@ def test_mean_and_ci():
     mean, ci = mean_and_ci([1.0, 2.0, 3.0])  # sd 1, n 3: t(0.975, 2) = 4.3027 (tables)
     assert mean == 2.0 and ci == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
     assert mean_and_ci([0.5])[0] == 0.5 and mean_and_ci([0.5])[1] != mean_and_ci([0.5])[1]  # nan: one seed
+
+
+def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
+    columns = [("video", "exact_match"), ("video", "abs_error_seconds")]
+    runs = [{"video": {"exact_match": 0.5, "abs_error_seconds": 1.0}}, {"video": {"exact_match": 0.7}},
+            {"video": {"exact_match": 0.6, "abs_error_seconds": 2.0}}]
+    table = markdown_table(aggregate({"a": runs}, columns), columns, {"a": [0, 1, 2]})
+    # sd 0.1, n 3: 4.302653 * 0.1 / sqrt(3); sd 0.7071, n 2: t(0.975, 1) = 12.7062 * 0.5 (tables)
+    assert "| a | 0, 1, 2 | 0.600 ± 0.248 | 1.500 ± 6.353 (2 of 3 seeds) |" in table
 
 
 def test_overrides_must_name_existing_fields():

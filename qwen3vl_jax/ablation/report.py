@@ -44,8 +44,11 @@ def markdown_table(table: dict, columns: Sequence[tuple[str, str]], seeds: Mappi
             if column not in cells:
                 row.append("–")
                 continue
-            mean, ci, _ = cells[column]
-            row.append(f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}")
+            mean, ci, values = cells[column]
+            cell = f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
+            if len(values) < len(seeds[variant]):  # runs without the metric (e.g. no answer had a number)
+                cell += f" ({len(values)} of {len(seeds[variant])} seeds)"
+            row.append(cell)
         lines.append(f"| {variant} | {', '.join(map(str, seeds[variant]))} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
