@@ -1,5 +1,5 @@
 """Per-chip memory of one decoder layer's attention, forward + backward, splash vs XLA, compiled for a TPU v5p
-chip with libtpu (AOT, design.md §5; runs on any machine).
+chip with libtpu (AOT on the devices of `jax.experimental.topologies.get_topology_desc`; runs on any machine).
 
     python benchmarks/attention_memory_tpu.py [--lengths 8192 32768 131072]
 

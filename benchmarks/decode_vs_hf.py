@@ -2,14 +2,15 @@
 
     python benchmarks/decode_vs_hf.py
 
-Model: the 43.5M-parameter Qwen3-VL of shared/bench_reference.md, fp32. Workload: a 64-token text prompt,
-64 new tokens, greedy, batch 1 and 8; every row generates all 64 tokens (no eos). Each measurement runs in
+Model: the 43.5M-parameter Qwen3-VL of train_step_vs_hf.py (its `HF_CONFIG`: ViT 4 x 256, text 8 x 512 with
+8 query / 4 kv heads of dim 64, vocab 8192), fp32. Workload: a 64-token text prompt, 64 new tokens, greedy,
+batch 1 and 8; every row generates all 64 tokens (no eos). Each measurement runs in
 a fresh process. Reported: end-to-end new tokens/s (prompt processing included, as `generate` is used) and
 the decode rate alone, from the time difference between generating 64 and 32 tokens. The bound: bytes read
 per decode step (the decoder's and the head's weights, plus the keys and values cached so far) divided by a
 read bandwidth measured in the same run over a buffer of exactly that size, i.e. the rate of a decoder that
-only streams what it must read. Two bandwidths: numpy's sum (one core; how shared/bench_reference.md
-measures it) and XLA's sum on all cores (what a decoder using all cores can stream).
+only streams what it must read. Two bandwidths: numpy's sum (one core) and XLA's sum on all cores (what a
+decoder using all cores can stream).
 """
 
 import argparse

@@ -64,7 +64,7 @@ def transformers_block(implementation: str, params, x):
     config._experts_implementation = implementation
     block = Qwen3VLMoeTextSparseMoeBlock(config)
     p = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a).copy()), params["params"])
-    with torch.no_grad():  # ours (in, out) -> transformers' in-memory (out, in) layout (spec §6)
+    with torch.no_grad():  # ours (in, out) -> transformers' in-memory (out, in) layout, as F.linear takes it
         block.gate.weight.copy_(p["gate"]["kernel"].T)
         block.experts.gate_up_proj.copy_(p["experts_gate_up"].transpose(1, 2))
         block.experts.down_proj.copy_(p["experts_down"].transpose(1, 2))

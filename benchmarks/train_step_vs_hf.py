@@ -6,9 +6,10 @@ kept, the rest recomputed): on CPU the smaller set of saved activations is faste
 
     python benchmarks/train_step_vs_hf.py [--steps 8]
 
-Model: shared/bench_reference.md (43.5M parameters: ViT 4 x 256, text 8 x 512, vocab 8192). Workload: batch 4
-x 512 tokens, each sample one 224x224 image (grid 1x14x14 -> 49 image tokens), labels = input ids (every
-position supervised), AdamW.
+Model: `HF_CONFIG` below, a small-but-real Qwen3-VL of 43.5M parameters (ViT 4 x 256 with DeepStack taps after
+blocks 1-3; text 8 x 512, 8 query / 4 kv heads of dim 64; vocab 8192), shared with decode_vs_hf.py. Workload:
+batch 4 x 512 tokens, each sample one 224x224 image (grid 1x14x14 -> 49 image tokens), labels = input ids
+(every position supervised), AdamW.
 """
 
 import argparse

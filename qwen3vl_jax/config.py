@@ -1,13 +1,15 @@
 """Model configuration: frozen dataclasses, released presets, and HF `config.json` conversion.
 
 Field names and defaults mirror the transformers classes (`Qwen3VLVisionConfig`, `Qwen3VLTextConfig`,
-`Qwen3VLMoeTextConfig`, spec §1) so that `from_hf` fills a missing key exactly as transformers would.
+`Qwen3VLMoeTextConfig`) so that `from_hf` fills a missing key exactly as transformers would.
 Three ablation switches have no HF counterpart and change the computation:
 
-* `mrope_layout`: "interleaved" (Qwen3-VL, spec §3.3) or "chunked" (Qwen2-VL: t, h, w take consecutive
+* `mrope_layout`: "interleaved" (Qwen3-VL: t h w t h w ... t t t t over the frequencies, as in
+  `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`) or "chunked" (Qwen2-VL: t, h, w take consecutive
   blocks of frequencies).
-* `deepstack`: False removes the DeepStack mergers and their injection into the decoder (spec §3.4).
-* `vision_positions`: False turns off the ViT's learned position embedding and 2-D rotary (spec §2.2-2.3), so
+* `deepstack`: False removes the DeepStack mergers and their injection into the decoder
+  (`Qwen3VLTextModel._deepstack_process`).
+* `vision_positions`: False turns off the ViT's learned position embedding and 2-D rotary, so
   visual tokens carry no position of their own and MRoPE is the model's only spatial signal (the controlled
   MRoPE ablation). The position-embedding table stays in the parameters (unused) so checkpoints keep their keys.
 """
@@ -40,7 +42,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The ViT and its patch mergers (spec §1.3, §2). Defaults are transformers' class defaults."""
+    """The ViT and its patch mergers (`Qwen3VLVisionConfig`). Defaults are transformers' class defaults."""
 
     depth: int = 27
     hidden_size: int = 1152
@@ -92,7 +94,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The Qwen3 decoder (spec §1.2) including the MoE fields of spec §1.4 (num_experts = 0: dense)."""
+    """The Qwen3 decoder (`Qwen3VLTextConfig`) including the MoE fields of `Qwen3VLMoeTextConfig`
+    (num_experts = 0: dense)."""
 
     vocab_size: int = 151936
     hidden_size: int = 4096
@@ -112,7 +115,7 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     attention_bias: bool = False
     initializer_range: float = 0.02
-    # MoE (spec §1.4, §6). Used by the MoE decoder.
+    # MoE (`Qwen3VLMoeTextConfig`). Used by the MoE decoder.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -146,7 +149,7 @@ class TextConfig:
         return self.num_experts > 0
 
     def is_sparse_layer(self, layer: int) -> bool:
-        """Spec §1.4: which decoder layers use the MoE block."""
+        """Which decoder layers use the MoE block (the rule of `Qwen3VLMoeTextDecoderLayer.__init__`)."""
         return (self.is_moe and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
@@ -228,7 +231,7 @@ _TEXT_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "attention_bias", "initializer_range")
 _MOE_HF_KEYS = ("moe_intermediate_size", "num_experts_per_tok", "decoder_sparse_step", "mlp_only_layers",
                 "router_aux_loss_coef")
-# transformers' Qwen3VLMoeTextConfig defaults differ from the dense text config (spec §1.4).
+# transformers' Qwen3VLMoeTextConfig defaults differ from the dense text config.
 _MOE_TEXT_DEFAULTS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
                           num_key_value_heads=16, moe_intermediate_size=1408, num_experts_per_tok=4,
                           num_experts=60, decoder_sparse_step=1, mlp_only_layers=(), router_aux_loss_coef=0.001)
@@ -316,7 +319,7 @@ def to_hf(config: ModelConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets (spec §1.5). Released models share vocab, rope and the vision patching.
+# Presets: the released checkpoints' config.json values; they share vocab, rope and the vision patching.
 
 _RELEASED_TEXT = dict(vocab_size=151936, head_dim=128, rope_theta=5_000_000.0, mrope_section=(24, 20, 20),
                       rms_norm_eps=1e-6, max_position_embeddings=262144)

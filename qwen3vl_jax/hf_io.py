@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint directories <-> our parameter tree (spec §7), with safetensors only.
+"""Hugging Face checkpoint directories (the tensor names of `Qwen3VLForConditionalGeneration`: `model.visual.*`,
+`model.language_model.*`, `lm_head.weight`) <-> our parameter tree, with safetensors only.
 
 Every HF tensor maps to one parameter (or one layer slice of a scanned stack) by a `Rule`. The rules are
 generated from the config, so they also state the shape each checkpoint tensor must have; a missing,
@@ -45,7 +46,8 @@ class Rule:
 
     LINEAR: an nn.Linear / Conv weight (out, ...in) <-> kernel (...in, ...out); COPY: same values, reshaped;
     EXPERTS: stacked expert weights (E, in, out) as the released checkpoints store them (`hf_shape`), or
-    transposed (E, out, in) as transformers 5.x writes them (spec §7), told apart by shape.
+    transposed (E, out, in) as transformers 5.x writes them (the in-memory layout of its
+    `Qwen3VLMoeTextExperts`), told apart by shape.
     """
 
     hf: str

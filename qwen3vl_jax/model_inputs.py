@@ -28,7 +28,7 @@ PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_r
 class ModelInputs:
     input_ids: jax.Array          # (B, L) int32
     segment_ids: jax.Array        # (B, L) int32: example id within the row (packing); 0 = padding
-    positions: jax.Array          # (B, 3, L) int32: t, h, w MRoPE positions (spec §4)
+    positions: jax.Array          # (B, 3, L) int32: t, h, w MRoPE positions (`Qwen3VLModel.get_rope_index`)
     visual_index: jax.Array       # (B, L) int32: merged-token row in this row's patch buffer; -1 = text
     pixel_patches: jax.Array      # (B, P, C*Tp*P*P) float32
     patch_segment_ids: jax.Array  # (B, P) int32: one id per (image, temporal group); 0 = padding

@@ -1,9 +1,9 @@
-"""3-D MRoPE position ids on the host (spec §4), equal to transformers' `get_rope_index`.
+"""3-D MRoPE position ids on the host, equal to transformers' `Qwen3VLModel.get_rope_index`.
 
 A sequence is cut into pieces: text runs and visual blocks. A visual block is one image or one temporal
-group of a video (each group is its own `<t seconds><vision_start>...<vision_end>` block in the prompt,
-spec §4.1). Images and video groups are consumed in order from iterators that run across the whole batch,
-as in transformers. The same pieces drive the packing of pixel patches (`qwen3vl_jax.model_inputs`).
+group of a video (each group is its own `<t seconds><vision_start>...<vision_end>` block in the prompt).
+Images and video groups are consumed in order from iterators that run across the whole batch, as in
+transformers. The same pieces drive the packing of pixel patches (`qwen3vl_jax.model_inputs`).
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def layout_sequence(ids: np.ndarray, images: Iterator[VisualBlock], videos: Iter
 
 
 def sequence_positions(pieces: list[Piece], merge: int) -> np.ndarray:
-    """(3, n) t/h/w positions of a sequence from its pieces (spec §4.2). A visual block with grid (t, h, w)
-    starting at counter `cur` gets t = cur + frame, h = cur + row, w = cur + col (merged units), after which
-    the counter advances by max(h, w) / merge."""
+    """(3, n) t/h/w positions of a sequence from its pieces, as in `Qwen3VLModel.get_rope_index`. A visual
+    block with grid (t, h, w) starting at counter `cur` gets t = cur + frame, h = cur + row, w = cur + col
+    (merged units), after which the counter advances by max(h, w) / merge."""
     out, cur = [], 0
     for piece in pieces:
         if piece.block is None:
@@ -120,7 +120,8 @@ def sequence_positions(pieces: list[Piece], merge: int) -> np.ndarray:
 
 
 def rope_delta(positions: np.ndarray) -> int:
-    """max position + 1 - sequence length for positions (3, n) (spec §4.3); 0 for an empty sequence."""
+    """max position + 1 - sequence length for positions (3, n) (a rope delta of `Qwen3VLModel.get_rope_index`);
+    0 for an empty sequence."""
     return int(positions.max()) + 1 - positions.shape[1] if positions.size else 0
 
 

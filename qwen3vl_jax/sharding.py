@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding (design.md §3): sharding is data, not code.
+"""Device mesh and logical-axis sharding: sharding is data (logical-axis rules), not code.
 
 The mesh has four named axes, `data`, `fsdp`, `tensor` and `expert`; a config gives their sizes with one -1
 for "all remaining devices". Every parameter and key activation carries logical axis names (`embed`, `mlp`,

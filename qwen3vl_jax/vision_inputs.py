@@ -1,9 +1,10 @@
-"""Host-side (numpy) ViT inputs that depend on an image's grid (spec §2.2, §2.3).
+"""Host-side (numpy) ViT inputs that depend on an image's grid, as transformers' `Qwen3VLVisionModel.forward`
+computes them with `vision_utils.get_vision_interpolation_indices_and_weights` and `get_vision_position_ids`.
 
 Patches of an image arrive in merge-window order (block_row, block_col, in_row, in_col), repeated for each
-temporal group (spec §5.4). For each patch we compute its (row, col) in the full-resolution patch grid, the
-4 bilinear taps into the learned `side x side` position table (align_corners=True) and their weights, in
-float32 exactly as transformers does.
+temporal group (the row order of `Qwen2VLImageProcessor.patchify` / `Qwen3VLVideoProcessor.patchify`). For
+each patch we compute its (row, col) in the full-resolution patch grid, the 4 bilinear taps into the learned
+`side x side` position table (align_corners=True) and their weights, in float32 exactly as transformers does.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class Prompt:
 
 def build_prompt(config: ModelConfig, parts, rng: np.random.Generator) -> Prompt:
     """parts: ("text", n) | ("image", (h, w)) | ("video", (t, h, w)) with h, w in patches. Images render as
-    <vs> pads <ve>; each video temporal group as <timestamp text> <vs> pads <ve> (4.57 format, spec §5.3)."""
+    <vs> pads <ve>; each video temporal group as <timestamp text> <vs> pads <ve>, with no outer <vs> ... <ve>
+    around the video (transformers 4.57's format)."""
     c, m = config, config.vision.spatial_merge_size
     text = lambda n: rng.integers(0, 256, n).tolist()  # byte ids: never a special token
     prompt = Prompt([])

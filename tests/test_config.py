@@ -38,7 +38,7 @@ def test_transformers_reads_to_hf(name):
 
 
 def test_hf_class_defaults_fill_missing_keys():
-    """A minimal config.json gets transformers' class defaults, including rope_theta 500000 (spec §8.18)."""
+    """A minimal config.json gets transformers' class defaults, including rope_theta 500000 (not the released 5e6)."""
     config = from_hf({"model_type": "qwen3_vl", "vision_config": {"out_hidden_size": 4096}, "text_config": {}})
     hf = transformers.Qwen3VLConfig(vision_config={"out_hidden_size": 4096}, text_config={})
     assert config.text.rope_theta == hf.text_config.rope_parameters["rope_theta"] == 500000.0

@@ -22,7 +22,7 @@ from qwen3vl_jax.modeling import Qwen3VL, init_params
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 
-MEDIA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "media")
+from media import CAMERA_CLIP, image
 CONFIG = preset("tiny")
 SMALL_MEDIA = VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=96 * 96, video_min_pixels=0,
                                      video_max_pixels=8 * 64 * 64)
@@ -125,11 +125,11 @@ def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
 
 
 def test_jsonl_conversations_llava_and_documents(processor, tmp_path):
-    os.symlink(os.path.abspath(os.path.join(MEDIA, "coffee.png")), tmp_path / "coffee.png")
-    os.symlink(os.path.abspath(os.path.join(MEDIA, "bikes.mp4")), tmp_path / "clip.mp4")
+    os.symlink(image("coffee.jpg"), tmp_path / "coffee.jpg")
+    os.symlink(CAMERA_CLIP, tmp_path / "clip.mp4")
     path = write_jsonl(tmp_path / "data.jsonl", [
-        conversation("What is it?", "Coffee.", [{"type": "image", "image": "coffee.png"}]),
-        {"image": "coffee.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+        conversation("What is it?", "Coffee.", [{"type": "image", "image": "coffee.jpg"}]),
+        {"image": "coffee.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                   {"from": "gpt", "value": "Coffee."}]},
         {"document": [{"type": "text", "text": "A clip:"}, {"type": "video", "video": "clip.mp4"}]},
     ])
@@ -161,14 +161,15 @@ def test_overflow_policies(processor):
     dropped = featurizer(processor, seq_len=100, overflow="drop")(long_text)  # even with on_bad_input="error"
     assert dropped == {DROPPED: "example long: 301 tokens do not fit seq_len = 100"}
     late_image = {"id": "late", "document": [{"type": "text", "text": "y" * 120},
-                                             {"type": "image", "image": os.path.join(MEDIA, "coffee.png")}]}
+                                             {"type": "image", "image": image("coffee.jpg")}]}
     with pytest.raises(DataError, match=r"example late: .* visual tokens reach position"):
         featurizer(processor, seq_len=100)(late_image)
 
 
 def corrupt_files(tmp_path):
-    (tmp_path / "broken.png").write_bytes(open(os.path.join(MEDIA, "coffee.png"), "rb").read()[:300])
-    (tmp_path / "broken.mp4").write_bytes(open(os.path.join(MEDIA, "bikes.mp4"), "rb").read()[:5000])
+    with open(image("coffee.jpg"), "rb") as photo, open(CAMERA_CLIP, "rb") as clip:
+        (tmp_path / "broken.png").write_bytes(photo.read()[:300])
+        (tmp_path / "broken.mp4").write_bytes(clip.read()[:5000])
     Image.new("RGB", (2500, 10)).save(tmp_path / "thin.png")
 
 
@@ -204,7 +205,7 @@ def test_skipped_examples_are_counted_in_batches(processor, tmp_path):
     for i in range(20):
         bad = i % 4 == 1
         rows.append("{not json" if i == 6 else conversation(
-            f"q{i}", "a", [{"type": "image", "image": "broken.png" if bad else os.path.join(MEDIA, "coffee.png")}]))
+            f"q{i}", "a", [{"type": "image", "image": "broken.png" if bad else image("coffee.jpg")}]))
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     config = tiny_data([{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, on_bad_input="skip",
                        seq_len=512, max_patches=512, batch_size=1, packing_bins=1)

@@ -11,9 +11,8 @@ import pytest
 from qwen3vl_jax.inference.metrics import character_accuracy, score
 from qwen3vl_jax.processing import Processor, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
+from media import image
 from test_train_resume import ENV, ROOT, command
-
-MEDIA = os.path.join(ROOT, "..", "shared", "data", "media")
 
 
 def test_metrics():
@@ -52,8 +51,8 @@ def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
     shutil.copytree(tiny.path, checkpoint)
     Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(checkpoint))
     data = tmp_path / "qa.jsonl"
-    image = os.path.abspath(os.path.join(MEDIA, "coffee.png"))
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+    coffee = image("coffee.jpg")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": coffee},
                                                        {"type": "text", "text": f"question {i}"}]},
                           {"role": "assistant", "content": "answer"}]} for i in range(3)]
     rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": "missing.png"}]},

@@ -24,8 +24,9 @@ def our_rope_index(config, inputs):
         spatial_merge_size=config.vision.spatial_merge_size)
 
 
-def test_spec_worked_example(tiny):
-    """Spec §4: [a b c VS I*6 VE d e ts ts VS V*8 VE ts ts VS V*8 VE f g h] with image (1,6,4), video (2,4,8)."""
+def test_worked_example_by_hand(tiny):
+    """Worked by hand from `Qwen3VLModel.get_rope_index`: [a b c VS I*6 VE d e ts ts VS V*8 VE ts ts VS V*8 VE
+    f g h] with image (1,6,4), video (2,4,8)."""
     c = tiny.config
     vs, ve, img, vid = c.vision_start_token_id, c.vision_end_token_id, c.image_token_id, c.video_token_id
     ids = [1, 2, 3, vs] + [img] * 6 + [ve, 4, 5, 6, 7, vs] + [vid] * 8 + [ve, 6, 7, vs] + [vid] * 8 + [ve, 8, 9, 10]

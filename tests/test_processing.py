@@ -1,8 +1,7 @@
-"""The processor against transformers' image processor, the spec's video formulas worked by hand, and the real
-Qwen3 tokenizer applied to the rendered chat template."""
+"""The processor against transformers' image processor, transformers' video sampling formulas worked by hand on a
+real camera clip and on clips encoded here, and the real Qwen3 tokenizer applied to the rendered chat template."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -15,21 +14,16 @@ import qwen3vl_jax
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.processing.image import smart_resize
+from qwen3vl_jax.processing.video import decode_video
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-MEDIA = os.path.join(DATA, "media")
-TOKENIZER_DIR = os.path.join(DATA, "qwen3_tokenizer")
-IMAGES = ["astronaut.png", "chelsea.png", "coffee.png", "page.png", "text.png", "china.jpg", "grace_hopper.jpg"]
+from media import CAMERA_CLIP, IMAGES, frame_level, image, write_qwen_tokenizer_dir, write_video
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     """A checkpoint-like dir with the real Qwen3 tokenizer and the Qwen3-VL chat template (no preprocessor
     configs: the released defaults apply)."""
-    path = tmp_path_factory.mktemp("qwen")
-    for name in ("tokenizer.json", "chat_template.jinja"):
-        shutil.copy(os.path.join(TOKENIZER_DIR, name), path / name)
-    return str(path)
+    return write_qwen_tokenizer_dir(str(tmp_path_factory.mktemp("qwen")))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +37,9 @@ def test_image_pixels_and_grids_equal_transformers(proc):
     hf = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
                                   image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": 16777216})
     for name in IMAGES:
-        image = Image.open(os.path.join(MEDIA, name))
-        ref = hf(image, return_tensors="np")
-        ours = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image])
+        picture = Image.open(image(name))
+        ref = hf(picture, return_tensors="np")
+        ours = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[picture])
         np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"], err_msg=name)
         np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"], err_msg=name)
 
@@ -61,16 +55,51 @@ def test_smart_resize_limits_and_errors():
 
 
 def test_video_sampling_grid_and_timestamps_by_hand(proc):
-    """bikes.mp4: 250 frames at 25 fps. Spec §5.2: n = int(250 / 25 * 2) = 20 frames at
-    round(linspace(0, 249, 20)); video smart_resize of 272x640 with 20 frames: round(8.5) = 8 (banker's) ->
-    256, 640 -> grid (10, 16, 40). Timestamps: mean time of each pair, e.g. (0 + 13) / 2 / 25 = 0.26."""
+    """The real camera clip: 250 frames at 25 fps. transformers' `Qwen3VLVideoProcessor.sample_frames`: n =
+    int(250 / 25 * 2) = 20 frames at round(linspace(0, 249, 20)); its video smart_resize of 272x640 with 20
+    frames: round(8.5) = 8 (banker's) -> 256, 640 -> grid (10, 16, 40). Timestamps
+    (`Qwen3VLProcessor._calculate_timestamps`): mean time of each pair, e.g. (0 + 13) / 2 / 25 = 0.26."""
     indices = [0, 13, 26, 39, 52, 66, 79, 92, 105, 118, 131, 144, 157, 170, 183, 197, 210, 223, 236, 249]
-    video = proc.process_video(os.path.join(MEDIA, "bikes.mp4"))
+    video = proc.process_video(CAMERA_CLIP)
     assert video.grid == (10, 16, 40)
     np.testing.assert_allclose(video.timestamps, [(indices[2 * k] + indices[2 * k + 1]) / 2 / 25 for k in range(10)])
     assert [f"{t:.1f}" for t in video.timestamps[:3]] == ["0.3", "1.3", "2.4"]
-    # bigbuckbunny.mp4: 132 frames at 25 fps -> int(10.56) = 10 frames; 720x1280: round(22.5) = 22 -> 704
-    assert proc.process_video(os.path.join(MEDIA, "bigbuckbunny.mp4")).grid == (5, 44, 80)
+
+
+# Clips encoded here (frame i is grey level frame_level(i)): (frames, recorded fps, height, width) -> the sampled
+# indices, grid and group timestamps worked by hand with the formulas above (numpy rounds halves to even).
+ENCODED_CLIPS = {
+    # n = int(15 / 6 * 2) = 5: odd, so the last sampled frame is repeated; round(linspace(0, 14, 5)) = 0 3.5 7 10.5 14
+    "odd_sampled_count": ((15, 6, 64, 96), [0, 4, 7, 10, 14], (3, 4, 6), [(0 + 4) / 12, (7 + 10) / 12, 14 / 6]),
+    # 2 / 7 frames per recorded frame: n = int(30 / 7 * 2) = 8, round(linspace(0, 29, 8)) = 0 4.14 8.29 12.43 ...
+    "fps_not_dividing": ((30, 7, 64, 64), [0, 4, 8, 12, 17, 21, 25, 29], (4, 4, 4),
+                         [4 / 14, 20 / 14, 38 / 14, 54 / 14]),
+    # fewer frames than min_frames = 4: all 3 are taken, then padded to 2 temporal groups
+    "three_frames": ((3, 30, 64, 64), [0, 1, 2], (2, 4, 4), [1 / 60, 2 / 30]),
+    # 720x1280 with n = int(20 / 4 * 2) = 10 frames: 720 / 32 = 22.5 rounds to 22 (banker's) -> 704
+    # round(linspace(0, 19, 10)) = 0 2.11 4.22 6.33 8.44 10.56 12.67 14.78 16.89 19
+    "bankers_rounding": ((20, 4, 720, 1280), [0, 2, 4, 6, 8, 11, 13, 15, 17, 19], (5, 44, 80), None),
+}
+
+
+@pytest.mark.parametrize("case", ENCODED_CLIPS)
+def test_encoded_clips_sample_the_right_frames(proc, tmp_path, case):
+    (num_frames, fps, height, width), indices, grid, timestamps = ENCODED_CLIPS[case]
+    path = write_video(str(tmp_path / f"{case}.mp4"), num_frames=num_frames, fps=fps, height=height, width=width)
+    frames, sampled, native_fps = decode_video(path, fps=2.0, min_frames=4, max_frames=768)
+    assert sampled.tolist() == indices and native_fps == fps
+    # the decoded frames are the sampled ones (the moving square aside, each frame is one grey level)
+    assert [int(np.median(np.asarray(f))) for f in frames] == pytest.approx([frame_level(i) for i in indices], abs=3)
+    video = proc.process_video(path)
+    assert video.grid == grid
+    if timestamps is not None:
+        np.testing.assert_allclose(video.timestamps, timestamps)
+
+
+def test_a_clip_shorter_than_one_temporal_group_is_an_error_naming_it(proc, tmp_path):
+    path = write_video(str(tmp_path / "one_frame.mp4"), num_frames=1, fps=25, height=64, width=64)
+    with pytest.raises(DataError, match=r"one_frame\.mp4: a video needs at least 2 frames, got 1"):
+        proc.process_video(path)
 
 
 def test_odd_frame_count_is_padded_with_the_last_frame():
@@ -97,8 +126,8 @@ def test_video_patchify_equals_the_image_path_per_frame():
     assert video.grid == (1, 4, 6)
     rows = video.pixels.reshape(24, 3, 2, 256)
     for slot, frame in enumerate(frames):
-        image = proc.process_image(frame).pixels.reshape(24, 3, 2, 256)
-        np.testing.assert_array_equal(rows[:, :, slot], image[:, :, 0])
+        alone = proc.process_image(frame).pixels.reshape(24, 3, 2, 256)
+        np.testing.assert_array_equal(rows[:, :, slot], alone[:, :, 0])
 
 
 def test_timestamp_tokens(proc):
@@ -107,13 +136,14 @@ def test_timestamp_tokens(proc):
 
 def test_input_ids_equal_qwen_tokenizer_on_rendered_template(proc, qwen_dir):
     """Reference: transformers renders the chat template; pads are expanded by hand (image: t*h*w/4 pads;
-    video: per temporal group `<t seconds><vs>` + h*w/4 pads + `<ve>`, spec §5.3); the Qwen3 tokenizer
+    video: per temporal group `<t seconds><vs>` + h*w/4 pads + `<ve>`, the format of transformers 4.57's
+    `Qwen3VLProcessor.__call__`); the Qwen3 tokenizer
     (tokenizers library) tokenises the result."""
-    image = Image.open(os.path.join(MEDIA, "chelsea.png"))
-    video = os.path.join(MEDIA, "bikes.mp4")
+    picture = Image.open(image("chelsea.png"))
+    video = CAMERA_CLIP
     messages = [
         {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What animal?"}]},
+        {"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "What animal?"}]},
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "And here?"}]},
     ]
@@ -131,7 +161,7 @@ def test_input_ids_equal_qwen_tokenizer_on_rendered_template(proc, qwen_dir):
         "<|vision_start|><|video_pad|><|vision_end|>", frames)
     expected = Tokenizer.from_file(os.path.join(qwen_dir, "tokenizer.json")).encode(expanded).ids
 
-    batch = proc(text=[text], images=[image], videos=[video])
+    batch = proc(text=[text], images=[picture], videos=[video])
     assert batch["input_ids"][0].tolist() == expected
     assert batch["image_grid_thw"].tolist() == [[1, 18, 28]] and batch["video_grid_thw"].tolist() == [[10, 16, 40]]
     assert batch["pixel_values_videos"].shape == (10 * 16 * 40, 1536)
@@ -142,7 +172,7 @@ def test_input_ids_equal_qwen_tokenizer_on_rendered_template(proc, qwen_dir):
 def test_only_assistant_replies_are_supervised(proc):
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image", "image": os.path.join(MEDIA, "coffee.png")},
+        {"role": "user", "content": [{"type": "image", "image": image("coffee.jpg")},
                                      {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": "Coffee."},
         {"role": "user", "content": "Hot or cold?"},
@@ -159,7 +189,7 @@ def test_only_assistant_replies_are_supervised(proc):
 
 def test_document_supervises_all_text(proc):
     encoded = proc.encode_document([{"type": "text", "text": "A photo: "},
-                                    {"type": "image", "image": os.path.join(MEDIA, "astronaut.png")},
+                                    {"type": "image", "image": image("astronaut.jpg")},
                                     {"type": "text", "text": " The end."}])
     pads = encoded.input_ids == 151655
     assert pads.sum() == 32 * 32 // 4
@@ -185,12 +215,12 @@ def test_save_and_load_processor(proc, tmp_path):
 
 
 def test_placeholder_and_media_counts_must_match(proc):
-    image = os.path.join(MEDIA, "coffee.png")
+    coffee = image("coffee.jpg")
     with pytest.raises(DataError, match="more image placeholders than images"):
-        proc(text=["<|vision_start|><|image_pad|><|vision_end|> twice <|image_pad|>"], images=[image])
+        proc(text=["<|vision_start|><|image_pad|><|vision_end|> twice <|image_pad|>"], images=[coffee])
     with pytest.raises(DataError, match="more images than image placeholders"):
-        proc(text=["no placeholder"], images=[image])
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+        proc(text=["no placeholder"], images=[coffee])
+    messages = [{"role": "user", "content": [{"type": "image", "image": coffee},
                                              {"type": "text", "text": "and a stray <|image_pad|>"}]}]
     with pytest.raises(DataError, match="more image placeholders than images"):
         proc.encode_conversation(messages)

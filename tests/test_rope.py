@@ -24,7 +24,8 @@ def test_interleaved_tables_equal_transformers(tiny, rng):
 
 
 def test_layouts():
-    """Spec §3.3: interleaved t h w t h w ... t t t t; chunked: consecutive blocks t | h | w."""
+    """interleaved (`Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): t h w t h w ... t t t t; chunked:
+    consecutive blocks t | h | w."""
     np.testing.assert_array_equal(mrope_axis_of_frequency((24, 20, 20), "interleaved"),
                                   [0, 1, 2] * 20 + [0] * 4)
     np.testing.assert_array_equal(mrope_axis_of_frequency((6, 5, 5), "chunked"), [0] * 6 + [1] * 5 + [2] * 5)

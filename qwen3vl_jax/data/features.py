@@ -31,7 +31,8 @@ class TooLong(DataError):
 def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str,
                      where: str) -> dict[str, np.ndarray]:
     """Arrays of one example: tokens, targets (the next token), loss_mask (the target is supervised) and 3-D
-    positions (n, 3), plus its patch features (spec §4, design.md §1).
+    positions (n, 3) (those of `Qwen3VLModel.get_rope_index`), plus its patch features (PATCH_FEATURES: pixels
+    and the grid-dependent ViT inputs, computed here on the host so that the jitted model sees static shapes).
 
     An example longer than `seq_len` is cut to `seq_len` tokens under overflow="truncate", or raises TooLong
     under "drop". One whose visual tokens reach past `seq_len`, or with more than `max_patches` patches,

@@ -21,7 +21,8 @@ def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Arra
              config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig) -> jax.Array:
     """New token ids (B, max_new_tokens) for the prompts in `inputs` (any padding): each row stops at its
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
-    max(prompt positions) + 1 + step on all three axes (spec §4.5)."""
+    max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
+    `Qwen3VLModel.compute_3d_position_ids`)."""
     model = Qwen3VL(config)
     batch, length = inputs.input_ids.shape
     cache = init_cache(config, batch, length + max_new_tokens)

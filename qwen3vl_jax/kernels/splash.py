@@ -1,4 +1,4 @@
-"""Splash attention (jax.experimental.pallas.ops.tpu.splash_attention, design.md §4) for the decoder and the ViT.
+"""Splash attention (jax.experimental.pallas.ops.tpu.splash_attention) for the decoder and the ViT.
 
 The kernels take one example (heads, length, head_dim) and never build an L x L mask: a static mask (causal
 for the decoder, full for the ViT) is and-ed with segment ids, so packed examples, padding and the ViT's

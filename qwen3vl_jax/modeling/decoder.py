@@ -1,5 +1,6 @@
-"""The Qwen3 decoder (spec §3.2): pre-norm layers with per-head q/k RMSNorm, GQA with an explicit head_dim and
-a SwiGLU MLP or a sparse MoE block (spec §6), scanned over depth with DeepStack injected inside the scan."""
+"""The Qwen3 decoder (transformers' `Qwen3VLTextModel`): pre-norm layers with per-head q/k RMSNorm, GQA with an
+explicit head_dim and a SwiGLU MLP or a sparse MoE block (`Qwen3VLMoeTextSparseMoeBlock`), scanned over depth
+with DeepStack injected inside the scan."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ class SwiGLU(nn.Module):
 
 
 def layer_runs(text: TextConfig) -> list[tuple[int, int, bool]]:
-    """Maximal runs [start, end) of consecutive decoder layers of the same kind (MoE or dense, spec §1.4); each
-    run is one scanned stack. Dense models and the released MoE models are a single run."""
+    """Maximal runs [start, end) of consecutive decoder layers of the same kind (MoE or dense, as
+    `TextConfig.is_sparse_layer` says); each run is one scanned stack. Dense models and the released MoE models
+    are a single run."""
     runs: list[tuple[int, int, bool]] = []
     for layer in range(text.num_hidden_layers):
         moe = text.is_sparse_layer(layer)

@@ -1,5 +1,5 @@
-"""DeepStack (spec §3.4): ViT features from intermediate blocks added to the outputs of the first decoder
-layers, at visual token positions only."""
+"""DeepStack (transformers' `Qwen3VLTextModel._deepstack_process`): ViT features from intermediate blocks added
+to the outputs of the first decoder layers, at visual token positions only."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Building blocks with logical axis names on every parameter (design.md §3).
+"""Building blocks with logical axis names on every parameter (mapped to mesh axes by `qwen3vl_jax.sharding`).
 
-Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in float32 (spec §8.14).
+Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in float32, as in transformers.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Qwen3 RMSNorm (spec §3.2): normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
+    """Qwen3 RMSNorm, as `Qwen3VLTextRMSNorm`: normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
 
     eps: float
     axis_name: str = "embed"

@@ -66,7 +66,7 @@ class Qwen3VL(nn.Module):
     def decode(self, token_ids: jax.Array, positions: jax.Array, kv: list, kv_segment_ids: jax.Array,
                index: jax.Array, layer_params: list):
         """One new token per row, written to cache slot `index`: token_ids (B,), positions (B,) (the same on
-        the t, h and w axes, spec §4.5), kv the per-layer (k, v) caches (B, S, Hkv, D), kv_segment_ids (B, S).
+        the t, h and w axes), kv the per-layer (k, v) caches (B, S, Hkv, D), kv_segment_ids (B, S).
         layer_params: (parameters, is MoE) of each decoder layer, sliced out of the stacks once per generation
         (decoder.unstack_layers); the layers run unrolled on them, since slicing the stacks inside the decode loop
         would copy every weight at every step.

@@ -1,5 +1,6 @@
-"""The sparse MoE block of Qwen3-VL-30B-A3B / 235B-A22B (spec §6): softmax router, top-k, renormalised weights,
-dropless expert dispatch, SwiGLU experts; plus the load-balancing loss as transformers computes it.
+"""The sparse MoE block of Qwen3-VL-30B-A3B / 235B-A22B (transformers' `Qwen3VLMoeTextSparseMoeBlock`):
+softmax router, top-k, renormalised weights, dropless expert dispatch, SwiGLU experts; plus the load-balancing
+loss as transformers computes it.
 
 Dispatch: the (token, slot) assignments are sorted by expert, the experts' SwiGLU runs as two grouped
 matmuls over the sorted rows, and the rows are unsorted and summed with the routing weights. Backends:
@@ -25,7 +26,8 @@ from qwen3vl_jax.sharding import BATCH_AXES
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     """logits (T, E) -> (weights (T, k) in the logits dtype, experts (T, k) int32): softmax over all experts in
-    fp32, top-k, then always renormalised (spec §6, pitfall 15)."""
+    fp32, top-k, then always renormalised, as `Qwen3VLMoeTextTopKRouter.forward` does (it never reads the
+    released configs' norm_topk_prob)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, experts = jax.lax.top_k(probs, top_k)
     return (top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype), experts.astype(jnp.int32)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: the text MRoPE (spec §3.3) and the ViT's 2-D rotary (spec §2.3)."""
+"""Rotary position embeddings: the text MRoPE (transformers' `Qwen3VLTextRotaryEmbedding`) and the ViT's 2-D
+rotary (`Qwen3VLVisionRotaryEmbedding`)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def text_rope(text) -> tuple[np.ndarray, float]:
 def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) -> np.ndarray:
     """Which position axis (0=t, 1=h, 2=w) drives each of the head_dim/2 frequencies.
 
-    interleaved (Qwen3-VL, spec §3.3): t h w t h w ... t t t t — h at i%3==1 for i < 3*sec[1], w at i%3==2
-    for i < 3*sec[2], t elsewhere. chunked (Qwen2-VL): t takes the first sec[0], h the next sec[1], w the rest.
+    interleaved (Qwen3-VL, `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): t h w t h w ... t t t t —
+    h at i%3==1 for i < 3*sec[1], w at i%3==2 for i < 3*sec[2], t elsewhere. chunked (Qwen2-VL): t takes the
+    first sec[0], h the next sec[1], w the rest.
     """
     t, h, w = mrope_section
     if layout == "chunked":
@@ -80,7 +82,8 @@ def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: 
 def vision_rotary_tables(rowcol: jax.Array, head_dim: int, theta: float):
     """rowcol (..., 2) int patch coordinates -> cos, sin (..., head_dim) float32.
 
-    Angles are [row * f, col * f] over hd/4 frequencies of a rotary dim hd/2, duplicated to hd (spec §2.3).
+    Angles are [row * f, col * f] over hd/4 frequencies of a rotary dim hd/2, duplicated to hd, as in
+    `Qwen3VLVisionRotaryEmbedding`.
     """
     inv_freq = inverse_frequencies(theta, head_dim // 2)
     angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq     # (..., 2, hd/4)

@@ -1,4 +1,4 @@
-"""The Qwen3-VL ViT (spec §2) on a packed patch buffer of static size.
+"""The Qwen3-VL ViT (transformers' `Qwen3VLVisionModel`) on a packed patch buffer of static size.
 
 Each batch row holds a buffer of P patches (several images / video temporal groups one after the other,
 then padding). Everything that depends on an image's grid arrives precomputed by the host
@@ -29,7 +29,7 @@ def block_stacks(depth: int, taps: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm ViT block (spec §2.4): x + Attn(LN1 x), then + MLP(LN2 x) with tanh-GELU."""
+    """Pre-norm ViT block (`Qwen3VLVisionBlock`): x + Attn(LN1 x), then + MLP(LN2 x) with tanh-GELU."""
 
     config: ModelConfig
 
@@ -57,8 +57,9 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """2x2 merger (spec §2.5): 4 consecutive patches -> one LLM token. The main merger normalises each patch
-    before the shuffle; the DeepStack mergers normalise the 4D-wide vector after it. erf-GELU."""
+    """2x2 merger (`Qwen3VLVisionPatchMerger`): 4 consecutive patches -> one LLM token. The main merger
+    normalises each patch before the shuffle; the DeepStack mergers normalise the 4D-wide vector after it.
+    erf-GELU."""
 
     config: ModelConfig
     postshuffle_norm: bool
@@ -90,14 +91,14 @@ class VisionTower(nn.Module):
         pos_embed_weight (B, P, 4) bilinear taps into the pos-embed table; patch_rowcol (B, P, 2).
 
         Returns merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of `num_deepstack`
-        arrays of the same shape (spec §2.6)."""
+        arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`)."""
         c, kw = self.config.vision, self.config.dense_kwargs
         x = Dense(c.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(pixel_patches)
         table = param(self, "pos_embed", default_init, (c.num_position_embeddings, c.hidden_size),
                       kw["param_dtype"], ("vision_positions", "vision_embed"))
         cos = sin = None
         if self.config.vision_positions:
-            # spec §2.2: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
+            # As `Qwen3VLVisionModel.forward`: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
             pos = jnp.sum(table[pos_embed_index].astype(jnp.float32) * pos_embed_weight[..., None], axis=-2)
             x = x + pos.astype(x.dtype)
             cos, sin = vision_rotary_tables(patch_rowcol, c.head_dim, c.rope_theta)

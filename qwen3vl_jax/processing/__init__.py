@@ -1,4 +1,4 @@
-"""Turning conversations, images and videos into token ids and pixel patches (spec §5)."""
+"""Turning conversations, images and videos into token ids and pixel patches, as transformers' `Qwen3VLProcessor`."""
 
 from qwen3vl_jax.processing.errors import DataError
 from qwen3vl_jax.processing.processor import Encoded, Processor, VisionProcessingConfig, load_processor

@@ -1,4 +1,4 @@
-"""Image preprocessing (spec §5.1): smart_resize, bicubic resize, rescale/normalise, and the patch layout
+"""Image preprocessing: smart_resize, bicubic resize, rescale/normalise, and the patch layout
 shared by images and videos. Equal to transformers' `Qwen2VLImageProcessorPil` on the same PIL image."""
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def resize_and_normalize(image: Image.Image, height: int, width: int, mean, std)
 
 
 def patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """frames (F, C, H, W) -> pixel rows (gt*gh*gw, C*temporal*patch*patch) in merge-window order (spec §5.4)
-    and the grid (gt, gh, gw). F is padded to a multiple of `temporal` by repeating the last frame (an image,
-    F = 1, becomes `temporal` identical frames)."""
+    """frames (F, C, H, W) -> pixel rows (gt*gh*gw, C*temporal*patch*patch) in merge-window order and the grid
+    (gt, gh, gw), as `Qwen3VLVideoProcessor.patchify` (and `Qwen2VLImageProcessor.patchify` for an image). F is
+    padded to a multiple of `temporal` by repeating the last frame (an image, F = 1, becomes `temporal`
+    identical frames)."""
     if pad := -len(frames) % temporal:
         frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
     f, c, h, w = frames.shape

@@ -1,4 +1,4 @@
-"""The Qwen3-VL processor (spec §5) with an HF-like API.
+"""The Qwen3-VL processor (transformers' `Qwen3VLProcessor`) with an HF-like API.
 
     proc = qwen3vl_jax.load_processor("path/to/hf_dir")
     text = proc.apply_chat_template(messages, add_generation_prompt=True)
@@ -7,9 +7,11 @@
     #        pixel_values_videos, video_grid_thw
 
 Each `<|image_pad|>` becomes one pad per merged token; each `<|vision_start|><|video_pad|><|vision_end|>`
-becomes, per temporal group, `<t seconds><|vision_start|>` + pads + `<|vision_end|>` (the 4.57 reference
-format, spec §5.3). For training, `encode_conversation` / `encode_document` also say which tokens are
-supervised.
+becomes, per temporal group, `<t seconds><|vision_start|>` + pads + `<|vision_end|>`: the format of
+transformers 4.57, the version the released checkpoints were published for (5.x's
+`Qwen3VLProcessor.replace_video_token` swaps only the `<|video_pad|>`, which keeps an extra outer
+`<|vision_start|>` ... `<|vision_end|>` around the video). For training, `encode_conversation` /
+`encode_document` also say which tokens are supervised.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _PLACEHOLDERS = re.compile(r"(?P<image><\|image_pad\|>)|(?P<video>(?:<\|vision_s
 @dataclasses.dataclass(frozen=True)
 class VisionProcessingConfig:
     """Resize and normalisation settings (preprocessor_config.json / video_preprocessor_config.json).
-    Defaults are the released Qwen3-VL values (spec §5.1, §5.2)."""
+    Defaults are the released Qwen3-VL checkpoints' values, not the transformers class defaults
+    (`Qwen2VLImageProcessor` has patch 14 and CLIP mean/std)."""
 
     patch_size: int = 16
     temporal_patch_size: int = 2
@@ -99,7 +102,7 @@ class Processor:
     # ---------------------------------------------------------------------------------------------- media
 
     def process_image(self, source: Any, base_dir: str = "") -> _Visual:
-        """smart_resize + bicubic resize + normalise + patchify (spec §5.1)."""
+        """smart_resize + bicubic resize + normalise + patchify, as `Qwen2VLImageProcessorPil`."""
         c = self.config
         img = image_ops.load_image(source, base_dir)
         h, w = image_ops.smart_resize(img.height, img.width, c.factor, c.image_min_pixels, c.image_max_pixels)
@@ -109,19 +112,25 @@ class Processor:
 
     def process_video(self, source: Any, fps: Optional[float] = None, base_dir: str = "") -> _Visual:
         """A video file (decoded with PyAV) or a list of frames recorded at `fps`: sample at config.fps,
-        resize all frames alike (spec §5.2), patchify, and compute the group timestamps (spec §5.3)."""
+        resize all frames alike and patchify (`Qwen3VLVideoProcessor`), and compute the group timestamps
+        (`Qwen3VLProcessor._calculate_timestamps`)."""
         c = self.config
         if isinstance(source, (str, os.PathLike)):
+            where = f"video file {os.path.join(base_dir, os.fspath(source))}"
             frames, indices, native_fps = video_ops.decode_video(os.path.join(base_dir, os.fspath(source)), c.fps,
                                                                  c.min_frames, c.max_frames)
         else:
+            where = "video frames"
             frames, indices, native_fps = video_ops.frames_as_video(source, fps, c.fps, c.min_frames, c.max_frames)
         sizes = {(f.height, f.width) for f in frames}
         if len(sizes) != 1:
-            raise DataError(f"video frames have different sizes {sorted(sizes)}")
+            raise DataError(f"{where} have different sizes {sorted(sizes)}")
         (height, width), = sizes
-        h, w = video_ops.video_smart_resize(len(frames), height, width, c.factor, c.temporal_patch_size,
-                                            c.video_min_pixels, c.video_max_pixels)
+        try:
+            h, w = video_ops.video_smart_resize(len(frames), height, width, c.factor, c.temporal_patch_size,
+                                                c.video_min_pixels, c.video_max_pixels)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
         stack = np.stack([image_ops.resize_and_normalize(f, h, w, c.mean, c.std) for f in frames])
         pixels, grid = image_ops.patchify(stack, c.patch_size, c.merge_size, c.temporal_patch_size)
         timestamps = video_ops.group_timestamps(indices, native_fps, c.temporal_patch_size)

@@ -1,5 +1,6 @@
-"""Video preprocessing (spec §5.2, §5.3): decode with PyAV, sample frames at the configured fps, resize with
-the video smart_resize (pixel limits on the whole clip), and the text timestamps of each temporal group."""
+"""Video preprocessing as transformers' `Qwen3VLVideoProcessor`: decode with PyAV, sample frames at the configured
+fps, resize with the video smart_resize (pixel limits on the whole clip), and the text timestamps of each temporal
+group (`Qwen3VLProcessor._calculate_timestamps`)."""
 
 from __future__ import annotations
 
