@@ -2,6 +2,11 @@
 
     python -m experiments.train --config=configs/tiny.py --workdir=/tmp/qwen3vl_tiny
 
+Optional: a prepared TFDS dataset (ArrayRecord format) mixed in, here CLEVR's question-answer pairs:
+
+    python -m experiments.train --config=configs/tiny.py --config.data.sources.tfds.weight=1 \
+        --config.data.sources.tfds.name=clevr:3.1.0 --config.data.sources.tfds.data_dir=gs://bucket/tfds
+
 Byte-level tokenizer, 64 px images (4 visual tokens each), 8-frame videos; rows of 384 tokens packed from
 several examples. Expected on 2 CPU cores: ~6 minutes; loss 5.5 -> 0.7; held-out exact match digits ~0.99,
 shapes ~0.65, counting ~0.6, video timestamps 1.0 (README: the numbers seen).
@@ -31,7 +36,11 @@ def get_config() -> ConfigDict:
                                    video_max_pixels=8 * 64 * 64))
     synthetic = dict(kind="synthetic", tasks=TASKS, size=1_000_000, image_size=64, num_frames=8)
     c.data = ConfigDict(dict(
-        sources=dict(synthetic=dict(synthetic, weight=5.0), digits=dict(kind="digits", split="train", image_size=64)),
+        sources=dict(synthetic=dict(synthetic, weight=5.0), digits=dict(kind="digits", split="train", image_size=64),
+                     # off (weight 0) until switched on from the command line: see the module docstring
+                     tfds=dict(kind="tfds", name="", split="train", data_dir="", image_key="image",
+                               question_key="question_answer/question", answer_key="question_answer/answer",
+                               prompt="", answer_choice="random", weight=0.0)),
         seq_len=384, max_patches=256, batch_size=8, seed=0, workers=0, overflow="truncate", on_bad_input="error"))
     shapes = dict(seq_len=384, max_patches=256)
     c.eval = ConfigDict(dict(every=500, batch_size=8, sets={

@@ -124,6 +124,20 @@ def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
     assert len(seen) == 12 and {s for s, _ in seen} == {0, 1}
 
 
+def test_the_last_partial_batch_of_a_finite_dataset_is_filled_with_empty_rows(processor, tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"document": [{"type": "text", "text": f"document {i}"}]}
+                                                 for i in range(5)])
+    config = tiny_data([{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=2,
+                       packing_bins=1)  # one document per row: 5 rows in batches of 2
+    batches = list(build_dataset(config, processor, CONFIG))
+    assert [b["input_ids"].shape for b in batches] == [(2, 16)] * 3
+    last = batches[-1]
+    assert last["segment_ids"][0].max() == 1 and not last["segment_ids"][1].any()
+    assert not last["loss_mask"][1].any() and (last["visual_index"][1] == -1).all()
+    texts = [processor.decode(b["input_ids"][r][b["segment_ids"][r] > 0]) for b in batches for r in range(2)]
+    assert texts == [f"document {i}" for i in range(5)] + [""]
+
+
 def test_jsonl_conversations_llava_and_documents(processor, tmp_path):
     os.symlink(image("coffee.jpg"), tmp_path / "coffee.jpg")
     os.symlink(CAMERA_CLIP, tmp_path / "clip.mp4")

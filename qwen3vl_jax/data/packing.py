@@ -16,7 +16,7 @@ import numpy as np
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import DROPPED, PATCH_FEATURES, TOKEN_FEATURES
-from qwen3vl_jax.model_inputs import visual_index
+from qwen3vl_jax.model_inputs import empty_inputs, visual_index
 
 NUM_DROPPED = "num_dropped"
 log = logging.getLogger(__name__)
@@ -43,6 +43,17 @@ def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
         pos_embed_index=row["pos_embed_index"], pos_embed_weight=row["pos_embed_weight"],
         patch_rowcol=row["patch_rowcol"], targets=row["targets"], loss_mask=row["loss_mask"],
         num_dropped=np.int32(sum(row.get(NUM_DROPPED, ()))))
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """The last, partial batch of a finite dataset filled up to `batch_size` rows with empty ones (all padding:
+    no token in them is trained on, scored or counted), so that no example is lost and shapes stay static."""
+    missing = batch_size - len(batch["input_ids"])
+    if missing == 0:
+        return batch
+    (_, seq_len), (_, max_patches, patch_dim) = batch["input_ids"].shape, batch["pixel_patches"].shape
+    empty = empty_inputs(missing, seq_len, max_patches, patch_dim)
+    return {k: np.concatenate([v, empty.get(k, np.zeros((missing, *v.shape[1:]), v.dtype))]) for k, v in batch.items()}
 
 
 def _group_ids(example: np.ndarray, group: np.ndarray) -> np.ndarray:

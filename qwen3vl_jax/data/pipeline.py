@@ -13,7 +13,7 @@ from absl import flags
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import Featurizer
-from qwen3vl_jax.data.packing import finalize, pack
+from qwen3vl_jax.data.packing import finalize, pack, pad_batch
 from qwen3vl_jax.data.sources import mixture
 from qwen3vl_jax.processing import Processor
 
@@ -47,7 +47,8 @@ class DataConfig:
 def build_dataset(config: DataConfig, processor: Processor, model: ModelConfig, *, shard_index: int = 0,
                   shard_count: int = 1) -> grain.IterDataset:
     """Batches (dicts of numpy arrays with a leading batch axis): the ModelInputs fields plus `targets`,
-    `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch).
+    `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch). A finite
+    dataset's last batch is filled up with empty rows.
     Host `shard_index` of `shard_count` reads its own slice of the (shuffled) stream."""
     if config.max_patches % model.vision.spatial_merge_size**2:
         raise ValueError(f"max_patches {config.max_patches} must be a multiple of {model.vision.spatial_merge_size**2}")
@@ -61,7 +62,8 @@ def build_dataset(config: DataConfig, processor: Processor, model: ModelConfig, 
     ds = ds[shard_index::shard_count].map(featurize).to_iter_dataset()
     ds = pack(ds, seq_len=config.seq_len, max_patches=config.max_patches,
               num_bins=config.packing_bins or config.batch_size)
-    ds = ds.map(functools.partial(finalize, config=model)).batch(config.batch_size, drop_remainder=True)
+    ds = ds.map(functools.partial(finalize, config=model)).batch(config.batch_size, drop_remainder=False)
+    ds = ds.map(functools.partial(pad_batch, batch_size=config.batch_size))
     if config.workers:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use the defaults
             flags.FLAGS.mark_as_parsed()

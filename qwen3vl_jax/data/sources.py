@@ -7,7 +7,10 @@ Source specs (dicts, e.g. from an ml_collections config):
                                                    or documents ("document": [items]); media paths relative
                                                    to the file
   {"kind": "array_record", "paths": [...], "base_dir": "media/"}   records are JSON objects as in jsonl
-Every spec may carry "weight" (mixture weight, default 1).
+  {"kind": "tfds", "name": "...", "split": "train", "data_dir": ..., <feature keys>}   a prepared TFDS dataset
+                                                   (see data.tfds_source for the feature mapping)
+Every spec may carry "weight" (mixture weight, default 1); a source of weight 0 is left out of the mixture (how
+a config carries an optional source that a command-line flag switches on).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from qwen3vl_jax.data.digits import DigitsSource
 from qwen3vl_jax.data.synthetic import SyntheticSource
+from qwen3vl_jax.data.tfds_source import TfdsSource
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _LLAVA_MEDIA = re.compile(r"<(image|video)>\n?")
@@ -148,13 +152,19 @@ def make_source(spec: dict):
         return JsonlSource(**spec)
     if kind == "array_record":
         return ArrayRecordJsonSource(**spec)
-    raise ValueError(f"unknown source kind {kind!r}; use synthetic, digits, jsonl or array_record")
+    if kind == "tfds":
+        return TfdsSource(**spec)
+    raise ValueError(f"unknown source kind {kind!r}; use synthetic, digits, jsonl, array_record or tfds")
 
 
 def mixture(specs: Sequence[dict]) -> grain.MapDataset:
-    """One MapDataset over all sources, mixed by their weights."""
+    """One MapDataset over the sources of non-zero weight, mixed by their weights."""
+    for spec in specs:
+        if float(spec.get("weight", 1.0)) < 0:
+            raise ValueError(f"source {spec} has a negative weight")
+    specs = [s for s in specs if float(s.get("weight", 1.0)) > 0]
     if not specs:
-        raise ValueError("no data sources configured")
+        raise ValueError("no data sources configured (or all have weight 0)")
     datasets = [grain.MapDataset.source(make_source(s)) for s in specs]
     if len(datasets) == 1:
         return datasets[0]

@@ -3,6 +3,7 @@ shared by images and videos. Equal to transformers' `Qwen2VLImageProcessorPil` o
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any
@@ -35,29 +36,36 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def load_image(source: Any, base_dir: str = "") -> Image.Image:
-    """An RGB PIL image from a PIL image, an (H, W[, 3|4]) uint8 array, or a file path (relative paths are
-    resolved against `base_dir`). Raises DataError naming the file when it is missing or unreadable."""
+    """An RGB PIL image from a PIL image, an (H, W[, 1|3|4]) uint8 array, encoded image bytes (PNG, JPEG, ...),
+    or a file path (relative paths are resolved against `base_dir`). Raises DataError naming the file when it is
+    missing or unreadable."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise DataError(f"image array must be uint8 (H, W) or (H, W, C), got {source.dtype} {source.shape}")
-        image = Image.fromarray(source)
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+            raise DataError(f"image array must be uint8 (H, W) or (H, W, 1|3|4), got {source.dtype} {source.shape}")
+        image = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
+    elif isinstance(source, (bytes, bytearray)):
+        image = _decode(io.BytesIO(source), f"{len(source)} bytes of image data")
     elif isinstance(source, (str, os.PathLike)):
         path = os.path.join(base_dir, os.fspath(source))
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except FileNotFoundError:
-            raise DataError(f"image file {path} does not exist") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"image file {path} is unreadable or corrupt: {e}") from None
+        if not os.path.exists(path):
+            raise DataError(f"image file {path} does not exist")
+        image = _decode(path, f"image file {path}")
     else:
         raise DataError(f"unsupported image input of type {type(source).__name__}")
     if image.width == 0 or image.height == 0:
         raise DataError(f"image has zero size ({image.height}x{image.width})")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _decode(file: Any, what: str) -> Image.Image:
+    try:
+        with Image.open(file) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{what} is unreadable or corrupt: {e}") from None
 
 
 def resize_and_normalize(image: Image.Image, height: int, width: int, mean, std) -> np.ndarray:
