@@ -108,3 +108,25 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path, 
     output = run(tmp_path, 16, 1)
     assert f"resumed from the checkpoint of step {finished[-1]}" in output
     assert losses(tmp_path) == reference
+
+
+def test_default_workdir_is_named_after_the_config_and_another_model_is_not_resumed_there(tmp_path):
+    """Without --workdir the run goes to <temp dir>/qwen3vl_runs/tiny (announced); nothing named qwen3vl_jax
+    appears in the temp dir, where it would shadow the package for any Python started there. The same workdir
+    refuses a model of other shapes, naming both."""
+    env = dict(ENV, TMPDIR=str(tmp_path))
+    no_workdir = [arg for arg in command("unused", 2, 1) if not arg.startswith("--workdir")]
+    first = subprocess.run(no_workdir, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    workdir = tmp_path / "qwen3vl_runs" / "tiny"
+    assert f"workdir: {workdir}" in first.stdout + first.stderr
+    assert sorted(losses(workdir)) == [1, 2] and "qwen3vl_jax" not in os.listdir(tmp_path)
+
+    wider = no_workdir + ["--config.steps=4", "--config.model.overrides.text.hidden_size=256",
+                          "--config.model.overrides.vision.out_hidden_size=256"]
+    second = subprocess.run(wider, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1
+    assert (f"{workdir} holds checkpoints of another model" in second.stderr
+            and "saved:    configs/tiny.py: decoder 4 x 128" in second.stderr
+            and "this run: configs/tiny.py: decoder 4 x 256" in second.stderr), second.stderr[-3000:]
+    assert sorted(losses(workdir)) == [1, 2]  # nothing trained or overwritten

@@ -88,7 +88,7 @@ def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
     """Trains the run (resuming it from its newest checkpoint if it was interrupted), evaluates it on the
     sweep's eval sets and writes predictions.jsonl and then results.json; returns the results."""
     directory = run_dir(workdir, run)
-    trainer = Trainer(run_config(sweep, run), directory)
+    trainer = Trainer(run_config(sweep, run), directory, config_name=f"sweep {sweep.name!r}, run {run.name}")
     trainer.run()
     model = Qwen3VLModel(trainer.model_config, trainer.state.params)
     predictions = []

@@ -25,7 +25,7 @@ from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_token
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.sharding import (DEFAULT_RULES, batch_sharding, global_batch, initialize_distributed, make_mesh,
                                   param_shardings)
-from qwen3vl_jax.training.checkpointing import Checkpointer, abstract_like
+from qwen3vl_jax.training.checkpointing import Checkpointer, abstract_like, check_resumable, record_run
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_train_step
@@ -95,10 +95,13 @@ class StepBuilder:
 
 
 class Trainer(StepBuilder):
-    def __init__(self, config: ConfigDict, workdir: str):
+    def __init__(self, config: ConfigDict, workdir: str, *, config_name: str = ""):
+        """`config_name` (e.g. the config file) is recorded in the workdir and named when a later run of another
+        model refuses to resume there."""
         initialize_distributed()
         super().__init__(config, make_mesh(config.mesh.to_dict()))
-        self.workdir = workdir
+        self.workdir, self.config_name = workdir, config_name
+        report(f"workdir: {workdir}")
         self.processor = processor_from(config)
         self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -136,8 +139,10 @@ class Trainer(StepBuilder):
         iterator = iter(self.dataset(self.data_config))
         step = self.checkpointer.latest_step()
         if step is None:
+            record_run(self.workdir, self.model_config, self.config_name)
             step, state = 0, self.initial_state()
         else:
+            check_resumable(self.workdir, self.model_config, self.config_name)
             state = self.checkpointer.restore(step, self.abstract_state(), iterator)
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
         signal.signal(signal.SIGTERM, self._on_sigterm)
