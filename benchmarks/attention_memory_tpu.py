@@ -27,11 +27,18 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GIB = 2**30
 
 
+def gib_label(size: float, fits: bool) -> str:
+    return f"{size / GIB:9.3f} GiB" + ("" if fits else " (does not fit)")
+
+
 def temp_bytes(impl: str, length: int, device) -> tuple[float, bool]:
     """(temporary bytes, fits): from memory_analysis, or the compiler's out-of-memory report."""
     mesh = Mesh(np.asarray([device]).reshape(1, 1, 1, 1), MESH_AXES)
     replicated = NamedSharding(mesh, PartitionSpec())
-    array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    def array(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
     q = array((1, length, HEADS, HEAD_DIM), jnp.bfloat16)
     kv = array((1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16)
     segments = array((1, length), jnp.int32)
@@ -58,13 +65,16 @@ def main():
     parser.add_argument("--topology", default="v5p:2x2x1")
     args = parser.parse_args()
     device = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0]
-    print(f"one decoder layer's attention (Qwen3-VL-8B: {HEADS} q heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, "
-          f"bf16), forward + backward, on one {device.device_kind} chip; temporary memory per chip")
+    print(
+        f"one decoder layer's attention (Qwen3-VL-8B: {HEADS} q heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, "
+        f"bf16), forward + backward, on one {device.device_kind} chip; temporary memory per chip"
+    )
     for length in args.lengths:
         (xla, xla_fits), (splash, splash_fits) = (temp_bytes(impl, length, device) for impl in ("xla", "splash"))
-        label = lambda size, fits: f"{size / GIB:9.3f} GiB" + ("" if fits else " (does not fit)")
-        print(f"  L = {length:6d}: xla {label(xla, xla_fits)} | splash {label(splash, splash_fits)} | "
-              f"splash / xla = 1/{xla / splash:.0f}")
+        print(
+            f"  L = {length:6d}: xla {gib_label(xla, xla_fits)} | splash {gib_label(splash, splash_fits)} | "
+            f"splash / xla = 1/{xla / splash:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ def read_bandwidth(num_bytes: float, all_cores: bool, seconds: float = 2.0) -> f
     if all_cores:
         import jax
         import jax.numpy as jnp
+
         device_data, total = jax.device_put(data), jax.jit(jnp.sum)
-        read = lambda: total(device_data).block_until_ready()
+
+        def read():
+            return total(device_data).block_until_ready()
+
     else:
         read = data.sum
     read()
@@ -62,8 +66,9 @@ def seconds_hf(batch: int, new: int, repeats: int) -> float:
 
     def run():
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
+            out = model.generate(
+                **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
         assert out.shape[1] == PROMPT + new
 
     return timed(run, repeats)
@@ -71,9 +76,10 @@ def seconds_hf(batch: int, new: int, repeats: int) -> float:
 
 def seconds_jax(batch: int, new: int, repeats: int) -> float:
     import jax
+    from train_step_vs_hf import HF_CONFIG
+
     import qwen3vl_jax
     from qwen3vl_jax.modeling.model import init_params
-    from train_step_vs_hf import HF_CONFIG
 
     config = qwen3vl_jax.from_hf({"model_type": "qwen3_vl", **HF_CONFIG})
     model = qwen3vl_jax.Qwen3VLModel(config, init_params(config, jax.random.PRNGKey(0)))
@@ -107,11 +113,17 @@ def bytes_per_step(batch: int) -> float:
 
 def measure(framework: str, batch: int, repeats: int) -> dict:
     """In a fresh process: end-to-end new tokens/s for NEW tokens and the decode-only steps/s."""
-    out = subprocess.run([sys.executable, __file__, f"--measure={framework}:{batch}", f"--repeats={repeats}"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, f"--measure={framework}:{batch}", f"--repeats={repeats}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     seconds = json.loads(out.strip().splitlines()[-1])
-    return dict(end_to_end=batch * NEW / seconds[str(NEW)],
-                decode=batch * (NEW - NEW // 2) / (seconds[str(NEW)] - seconds[str(NEW // 2)]))
+    return dict(
+        end_to_end=batch * NEW / seconds[str(NEW)],
+        decode=batch * (NEW - NEW // 2) / (seconds[str(NEW)] - seconds[str(NEW // 2)]),
+    )
 
 
 def main():
@@ -124,21 +136,32 @@ def main():
         framework, batch = args.measure.split(":")
         timer = seconds_hf if framework == "hf" else seconds_jax
         return print(json.dumps({str(n): timer(int(batch), n, args.repeats) for n in (NEW // 2, NEW)}))
-    print(f"model 43.5M parameters, fp32, {PROMPT}-token prompt, {NEW} new tokens, greedy; {os.cpu_count()} CPU "
-          f"cores; each measurement in a fresh process")
+    print(
+        f"model 43.5M parameters, fp32, {PROMPT}-token prompt, {NEW} new tokens, greedy; {os.cpu_count()} CPU "
+        f"cores; each measurement in a fresh process"
+    )
     for batch in BATCHES:
         step_bytes = bytes_per_step(batch)
-        bounds = {cores: batch * read_bandwidth(step_bytes, cores == "all cores") / step_bytes
-                  for cores in ("1 core", "all cores")}
+        bounds = {
+            cores: batch * read_bandwidth(step_bytes, cores == "all cores") / step_bytes
+            for cores in ("1 core", "all cores")
+        }
         hf, ours = measure("hf", batch, args.repeats), measure("jax", batch, args.repeats)
-        print(f"batch {batch}: {step_bytes / 1e6:.0f} MB read per step; bandwidth bound "
-              + ", ".join(f"{bound:.0f} tokens/s ({cores})" for cores, bound in bounds.items()))
+        print(
+            f"batch {batch}: {step_bytes / 1e6:.0f} MB read per step; bandwidth bound "
+            + ", ".join(f"{bound:.0f} tokens/s ({cores})" for cores, bound in bounds.items())
+        )
         for name, result in (("HF generate", hf), ("qwen3vl_jax", ours)):
-            print(f"  {name:12s} end-to-end {result['end_to_end']:7.1f} tokens/s | decode {result['decode']:7.1f} "
-                  f"tokens/s = " + ", ".join(f"{result['decode'] / bound:.0%}" for bound in bounds.values())
-                  + " of the bounds")
-        print(f"  qwen3vl_jax / HF: {ours['end_to_end'] / hf['end_to_end']:.2f}x end-to-end, "
-              f"{ours['decode'] / hf['decode']:.2f}x decode")
+            print(
+                f"  {name:12s} end-to-end {result['end_to_end']:7.1f} tokens/s | decode {result['decode']:7.1f} "
+                f"tokens/s = "
+                + ", ".join(f"{result['decode'] / bound:.0%}" for bound in bounds.values())
+                + " of the bounds"
+            )
+        print(
+            f"  qwen3vl_jax / HF: {ours['end_to_end'] / hf['end_to_end']:.2f}x end-to-end, "
+            f"{ours['decode'] / hf['decode']:.2f}x decode"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,16 @@ TOKENS = 2048
 
 
 def moe_text(hidden, experts, inter) -> TextConfig:
-    return TextConfig(hidden_size=hidden, num_experts=experts, num_experts_per_tok=8, moe_intermediate_size=inter,
-                      num_attention_heads=8, num_key_value_heads=8, head_dim=64, mrope_section=(12, 10, 10))
+    return TextConfig(
+        hidden_size=hidden,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        moe_intermediate_size=inter,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        mrope_section=(12, 10, 10),
+    )
 
 
 def median_seconds(step, repeats: int = 5) -> float:
@@ -59,8 +67,9 @@ def ours(backend: str, params, x):
 
 def transformers_block(implementation: str, params, x):
     c = CPU_SHAPE
-    config = transformers.Qwen3VLMoeTextConfig(hidden_size=c["hidden"], num_experts=c["experts"],
-                                               num_experts_per_tok=8, moe_intermediate_size=c["inter"])
+    config = transformers.Qwen3VLMoeTextConfig(
+        hidden_size=c["hidden"], num_experts=c["experts"], num_experts_per_tok=8, moe_intermediate_size=c["inter"]
+    )
     config._experts_implementation = implementation
     block = Qwen3VLMoeTextSparseMoeBlock(config)
     p = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a).copy()), params["params"])
@@ -88,8 +97,10 @@ def cpu_table():
     rows = [(f"transformers {impl}", *transformers_block(impl, params, x)) for impl in ("grouped_mm", "eager")]
     rows += [(f"qwen3vl_jax {backend}", *ours(backend, params, x)) for backend in ("ragged_dot", "megablox", "dense")]
     baseline = rows[0][1]
-    print(f"CPU ({os.cpu_count()} cores), one MoE block (hidden {CPU_SHAPE['hidden']}, {CPU_SHAPE['experts']} "
-          f"experts, top-8, width {CPU_SHAPE['inter']}), {TOKENS} tokens, fp32, forward + backward:")
+    print(
+        f"CPU ({os.cpu_count()} cores), one MoE block (hidden {CPU_SHAPE['hidden']}, {CPU_SHAPE['experts']} "
+        f"experts, top-8, width {CPU_SHAPE['inter']}), {TOKENS} tokens, fp32, forward + backward:"
+    )
     print(f"  {'':26s} {'s/step':>8s} {'tokens/s':>9s} {'vs transformers grouped_mm':>27s} {'loss':>12s}")
     for name, seconds, loss in rows:
         print(f"  {name:26s} {seconds:8.3f} {TOKENS / seconds:9.0f} {baseline / seconds:26.2f}x {loss:12.2f}")
@@ -100,10 +111,14 @@ def tpu_layer_memory(backend: str, topology: str = "v5p:2x2x2", tokens_per_chip:
     mesh = make_mesh({"fsdp": -1, "expert": 8}, devices)
     module = MoeBlock(moe_text(4096, 128, 1536), backend, TILING, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 4096), jnp.bfloat16)))
-    params = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    nn.meta.unbox(boxed), param_shardings(boxed, mesh, DEFAULT_RULES))
-    x = jax.ShapeDtypeStruct((len(devices), tokens_per_chip, 4096), jnp.bfloat16,
-                             sharding=NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    params = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        param_shardings(boxed, mesh, DEFAULT_RULES),
+    )
+    x = jax.ShapeDtypeStruct(
+        (len(devices), tokens_per_chip, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    )
     step = jax.jit(jax.grad(lambda p, x: module.apply(p, x)[0].astype(jnp.float32).sum(), argnums=(0, 1)))
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         compiled = step.lower(params, x).compile()
@@ -113,14 +128,18 @@ def tpu_layer_memory(backend: str, topology: str = "v5p:2x2x2", tokens_per_chip:
 
 def tpu_table():
     gib = 2**30
-    print("one Qwen3-VL-235B-A22B MoE layer (hidden 4096, 128 experts, top-8, width 1536, bf16), forward + backward, "
-          "8192 tokens per chip, experts over an expert axis of 8, AOT-compiled for v5p:2x2x2, per chip:")
+    print(
+        "one Qwen3-VL-235B-A22B MoE layer (hidden 4096, 128 experts, top-8, width 1536, bf16), forward + backward, "
+        "8192 tokens per chip, experts over an expert axis of 8, AOT-compiled for v5p:2x2x2, per chip:"
+    )
     rows = [(backend, *tpu_layer_memory(backend)) for backend in ("ragged_dot", "megablox")]
     baseline = rows[0][3].temp_size_in_bytes
     for backend, kind, chips, memory, kernels in rows:
-        print(f"  {backend:10s} on {chips} x {kind}: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, "
-              f"temporaries {memory.temp_size_in_bytes / gib:.2f} GiB ({memory.temp_size_in_bytes / baseline:.2f}x "
-              f"ragged_dot), {kernels} Mosaic kernel calls")
+        print(
+            f"  {backend:10s} on {chips} x {kind}: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, "
+            f"temporaries {memory.temp_size_in_bytes / gib:.2f} GiB ({memory.temp_size_in_bytes / baseline:.2f}x "
+            f"ragged_dot), {kernels} Mosaic kernel calls"
+        )
 
 
 def main():

@@ -19,11 +19,20 @@ from qwen3vl_jax.processing.chat import load_chat_template
 
 
 def measure(workers: int, batches: int) -> tuple[float, float]:
-    processor = Processor(byte_tokenizer(), load_chat_template(None),
-                          VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=128 * 128,
-                                                 video_min_pixels=0, video_max_pixels=8 * 64 * 64))
-    config = DataConfig(sources=({"kind": "synthetic", "size": 100_000}, {"kind": "digits", "image_size": 64}),
-                        seq_len=512, max_patches=1024, batch_size=8, workers=workers)
+    processor = Processor(
+        byte_tokenizer(),
+        load_chat_template(None),
+        VisionProcessingConfig(
+            image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=0, video_max_pixels=8 * 64 * 64
+        ),
+    )
+    config = DataConfig(
+        sources=({"kind": "synthetic", "size": 100_000}, {"kind": "digits", "image_size": 64}),
+        seq_len=512,
+        max_patches=1024,
+        batch_size=8,
+        workers=workers,
+    )
     iterator = iter(build_dataset(config, processor, preset("tiny")))
     next(iterator)  # start-up (worker processes, first batch) is not throughput
     examples = tokens = 0

@@ -35,14 +35,38 @@ from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
 HF_CONFIG = dict(
-    vision_config=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16,
-                       temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=512, num_position_embeddings=256,
-                       deepstack_visual_indexes=[1, 2, 3]),
-    text_config=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                     num_key_value_heads=4, head_dim=64, vocab_size=8192,
-                     rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [12, 10, 10],
-                                      "mrope_interleaved": True}),
-    image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
+    vision_config=dict(
+        depth=4,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_heads=4,
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=512,
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[1, 2, 3],
+    ),
+    text_config=dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=8192,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [12, 10, 10],
+            "mrope_interleaved": True,
+        },
+    ),
+    image_token_id=8000,
+    video_token_id=8001,
+    vision_start_token_id=8002,
+    vision_end_token_id=8003,
+)
 BATCH, LENGTH, GRID = 4, 512, (1, 14, 14)
 
 
@@ -50,11 +74,16 @@ def make_batch(rng):
     tokens = GRID[1] * GRID[2] // 4
     ids = rng.integers(0, 8000, (BATCH, LENGTH))
     ids[:, 10] = 8002
-    ids[:, 11:11 + tokens] = 8000
+    ids[:, 11 : 11 + tokens] = 8000
     ids[:, 11 + tokens] = 8003
     pixels = rng.standard_normal((BATCH * GRID[1] * GRID[2], 1536)).astype(np.float32)
-    return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pixels,
-                image_grid_thw=np.array([GRID] * BATCH), mm_token_type_ids=(ids == 8000).astype(np.int64))
+    return dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=pixels,
+        image_grid_thw=np.array([GRID] * BATCH),
+        mm_token_type_ids=(ids == 8000).astype(np.int64),
+    )
 
 
 def time_steps(step, steps):
@@ -82,19 +111,39 @@ def hf_seconds_per_step(batch, steps):
 
 def jax_seconds_per_step(batch, steps, remat):
     config = from_hf({"model_type": "qwen3_vl", **HF_CONFIG}, remat=remat)
-    inputs, _ = from_hf_batch(config, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                              batch["image_grid_thw"], seq_len=LENGTH, max_patches=GRID[1] * GRID[2])
+    inputs, _ = from_hf_batch(
+        config,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        seq_len=LENGTH,
+        max_patches=GRID[1] * GRID[2],
+    )
     arrays = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
     arrays["targets"] = np.concatenate([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], axis=1).astype(np.int32)
     arrays["loss_mask"] = np.ones((BATCH, LENGTH), np.int32)
     arrays["loss_mask"][:, -1] = 0  # like HF's shifted labels: the last position has no target
     params = init_params(config, jax.random.PRNGKey(0))
-    optimizer, schedule = make_optimizer(ConfigDict(dict(lr=1e-4, warmup_steps=0, final_lr_ratio=1.0, b1=0.9,
-                                                         b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1e9,
-                                                         freeze=())), 1000, params)
+    optimizer, schedule = make_optimizer(
+        ConfigDict(
+            dict(
+                lr=1e-4,
+                warmup_steps=0,
+                final_lr_ratio=1.0,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                weight_decay=0.01,
+                clip_norm=1e9,
+                freeze=(),
+            )
+        ),
+        1000,
+        params,
+    )
     train_step = jax.jit(make_train_step(config, optimizer, schedule, loss_normalization="token"), donate_argnums=0)
-    state = [TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
-                        rng=jax.random.PRNGKey(0))]
+    state = [TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))]
     arrays = jax.device_put(arrays)
 
     def step():
@@ -117,8 +166,12 @@ def measure(framework: str, steps: int) -> None:
 
 
 def run(framework: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, f"--measure={framework}", f"--steps={steps}"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, f"--measure={framework}", f"--steps={steps}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -133,14 +186,20 @@ def main():
     ours = {remat: run(f"jax:{remat}", args.steps) for remat in ("none", "dots")}
     flops, peak = ours["none"]["flops"], ours["none"]["peak"]
     tokens = BATCH * LENGTH
-    print(f"model {hf['params'] / 1e6:.1f}M parameters; batch {BATCH} x {LENGTH} tokens + {BATCH} images 224x224; "
-          f"fp32; {os.cpu_count()} CPU cores; each measurement in a fresh process, {args.steps} steps after warm-up")
-    print(f"measured fp32 matmul peak (jax, 2048^3): {peak / 1e9:.0f} GFLOP/s; model FLOPs per step: {flops / 1e9:.0f} G")
+    print(
+        f"model {hf['params'] / 1e6:.1f}M parameters; batch {BATCH} x {LENGTH} tokens + {BATCH} images 224x224; "
+        f"fp32; {os.cpu_count()} CPU cores; each measurement in a fresh process, {args.steps} steps after warm-up"
+    )
+    print(
+        f"measured fp32 matmul peak (jax, 2048^3): {peak / 1e9:.0f} GFLOP/s; model FLOPs per step: {flops / 1e9:.0f} G"
+    )
     rows = [("HF transformers (torch)", hf)] + [(f"qwen3vl_jax remat={r}", ours[r]) for r in ours]
     for name, result in rows:
         seconds = result["seconds"]
-        print(f"  {name:26s} {seconds:6.3f} s/step  {tokens / seconds:7.1f} tokens/s  MFU {flops / seconds / peak:5.1%}"
-              + ("" if result is hf else f"  {hf['seconds'] / seconds:.2f}x HF"))
+        print(
+            f"  {name:26s} {seconds:6.3f} s/step  {tokens / seconds:7.1f} tokens/s  MFU {flops / seconds / peak:5.1%}"
+            + ("" if result is hf else f"  {hf['seconds'] / seconds:.2f}x HF")
+        )
 
 
 if __name__ == "__main__":

@@ -16,17 +16,35 @@ EVAL_SEED = 1_000_003
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.name = "DeepStack on vs off"
-    c.description = ("Trained on small-object grounding (6 x 6 grid, 8 px target square among 1-3 distractors of "
-                     "other colours) and OCR (3-8 characters rendered small in a 64 px image); evaluated on held-out "
-                     "examples. `off`: no DeepStack mergers and no injection into the decoder.")
+    c.description = (
+        "Trained on small-object grounding (6 x 6 grid, 8 px target square among 1-3 distractors of "
+        "other colours) and OCR (3-8 characters rendered small in a 64 px image); evaluated on held-out "
+        "examples. `off`: no DeepStack mergers and no injection into the decoder."
+    )
     objects = synthetic(("small_object_grounding",), grid_sizes=(6,))
-    c.base = base_config(dict(objects=dict(objects, weight=2.0), ocr=dict(synthetic(("ocr",)), weight=1.0)),
-                         steps=1200, seq_len=120, max_patches=144)
+    c.base = base_config(
+        dict(objects=dict(objects, weight=2.0), ocr=dict(synthetic(("ocr",)), weight=1.0)),
+        steps=1200,
+        seq_len=120,
+        max_patches=144,
+    )
     c.variants = ConfigDict({"on": {}, "off": dict(model=dict(overrides=dict(deepstack=False)))}, sort_keys=False)
     c.seeds = (0, 1, 2)
-    c.eval = ConfigDict(dict(batch_size=16, max_new_tokens=24, sets=dict(
-        objects=dict(num_examples=64, sources=[dict(objects, seed=EVAL_SEED)]),
-        ocr=dict(num_examples=48, sources=[synthetic(("ocr",), seed=EVAL_SEED)]))))
-    c.columns = [("objects", "box_hit"), ("objects", "x_accuracy"), ("objects", "y_accuracy"),
-                 ("ocr", "char_accuracy"), ("ocr", "exact_match")]
+    c.eval = ConfigDict(
+        dict(
+            batch_size=16,
+            max_new_tokens=24,
+            sets=dict(
+                objects=dict(num_examples=64, sources=[dict(objects, seed=EVAL_SEED)]),
+                ocr=dict(num_examples=48, sources=[synthetic(("ocr",), seed=EVAL_SEED)]),
+            ),
+        )
+    )
+    c.columns = [
+        ("objects", "box_hit"),
+        ("objects", "x_accuracy"),
+        ("objects", "y_accuracy"),
+        ("ocr", "char_accuracy"),
+        ("ocr", "exact_match"),
+    ]
     return c

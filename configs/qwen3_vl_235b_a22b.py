@@ -2,7 +2,8 @@
 experts split over an expert mesh axis of 8.
 
     python -m experiments.train --config=configs/qwen3_vl_235b_a22b.py:sft --workdir=gs://bucket/run \
-        --config.model.init_from=/path/to/Qwen3-VL-235B-A22B-Instruct --config.data.sources.train.path=/path/to/sft.jsonl
+        --config.model.init_from=/path/to/Qwen3-VL-235B-A22B-Instruct \
+        --config.data.sources.train.path=/path/to/sft.jsonl
     python -m experiments.compile --config=configs/qwen3_vl_235b_a22b.py --topology=v5p:4x4x4   # will it fit?
 
 See configs/released.py for the shared recipe.

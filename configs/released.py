@@ -25,17 +25,44 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     c.log_every = 10
     c.export_hf = True
     c.peak_flops_per_device = 0.0
-    c.model = ConfigDict(dict(preset=preset, init_from="", overrides=dict(
-        dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash", moe_backend="megablox")))
+    c.model = ConfigDict(
+        dict(
+            preset=preset,
+            init_from="",
+            overrides=dict(
+                dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash", moe_backend="megablox"
+            ),
+        )
+    )
     # images up to 1024 x 1024 px (4096 patches); the packed row holds 4096 patches of ViT input
     c.processing = ConfigDict(dict(image_max_pixels=1024 * 1024, video_max_pixels=4096 * 16 * 16))
-    c.data = ConfigDict(dict(
-        sources=dict(train=dict(kind="jsonl", path="/path/to/train.jsonl")),
-        seq_len=8192, max_patches=4096, rows_per_device=1, batch_size=0, seed=0, workers=8,
-        overflow="truncate", on_bad_input="skip"))
+    c.data = ConfigDict(
+        dict(
+            sources=dict(train=dict(kind="jsonl", path="/path/to/train.jsonl")),
+            seq_len=8192,
+            max_patches=4096,
+            rows_per_device=1,
+            batch_size=0,
+            seed=0,
+            workers=8,
+            overflow="truncate",
+            on_bad_input="skip",
+        )
+    )
     c.eval = ConfigDict(dict(every=0, batch_size=0, sets={}))
-    c.optimizer = ConfigDict(dict(lr=1e-5 if sft else 3e-4, warmup_steps=200 if sft else 2000, final_lr_ratio=0.1,
-                                  b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, freeze=()))
+    c.optimizer = ConfigDict(
+        dict(
+            lr=1e-5 if sft else 3e-4,
+            warmup_steps=200 if sft else 2000,
+            final_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            freeze=(),
+        )
+    )
     c.loss_normalization = "sqrt"
     c.grad_accum_steps = 1
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=expert_parallel))

@@ -16,7 +16,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qwen3vl_jax import storage
-
 from qwen3vl_jax.ablation.sweep import load_results, runs_of, train_and_evaluate, write_report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/ablate_*.py).")
@@ -37,7 +36,7 @@ def main(argv):
         # the runs of a variant compile the same programs: compile them once per sweep
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
     if not _REPORT_ONLY.value:
-        mine = runs[_SHARD.value::_SHARDS.value]
+        mine = runs[_SHARD.value :: _SHARDS.value]
         for i, run in enumerate(mine, 1):
             if load_results(workdir, run) is not None:
                 print(f"[{i}/{len(mine)}] {run.name}: finished earlier, skipped", flush=True)

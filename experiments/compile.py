@@ -40,14 +40,25 @@ def abstract_batch(builder: StepBuilder) -> dict:
     """ShapeDtypeStructs of one global batch, sharded like the real batches."""
     data, vision = builder.config.data, builder.model_config.vision
     b, length, patches = builder.global_batch_size(data), data.seq_len, data.max_patches
-    shapes = dict(input_ids=(b, length), segment_ids=(b, length), positions=(b, 3, length), visual_index=(b, length),
-                  targets=(b, length), loss_mask=(b, length), pixel_patches=(b, patches, vision.patch_dim),
-                  patch_segment_ids=(b, patches), pos_embed_index=(b, patches, 4), pos_embed_weight=(b, patches, 4),
-                  patch_rowcol=(b, patches, 2))
+    shapes = dict(
+        input_ids=(b, length),
+        segment_ids=(b, length),
+        positions=(b, 3, length),
+        visual_index=(b, length),
+        targets=(b, length),
+        loss_mask=(b, length),
+        pixel_patches=(b, patches, vision.patch_dim),
+        patch_segment_ids=(b, patches),
+        pos_embed_index=(b, patches, 4),
+        pos_embed_weight=(b, patches, 4),
+        patch_rowcol=(b, patches, 2),
+    )
     floats = ("pixel_patches", "pos_embed_weight")
     sharding = batch_sharding(builder.mesh)
-    return {k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=sharding)
-            for k, s in shapes.items()}
+    return {
+        k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=sharding)
+        for k, s in shapes.items()
+    }
 
 
 def main(argv):
@@ -59,9 +70,11 @@ def main(argv):
     hbm = hbm_per_chip(devices[0])
     mc = builder.model_config
     params = sum(x.size for x in jax.tree_util.tree_leaves(builder.abstract_state().params))
-    print(f"config: {mc.model_type} {params / 1e6:,.1f}M parameters, {mc.dtype} compute / {mc.param_dtype} weights, "
-          f"remat={mc.remat}; batch {builder.global_batch_size(config.data)} x {config.data.seq_len} tokens + "
-          f"{config.data.max_patches} patches per row")
+    print(
+        f"config: {mc.model_type} {params / 1e6:,.1f}M parameters, {mc.dtype} compute / {mc.param_dtype} weights, "
+        f"remat={mc.remat}; batch {builder.global_batch_size(config.data)} x {config.data.seq_len} tokens + "
+        f"{config.data.max_patches} patches per row"
+    )
     print(f"topology: {_TOPOLOGY.value} ({len(devices)} x {devices[0].device_kind}), mesh {dict(builder.mesh.shape)}")
     start = time.perf_counter()
     try:
@@ -73,13 +86,23 @@ def main(argv):
         print(f"  the TPU compiler ran out of HBM: {str(e).splitlines()[0]}\n  -> does not fit")
         sys.exit(1)
     memory = compiled.memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
     kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     print(f"  compiled in {time.perf_counter() - start:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
-    for name, value in (("arguments", memory.argument_size_in_bytes), ("outputs", memory.output_size_in_bytes),
-                        ("aliased (donated)", memory.alias_size_in_bytes), ("temporaries", memory.temp_size_in_bytes),
-                        ("code", memory.generated_code_size_in_bytes), ("total", total)):
+    for name, value in (
+        ("arguments", memory.argument_size_in_bytes),
+        ("outputs", memory.output_size_in_bytes),
+        ("aliased (donated)", memory.alias_size_in_bytes),
+        ("temporaries", memory.temp_size_in_bytes),
+        ("code", memory.generated_code_size_in_bytes),
+        ("total", total),
+    ):
         print(f"  {name:18s} {value / GIB:8.2f} GiB per chip")
     fits = total <= hbm
     print(f"  {'HBM':18s} {hbm / GIB:8.2f} GiB per chip -> {'fits' if fits else 'does not fit'}")

@@ -69,13 +69,15 @@ def main(argv):
     model, processor = load_model()
     results = []
     for name, records in eval_sets().items():
-        results += generate_answers(model, processor, records, set_name=name, batch_size=_BATCH.value,
-                                    max_new_tokens=_MAX_NEW.value)
+        results += generate_answers(
+            model, processor, records, set_name=name, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value
+        )
     summary = summarize(results)
     output = _OUTPUT.value or os.path.join(_CHECKPOINT.value or _WORKDIR.value, "eval")
     with storage.local_dir(output) as local:
         write_report(summary, results, local, f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}")
-        print(open(os.path.join(local, "report.md")).read())
+        with open(os.path.join(local, "report.md")) as f:
+            print(f.read())
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from qwen3vl_jax.training.checkpointing import WorkdirMismatch
 from qwen3vl_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, metrics.jsonl (default: "
-                               "/tmp/qwen3vl_runs/<config name>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, TensorBoard events, metrics.jsonl (default: /tmp/qwen3vl_runs/<config name>)."
+)
 
 
 def default_workdir(config_file: str) -> str:

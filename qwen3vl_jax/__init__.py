@@ -6,5 +6,17 @@ from qwen3vl_jax.model_inputs import ModelInputs
 from qwen3vl_jax.positions import rope_index
 from qwen3vl_jax.processing import Processor, load_processor
 
-__all__ = ["Qwen3VLModel", "load_pretrained", "ModelConfig", "TextConfig", "VisionConfig", "from_hf", "preset",
-           "to_hf", "ModelInputs", "rope_index", "Processor", "load_processor"]
+__all__ = [
+    "ModelConfig",
+    "ModelInputs",
+    "Processor",
+    "Qwen3VLModel",
+    "TextConfig",
+    "VisionConfig",
+    "from_hf",
+    "load_pretrained",
+    "load_processor",
+    "preset",
+    "rope_index",
+    "to_hf",
+]

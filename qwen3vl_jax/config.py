@@ -62,16 +62,24 @@ class VisionConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "deepstack_visual_indexes", tuple(self.deepstack_visual_indexes))
-        _check(self.hidden_size % self.num_heads == 0,
-               f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+        )
         _check(self.head_dim % 4 == 0, f"vision head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
-        _check(math.isqrt(self.num_position_embeddings) ** 2 == self.num_position_embeddings,
-               f"num_position_embeddings {self.num_position_embeddings} is not a perfect square")
+        _check(
+            math.isqrt(self.num_position_embeddings) ** 2 == self.num_position_embeddings,
+            f"num_position_embeddings {self.num_position_embeddings} is not a perfect square",
+        )
         idx = self.deepstack_visual_indexes
-        _check(all(0 <= i < self.depth for i in idx) and list(idx) == sorted(set(idx)),
-               f"deepstack_visual_indexes {idx} must be increasing block indices in [0, {self.depth})")
-        _check(self.hidden_act == "gelu_pytorch_tanh",
-               f"vision hidden_act {self.hidden_act!r} is not supported (Qwen3-VL uses 'gelu_pytorch_tanh')")
+        _check(
+            all(0 <= i < self.depth for i in idx) and list(idx) == sorted(set(idx)),
+            f"deepstack_visual_indexes {idx} must be increasing block indices in [0, {self.depth})",
+        )
+        _check(
+            self.hidden_act == "gelu_pytorch_tanh",
+            f"vision hidden_act {self.hidden_act!r} is not supported (Qwen3-VL uses 'gelu_pytorch_tanh')",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -127,22 +135,30 @@ class TextConfig:
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
-        _check(self.num_attention_heads % self.num_key_value_heads == 0,
-               f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-               f"num_key_value_heads {self.num_key_value_heads}")
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
         _check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even")
-        _check(len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
-               f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}")
+        _check(
+            len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
+            f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}",
+        )
         _check(self.hidden_act == "silu", f"text hidden_act {self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
         object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
         _check(self.rope_type in ROPE_TYPES, f"rope_type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
         if self.rope_type == "yarn":
             _check("factor" in dict(self.rope_scaling), "yarn rope needs a 'factor'")
         if self.num_experts:
-            _check(0 < self.num_experts_per_tok <= self.num_experts,
-                   f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
-            _check(self.moe_intermediate_size > 0, f"an MoE model needs moe_intermediate_size > 0, got "
-                                                   f"{self.moe_intermediate_size}")
+            _check(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]",
+            )
+            _check(
+                self.moe_intermediate_size > 0,
+                f"an MoE model needs moe_intermediate_size > 0, got {self.moe_intermediate_size}",
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -150,8 +166,7 @@ class TextConfig:
 
     def is_sparse_layer(self, layer: int) -> bool:
         """Which decoder layers use the MoE block (the rule of `Qwen3VLMoeTextDecoderLayer.__init__`)."""
-        return (self.is_moe and layer not in self.mlp_only_layers
-                and (layer + 1) % self.decoder_sparse_step == 0)
+        return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,22 +196,33 @@ class ModelConfig:
         object.__setattr__(self, "splash_block_sizes", tuple(self.splash_block_sizes))
         object.__setattr__(self, "moe_tiling", tuple(self.moe_tiling))
         _check(self.moe_backend in MOE_BACKENDS, f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
-        _check(len(self.moe_tiling) == 3 and all(t > 0 for t in self.moe_tiling),
-               f"moe_tiling {self.moe_tiling} must be three positive (m, k, n) tile sizes")
-        _check(len(self.splash_block_sizes) == 2 and all(b > 0 and b % 128 == 0 for b in self.splash_block_sizes),
-               f"splash_block_sizes {self.splash_block_sizes} must be two positive multiples of 128")
+        _check(
+            len(self.moe_tiling) == 3 and all(t > 0 for t in self.moe_tiling),
+            f"moe_tiling {self.moe_tiling} must be three positive (m, k, n) tile sizes",
+        )
+        _check(
+            len(self.splash_block_sizes) == 2 and all(b > 0 and b % 128 == 0 for b in self.splash_block_sizes),
+            f"splash_block_sizes {self.splash_block_sizes} must be two positive multiples of 128",
+        )
         _check(self.mrope_layout in MROPE_LAYOUTS, f"mrope_layout {self.mrope_layout!r} not in {MROPE_LAYOUTS}")
         _check(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, f"param_dtype {self.param_dtype!r} not in {DTYPES}")
-        _check(self.attention_impl in ATTENTION_IMPLS,
-               f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
-        _check(self.vision.out_hidden_size == self.text.hidden_size,
-               f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size {self.text.hidden_size}")
-        _check(self.num_deepstack <= self.text.num_hidden_layers,
-               f"{self.num_deepstack} DeepStack levels but only {self.text.num_hidden_layers} decoder layers")
+        _check(
+            self.attention_impl in ATTENTION_IMPLS, f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}"
+        )
+        _check(
+            self.vision.out_hidden_size == self.text.hidden_size,
+            f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size {self.text.hidden_size}",
+        )
+        _check(
+            self.num_deepstack <= self.text.num_hidden_layers,
+            f"{self.num_deepstack} DeepStack levels but only {self.text.num_hidden_layers} decoder layers",
+        )
         ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
-        _check(all(0 <= i < self.text.vocab_size for i in ids),
-               f"special token ids {ids} must lie inside the vocabulary (size {self.text.vocab_size})")
+        _check(
+            all(0 <= i < self.text.vocab_size for i in ids),
+            f"special token ids {ids} must lie inside the vocabulary (size {self.text.vocab_size})",
+        )
 
     @property
     def dense_kwargs(self) -> dict:
@@ -212,7 +238,7 @@ class ModelConfig:
     def model_type(self) -> str:
         return "qwen3_vl_moe" if self.text.is_moe else "qwen3_vl"
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """`dataclasses.replace`, also accepting dicts for `vision=` / `text=` (partial overrides)."""
         for name in ("vision", "text"):
             if isinstance(changes.get(name), dict):
@@ -223,18 +249,56 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 # transformers config.json <-> ModelConfig
 
-_VISION_HF_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                   "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
-                   "deepstack_visual_indexes", "hidden_act", "initializer_range")
-_TEXT_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-                 "attention_bias", "initializer_range")
-_MOE_HF_KEYS = ("moe_intermediate_size", "num_experts_per_tok", "decoder_sparse_step", "mlp_only_layers",
-                "router_aux_loss_coef")
+_VISION_HF_KEYS = (
+    "depth",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "in_channels",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "out_hidden_size",
+    "num_position_embeddings",
+    "deepstack_visual_indexes",
+    "hidden_act",
+    "initializer_range",
+)
+_TEXT_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_bias",
+    "initializer_range",
+)
+_MOE_HF_KEYS = (
+    "moe_intermediate_size",
+    "num_experts_per_tok",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+)
 # transformers' Qwen3VLMoeTextConfig defaults differ from the dense text config.
-_MOE_TEXT_DEFAULTS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-                          num_key_value_heads=16, moe_intermediate_size=1408, num_experts_per_tok=4,
-                          num_experts=60, decoder_sparse_step=1, mlp_only_layers=(), router_aux_loss_coef=0.001)
+_MOE_TEXT_DEFAULTS = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    moe_intermediate_size=1408,
+    num_experts_per_tok=4,
+    num_experts=60,
+    decoder_sparse_step=1,
+    mlp_only_layers=(),
+    router_aux_loss_coef=0.001,
+)
 _TOP_HF_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
@@ -247,8 +311,9 @@ def from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     """
     model_type = hf.get("model_type")
     if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
-        raise ValueError(f"config.json model_type {model_type!r} is not a Qwen3-VL model "
-                         "(expected 'qwen3_vl' or 'qwen3_vl_moe')")
+        raise ValueError(
+            f"config.json model_type {model_type!r} is not a Qwen3-VL model (expected 'qwen3_vl' or 'qwen3_vl_moe')"
+        )
     vision_hf = hf.get("vision_config") or {}
     text_hf = hf.get("text_config") or {}
 
@@ -272,21 +337,29 @@ def from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     if text["rope_type"] != "default":
         scaling = {k: v for k, v in rope.items() if k not in _ROPE_LAYOUT_KEYS}
         # transformers: original_max_position_embeddings defaults to max_position_embeddings
-        scaling.setdefault("original_max_position_embeddings",
-                           text.get("max_position_embeddings", TextConfig.max_position_embeddings))
+        scaling.setdefault(
+            "original_max_position_embeddings", text.get("max_position_embeddings", TextConfig.max_position_embeddings)
+        )
         text["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items())
     text["mrope_section"] = tuple(rope.get("mrope_section", (24, 20, 20)))
     interleaved = rope.get("mrope_interleaved", True)
     if not interleaved:
-        log.warning("config.json sets mrope_interleaved=false: using the chunked MRoPE layout. Note that "
-                    "transformers ignores this flag and always computes the interleaved layout.")
+        log.warning(
+            "config.json sets mrope_interleaved=false: using the chunked MRoPE layout. Note that "
+            "transformers ignores this flag and always computes the interleaved layout."
+        )
 
     top = {k: hf[k] for k in _TOP_HF_KEYS if k in hf}
     # transformers 5.x reads only the top-level flag (its default is False), never text_config's.
     top["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False))
-    config = ModelConfig(vision=VisionConfig(**vision), text=TextConfig(**text),
-                         mrope_layout="interleaved" if interleaved else "chunked",
-                         dtype=_hf_dtype(hf), param_dtype=_hf_dtype(hf), **top)
+    config = ModelConfig(
+        vision=VisionConfig(**vision),
+        text=TextConfig(**text),
+        mrope_layout="interleaved" if interleaved else "chunked",
+        dtype=_hf_dtype(hf),
+        param_dtype=_hf_dtype(hf),
+        **top,
+    )
     return config.replace(**overrides) if overrides else config
 
 
@@ -302,51 +375,108 @@ def to_hf(config: ModelConfig) -> dict:
     if not config.deepstack:
         vision = dataclasses.replace(vision, deepstack_visual_indexes=())
     text_hf = {k: getattr(text, k) for k in _TEXT_HF_KEYS}
-    text_hf.update(model_type=f"{config.model_type}_text", rope_theta=text.rope_theta,
-                   tie_word_embeddings=config.tie_word_embeddings,
-                   rope_scaling=dict(rope_type=text.rope_type, mrope_section=list(text.mrope_section),
-                                     mrope_interleaved=config.mrope_layout == "interleaved", **dict(text.rope_scaling)))
+    text_hf.update(
+        model_type=f"{config.model_type}_text",
+        rope_theta=text.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_scaling=dict(
+            rope_type=text.rope_type,
+            mrope_section=list(text.mrope_section),
+            mrope_interleaved=config.mrope_layout == "interleaved",
+            **dict(text.rope_scaling),
+        ),
+    )
     if text.is_moe:
-        text_hf.update({k: getattr(text, k) for k in _MOE_HF_KEYS}, num_experts=text.num_experts,
-                       mlp_only_layers=list(text.mlp_only_layers), norm_topk_prob=True)
+        text_hf.update(
+            {k: getattr(text, k) for k in _MOE_HF_KEYS},
+            num_experts=text.num_experts,
+            mlp_only_layers=list(text.mlp_only_layers),
+            norm_topk_prob=True,
+        )
     vision_hf = {k: getattr(vision, k) for k in _VISION_HF_KEYS}
-    vision_hf.update(model_type=config.model_type, deepstack_visual_indexes=list(vision.deepstack_visual_indexes),
-                     rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta))
+    vision_hf.update(
+        model_type=config.model_type,
+        deepstack_visual_indexes=list(vision.deepstack_visual_indexes),
+        rope_parameters=dict(rope_type="axial", rope_theta=vision.rope_theta),
+    )
     arch = "Qwen3VLMoeForConditionalGeneration" if text.is_moe else "Qwen3VLForConditionalGeneration"
-    return dict(architectures=[arch], model_type=config.model_type, dtype=config.param_dtype,
-                text_config=text_hf, vision_config=vision_hf, tie_word_embeddings=config.tie_word_embeddings,
-                **{k: getattr(config, k) for k in _TOP_HF_KEYS})
+    return dict(
+        architectures=[arch],
+        model_type=config.model_type,
+        dtype=config.param_dtype,
+        text_config=text_hf,
+        vision_config=vision_hf,
+        tie_word_embeddings=config.tie_word_embeddings,
+        **{k: getattr(config, k) for k in _TOP_HF_KEYS},
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Presets: the released checkpoints' config.json values; they share vocab, rope and the vision patching.
 
-_RELEASED_TEXT = dict(vocab_size=151936, head_dim=128, rope_theta=5_000_000.0, mrope_section=(24, 20, 20),
-                      rms_norm_eps=1e-6, max_position_embeddings=262144)
-_SMALL_VIT = dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096,
-                  deepstack_visual_indexes=(5, 11, 17))
-_LARGE_VIT = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304,
-                  deepstack_visual_indexes=(8, 16, 24))
+_RELEASED_TEXT = dict(
+    vocab_size=151936,
+    head_dim=128,
+    rope_theta=5_000_000.0,
+    mrope_section=(24, 20, 20),
+    rms_norm_eps=1e-6,
+    max_position_embeddings=262144,
+)
+_SMALL_VIT = dict(
+    depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, deepstack_visual_indexes=(5, 11, 17)
+)
+_LARGE_VIT = dict(
+    depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24)
+)
 
 
 def _released(hidden, layers, heads, kv, ffn, vit, tie, **moe) -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(out_hidden_size=hidden, num_position_embeddings=2304, **vit),
-        text=TextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        num_key_value_heads=kv, intermediate_size=ffn, **_RELEASED_TEXT, **moe),
-        tie_word_embeddings=tie, dtype="bfloat16", param_dtype="bfloat16")
+        text=TextConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            intermediate_size=ffn,
+            **_RELEASED_TEXT,
+            **moe,
+        ),
+        tie_word_embeddings=tie,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+    )
 
 
 def _tiny(**changes) -> ModelConfig:
     """A few-kB model for tests: head_dim != hidden/heads, GQA, 2 DeepStack levels, 3 decoder layers."""
     config = ModelConfig(
-        vision=VisionConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                            num_position_embeddings=256, deepstack_visual_indexes=(0, 1)),
-        text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=5_000_000.0,
-                        mrope_section=(6, 5, 5)),
+        vision=VisionConfig(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=(0, 1),
+        ),
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_theta=5_000_000.0,
+            mrope_section=(6, 5, 5),
+        ),
         # the ids of processing.tokenizer.byte_tokenizer(), so tiny models train with it
-        image_token_id=268, video_token_id=269, vision_start_token_id=265, vision_end_token_id=266)
+        image_token_id=268,
+        video_token_id=269,
+        vision_start_token_id=265,
+        vision_end_token_id=266,
+    )
     return config.replace(**changes)
 
 
@@ -355,10 +485,21 @@ PRESETS = {
     "qwen3-vl-4b": lambda: _released(2560, 36, 32, 8, 9728, _SMALL_VIT, tie=True),
     "qwen3-vl-8b": lambda: _released(4096, 36, 32, 8, 12288, _LARGE_VIT, tie=False),
     "qwen3-vl-32b": lambda: _released(5120, 64, 64, 8, 25600, _LARGE_VIT, tie=False),
-    "qwen3-vl-30b-a3b": lambda: _released(2048, 48, 32, 4, 6144, _LARGE_VIT, tie=False, num_experts=128,
-                                          num_experts_per_tok=8, moe_intermediate_size=768),
-    "qwen3-vl-235b-a22b": lambda: _released(4096, 94, 64, 4, 12288, _LARGE_VIT, tie=False, num_experts=128,
-                                            num_experts_per_tok=8, moe_intermediate_size=1536),
+    "qwen3-vl-30b-a3b": lambda: _released(
+        2048, 48, 32, 4, 6144, _LARGE_VIT, tie=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768
+    ),
+    "qwen3-vl-235b-a22b": lambda: _released(
+        4096,
+        94,
+        64,
+        4,
+        12288,
+        _LARGE_VIT,
+        tie=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1536,
+    ),
     "tiny": _tiny,
     "tiny-tied": lambda: _tiny(tie_word_embeddings=True),
     # 8 experts, top-2; expert widths chosen so that no expert tensor is square (the loader tells the two

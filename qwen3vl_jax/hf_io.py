@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.jsonio import write_json
-from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.modeling.decoder import layer_runs, run_names
+from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.modeling.vision import block_stacks
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Rule:
     path: tuple[str, ...]
     hf_shape: tuple[int, ...]
     kind: str = COPY
-    index: Optional[int] = None
+    index: int | None = None
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return shape == self.hf_shape or (self.kind == EXPERTS and shape == self.transposed_shape)
@@ -81,8 +81,8 @@ class Rule:
 def hf_rules(config: ModelConfig) -> list[Rule]:
     """All tensors of the HF checkpoint of `config`, in checkpoint order."""
     v, t = config.vision, config.text
-    D, Iv, Dm, O = v.hidden_size, v.intermediate_size, v.merged_dim, v.out_hidden_size
-    H = t.hidden_size
+    vit, vit_mlp, merged, out = v.hidden_size, v.intermediate_size, v.merged_dim, v.out_hidden_size
+    hidden = t.hidden_size
     rules: list[Rule] = []
 
     def add(hf, path, hf_shape, kind=COPY, index=None):
@@ -99,59 +99,70 @@ def hf_rules(config: ModelConfig) -> list[Rule]:
 
     def merger(hf, path, norm_dim):
         layer_norm(hf + ".norm", path + "/norm", norm_dim)
-        linear(hf + ".linear_fc1", path + "/linear_fc1", Dm, Dm, True)
-        linear(hf + ".linear_fc2", path + "/linear_fc2", O, Dm, True)
+        linear(hf + ".linear_fc1", path + "/linear_fc1", merged, merged, True)
+        linear(hf + ".linear_fc2", path + "/linear_fc2", out, merged, True)
 
     vis = "model.visual"
-    add(f"{vis}.patch_embed.proj.weight", "visual/patch_embed/kernel",
-        (D, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), LINEAR)
-    add(f"{vis}.patch_embed.proj.bias", "visual/patch_embed/bias", (D,))
-    add(f"{vis}.pos_embed.weight", "visual/pos_embed", (v.num_position_embeddings, D))
-    taps = v.deepstack_visual_indexes[:config.num_deepstack]
+    add(
+        f"{vis}.patch_embed.proj.weight",
+        "visual/patch_embed/kernel",
+        (vit, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+        LINEAR,
+    )
+    add(f"{vis}.patch_embed.proj.bias", "visual/patch_embed/bias", (vit,))
+    add(f"{vis}.pos_embed.weight", "visual/pos_embed", (v.num_position_embeddings, vit))
+    taps = v.deepstack_visual_indexes[: config.num_deepstack]
     for stack, (start, end) in enumerate(block_stacks(v.depth, taps)):
         for i in range(start, end):
             hf, ours, j = f"{vis}.blocks.{i}", f"visual/blocks_{stack}", i - start
-            layer_norm(f"{hf}.norm1", f"{ours}/norm1", D, j)
-            layer_norm(f"{hf}.norm2", f"{ours}/norm2", D, j)
-            linear(f"{hf}.attn.qkv", f"{ours}/attn_qkv", 3 * D, D, True, j)
-            linear(f"{hf}.attn.proj", f"{ours}/attn_proj", D, D, True, j)
-            linear(f"{hf}.mlp.linear_fc1", f"{ours}/mlp_fc1", Iv, D, True, j)
-            linear(f"{hf}.mlp.linear_fc2", f"{ours}/mlp_fc2", D, Iv, True, j)
-    merger(f"{vis}.merger", "visual/merger", D)
+            layer_norm(f"{hf}.norm1", f"{ours}/norm1", vit, j)
+            layer_norm(f"{hf}.norm2", f"{ours}/norm2", vit, j)
+            linear(f"{hf}.attn.qkv", f"{ours}/attn_qkv", 3 * vit, vit, True, j)
+            linear(f"{hf}.attn.proj", f"{ours}/attn_proj", vit, vit, True, j)
+            linear(f"{hf}.mlp.linear_fc1", f"{ours}/mlp_fc1", vit_mlp, vit, True, j)
+            linear(f"{hf}.mlp.linear_fc2", f"{ours}/mlp_fc2", vit, vit_mlp, True, j)
+    merger(f"{vis}.merger", "visual/merger", vit)
     for j in range(len(taps)):
-        merger(f"{vis}.deepstack_merger_list.{j}", f"visual/deepstack_merger_{j}", Dm)
+        merger(f"{vis}.deepstack_merger_list.{j}", f"visual/deepstack_merger_{j}", merged)
 
     lm = "model.language_model"
-    add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", (t.vocab_size, H))
+    add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", (t.vocab_size, hidden))
     for (start, end, moe), name in zip(layer_runs(t), run_names(t)):
-        for l in range(start, end):
-            _decoder_layer_rules(t, add, linear, f"{lm}.layers.{l}", f"decoder/{name}", l - start, moe)
-    add(f"{lm}.norm.weight", "decoder/norm/scale", (H,))
+        for layer in range(start, end):
+            _decoder_layer_rules(t, add, linear, f"{lm}.layers.{layer}", f"decoder/{name}", layer - start, moe)
+    add(f"{lm}.norm.weight", "decoder/norm/scale", (hidden,))
     if not config.tie_word_embeddings:
-        linear("lm_head", "lm_head", t.vocab_size, H, False)
+        linear("lm_head", "lm_head", t.vocab_size, hidden, False)
     return rules
 
 
-def _decoder_layer_rules(t, add, linear, hf: str, ours: str, l: int, moe: bool) -> None:
-    """Rules of decoder layer `hf` (slice l of the stack `ours`): attention, then a dense or an MoE MLP."""
-    H, I, hd, bias = t.hidden_size, t.intermediate_size, t.head_dim, t.attention_bias
-    add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (H,), COPY, l)
-    add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (H,), COPY, l)
-    linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", t.num_attention_heads * hd, H, bias, l)
-    linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", t.num_key_value_heads * hd, H, bias, l)
-    linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", t.num_key_value_heads * hd, H, bias, l)
-    linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", H, t.num_attention_heads * hd, bias, l)
-    add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, l)
-    add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, l)
+def _decoder_layer_rules(t, add, linear, hf: str, ours: str, index: int, moe: bool) -> None:
+    """Rules of decoder layer `hf` (slice `index` of the stack `ours`): attention, then a dense or an MoE MLP."""
+    hidden, mlp, hd, bias = t.hidden_size, t.intermediate_size, t.head_dim, t.attention_bias
+    q_dim, kv_dim = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (hidden,), COPY, index)
+    add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (hidden,), COPY, index)
+    linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", q_dim, hidden, bias, index)
+    linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", kv_dim, hidden, bias, index)
+    linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", kv_dim, hidden, bias, index)
+    linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", hidden, q_dim, bias, index)
+    add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, index)
+    add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, index)
     if moe:
-        E, Im = t.num_experts, t.moe_intermediate_size
-        linear(f"{hf}.mlp.gate", f"{ours}/mlp/gate", E, H, False, l)
-        add(f"{hf}.mlp.experts.gate_up_proj", f"{ours}/mlp/experts_gate_up", (E, H, 2 * Im), EXPERTS, l)
-        add(f"{hf}.mlp.experts.down_proj", f"{ours}/mlp/experts_down", (E, Im, H), EXPERTS, l)
+        experts, width = t.num_experts, t.moe_intermediate_size
+        linear(f"{hf}.mlp.gate", f"{ours}/mlp/gate", experts, hidden, False, index)
+        add(
+            f"{hf}.mlp.experts.gate_up_proj",
+            f"{ours}/mlp/experts_gate_up",
+            (experts, hidden, 2 * width),
+            EXPERTS,
+            index,
+        )
+        add(f"{hf}.mlp.experts.down_proj", f"{ours}/mlp/experts_down", (experts, width, hidden), EXPERTS, index)
     else:
-        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", I, H, False, l)
-        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", I, H, False, l)
-        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", H, I, False, l)
+        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", mlp, hidden, False, index)
+        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", mlp, hidden, False, index)
+        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", hidden, mlp, False, index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,8 +209,7 @@ def load_params(path: str, config: ModelConfig) -> dict:
     expected = {r.hf for r in rules}
     missing = sorted(expected - files.keys())
     if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
-                              f"{missing[:5]}")
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:5]}")
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if not config.deepstack:  # the ablation switch drops the DeepStack mergers of a pretrained model
         dropped = {k for k in files if k.startswith("model.visual.deepstack_merger_list.")}
@@ -208,8 +218,9 @@ def load_params(path: str, config: ModelConfig) -> dict:
         ignorable |= dropped
     unexpected = sorted(files.keys() - expected - ignorable)
     if unexpected:
-        raise CheckpointError(f"{path}: checkpoint has {len(unexpected)} tensor(s) this config does not use, "
-                              f"e.g. {unexpected[:5]}")
+        raise CheckpointError(
+            f"{path}: checkpoint has {len(unexpected)} tensor(s) this config does not use, e.g. {unexpected[:5]}"
+        )
 
     dtype = _NUMPY_DTYPES[config.param_dtype]
     shapes = _flat_shapes(config)
@@ -219,20 +230,26 @@ def load_params(path: str, config: ModelConfig) -> dict:
             for rule in (r for r in rules if files[r.hf] == file):
                 tensor = _get_tensor(f, rule.hf, file)
                 if rule.kind == EXPERTS and rule.hf_shape == rule.transposed_shape:
-                    raise CheckpointError(f"{file}: cannot tell the layout of {rule.hf} from its square shape "
-                                          f"{rule.hf_shape}")
+                    raise CheckpointError(
+                        f"{file}: cannot tell the layout of {rule.hf} from its square shape {rule.hf_shape}"
+                    )
                 if not rule.accepts(tuple(tensor.shape)):
-                    raise CheckpointError(f"{file}: tensor {rule.hf} has shape {tuple(tensor.shape)}, but the "
-                                          f"config needs {rule.hf_shape}")
+                    raise CheckpointError(
+                        f"{file}: tensor {rule.hf} has shape {tuple(tensor.shape)}, but the "
+                        f"config needs {rule.hf_shape}"
+                    )
                 target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
                 target[...] = rule.to_ours(tensor, target.shape).astype(dtype)
     if config.tie_word_embeddings and "lm_head.weight" in files:
         with _open(files["lm_head.weight"]) as f:
             head = _get_tensor(f, "lm_head.weight", files["lm_head.weight"])
         if head.shape != flat[("embed_tokens", "embedding")].shape or not np.array_equal(
-                head.astype(dtype), flat[("embed_tokens", "embedding")]):
-            log.warning("tie_word_embeddings=True: ignoring lm_head.weight, which differs from the embedding "
-                        "(transformers ties them the same way)")
+            head.astype(dtype), flat[("embed_tokens", "embedding")]
+        ):
+            log.warning(
+                "tie_word_embeddings=True: ignoring lm_head.weight, which differs from the embedding "
+                "(transformers ties them the same way)"
+            )
     return unflatten_dict(flat)
 
 
@@ -240,16 +257,25 @@ def load_params(path: str, config: ModelConfig) -> dict:
 # Writing
 
 
-def save_params(path: str, params: dict, config: ModelConfig, *, dtype: Optional[str] = None,
-                max_shard_bytes: int = 5 * 2**30, expert_layout: str = "hub") -> None:
+def save_params(
+    path: str,
+    params: dict,
+    config: ModelConfig,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    expert_layout: str = "hub",
+) -> None:
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with an index when
     larger than `max_shard_bytes`) that transformers' `from_pretrained` loads. MoE experts are written in the
     released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
     if not config.vision_positions:
-        log.warning("vision_positions=False has no transformers counterpart: transformers will add the ViT position "
-                    "embedding and rotary that this model was trained without")
+        log.warning(
+            "vision_positions=False has no transformers counterpart: transformers will add the ViT position "
+            "embedding and rotary that this model was trained without"
+        )
     dtype = dtype or config.param_dtype
     np_dtype = _NUMPY_DTYPES[dtype]
     flat = {p: np.asarray(x) for p, x in flatten_dict(params).items()}

@@ -10,15 +10,22 @@ in the order their placeholder tokens appear, a row's k-th visual token is its k
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import flax.struct
 import jax
 import numpy as np
 
 from qwen3vl_jax.config import ModelConfig, VisionConfig
-from qwen3vl_jax.positions import (IMAGE, VIDEO, VisualBlock, layout_sequence, rope_delta, sequence_positions,
-                                   visual_blocks)
+from qwen3vl_jax.positions import (
+    IMAGE,
+    VIDEO,
+    VisualBlock,
+    layout_sequence,
+    rope_delta,
+    sequence_positions,
+    visual_blocks,
+)
 from qwen3vl_jax.vision_inputs import patch_geometry
 
 PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
@@ -26,22 +33,22 @@ PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_r
 
 @flax.struct.dataclass
 class ModelInputs:
-    input_ids: jax.Array          # (B, L) int32
-    segment_ids: jax.Array        # (B, L) int32: example id within the row (packing); 0 = padding
-    positions: jax.Array          # (B, 3, L) int32: t, h, w MRoPE positions (`Qwen3VLModel.get_rope_index`)
-    visual_index: jax.Array       # (B, L) int32: merged-token row in this row's patch buffer; -1 = text
-    pixel_patches: jax.Array      # (B, P, C*Tp*P*P) float32
+    input_ids: jax.Array  # (B, L) int32
+    segment_ids: jax.Array  # (B, L) int32: example id within the row (packing); 0 = padding
+    positions: jax.Array  # (B, 3, L) int32: t, h, w MRoPE positions (`Qwen3VLModel.get_rope_index`)
+    visual_index: jax.Array  # (B, L) int32: merged-token row in this row's patch buffer; -1 = text
+    pixel_patches: jax.Array  # (B, P, C*Tp*P*P) float32
     patch_segment_ids: jax.Array  # (B, P) int32: one id per (image, temporal group); 0 = padding
-    pos_embed_index: jax.Array    # (B, P, 4) int32: bilinear taps into the learned position table
-    pos_embed_weight: jax.Array   # (B, P, 4) float32
-    patch_rowcol: jax.Array       # (B, P, 2) int32: rotary (row, col) ids
+    pos_embed_index: jax.Array  # (B, P, 4) int32: bilinear taps into the learned position table
+    pos_embed_weight: jax.Array  # (B, P, 4) float32
+    patch_rowcol: jax.Array  # (B, P, 2) int32: rotary (row, col) ids
 
     @property
     def has_vision(self) -> bool:
         return self.pixel_patches.shape[1] > 0
 
     @classmethod
-    def from_batch(cls, batch: dict) -> "ModelInputs":
+    def from_batch(cls, batch: dict) -> ModelInputs:
         """The ModelInputs fields of a batch dict that may hold more (targets, loss_mask, ...)."""
         return cls(**{field.name: batch[field.name] for field in dataclasses.fields(cls)})
 
@@ -49,31 +56,51 @@ class ModelInputs:
 def patch_features(blocks: list[VisualBlock], pixels: dict[int, np.ndarray], vision: VisionConfig) -> dict:
     """Per-patch arrays for `blocks` one after the other: `pixel_patches` (rows of pixels[block.kind]),
     `patch_group` (1, 2, ... one id per temporal group), `pos_embed_index`, `pos_embed_weight`, `patch_rowcol`."""
-    columns = {name: [] for name in PATCH_FIELDS + ("patch_group",)}
+    columns = {name: [] for name in (*PATCH_FIELDS, "patch_group")}
     groups = 0
     for block in blocks:
         t, h, w = block.grid
-        columns["pixel_patches"].append(pixels[block.kind][block.first_row:block.first_row + block.num_patches])
+        columns["pixel_patches"].append(pixels[block.kind][block.first_row : block.first_row + block.num_patches])
         columns["patch_group"].append(groups + 1 + np.repeat(np.arange(t, dtype=np.int32), h * w))
         geometry = patch_geometry(block.grid, vision.spatial_merge_size, vision.grid_per_side)
         for name, value in zip(("pos_embed_index", "pos_embed_weight", "patch_rowcol"), geometry):
             columns[name].append(value)
         groups += t
-    empty = dict(pixel_patches=np.zeros((0, vision.patch_dim), np.float32), patch_group=np.zeros(0, np.int32),
-                 pos_embed_index=np.zeros((0, 4), np.int32), pos_embed_weight=np.zeros((0, 4), np.float32),
-                 patch_rowcol=np.zeros((0, 2), np.int32))
-    return {name: np.concatenate(parts).astype(empty[name].dtype) if parts else empty[name]
-            for name, parts in columns.items()}
+    empty = dict(
+        pixel_patches=np.zeros((0, vision.patch_dim), np.float32),
+        patch_group=np.zeros(0, np.int32),
+        pos_embed_index=np.zeros((0, 4), np.int32),
+        pos_embed_weight=np.zeros((0, 4), np.float32),
+        patch_rowcol=np.zeros((0, 2), np.int32),
+    )
+    return {
+        name: np.concatenate(parts).astype(empty[name].dtype) if parts else empty[name]
+        for name, parts in columns.items()
+    }
 
 
-def sequence_features(config: ModelConfig, ids: np.ndarray, images: Iterator[VisualBlock],
-                      videos: Iterator[VisualBlock], pixels: dict[int, np.ndarray], *, where: str) -> dict:
+def sequence_features(
+    config: ModelConfig,
+    ids: np.ndarray,
+    images: Iterator[VisualBlock],
+    videos: Iterator[VisualBlock],
+    pixels: dict[int, np.ndarray],
+    *,
+    where: str,
+) -> dict:
     """Arrays of one unpadded token sequence: `positions` (n, 3) plus the `patch_features` of its visual blocks
     in order of appearance. Blocks are taken from the iterators. Raises ValueError naming `where` when
     placeholders and grids disagree."""
     merge = config.vision.spatial_merge_size
-    pieces = layout_sequence(ids, images, videos, image_token_id=config.image_token_id,
-                             video_token_id=config.video_token_id, merge=merge, where=where)
+    pieces = layout_sequence(
+        ids,
+        images,
+        videos,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        merge=merge,
+        where=where,
+    )
     features = patch_features([p.block for p in pieces if p.block is not None], pixels, config.vision)
     features["positions"] = sequence_positions(pieces, merge).T.astype(np.int32)
     return features
@@ -88,13 +115,16 @@ def visual_index(input_ids: np.ndarray, segment_ids: np.ndarray, config: ModelCo
 def empty_inputs(batch: int, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
     """All-padding ModelInputs fields as writable numpy arrays."""
     return dict(
-        input_ids=np.zeros((batch, seq_len), np.int32), segment_ids=np.zeros((batch, seq_len), np.int32),
-        positions=np.zeros((batch, 3, seq_len), np.int32), visual_index=np.full((batch, seq_len), -1, np.int32),
+        input_ids=np.zeros((batch, seq_len), np.int32),
+        segment_ids=np.zeros((batch, seq_len), np.int32),
+        positions=np.zeros((batch, 3, seq_len), np.int32),
+        visual_index=np.full((batch, seq_len), -1, np.int32),
         pixel_patches=np.zeros((batch, max_patches, patch_dim), np.float32),
         patch_segment_ids=np.zeros((batch, max_patches), np.int32),
         pos_embed_index=np.zeros((batch, max_patches, 4), np.int32),
         pos_embed_weight=np.zeros((batch, max_patches, 4), np.float32),
-        patch_rowcol=np.zeros((batch, max_patches, 2), np.int32))
+        patch_rowcol=np.zeros((batch, max_patches, 2), np.int32),
+    )
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -102,9 +132,18 @@ def bucket(n: int, minimum: int) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
-def from_hf_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None, *, seq_len: Optional[int] = None,
-                  max_patches: Optional[int] = None) -> tuple[ModelInputs, np.ndarray]:
+def from_hf_batch(
+    config: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    *,
+    seq_len: int | None = None,
+    max_patches: int | None = None,
+) -> tuple[ModelInputs, np.ndarray]:
     """Numpy ModelInputs (padded to `seq_len` / `max_patches`, or to power-of-two buckets when None) and the
     rope_deltas (B, 1) from the arrays an HF Qwen3-VL processor returns. Each row holds one sequence
     (padding on either side)."""
@@ -118,12 +157,15 @@ def from_hf_batch(config: ModelConfig, input_ids, attention_mask=None, pixel_val
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
 
     images, videos = visual_blocks(image_grid_thw, video_grid_thw, merge)
-    pixels = {IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
-              VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos",
-                                 "video_grid_thw")}
+    pixels = {
+        IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
+        VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos", "video_grid_thw"),
+    }
     image_iter, video_iter = iter(images), iter(videos)
-    rows = [sequence_features(config, input_ids[b, mask[b]], image_iter, video_iter, pixels, where=f"batch row {b}")
-            for b in range(batch)]
+    rows = [
+        sequence_features(config, input_ids[b, mask[b]], image_iter, video_iter, pixels, where=f"batch row {b}")
+        for b in range(batch)
+    ]
     for leftover in (image_iter, video_iter):
         if (block := next(leftover, None)) is not None:
             raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids")
@@ -163,7 +205,7 @@ def _pixel_rows(pixels, blocks, patch_dim: int, name: str, grid_name: str) -> np
     return pixels
 
 
-def _fit(name: str, needed: int, given: Optional[int], default: int) -> int:
+def _fit(name: str, needed: int, given: int | None, default: int) -> int:
     if given is None:
         return default
     if needed > given:

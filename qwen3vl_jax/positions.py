@@ -9,7 +9,7 @@ transformers. The same pieces drive the packing of pixel patches (`qwen3vl_jax.m
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -21,10 +21,10 @@ _KIND_NAME = {IMAGE: "image", VIDEO: "video"}
 class VisualBlock:
     """One image, or one temporal group of a video, as it appears in the token sequence."""
 
-    kind: int                      # IMAGE or VIDEO
-    source: int                    # index of the image / video in its grid_thw list
-    grid: tuple[int, int, int]     # (t, h, w) in patches; video groups have t = 1
-    first_row: int                 # first row of this block in pixel_values / pixel_values_videos
+    kind: int  # IMAGE or VIDEO
+    source: int  # index of the image / video in its grid_thw list
+    grid: tuple[int, int, int]  # (t, h, w) in patches; video groups have t = 1
+    first_row: int  # first row of this block in pixel_values / pixel_values_videos
 
     @property
     def num_patches(self) -> int:
@@ -44,7 +44,7 @@ class Piece:
 
     start: int
     length: int
-    block: Optional[VisualBlock] = None
+    block: VisualBlock | None = None
 
 
 def visual_blocks(image_grid_thw, video_grid_thw, merge: int) -> tuple[list[VisualBlock], list[VisualBlock]]:
@@ -54,8 +54,10 @@ def visual_blocks(image_grid_thw, video_grid_thw, merge: int) -> tuple[list[Visu
         grid_thw = np.zeros((0, 3), np.int64) if grid_thw is None else np.asarray(grid_thw).reshape(-1, 3)
         for i, (t, h, w) in enumerate(grid_thw.tolist()):
             if min(t, h, w) < 1 or h % merge or w % merge:
-                raise ValueError(f"{name}[{i}] = {(t, h, w)}: t, h, w must be positive and h, w multiples of "
-                                 f"the spatial merge size {merge}")
+                raise ValueError(
+                    f"{name}[{i}] = {(t, h, w)}: t, h, w must be positive and h, w multiples of "
+                    f"the spatial merge size {merge}"
+                )
             yield i, (t, h, w)
 
     images, row = [], 0
@@ -64,14 +66,22 @@ def visual_blocks(image_grid_thw, video_grid_thw, merge: int) -> tuple[list[Visu
         row += t * h * w
     videos, row = [], 0
     for i, (t, h, w) in grids(video_grid_thw, "video_grid_thw"):
-        for group in range(t):
+        for _ in range(t):  # each temporal group is a block of its own
             videos.append(VisualBlock(VIDEO, i, (1, h, w), row))
             row += h * w
     return images, videos
 
 
-def layout_sequence(ids: np.ndarray, images: Iterator[VisualBlock], videos: Iterator[VisualBlock], *,
-                    image_token_id: int, video_token_id: int, merge: int, where: str = "sequence") -> list[Piece]:
+def layout_sequence(
+    ids: np.ndarray,
+    images: Iterator[VisualBlock],
+    videos: Iterator[VisualBlock],
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    merge: int,
+    where: str = "sequence",
+) -> list[Piece]:
     """Cuts the unpadded token sequence `ids` into pieces, taking one block from `images` / `videos` for each
     image / video placeholder block. Raises ValueError naming `where` and the block when the placeholder
     tokens do not match the grids."""
@@ -90,12 +100,16 @@ def layout_sequence(ids: np.ndarray, images: Iterator[VisualBlock], videos: Iter
             while pos < end:  # a run of placeholders may hold several adjacent blocks
                 block = next(images if kind == IMAGE else videos, None)
                 if block is None:
-                    raise ValueError(f"{where}: {_KIND_NAME[kind]} placeholder tokens at position {pos} have no "
-                                     f"{_KIND_NAME[kind]} left in the grid_thw list")
+                    raise ValueError(
+                        f"{where}: {_KIND_NAME[kind]} placeholder tokens at position {pos} have no "
+                        f"{_KIND_NAME[kind]} left in the grid_thw list"
+                    )
                 n = block.num_tokens(merge)
                 if pos + n > end:
-                    raise ValueError(f"{where}: {end - pos} {_KIND_NAME[kind]} placeholder tokens at position {pos} "
-                                     f"but {block.describe()} needs {n}")
+                    raise ValueError(
+                        f"{where}: {end - pos} {_KIND_NAME[kind]} placeholder tokens at position {pos} "
+                        f"but {block.describe()} needs {n}"
+                    )
                 pieces.append(Piece(pos, n, block))
                 pos += n
         start = end
@@ -125,8 +139,16 @@ def rope_delta(positions: np.ndarray) -> int:
     return int(positions.max()) + 1 - positions.shape[1] if positions.size else 0
 
 
-def rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None, *, image_token_id: int,
-               video_token_id: int, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_index(
+    input_ids,
+    attention_mask=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """transformers' `get_rope_index`: positions (3, B, L) int64 (padding slots 0) and rope_deltas (B, 1)."""
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
@@ -134,8 +156,15 @@ def rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_grid_t
     positions = np.zeros((3, *input_ids.shape), np.int64)
     deltas = np.zeros((input_ids.shape[0], 1), np.int64)
     for b in range(input_ids.shape[0]):
-        pieces = layout_sequence(input_ids[b, mask[b]], images, videos, image_token_id=image_token_id,
-                                 video_token_id=video_token_id, merge=spatial_merge_size, where=f"batch row {b}")
+        pieces = layout_sequence(
+            input_ids[b, mask[b]],
+            images,
+            videos,
+            image_token_id=image_token_id,
+            video_token_id=video_token_id,
+            merge=spatial_merge_size,
+            where=f"batch row {b}",
+        )
         positions[:, b, mask[b]] = sequence_positions(pieces, spatial_merge_size)
         deltas[b] = rope_delta(positions[:, b, mask[b]])
     return positions, deltas

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -69,12 +70,13 @@ def mesh_shape(sizes: dict[str, int] | Sequence[int], num_devices: int) -> tuple
             raise ValueError(f"mesh sizes {sizes} do not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
-                         f"but {num_devices} are available")
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, but {num_devices} are available"
+        )
     return tuple(sizes)
 
 
-def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with axes MESH_AXES; device order follows jax's topology-aware
     `mesh_utils.create_device_mesh` when the devices are the real ones."""
     devices = list(jax.devices() if devices is None else devices)
@@ -86,7 +88,7 @@ def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Optional[Sequence[
     return Mesh(array, MESH_AXES)
 
 
-def spec_for(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
     """The PartitionSpec of an array with logical axis `names`, dropping mesh axes that do not divide its dim
     or are already used by an earlier dim."""
     table = dict(rules)
@@ -134,8 +136,11 @@ def initialize_distributed() -> None:
     with JAX_PLATFORMS=tpu (as tpu/launch.sh does; jax finds the slice's workers from the VM metadata, one
     process on a single-host slice), or where JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID)
     or a multi-host TPU_WORKER_HOSTNAMES is set."""
-    multi_host = (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
-                  or "tpu" in os.environ.get("JAX_PLATFORMS", "").split(","))
+    multi_host = (
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+        or "tpu" in os.environ.get("JAX_PLATFORMS", "").split(",")
+    )
     if multi_host and not jax.distributed.is_initialized():
         jax.distributed.initialize()
         log.info("process %d of %d", jax.process_index(), jax.process_count())

@@ -40,5 +40,8 @@ def patch_geometry(grid: tuple[int, int, int], merge: int, side: int):
     col_taps, col_weights = _axis_taps(rowcol[:, 1], w, side)
     index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
     weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
-    tile = lambda a, dtype: np.tile(a, (t, 1)).astype(dtype)
+
+    def tile(a, dtype):  # the same taps for every temporal group
+        return np.tile(a, (t, 1)).astype(dtype)
+
     return tile(index, np.int32), tile(weight, np.float32), tile(rowcol, np.int32)

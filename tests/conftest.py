@@ -13,12 +13,20 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set here by the first process (the xdist controller)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_CACHE = tempfile.mkdtemp(prefix="qwen3vl_jax_tests_jit_")
 
+import jax
 import numpy as np
 import pytest
+from hf_reference import hf_model, save_hf
+from training_setup import CONFIG, OPTIMIZER, initial_state
 
 import qwen3vl_jax
-from hf_reference import hf_model, save_hf
 from qwen3vl_jax.config import preset
+from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.modeling.model import init_params
+from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
+from qwen3vl_jax.processing.chat import load_chat_template
+from qwen3vl_jax.training.optimizer import make_optimizer
+from qwen3vl_jax.training.train_step import make_train_step
 
 
 class Reference:
@@ -44,6 +52,36 @@ def tiny_tied(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def batch():
+    """One packed batch (8 rows of 128 tokens, images and videos) of the built-in tasks for the tiny model."""
+    processor = Processor(
+        byte_tokenizer(),
+        load_chat_template(None),
+        VisionProcessingConfig(
+            image_min_pixels=64 * 64, image_max_pixels=64 * 64, video_min_pixels=0, video_max_pixels=8 * 64 * 64
+        ),
+    )
+    data = DataConfig(sources=({"kind": "synthetic", "size": 1000},), seq_len=128, max_patches=128, batch_size=8)
+    iterator = iter(build_dataset(data, processor, CONFIG))
+    batch = next(iterator)
+    batch.pop("num_dropped")
+    assert (batch["patch_segment_ids"] > 0).any()
+    return batch
+
+
+@pytest.fixture(scope="session")
+def optimizer():
+    return make_optimizer(OPTIMIZER, 100, init_params(CONFIG, jax.random.PRNGKey(0)))
+
+
+@pytest.fixture(scope="session")
+def single_device_step(batch, optimizer):
+    """(state, metrics) of one unsharded step with the whole batch."""
+    step = make_train_step(CONFIG, *optimizer, loss_normalization="sqrt")
+    return jax.jit(step)(initial_state(optimizer[0]), batch)
 
 
 def pytest_sessionfinish(session):

@@ -46,7 +46,7 @@ class Prompt:
     """One sample: token ids plus the pixel rows and grids of its images and videos (HF processor layout)."""
 
     ids: list
-    images: list = dataclasses.field(default_factory=list)   # (pixels (n, patch_dim), grid)
+    images: list = dataclasses.field(default_factory=list)  # (pixels (n, patch_dim), grid)
     videos: list = dataclasses.field(default_factory=list)
 
 
@@ -55,7 +55,10 @@ def build_prompt(config: ModelConfig, parts, rng: np.random.Generator) -> Prompt
     <vs> pads <ve>; each video temporal group as <timestamp text> <vs> pads <ve>, with no outer <vs> ... <ve>
     around the video (transformers 4.57's format)."""
     c, m = config, config.vision.spatial_merge_size
-    text = lambda n: rng.integers(0, 256, n).tolist()  # byte ids: never a special token
+
+    def text(n):
+        return rng.integers(0, 256, n).tolist()  # byte ids: never a special token
+
     prompt = Prompt([])
     for kind, arg in parts:
         if kind == "text":
@@ -67,10 +70,10 @@ def build_prompt(config: ModelConfig, parts, rng: np.random.Generator) -> Prompt
         elif kind == "video":
             t, h, w = arg
             for _ in range(t):
-                prompt.ids += text(6) + [c.vision_start_token_id] + [c.video_token_id] * (h * w // m**2) + [
-                    c.vision_end_token_id]
-            prompt.videos.append((rng.standard_normal((t * h * w, c.vision.patch_dim)).astype(np.float32),
-                                  (t, h, w)))
+                prompt.ids += (
+                    text(6) + [c.vision_start_token_id] + [c.video_token_id] * (h * w // m**2) + [c.vision_end_token_id]
+                )
+            prompt.videos.append((rng.standard_normal((t * h * w, c.vision.patch_dim)).astype(np.float32), (t, h, w)))
         else:
             raise ValueError(kind)
     return prompt
@@ -82,12 +85,17 @@ def batch_inputs(config: ModelConfig, prompts: list[Prompt], pad_id: int = 0) ->
     ids = np.full((len(prompts), length), pad_id, np.int64)
     mask = np.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, length - len(p.ids):] = p.ids
-        mask[b, length - len(p.ids):] = 1
-    out = dict(input_ids=ids, attention_mask=mask,
-               mm_token_type_ids=(ids == config.image_token_id) * 1 + (ids == config.video_token_id) * 2)
-    for kind, pixel_key, grid_key in (("images", "pixel_values", "image_grid_thw"),
-                                      ("videos", "pixel_values_videos", "video_grid_thw")):
+        ids[b, length - len(p.ids) :] = p.ids
+        mask[b, length - len(p.ids) :] = 1
+    out = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        mm_token_type_ids=(ids == config.image_token_id) * 1 + (ids == config.video_token_id) * 2,
+    )
+    for kind, pixel_key, grid_key in (
+        ("images", "pixel_values", "image_grid_thw"),
+        ("videos", "pixel_values_videos", "video_grid_thw"),
+    ):
         items = [item for p in prompts for item in getattr(p, kind)]
         if items:
             out[pixel_key] = np.concatenate([x for x, _ in items])

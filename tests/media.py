@@ -20,7 +20,7 @@ def image(name: str) -> str:
     """The absolute path of tests/data/images/<name>."""
     path = os.path.join(DATA, "images", name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no test image {name!r}; tests/data/images has {sorted(os.listdir(os.path.dirname(path)))}")
+        raise FileNotFoundError(f"no test image {name!r} in {os.path.dirname(path)}")
     return path
 
 
@@ -30,8 +30,10 @@ def write_qwen_tokenizer_dir(directory: str) -> str:
     from qwen3vl_jax.processing.chat import load_chat_template
 
     os.makedirs(directory, exist_ok=True)
-    with lzma.open(os.path.join(DATA, "qwen3_tokenizer.json.xz"), "rb") as source, \
-            open(os.path.join(directory, "tokenizer.json"), "wb") as target:
+    with (
+        lzma.open(os.path.join(DATA, "qwen3_tokenizer.json.xz"), "rb") as source,
+        open(os.path.join(directory, "tokenizer.json"), "wb") as target,
+    ):
         shutil.copyfileobj(source, target)
     with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
         f.write(load_chat_template(None))
@@ -44,8 +46,9 @@ def frame_level(index: int) -> int:
     return 8 + 16 * (index % 16)
 
 
-def write_video(path: str, *, num_frames: int, fps: float | Fraction, height: int, width: int,
-                codec: str = "mpeg4") -> str:
+def write_video(
+    path: str, *, num_frames: int, fps: float | Fraction, height: int, width: int, codec: str = "mpeg4"
+) -> str:
     """Encodes a clip whose frame i is a uniform grey of `frame_level(i)` (so decoded frames can be identified),
     with a small coloured square moving one pixel per frame (real motion for the codec)."""
     with av.open(path, "w") as container:
@@ -55,7 +58,7 @@ def write_video(path: str, *, num_frames: int, fps: float | Fraction, height: in
         for i in range(num_frames):
             frame = np.full((height, width, 3), frame_level(i), np.uint8)
             top, left = i % max(height - 4, 1), i % max(width - 4, 1)
-            frame[top:top + 4, left:left + 4] = (255, 0, 0)
+            frame[top : top + 4, left : left + 4] = (255, 0, 0)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 from ml_collections import ConfigDict
+from test_train_resume import ENV, ROOT
 
 from qwen3vl_jax.ablation.report import aggregate, markdown_table, mean_and_ci
 from qwen3vl_jax.ablation.sweep import Run, merge, run_config, run_dir, runs_of
-from test_train_resume import ENV, ROOT
 
-SWEEP = textwrap.dedent('''
+SWEEP = textwrap.dedent("""
     from ml_collections import ConfigDict
     from configs.ablation_base import base_config, synthetic
 
@@ -31,7 +31,7 @@ SWEEP = textwrap.dedent('''
             synthetic(("grid_grounding",), seed=99, grid_sizes=(2,))]))))
         c.columns = [("grid", "x_accuracy"), ("grid", "exact_match")]
         return c
-''')
+""")
 
 
 def test_mean_and_ci():
@@ -42,8 +42,11 @@ def test_mean_and_ci():
 
 def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
     columns = [("video", "exact_match"), ("video", "abs_error_seconds")]
-    runs = [{"video": {"exact_match": 0.5, "abs_error_seconds": 1.0}}, {"video": {"exact_match": 0.7}},
-            {"video": {"exact_match": 0.6, "abs_error_seconds": 2.0}}]
+    runs = [
+        {"video": {"exact_match": 0.5, "abs_error_seconds": 1.0}},
+        {"video": {"exact_match": 0.7}},
+        {"video": {"exact_match": 0.6, "abs_error_seconds": 2.0}},
+    ]
     table = markdown_table(aggregate({"a": runs}, columns), columns, {"a": [0, 1, 2]})
     # sd 0.1, n 3: 4.302653 * 0.1 / sqrt(3); sd 0.7071, n 2: t(0.975, 1) = 12.7062 * 0.5 (tables)
     assert "| a | 0, 1, 2 | 0.600 ± 0.248 | 1.500 ± 6.353 (2 of 3 seeds) |" in table
@@ -51,21 +54,27 @@ def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
 
 def test_overrides_must_name_existing_fields():
     base = ConfigDict(dict(model=dict(overrides=dict(mrope_layout="interleaved")), seed=0, data=dict(seed=0)))
-    sweep = ConfigDict(dict(base=base, variants=dict(c=dict(model=dict(overrides=dict(mrope_layout="chunked")))),
-                            seeds=(3,)))
+    sweep = ConfigDict(
+        dict(base=base, variants=dict(c=dict(model=dict(overrides=dict(mrope_layout="chunked")))), seeds=(3,))
+    )
     config = run_config(sweep, Run("c", 3))
     assert config.model.overrides.mrope_layout == "chunked" and config.seed == config.data.seed == 3
     assert base.model.overrides.mrope_layout == "interleaved"  # the base is not modified
-    with pytest.raises(KeyError, match="model.overrides.mrope_layot"):
+    with pytest.raises(KeyError, match=r"model\.overrides\.mrope_layot"):
         merge(ConfigDict(base.to_dict()), dict(model=dict(overrides=dict(mrope_layot="chunked"))))
     with pytest.raises(ValueError, match="variant name"):
         runs_of(ConfigDict(dict(variants={"a/b": {}}, seeds=(0,))))
 
 
 def ablate(config, workdir, *args):
-    result = subprocess.run([sys.executable, "-m", "experiments.ablate", f"--config={config}",
-                             f"--workdir={workdir}", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.ablate", f"--config={config}", f"--workdir={workdir}", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -92,9 +101,9 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
     values = json.loads((workdir / "results.json").read_text())
     assert len(values["chunked"]["grid/exact_match"]) == 2
 
-    stamps = {r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json"))
-              for r in runs_of(sweep)}
+    stamps = {r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json")) for r in runs_of(sweep)}
     out = ablate(config, workdir)  # everything finished: nothing runs again, the report is rewritten
     assert "[4/4] chunked/seed_1: finished earlier, skipped" in out and "| chunked | 0, 1 |" in out
-    assert stamps == {r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json"))
-                      for r in runs_of(sweep)}
+    assert stamps == {
+        r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json")) for r in runs_of(sweep)
+    }

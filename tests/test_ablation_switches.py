@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 import transformers
+from hf_reference import batch_inputs, build_prompt, hf_logits
 
 import qwen3vl_jax
-from hf_reference import batch_inputs, build_prompt, hf_logits
 from qwen3vl_jax.config import to_hf
 
 VISUAL = [("text", 3), ("image", (6, 8)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]
@@ -16,8 +15,10 @@ TEXT = [("text", 15)]
 @pytest.fixture(scope="module")
 def inputs(tiny):
     rng = np.random.default_rng(5)
-    return {name: batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)])
-            for name, parts in (("visual", VISUAL), ("text", TEXT))}
+    return {
+        name: batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)])
+        for name, parts in (("visual", VISUAL), ("text", TEXT))
+    }
 
 
 def test_chunked_mrope_changes_visual_outputs_only(tiny, inputs):

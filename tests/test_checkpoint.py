@@ -6,12 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import transformers
+from hf_reference import batch_inputs, build_prompt, hf_logits
 from safetensors.numpy import load_file, save_file
 
 import qwen3vl_jax
-from hf_reference import batch_inputs, build_prompt, hf_logits
 from qwen3vl_jax.hf_io import CheckpointError
 
 PARTS = [("text", 3), ("image", (4, 6)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]
@@ -35,8 +34,9 @@ def test_save_then_transformers_loads_same_logits(tiny, tmp_path, shard_bytes):
         np.testing.assert_array_equal(reloaded_hf.state_dict()[name].numpy(), p.numpy(), err_msg=name)
     # our loader reads the sharded / single layout back to the same params
     again = qwen3vl_jax.load_pretrained(str(tmp_path))
-    np.testing.assert_array_equal(again(**batch_inputs(tiny.config, [build_prompt(
-        tiny.config, PARTS, np.random.default_rng(3))])), ours)
+    np.testing.assert_array_equal(
+        again(**batch_inputs(tiny.config, [build_prompt(tiny.config, PARTS, np.random.default_rng(3))])), ours
+    )
 
 
 def test_tied_head_with_or_without_lm_head_tensor(tiny_tied, tmp_path):
@@ -55,11 +55,11 @@ def test_tied_head_with_or_without_lm_head_tensor(tiny_tied, tmp_path):
 def test_config_forms_4x_and_5x_load_the_same(tiny, tmp_path):
     """A released-style (4.x: rope_theta + rope_scaling) config.json and the 5.x form give the same model."""
     shutil.copytree(tiny.path, tmp_path / "v4")
-    hf = json.load(open(tmp_path / "v4" / "config.json"))
+    hf = json.loads((tmp_path / "v4" / "config.json").read_text())
     rope = hf["text_config"].pop("rope_parameters")
     hf["text_config"]["rope_theta"] = rope.pop("rope_theta")
     hf["text_config"]["rope_scaling"] = rope
-    json.dump(hf, open(tmp_path / "v4" / "config.json", "w"))
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(hf))
     assert qwen3vl_jax.load_pretrained(str(tmp_path / "v4")).config == tiny.ours.config
 
 
@@ -75,32 +75,43 @@ def edit_tensors(fn):
         tensors = load_file(str(path / "model.safetensors"))
         fn(tensors)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
     return edit
 
 
 def truncate(path):
-    data = open(path / "model.safetensors", "rb").read()
-    open(path / "model.safetensors", "wb").write(data[: len(data) // 2])
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
 def set_layers(path):
-    hf = json.load(open(path / "config.json"))
+    hf = json.loads((path / "config.json").read_text())
     hf["text_config"]["num_hidden_layers"] = 4
-    json.dump(hf, open(path / "config.json", "w"))
+    (path / "config.json").write_text(json.dumps(hf))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (edit_tensors(lambda t: t.pop("model.language_model.layers.1.self_attn.k_norm.weight")),
-     r"lacks 1 tensor.*model\.language_model\.layers\.1\.self_attn\.k_norm\.weight"),
-    (edit_tensors(lambda t: t.update({"model.visual.extra.weight": np.zeros(3, np.float32)})),
-     r"does not use.*model\.visual\.extra\.weight"),
-    (edit_tensors(lambda t: t.update({"model.visual.blocks.2.attn.qkv.weight": np.zeros((96, 31), np.float32)})),
-     r"model\.visual\.blocks\.2\.attn\.qkv\.weight has shape \(96, 31\), but the config needs \(96, 32\)"),
-    (truncate, r"cannot read safetensors file .*model\.safetensors"),
-    (lambda p: open(p / "config.json", "w").write("{not json"), r"config\.json is not valid JSON"),
-    (lambda p: os.remove(p / "model.safetensors"), r"neither model\.safetensors nor"),
-    (set_layers, r"lacks 11 tensor.*model\.language_model\.layers\.3\."),
-], ids=["missing", "unexpected", "mis_shaped", "truncated_file", "bad_config_json", "no_weights", "config_mismatch"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            edit_tensors(lambda t: t.pop("model.language_model.layers.1.self_attn.k_norm.weight")),
+            r"lacks 1 tensor.*model\.language_model\.layers\.1\.self_attn\.k_norm\.weight",
+        ),
+        (
+            edit_tensors(lambda t: t.update({"model.visual.extra.weight": np.zeros(3, np.float32)})),
+            r"does not use.*model\.visual\.extra\.weight",
+        ),
+        (
+            edit_tensors(lambda t: t.update({"model.visual.blocks.2.attn.qkv.weight": np.zeros((96, 31), np.float32)})),
+            r"model\.visual\.blocks\.2\.attn\.qkv\.weight has shape \(96, 31\), but the config needs \(96, 32\)",
+        ),
+        (truncate, r"cannot read safetensors file .*model\.safetensors"),
+        (lambda p: (p / "config.json").write_text("{not json"), r"config\.json is not valid JSON"),
+        (lambda p: os.remove(p / "model.safetensors"), r"neither model\.safetensors nor"),
+        (set_layers, r"lacks 11 tensor.*model\.language_model\.layers\.3\."),
+    ],
+    ids=["missing", "unexpected", "mis_shaped", "truncated_file", "bad_config_json", "no_weights", "config_mismatch"],
+)
 def test_bad_checkpoints_raise_clear_errors(tiny, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
         qwen3vl_jax.load_pretrained(corrupt(tiny, tmp_path, edit))
@@ -108,7 +119,7 @@ def test_bad_checkpoints_raise_clear_errors(tiny, tmp_path, edit, message):
 
 def test_sharded_index_naming_a_missing_shard(tiny, tmp_path):
     tiny.ours.save_pretrained(str(tmp_path), max_shard_bytes=200_000)
-    shard = json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"]["lm_head.weight"]
+    shard = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
     os.remove(tmp_path / shard)
     with pytest.raises(CheckpointError, match=f"lists shard {shard}, which does not exist"):
         qwen3vl_jax.load_pretrained(str(tmp_path))

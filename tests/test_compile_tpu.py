@@ -9,9 +9,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_train_step_compiles_for_v5p_and_fits():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    result = subprocess.run([sys.executable, "-m", "experiments.compile", "--config=configs/tiny.py",
-                             "--topology=v5p:2x2x1", "--config.mesh.data=2", "--config.mesh.fsdp=2"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.compile",
+            "--config=configs/tiny.py",
+            "--topology=v5p:2x2x1",
+            "--config.mesh.data=2",
+            "--config.mesh.fsdp=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "(4 x TPU v5), mesh {'data': 2, 'fsdp': 2, 'tensor': 1, 'expert': 1}" in out

@@ -32,7 +32,10 @@ def test_transformers_reads_to_hf(name):
     assert tuple(hf.vision_config.deepstack_visual_indexes) == config.vision.deepstack_visual_indexes
     if config.text.is_moe:
         assert (t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size) == (
-            config.text.num_experts, config.text.num_experts_per_tok, config.text.moe_intermediate_size)
+            config.text.num_experts,
+            config.text.num_experts_per_tok,
+            config.text.moe_intermediate_size,
+        )
     # and back: transformers' own 5.x serialisation reads into the same config
     assert from_hf(hf.to_dict()) == config
 
@@ -43,7 +46,10 @@ def test_hf_class_defaults_fill_missing_keys():
     hf = transformers.Qwen3VLConfig(vision_config={"out_hidden_size": 4096}, text_config={})
     assert config.text.rope_theta == hf.text_config.rope_parameters["rope_theta"] == 500000.0
     assert (config.text.head_dim, config.text.num_hidden_layers, config.vision.depth) == (
-        hf.text_config.head_dim, hf.text_config.num_hidden_layers, hf.vision_config.depth)
+        hf.text_config.head_dim,
+        hf.text_config.num_hidden_layers,
+        hf.vision_config.depth,
+    )
     assert config.tie_word_embeddings is False
 
 
@@ -59,19 +65,22 @@ def test_released_parameter_counts_equal_transformers(name):
     assert ours == sum(p.numel() for p in hf.parameters())
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(text=dict(mrope_section=(24, 20, 21))), "mrope_section"),
-    (dict(vision=dict(out_hidden_size=100)), "out_hidden_size 100 != text hidden_size"),
-    (dict(text=dict(rope_type="longrope")), "rope_type 'longrope' is not supported"),
-    (dict(text=dict(rope_type="yarn")), "yarn rope needs a 'factor'"),
-    (dict(mrope_layout="diagonal"), "mrope_layout"),
-    (dict(vision=dict(deepstack_visual_indexes=(2, 1))), "deepstack_visual_indexes"),
-    (dict(dtype="float8"), "dtype"),
-    (dict(text=dict(num_experts=4, num_experts_per_tok=5, moe_intermediate_size=16)), "num_experts_per_tok 5"),
-    (dict(text=dict(num_experts=4, num_experts_per_tok=2)), "moe_intermediate_size"),
-    (dict(moe_backend="cutlass"), "moe_backend 'cutlass'"),
-    (dict(moe_tiling=(128, 128)), "moe_tiling"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(text=dict(mrope_section=(24, 20, 21))), "mrope_section"),
+        (dict(vision=dict(out_hidden_size=100)), "out_hidden_size 100 != text hidden_size"),
+        (dict(text=dict(rope_type="longrope")), "rope_type 'longrope' is not supported"),
+        (dict(text=dict(rope_type="yarn")), "yarn rope needs a 'factor'"),
+        (dict(mrope_layout="diagonal"), "mrope_layout"),
+        (dict(vision=dict(deepstack_visual_indexes=(2, 1))), "deepstack_visual_indexes"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(text=dict(num_experts=4, num_experts_per_tok=5, moe_intermediate_size=16)), "num_experts_per_tok 5"),
+        (dict(text=dict(num_experts=4, num_experts_per_tok=2)), "moe_intermediate_size"),
+        (dict(moe_backend="cutlass"), "moe_backend 'cutlass'"),
+        (dict(moe_tiling=(128, 128)), "moe_tiling"),
+    ],
+)
 def test_invalid_configs_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny", **change)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from media import CAMERA_CLIP, image
 from PIL import Image
 
 from qwen3vl_jax.config import preset
@@ -22,10 +23,10 @@ from qwen3vl_jax.modeling import Qwen3VL, init_params
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 
-from media import CAMERA_CLIP, image
 CONFIG = preset("tiny")
-SMALL_MEDIA = VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=96 * 96, video_min_pixels=0,
-                                     video_max_pixels=8 * 64 * 64)
+SMALL_MEDIA = VisionProcessingConfig(
+    image_min_pixels=32 * 32, image_max_pixels=96 * 96, video_min_pixels=0, video_max_pixels=8 * 64 * 64
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,16 @@ def featurizer(processor, seq_len=256, max_patches=512, **kw):
 
 
 def packed_rows(features, *, seq_len, max_patches, num_bins):
-    ds = pack(grain.MapDataset.source(features).to_iter_dataset(), seq_len=seq_len, max_patches=max_patches,
-              num_bins=num_bins).map(lambda row: finalize(row, CONFIG)).batch(num_bins)
+    ds = (
+        pack(
+            grain.MapDataset.source(features).to_iter_dataset(),
+            seq_len=seq_len,
+            max_patches=max_patches,
+            num_bins=num_bins,
+        )
+        .map(lambda row: finalize(row, CONFIG))
+        .batch(num_bins)
+    )
     return next(iter(ds))
 
 
@@ -53,9 +62,14 @@ def per_token_loss(params, batch):
 def test_packed_examples_equal_each_example_alone(processor):
     """Attention, positions, DeepStack and the ViT are all segment-isolated: every token of every packed example
     gets the loss (and so the logits) it gets when the example is alone in its row."""
-    records = [make_record("grounding", 0), make_record("video_timestamp", 1), make_record("shapes", 2),
-               {"id": "doc", "document": [{"type": "text", "text": "plain text in between"}]},
-               make_record("counting", 3), make_record("ocr", 4, image_size=96)]
+    records = [
+        make_record("grounding", 0),
+        make_record("video_timestamp", 1),
+        make_record("shapes", 2),
+        {"id": "doc", "document": [{"type": "text", "text": "plain text in between"}]},
+        make_record("counting", 3),
+        make_record("ocr", 4, image_size=96),
+    ]
     features = [featurizer(processor)(r) for r in records]
     params = init_params(CONFIG, jax.random.key(0))
     packed = packed_rows(features, seq_len=256, max_patches=512, num_bins=2)
@@ -64,9 +78,13 @@ def test_packed_examples_equal_each_example_alone(processor):
     packed_loss = np.asarray(per_token_loss(params, packed))
     for f in features:
         alone = packed_rows([f], seq_len=256, max_patches=512, num_bins=1)
-        alone_loss = np.asarray(per_token_loss(params, alone))[0, :len(f["tokens"])]
-        matches = [(r, s) for r in range(2) for s in range(1, packed["segment_ids"][r].max() + 1)
-                   if np.array_equal(packed["input_ids"][r][packed["segment_ids"][r] == s], f["tokens"])]
+        alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(f["tokens"])]
+        matches = [
+            (r, s)
+            for r in range(2)
+            for s in range(1, packed["segment_ids"][r].max() + 1)
+            if np.array_equal(packed["input_ids"][r][packed["segment_ids"][r] == s], f["tokens"])
+        ]
         assert len(matches) == 1
         r, s = matches[0]
         np.testing.assert_allclose(packed_loss[r][packed["segment_ids"][r] == s], alone_loss, atol=2e-5, rtol=0)
@@ -78,8 +96,11 @@ def tiny_data(sources, **kw):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_pipeline_yields_identical_batches(processor, workers):
-    config = tiny_data([{"kind": "synthetic", "size": 500, "weight": 2.0},
-                        {"kind": "digits", "split": "train", "image_size": 32}], workers=workers, seed=3)
+    config = tiny_data(
+        [{"kind": "synthetic", "size": 500, "weight": 2.0}, {"kind": "digits", "split": "train", "image_size": 32}],
+        workers=workers,
+        seed=3,
+    )
     dataset = build_dataset(config, processor, CONFIG)
     iterator = iter(dataset)
     for _ in range(3):
@@ -105,17 +126,23 @@ def write_jsonl(path, rows):
 
 
 def conversation(text, answer, media=()):
-    return {"messages": [{"role": "user", "content": [*media, {"type": "text", "text": text}]},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "user", "content": [*media, {"type": "text", "text": text}]},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"document": [{"type": "text", "text": f"doc {i:02d}"}]}
-                                                 for i in range(12)])
+    path = write_jsonl(
+        tmp_path / "docs.jsonl", [{"document": [{"type": "text", "text": f"doc {i:02d}"}]} for i in range(12)]
+    )
     seen = []
     for shard in range(2):
-        config = tiny_data([{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16,
-                           batch_size=1, packing_bins=1)
+        config = tiny_data(
+            [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=1, packing_bins=1
+        )
         for batch in build_dataset(config, processor, CONFIG, shard_index=shard, shard_count=2):
             ids, segments = batch["input_ids"][0], batch["segment_ids"][0]
             seen += [(shard, processor.decode(ids[segments == s])) for s in range(1, segments.max() + 1)]
@@ -125,10 +152,12 @@ def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
 
 
 def test_the_last_partial_batch_of_a_finite_dataset_is_filled_with_empty_rows(processor, tmp_path):
-    path = write_jsonl(tmp_path / "docs.jsonl", [{"document": [{"type": "text", "text": f"document {i}"}]}
-                                                 for i in range(5)])
-    config = tiny_data([{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=2,
-                       packing_bins=1)  # one document per row: 5 rows in batches of 2
+    path = write_jsonl(
+        tmp_path / "docs.jsonl", [{"document": [{"type": "text", "text": f"document {i}"}]} for i in range(5)]
+    )
+    config = tiny_data(
+        [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=2, packing_bins=1
+    )  # one document per row: 5 rows in batches of 2
     batches = list(build_dataset(config, processor, CONFIG))
     assert [b["input_ids"].shape for b in batches] == [(2, 16)] * 3
     last = batches[-1]
@@ -141,20 +170,29 @@ def test_the_last_partial_batch_of_a_finite_dataset_is_filled_with_empty_rows(pr
 def test_jsonl_conversations_llava_and_documents(processor, tmp_path):
     os.symlink(image("coffee.jpg"), tmp_path / "coffee.jpg")
     os.symlink(CAMERA_CLIP, tmp_path / "clip.mp4")
-    path = write_jsonl(tmp_path / "data.jsonl", [
-        conversation("What is it?", "Coffee.", [{"type": "image", "image": "coffee.jpg"}]),
-        {"image": "coffee.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                  {"from": "gpt", "value": "Coffee."}]},
-        {"document": [{"type": "text", "text": "A clip:"}, {"type": "video", "video": "clip.mp4"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            conversation("What is it?", "Coffee.", [{"type": "image", "image": "coffee.jpg"}]),
+            {
+                "image": "coffee.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is it?"},
+                    {"from": "gpt", "value": "Coffee."},
+                ],
+            },
+            {"document": [{"type": "text", "text": "A clip:"}, {"type": "video", "video": "clip.mp4"}]},
+        ],
+    )
     source = JsonlSource(path)
     assert len(source) == 3
     qwen, llava, document = (featurizer(processor, seq_len=4096, max_patches=8192)(source[i]) for i in range(3))
     np.testing.assert_array_equal(qwen["tokens"], llava["tokens"])  # LLaVA becomes the same conversation
     assert qwen["loss_mask"].sum() == len("Coffee.") + 1
     assert (document["patch_group"].max(), document["loss_mask"].sum() > 0) == (10, True)
-    assert llava_to_messages({"image": ["a", "b"], "conversations": [{"from": "human", "value": "hi"}]})[0][
-        "content"][:2] == [{"type": "image", "image": "a"}, {"type": "image", "image": "b"}]
+    assert llava_to_messages({"image": ["a", "b"], "conversations": [{"from": "human", "value": "hi"}]})[0]["content"][
+        :2
+    ] == [{"type": "image", "image": "a"}, {"type": "image", "image": "b"}]
 
 
 def test_array_record_source(processor, tmp_path):
@@ -174,8 +212,10 @@ def test_overflow_policies(processor):
     assert len(truncated["tokens"]) == 100 and truncated["targets"][-1] == ord("x")  # still predicts the next
     dropped = featurizer(processor, seq_len=100, overflow="drop")(long_text)  # even with on_bad_input="error"
     assert dropped == {DROPPED: "example long: 301 tokens do not fit seq_len = 100"}
-    late_image = {"id": "late", "document": [{"type": "text", "text": "y" * 120},
-                                             {"type": "image", "image": image("coffee.jpg")}]}
+    late_image = {
+        "id": "late",
+        "document": [{"type": "text", "text": "y" * 120}, {"type": "image", "image": image("coffee.jpg")}],
+    }
     with pytest.raises(DataError, match=r"example late: .* visual tokens reach position"):
         featurizer(processor, seq_len=100)(late_image)
 
@@ -193,10 +233,11 @@ BAD_RECORDS = {
     "missing_file": ([{"type": "image", "image": "nowhere.png"}], r"nowhere\.png does not exist"),
     "zero_size_image": ([{"type": "image", "image": np.zeros((0, 8, 3), np.uint8)}], "zero size"),
     "aspect_ratio": ([{"type": "image", "image": "thin.png"}], "aspect ratio must be at most 200"),
-    "too_many_visual_tokens": ([{"type": "image", "image": np.zeros((512, 512, 3), np.uint8)}],
-                               "do not fit"),
-    "placeholder_mismatch": ([{"type": "image", "image": np.zeros((64, 64, 3), np.uint8)},
-                              {"type": "text", "text": "stray <|image_pad|>"}], "more image placeholders"),
+    "too_many_visual_tokens": ([{"type": "image", "image": np.zeros((512, 512, 3), np.uint8)}], "do not fit"),
+    "placeholder_mismatch": (
+        [{"type": "image", "image": np.zeros((64, 64, 3), np.uint8)}, {"type": "text", "text": "stray <|image_pad|>"}],
+        "more image placeholders",
+    ),
 }
 
 
@@ -205,8 +246,11 @@ def test_bad_inputs_raise_naming_the_example_or_are_skipped(processor, tmp_path,
     corrupt_files(tmp_path)
     media, message = BAD_RECORDS[case]
     record = {**conversation("q", "a", media), "id": f"bad/{case}", "base_dir": str(tmp_path)}
-    processor = Processor(processor.tokenizer, processor.chat_template,
-                          VisionProcessingConfig(image_min_pixels=0, image_max_pixels=512 * 512))
+    processor = Processor(
+        processor.tokenizer,
+        processor.chat_template,
+        VisionProcessingConfig(image_min_pixels=0, image_max_pixels=512 * 512),
+    )
     with pytest.raises(DataError, match=rf"example bad/{case}: .*{message}"):
         featurizer(processor, seq_len=128, max_patches=256)(record)
     skipped = featurizer(processor, seq_len=128, max_patches=256, on_bad_input="skip")(record)
@@ -218,11 +262,22 @@ def test_skipped_examples_are_counted_in_batches(processor, tmp_path):
     rows = []
     for i in range(20):
         bad = i % 4 == 1
-        rows.append("{not json" if i == 6 else conversation(
-            f"q{i}", "a", [{"type": "image", "image": "broken.png" if bad else image("coffee.jpg")}]))
+        rows.append(
+            "{not json"
+            if i == 6
+            else conversation(f"q{i}", "a", [{"type": "image", "image": "broken.png" if bad else image("coffee.jpg")}])
+        )
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    config = tiny_data([{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, on_bad_input="skip",
-                       seq_len=512, max_patches=512, batch_size=1, packing_bins=1)
+    config = tiny_data(
+        [{"kind": "jsonl", "path": path}],
+        shuffle=False,
+        num_epochs=1,
+        on_bad_input="skip",
+        seq_len=512,
+        max_patches=512,
+        batch_size=1,
+        packing_bins=1,
+    )
     batches = list(build_dataset(config, processor, CONFIG))
     assert sum(int(b["num_dropped"].sum()) for b in batches) == 6  # 5 broken images + 1 invalid JSON line
     assert sum(int(b["segment_ids"].max()) for b in batches) == 14

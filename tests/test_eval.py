@@ -1,30 +1,34 @@
 """The eval metrics, and the eval binary on an HF checkpoint with a JSONL dataset and on a training workdir."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from media import image
+from test_train_resume import ENV, ROOT, command
 
 from qwen3vl_jax.inference.metrics import character_accuracy, score
 from qwen3vl_jax.processing import Processor, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
-from media import image
-from test_train_resume import ENV, ROOT, command
 
 
 def test_metrics():
     assert character_accuracy("HELLO", "HELLO") == 1.0
-    assert character_accuracy("HELO", "HELLO") == pytest.approx(0.8)     # one deletion in five characters
+    assert character_accuracy("HELO", "HELLO") == pytest.approx(0.8)  # one deletion in five characters
     assert character_accuracy("", "ABC") == 0.0 and character_accuracy("XXXXXXXX", "AB") == 0.0
     box = {"box": [100, 100, 300, 300]}
     assert score("grounding", "<|box_start|>(100,100),(300,300)<|box_end|>", "", box)["box_hit"] == 1.0
     half = score("grounding", "<|box_start|>(100,100),(300,200)<|box_end|>", "", box)
     assert half["iou"] == pytest.approx(0.5) and half["box_hit"] == 1.0
-    assert score("grounding", "no box", "", box) == {"exact_match": 0.0, "iou": 0.0, "box_hit": 0.0,
-                                                      "x_accuracy": 0.0, "y_accuracy": 0.0}
+    assert score("grounding", "no box", "", box) == {
+        "exact_match": 0.0,
+        "iou": 0.0,
+        "box_hit": 0.0,
+        "x_accuracy": 0.0,
+        "y_accuracy": 0.0,
+    }
     # per-axis: the centre (350, 200) of a box in the right row but the next column
     shifted = score("grid_grounding", "<|box_start|>(300,100),(400,300)<|box_end|>", "", box)
     assert (shifted["x_accuracy"], shifted["y_accuracy"], shifted["box_hit"]) == (0.0, 1.0, 0.0)
@@ -36,12 +40,17 @@ def test_metrics():
 
 
 def run_eval(args, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.eval", f"--output={tmp_path / 'report'}",
-                             "--max_new_tokens=4", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.eval", f"--output={tmp_path / 'report'}", "--max_new_tokens=4", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.load(open(tmp_path / "report" / "summary.json"))
-    predictions = [json.loads(line) for line in open(tmp_path / "report" / "predictions.jsonl")]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    predictions = [json.loads(line) for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
     assert (tmp_path / "report" / "report.md").read_text().startswith("# Evaluation of")
     return summary, predictions
 
@@ -52,11 +61,26 @@ def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
     Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(checkpoint))
     data = tmp_path / "qa.jsonl"
     coffee = image("coffee.jpg")
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": coffee},
-                                                       {"type": "text", "text": f"question {i}"}]},
-                          {"role": "assistant", "content": "answer"}]} for i in range(3)]
-    rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": "missing.png"}]},
-                              {"role": "assistant", "content": "answer"}]})
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": coffee}, {"type": "text", "text": f"question {i}"}],
+                },
+                {"role": "assistant", "content": "answer"},
+            ]
+        }
+        for i in range(3)
+    ]
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "missing.png"}]},
+                {"role": "assistant", "content": "answer"},
+            ]
+        }
+    )
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     summary, predictions = run_eval([f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2"], tmp_path)
     assert summary["qa.jsonl"]["examples"] == 4
@@ -67,8 +91,9 @@ def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
 def test_eval_binary_on_a_training_workdir(tmp_path):
     workdir = tmp_path / "run"
     subprocess.run(command(workdir, 4, 4), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-    summary, predictions = run_eval([f"--workdir={workdir}", "--config=configs/tiny.py", "--num_examples=2",
-                                     "--batch_size=2"], tmp_path)
+    summary, _predictions = run_eval(
+        [f"--workdir={workdir}", "--config=configs/tiny.py", "--num_examples=2", "--batch_size=2"], tmp_path
+    )
     assert set(summary) == {"shapes", "counting", "grounding", "ocr", "video_timestamp", "digits"}
     assert all(s["examples"] == 2 for s in summary.values())
     assert {"iou", "box_hit"} <= set(summary["grounding"]) and "char_accuracy" in summary["ocr"]

@@ -6,16 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import batch_inputs, build_prompt
+
 from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
 
 PROMPTS = {
     "text": [[("text", 12)]],
     "image": [[("text", 5), ("image", (6, 4)), ("text", 7)]],
     "video": [[("text", 3), ("video", (2, 4, 6)), ("text", 4)]],
-    "left_padded_batch": [[("text", 3), ("image", (4, 4)), ("text", 9)],
-                          [("text", 2), ("image", (6, 8)), ("video", (2, 4, 4)), ("text", 5)]],
+    "left_padded_batch": [
+        [("text", 3), ("image", (4, 4)), ("text", 9)],
+        [("text", 2), ("image", (6, 8)), ("video", (2, 4, 4)), ("text", 5)],
+    ],
 }
 NEW = 10
 
@@ -29,17 +31,24 @@ def prompt(config, case, seed=0):
 def test_greedy_equals_transformers_generate(tiny, case):
     inputs = prompt(tiny.config, case)
     with torch.no_grad():
-        ref = tiny.hf.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=NEW,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = tiny.hf.generate(
+            **{k: torch.from_numpy(v) for k, v in inputs.items()},
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     ours = tiny.ours.generate(**inputs, max_new_tokens=NEW, eos_token_ids=None)
-    np.testing.assert_array_equal(ours, ref[:, inputs["input_ids"].shape[1]:].numpy())
+    np.testing.assert_array_equal(ours, ref[:, inputs["input_ids"].shape[1] :].numpy())
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     inputs = prompt(tiny.config, "left_padded_batch")
     greedy = tiny.ours.generate(**inputs, max_new_tokens=NEW, eos_token_ids=None)
-    sample = lambda seed, **kw: tiny.ours.generate(**inputs, max_new_tokens=NEW, eos_token_ids=None,
-                                                   do_sample=True, seed=seed, **kw)
+
+    def sample(seed, **kw):
+        return tiny.ours.generate(**inputs, max_new_tokens=NEW, eos_token_ids=None, do_sample=True, seed=seed, **kw)
+
     np.testing.assert_array_equal(sample(3, temperature=0.7, top_p=0.9), sample(3, temperature=0.7, top_p=0.9))
     assert not np.array_equal(sample(3, temperature=2.0), sample(4, temperature=2.0))
     np.testing.assert_array_equal(sample(5, top_k=1), greedy)
@@ -61,7 +70,10 @@ def test_rows_stop_at_eos_and_are_padded(tiny):
 
 def test_sampling_filters():
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]]))
-    draw = lambda config: {int(next_token(logits, jax.random.PRNGKey(i), config)[0]) for i in range(200)}
+
+    def draw(config):
+        return {int(next_token(logits, jax.random.PRNGKey(i), config)[0]) for i in range(200)}
+
     assert draw(SamplingConfig(do_sample=True)) == {0, 1, 2, 3}
     assert draw(SamplingConfig(do_sample=True, top_k=2)) == {0, 1}
     assert draw(SamplingConfig(do_sample=True, top_p=0.5)) == {0, 1}  # smallest set reaching 0.5: 0.4 + 0.3

@@ -42,6 +42,8 @@ def test_token_cross_entropy():
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 7)), jnp.float32)
     targets = jnp.asarray([[0, 6, 3], [1, 1, 2]])
     expected = -jax.nn.log_softmax(logits)[np.arange(2)[:, None], np.arange(3)[None], targets]
-    np.testing.assert_allclose(token_cross_entropy(logits.astype(jnp.bfloat16), targets),
-                               token_cross_entropy(logits.astype(jnp.bfloat16).astype(jnp.float32), targets))
+    np.testing.assert_allclose(
+        token_cross_entropy(logits.astype(jnp.bfloat16), targets),
+        token_cross_entropy(logits.astype(jnp.bfloat16).astype(jnp.float32), targets),
+    )
     np.testing.assert_allclose(token_cross_entropy(logits, targets), expected, rtol=1e-6)

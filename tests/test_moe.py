@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from jax.sharding import NamedSharding, PartitionSpec
-from safetensors import safe_open
-
-import qwen3vl_jax
 from conftest import Reference
 from hf_reference import batch_inputs, build_prompt, hf_logits
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors import safe_open
+from test_compile_tpu import ROOT
+from training_setup import OPTIMIZER
+
+import qwen3vl_jax
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.decoder import layer_runs
@@ -28,8 +30,6 @@ from qwen3vl_jax.training.loss import token_cross_entropy
 from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
-from test_compile_tpu import ROOT
-from test_train_step import OPTIMIZER
 
 BACKENDS = ("dense", "ragged_dot", "megablox")
 PROMPTS = {
@@ -87,13 +87,16 @@ def test_uneven_loads_and_gradients_of_grouped_backends_equal_dense(first, count
     def grads(backend):
         def loss(x, weights, gate_up, down):
             if backend == "dense":  # the other experts' assignments get weight 0
-                y = experts_dense(x, jnp.clip(chosen - first, 0, count - 1), jnp.where(local, weights, 0), gate_up,
-                                  down)
+                y = experts_dense(
+                    x, jnp.clip(chosen - first, 0, count - 1), jnp.where(local, weights, 0), gate_up, down
+                )
             else:
-                y = experts_grouped(x, chosen, weights, gate_up, down, backend=backend, tiling=(16, 32, 32),
-                                    first_expert=first)
-            return (y ** 2).sum()
-        args = (x, weights, gate_up[first:first + count], down[first:first + count])
+                y = experts_grouped(
+                    x, chosen, weights, gate_up, down, backend=backend, tiling=(16, 32, 32), first_expert=first
+                )
+            return (y**2).sum()
+
+        args = (x, weights, gate_up[first : first + count], down[first : first + count])
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
 
     value, reference = grads("dense")
@@ -116,8 +119,13 @@ def test_expert_parallel_block_equals_single_device(tokens):
     with jax.set_mesh(expert_mesh()):
         sharded = jax.jit(block.apply)(params, x)
     np.testing.assert_allclose(sharded[0], single[0], atol=1e-6, rtol=0)
-    six = MoeBlock(preset("tiny-moe", text=dict(num_experts=6)).text, "ragged_dot", (16, 32, 32), dtype=jnp.float32,
-                   param_dtype=jnp.float32)
+    six = MoeBlock(
+        preset("tiny-moe", text=dict(num_experts=6)).text,
+        "ragged_dot",
+        (16, 32, 32),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    )
     with jax.set_mesh(make_mesh({"expert": 8})), pytest.raises(ValueError, match="num_experts 6 is not a multiple"):
         jax.eval_shape(six.init, jax.random.PRNGKey(1), x)
 
@@ -149,26 +157,39 @@ def test_mfu_counts_the_active_experts():
     """Training FLOPs of an MoE model: a dense model of width k x moe_intermediate_size plus the router."""
     moe = preset("tiny-moe")
     t = moe.text
-    dense = moe.replace(text=dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0,
-                                  intermediate_size=t.num_experts_per_tok * t.moe_intermediate_size))
+    dense = moe.replace(
+        text=dict(
+            num_experts=0,
+            num_experts_per_tok=0,
+            moe_intermediate_size=0,
+            intermediate_size=t.num_experts_per_tok * t.moe_intermediate_size,
+        )
+    )
     router = 3 * 2 * 2 * 16 * t.hidden_size * t.num_experts * t.num_hidden_layers
     assert train_flops(moe, 2, 16, 0) == train_flops(dense, 2, 16, 0) + router
 
 
 def test_greedy_generation_equals_transformers(moe):
-    inputs = batch_inputs(moe.config, [build_prompt(moe.config, p, np.random.default_rng(7))
-                                       for p in PROMPTS["image_and_text"]])
+    inputs = batch_inputs(
+        moe.config, [build_prompt(moe.config, p, np.random.default_rng(7)) for p in PROMPTS["image_and_text"]]
+    )
     with torch.no_grad():
-        ref = moe.hf.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=8,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = moe.hf.generate(
+            **{k: torch.from_numpy(v) for k, v in inputs.items()},
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     ours = moe.ours.generate(**inputs, max_new_tokens=8, eos_token_ids=None)
-    np.testing.assert_array_equal(ours, ref[:, inputs["input_ids"].shape[1]:].numpy())
+    np.testing.assert_array_equal(ours, ref[:, inputs["input_ids"].shape[1] :].numpy())
 
 
 @pytest.fixture(scope="module")
 def moe_batch(moe):
-    rows = [build_prompt(moe.config, p, np.random.default_rng(8 + i))
-            for i, p in enumerate(PROMPTS["image_and_text"] * 4)]
+    rows = [
+        build_prompt(moe.config, p, np.random.default_rng(8 + i)) for i, p in enumerate(PROMPTS["image_and_text"] * 4)
+    ]
     inputs, _ = moe.ours.prepare(**batch_inputs(moe.config, rows), seq_len=64, max_patches=64)
     batch = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
     batch["targets"] = np.roll(batch["input_ids"], -1, axis=1)
@@ -183,8 +204,9 @@ def test_expert_parallel_megablox_forward_and_gradients_equal_single_device(moe,
     model = Qwen3VL(config)
 
     def loss(params, batch):
-        logits, router_logits = model.apply({"params": params}, ModelInputs.from_batch(batch),
-                                            method=Qwen3VL.logits_and_router_logits)
+        logits, router_logits = model.apply(
+            {"params": params}, ModelInputs.from_batch(batch), method=Qwen3VL.logits_and_router_logits
+        )
         mask = batch["loss_mask"]
         ce = (token_cross_entropy(logits, batch["targets"]) * mask).sum() / mask.sum()
         aux = load_balancing_loss(router_logits, batch["segment_ids"].reshape(-1) > 0, config.text.num_experts_per_tok)
@@ -199,7 +221,10 @@ def test_expert_parallel_megablox_forward_and_gradients_equal_single_device(moe,
     np.testing.assert_allclose(logits, single_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(aux, single_aux, rtol=1e-6)
     np.testing.assert_allclose(loss_value, single_loss, rtol=1e-6)
-    flat = lambda tree: jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+
+    def flat(tree):
+        return jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+
     for (path, g), (_, r) in zip(flat(grads), flat(single_grads)):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), jax.tree_util.keystr(path)
 
@@ -210,15 +235,20 @@ def test_expert_parallel_step_equals_single_device(moe, moe_batch):
     config = moe.config.replace(moe_backend="ragged_dot")
     optimizer, schedule = make_optimizer(OPTIMIZER, 100, moe.ours.params)
     step = make_train_step(config, optimizer, schedule, loss_normalization="sqrt")
-    state = TrainState(step=np.int32(0), params=moe.ours.params, opt_state=optimizer.init(moe.ours.params),
-                       rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        step=np.int32(0), params=moe.ours.params, opt_state=optimizer.init(moe.ours.params), rng=jax.random.PRNGKey(0)
+    )
     single_state, single = jax.jit(step)(state, moe_batch)
 
     mesh = expert_mesh()
     boxed = abstract_params(config, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(step=replicated, params=param_shardings(boxed, mesh),
-                           opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed), mesh), rng=replicated)
+    shardings = TrainState(
+        step=replicated,
+        params=param_shardings(boxed, mesh),
+        opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed), mesh),
+        rng=replicated,
+    )
     layers = shardings.params["decoder"]["layers"]
     # (layers, experts, embed, mlp): experts over the expert axis, the model dimension over fsdp; a dense weight's
     # model dimension over both (ZeRO-3)
@@ -226,20 +256,38 @@ def test_expert_parallel_step_equals_single_device(moe, moe_batch):
     assert layers["q_proj"]["kernel"].spec[1] == ("fsdp", "expert")
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         sharded = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated))
-        sharded_state, metrics = sharded(jax.device_put(state, shardings), jax.device_put(moe_batch,
-                                                                                            batch_sharding(mesh)))
+        sharded_state, metrics = sharded(
+            jax.device_put(state, shardings), jax.device_put(moe_batch, batch_sharding(mesh))
+        )
     for key in ("loss", "aux_loss", "grad_norm"):
         np.testing.assert_allclose(metrics[key], single[key], rtol=1e-5, err_msg=key)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6),
-                           jax.device_get(sharded_state.params), jax.device_get(single_state.params))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6),
+        jax.device_get(sharded_state.params),
+        jax.device_get(single_state.params),
+    )
 
 
 def test_tiny_moe_with_megablox_compiles_for_tpu_v5p():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    result = subprocess.run([sys.executable, "-m", "experiments.compile", "--config=configs/tiny_moe.py",
-                             "--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.expert=2",
-                             "--config.mesh.fsdp=2", "--config.model.overrides.moe_backend=megablox"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.compile",
+            "--config=configs/tiny_moe.py",
+            "--topology=v5p:2x2x1",
+            "--config.mesh.data=1",
+            "--config.mesh.expert=2",
+            "--config.mesh.fsdp=2",
+            "--config.model.overrides.moe_backend=megablox",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "-> fits" in result.stdout
     assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 2}" in result.stdout

@@ -2,7 +2,6 @@
 grids, a falling loss, generated answers and two figures."""
 
 import ast
-import importlib.util
 import json
 import math
 import os
@@ -10,19 +9,13 @@ import re
 
 import nbformat
 from nbclient import NotebookClient
+from training_setup import tiny_config
 
 from qwen3vl_jax.data.synthetic import make_record
 from qwen3vl_jax.training.trainer import processor_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "tpu", "qwen3vl_colab.ipynb")
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def text_of(cell) -> str:
@@ -60,8 +53,12 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path):
     image_record, video_record = make_record("shapes", 0), make_record("video_timestamp", 0)
     image = image_record["messages"][0]["content"][0]["image"]
     video = video_record["messages"][0]["content"][0]
-    batch = processor(text=[processor.apply_chat_template(r["messages"]) for r in (image_record, video_record)],
-                      images=[image], videos=[video["video"]], video_fps=video["fps"])
+    batch = processor(
+        text=[processor.apply_chat_template(r["messages"]) for r in (image_record, video_record)],
+        images=[image],
+        videos=[video["video"]],
+        video_fps=video["fps"],
+    )
     out = text_of(cells["processing"])
     assert ast.literal_eval(printed(out, "image_grid_thw")) == batch["image_grid_thw"].tolist() == [[1, 4, 4]]
     assert ast.literal_eval(printed(out, "video_grid_thw")) == batch["video_grid_thw"].tolist() == [[4, 4, 4]]
@@ -74,7 +71,8 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path):
     workdir = printed(text_of(cells["train"]), "workdir")
     assert os.path.realpath(workdir).startswith(os.path.realpath(tmp_path))
     assert os.path.exists(os.path.join(workdir, "hf", "model.safetensors"))
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
     train = [r for r in records if r["split"] == "train"]
     assert {r["split"] for r in records} > {"train", "eval/shapes", "eval/video_timestamp"}
 

@@ -4,19 +4,22 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import batch_inputs, build_prompt, hf_logits
 
 import qwen3vl_jax
-from hf_reference import batch_inputs, build_prompt, hf_logits
 
 CASES = {
     "text_only": [[("text", 21)]],
     "one_image": [[("text", 5), ("image", (6, 4)), ("text", 7)]],
-    "several_images_non_square": [[("text", 3), ("image", (4, 8)), ("text", 2), ("image", (10, 6)),
-                                   ("image", (2, 12)), ("text", 4)]],
+    "several_images_non_square": [
+        [("text", 3), ("image", (4, 8)), ("text", 2), ("image", (10, 6)), ("image", (2, 12)), ("text", 4)]
+    ],
     "video_with_timestamps": [[("text", 3), ("video", (3, 4, 6)), ("text", 4)]],
     "image_and_video": [[("text", 3), ("image", (4, 4)), ("text", 2), ("video", (2, 6, 4)), ("text", 4)]],
-    "left_padded_batch": [[("text", 3), ("image", (4, 4)), ("text", 9)],
-                          [("text", 2), ("image", (6, 8)), ("video", (2, 4, 4)), ("text", 5)]],
+    "left_padded_batch": [
+        [("text", 3), ("image", (4, 4)), ("text", 9)],
+        [("text", 2), ("image", (6, 8)), ("video", (2, 4, 4)), ("text", 5)],
+    ],
 }
 
 
@@ -52,8 +55,7 @@ def test_bf16_as_accurate_as_transformers_bf16(tiny, tmp_path):
     assert ours16.config.param_dtype == "bfloat16" and ours16.config.dtype == "bfloat16"
 
     rng = np.random.default_rng(11)
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)
-                                        for parts in CASES["left_padded_batch"]])
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng) for parts in CASES["left_padded_batch"]])
     real = inputs["attention_mask"].astype(bool)
     exact = hf_logits(hf32, inputs)[real]
     err_hf = np.abs(hf_logits(hf16, inputs)[real] - exact)

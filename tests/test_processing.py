@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from media import CAMERA_CLIP, IMAGES, frame_level, image, write_qwen_tokenizer_dir, write_video
 from PIL import Image
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -15,8 +16,6 @@ from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig,
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.processing.image import smart_resize
 from qwen3vl_jax.processing.video import decode_video
-
-from media import CAMERA_CLIP, IMAGES, frame_level, image, write_qwen_tokenizer_dir, write_video
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,14 @@ def proc(qwen_dir):
 def test_image_pixels_and_grids_equal_transformers(proc):
     """Same PIL bicubic resize and float math as transformers' PIL image processor: exact (tolerance 0). (The
     torchvision 'Fast' processor resizes with antialiasing and differs by a few 1e-2.)"""
-    hf = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": 16777216})
+    hf = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+    )
     for name in IMAGES:
         picture = Image.open(image(name))
         ref = hf(picture, return_tensors="np")
@@ -46,7 +51,7 @@ def test_image_pixels_and_grids_equal_transformers(proc):
 
 def test_smart_resize_limits_and_errors():
     assert smart_resize(300, 451, 32, 65536, 16777216) == (288, 448)
-    assert smart_resize(10, 10, 32, 65536, 16777216) == (256, 256)     # scaled up to min_pixels
+    assert smart_resize(10, 10, 32, 65536, 16777216) == (256, 256)  # scaled up to min_pixels
     assert smart_resize(8000, 8000, 32, 65536, 16777216) == (4096, 4096)  # scaled down to max_pixels
     with pytest.raises(DataError, match="aspect ratio"):
         smart_resize(10, 2010, 32, 65536, 16777216)
@@ -72,8 +77,12 @@ ENCODED_CLIPS = {
     # n = int(15 / 6 * 2) = 5: odd, so the last sampled frame is repeated; round(linspace(0, 14, 5)) = 0 3.5 7 10.5 14
     "odd_sampled_count": ((15, 6, 64, 96), [0, 4, 7, 10, 14], (3, 4, 6), [(0 + 4) / 12, (7 + 10) / 12, 14 / 6]),
     # 2 / 7 frames per recorded frame: n = int(30 / 7 * 2) = 8, round(linspace(0, 29, 8)) = 0 4.14 8.29 12.43 ...
-    "fps_not_dividing": ((30, 7, 64, 64), [0, 4, 8, 12, 17, 21, 25, 29], (4, 4, 4),
-                         [4 / 14, 20 / 14, 38 / 14, 54 / 14]),
+    "fps_not_dividing": (
+        (30, 7, 64, 64),
+        [0, 4, 8, 12, 17, 21, 25, 29],
+        (4, 4, 4),
+        [4 / 14, 20 / 14, 38 / 14, 54 / 14],
+    ),
     # fewer frames than min_frames = 4: all 3 are taken, then padded to 2 temporal groups
     "three_frames": ((3, 30, 64, 64), [0, 1, 2], (2, 4, 4), [1 / 60, 2 / 30]),
     # 720x1280 with n = int(20 / 4 * 2) = 10 frames: 720 / 32 = 22.5 rounds to 22 (banker's) -> 704
@@ -148,32 +157,41 @@ def test_input_ids_equal_qwen_tokenizer_on_rendered_template(proc, qwen_dir):
         {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "And here?"}]},
     ]
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(qwen_dir, "tokenizer.json"))
-    template = open(os.path.join(qwen_dir, "chat_template.jinja")).read()
-    text = hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                            add_generation_prompt=True)
+    template = load_chat_template(qwen_dir)
+    text = hf_tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
     assert proc.apply_chat_template(messages, add_generation_prompt=True) == text
 
     # chelsea.png 451x300 -> 448x288 -> grid (1, 18, 28) -> 126 tokens; bikes.mp4 -> grid (10, 16, 40)
     indices = [0, 13, 26, 39, 52, 66, 79, 92, 105, 118, 131, 144, 157, 170, 183, 197, 210, 223, 236, 249]
-    frames = "".join(f"<{(indices[2 * k] + indices[2 * k + 1]) / 2 / 25:.1f} seconds><|vision_start|>"
-                     + "<|video_pad|>" * 160 + "<|vision_end|>" for k in range(10))
+    frames = "".join(
+        f"<{(indices[2 * k] + indices[2 * k + 1]) / 2 / 25:.1f} seconds><|vision_start|>"
+        + "<|video_pad|>" * 160
+        + "<|vision_end|>"
+        for k in range(10)
+    )
     expanded = text.replace("<|image_pad|>", "<|image_pad|>" * 126).replace(
-        "<|vision_start|><|video_pad|><|vision_end|>", frames)
+        "<|vision_start|><|video_pad|><|vision_end|>", frames
+    )
     expected = Tokenizer.from_file(os.path.join(qwen_dir, "tokenizer.json")).encode(expanded).ids
 
     batch = proc(text=[text], images=[picture], videos=[video])
     assert batch["input_ids"][0].tolist() == expected
     assert batch["image_grid_thw"].tolist() == [[1, 18, 28]] and batch["video_grid_thw"].tolist() == [[10, 16, 40]]
     assert batch["pixel_values_videos"].shape == (10 * 16 * 40, 1536)
-    np.testing.assert_array_equal(batch["mm_token_type_ids"][0], (np.array(expected) == 151655) * 1
-                                  + (np.array(expected) == 151656) * 2)
+    np.testing.assert_array_equal(
+        batch["mm_token_type_ids"][0], (np.array(expected) == 151655) * 1 + (np.array(expected) == 151656) * 2
+    )
 
 
 def test_only_assistant_replies_are_supervised(proc):
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image", "image": image("coffee.jpg")},
-                                     {"type": "text", "text": "What is this?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image("coffee.jpg")}, {"type": "text", "text": "What is this?"}],
+        },
         {"role": "assistant", "content": "Coffee."},
         {"role": "user", "content": "Hot or cold?"},
         {"role": "assistant", "content": [{"type": "text", "text": "Hot."}]},
@@ -188,9 +206,13 @@ def test_only_assistant_replies_are_supervised(proc):
 
 
 def test_document_supervises_all_text(proc):
-    encoded = proc.encode_document([{"type": "text", "text": "A photo: "},
-                                    {"type": "image", "image": image("astronaut.jpg")},
-                                    {"type": "text", "text": " The end."}])
+    encoded = proc.encode_document(
+        [
+            {"type": "text", "text": "A photo: "},
+            {"type": "image", "image": image("astronaut.jpg")},
+            {"type": "text", "text": " The end."},
+        ]
+    )
     pads = encoded.input_ids == 151655
     assert pads.sum() == 32 * 32 // 4
     np.testing.assert_array_equal(encoded.supervised, ~pads)
@@ -220,7 +242,11 @@ def test_placeholder_and_media_counts_must_match(proc):
         proc(text=["<|vision_start|><|image_pad|><|vision_end|> twice <|image_pad|>"], images=[coffee])
     with pytest.raises(DataError, match="more images than image placeholders"):
         proc(text=["no placeholder"], images=[coffee])
-    messages = [{"role": "user", "content": [{"type": "image", "image": coffee},
-                                             {"type": "text", "text": "and a stray <|image_pad|>"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": coffee}, {"type": "text", "text": "and a stray <|image_pad|>"}],
+        }
+    ]
     with pytest.raises(DataError, match="more image placeholders than images"):
         proc.encode_conversation(messages)

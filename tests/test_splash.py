@@ -11,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
 from jax.sharding import NamedSharding, PartitionSpec
+from test_compile_tpu import ROOT
 
 import qwen3vl_jax
-from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
-from test_train_step import batch, optimizer  # noqa: F401  (fixtures)
 from qwen3vl_jax.config import from_hf, to_hf
 from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.sharding import DEFAULT_RULES, make_mesh
-from test_compile_tpu import ROOT
 
 BLOCKS = (128, 128)
 
@@ -28,8 +27,9 @@ def packed_inputs(dtype, length=200, batch=2, heads=4, kv_heads=2, head_dim=32):
     """Rows of `length` tokens (not a multiple of 128): even rows pack three examples and padding, odd rows have
     left padding; GQA with 2 query heads per kv head."""
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, h, head_dim)), dtype)
-               for h in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((batch, length, h, head_dim)), dtype) for h in (heads, kv_heads, kv_heads)
+    )
     segments = np.zeros((batch, length), np.int32)
     segments[0::2, :60], segments[0::2, 60:130], segments[0::2, 130:190] = 1, 2, 3
     segments[1::2, 50:] = 1
@@ -70,8 +70,9 @@ def test_splash_bf16_as_accurate_as_xla_bf16():
 
 def test_vit_splash_on_images_of_different_sizes(tiny):
     """The ViT's block-diagonal attention over a packed buffer whose length (200) is not a multiple of 128."""
-    splash = qwen3vl_jax.Qwen3VLModel(tiny.config.replace(attention_impl="splash", splash_block_sizes=BLOCKS),
-                                      tiny.ours.params)
+    splash = qwen3vl_jax.Qwen3VLModel(
+        tiny.config.replace(attention_impl="splash", splash_block_sizes=BLOCKS), tiny.ours.params
+    )
     rng = np.random.default_rng(1)
     grids = np.array([[1, 6, 4], [1, 4, 10], [2, 4, 6]])
     pixels = rng.standard_normal((int(grids.prod(-1).sum()), tiny.config.vision.patch_dim)).astype(np.float32)
@@ -81,10 +82,14 @@ def test_vit_splash_on_images_of_different_sizes(tiny):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("parts", [
-    [[("text", 3), ("image", (6, 8)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]],
-    [[("text", 3), ("image", (4, 4)), ("text", 9)], [("text", 2), ("image", (6, 8)), ("text", 5)]],
-], ids=["image_and_video", "left_padded_batch"])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [[("text", 3), ("image", (6, 8)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]],
+        [[("text", 3), ("image", (4, 4)), ("text", 9)], [("text", 2), ("image", (6, 8)), ("text", 5)]],
+    ],
+    ids=["image_and_video", "left_padded_batch"],
+)
 def test_whole_model_splash_equals_xla_and_transformers(tiny, parts):
     splash = qwen3vl_jax.load_pretrained(tiny.path, attention_impl="splash", splash_block_sizes=BLOCKS)
     inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, p, np.random.default_rng(2)) for p in parts])
@@ -95,8 +100,9 @@ def test_whole_model_splash_equals_xla_and_transformers(tiny, parts):
 
 
 def test_train_steps_with_splash_match_xla(batch, optimizer):
-    from qwen3vl_jax.training.train_step import TrainState, make_train_step
-    from test_train_step import CONFIG, initial_state
+    from training_setup import CONFIG, initial_state
+
+    from qwen3vl_jax.training.train_step import make_train_step
 
     losses = {}
     for impl in ("xla", "splash"):
@@ -127,10 +133,23 @@ def test_sharded_splash_equals_unsharded():
 def test_tiny_model_with_splash_compiles_for_tpu_v5p():
     """The real TPU compiler (Mosaic for the Pallas kernels): forward and backward of the whole train step."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    result = subprocess.run([sys.executable, "-m", "experiments.compile", "--config=configs/tiny.py",
-                             "--topology=v5p:2x2x1", "--config.mesh.data=2", "--config.mesh.tensor=2",
-                             "--config.model.overrides.attention_impl=splash"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.compile",
+            "--config=configs/tiny.py",
+            "--topology=v5p:2x2x1",
+            "--config.mesh.data=2",
+            "--config.mesh.tensor=2",
+            "--config.model.overrides.attention_impl=splash",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "-> fits" in result.stdout
     kernels = int(result.stdout.split("Pallas (Mosaic) kernel calls: ")[1].split()[0])
@@ -146,6 +165,7 @@ def test_yarn_logits_equal_transformers(tmp_path):
     model.save_pretrained(tmp_path)
     ours = qwen3vl_jax.load_pretrained(str(tmp_path))
     assert ours.config.text.rope_type == "yarn"
-    inputs = batch_inputs(config, [build_prompt(config, [("text", 30), ("image", (8, 8)), ("text", 60)],
-                                                np.random.default_rng(3))])  # positions far past 32
+    inputs = batch_inputs(
+        config, [build_prompt(config, [("text", 30), ("image", (8, 8)), ("text", 60)], np.random.default_rng(3))]
+    )  # positions far past 32
     np.testing.assert_allclose(ours(**inputs), hf_logits(model, inputs), atol=1e-4, rtol=0)

@@ -2,8 +2,8 @@
 
 import jax
 import numpy as np
-
 from hf_reference import batch_inputs, build_prompt
+
 from qwen3vl_jax.modeling import Qwen3VL, abstract_params
 
 
@@ -15,22 +15,27 @@ def test_one_compile_serves_different_image_sizes(tiny):
         return Qwen3VL(tiny.config).apply({"params": params}, inputs)
 
     forward = jax.jit(forward)
-    layouts = [[("text", 3), ("image", (6, 4)), ("text", 5)],
-               [("image", (10, 12)), ("text", 2)],
-               [("text", 1), ("image", (2, 2)), ("image", (8, 8)), ("text", 3)],
-               [("text", 2), ("video", (2, 6, 6)), ("text", 1)]]
+    layouts = [
+        [("text", 3), ("image", (6, 4)), ("text", 5)],
+        [("image", (10, 12)), ("text", 2)],
+        [("text", 1), ("image", (2, 2)), ("image", (8, 8)), ("text", 3)],
+        [("text", 2), ("video", (2, 6, 6)), ("text", 1)],
+    ]
     rng = np.random.default_rng(0)
     for parts in layouts:
         batch = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)])
         inputs, _ = tiny.ours.prepare(**batch, seq_len=64, max_patches=256)
-        np.testing.assert_allclose(np.asarray(forward(tiny.ours.params, inputs))[:, :batch["input_ids"].shape[1]],
-                                   tiny.ours(**batch), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(forward(tiny.ours.params, inputs))[:, : batch["input_ids"].shape[1]],
+            tiny.ours(**batch),
+            atol=1e-5,
+            rtol=0,
+        )
     assert len(traces) == 1
 
 
 def test_padding_does_not_change_logits(tiny, rng):
-    batch = batch_inputs(tiny.config, [build_prompt(tiny.config, [("text", 4), ("image", (4, 6)), ("text", 3)],
-                                                    rng)])
+    batch = batch_inputs(tiny.config, [build_prompt(tiny.config, [("text", 4), ("image", (4, 6)), ("text", 3)], rng)])
     small = tiny.ours(**batch)
     large = tiny.ours(**batch, seq_len=256, max_patches=1024)
     np.testing.assert_allclose(large, small, atol=1e-5, rtol=0)

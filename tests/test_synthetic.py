@@ -12,8 +12,20 @@ from PIL import Image
 from scipy import ndimage
 
 from qwen3vl_jax.data.digits import DigitsSource
-from qwen3vl_jax.data.synthetic import (ALL_TASKS, BACKGROUND, CELL_PX, PALETTE, PROBE_TASKS, SHAPES, SMALL_MARK_PX,
-                                        TASKS, SyntheticSource, box_iou, make_record, parse_box)
+from qwen3vl_jax.data.synthetic import (
+    ALL_TASKS,
+    BACKGROUND,
+    CELL_PX,
+    PALETTE,
+    PROBE_TASKS,
+    SHAPES,
+    SMALL_MARK_PX,
+    TASKS,
+    SyntheticSource,
+    box_iou,
+    make_record,
+    parse_box,
+)
 
 N_CHECK = 30  # indices checked per task for content tests
 
@@ -105,7 +117,7 @@ def test_index_and_seed_change_the_example(task):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="nope.*shapes"):
+    with pytest.raises(ValueError, match=r"nope.*shapes"):
         make_record("nope", 0)
     with pytest.raises(ValueError):
         make_record("shapes", -1)
@@ -313,8 +325,11 @@ def test_grid_tasks_answer_the_target_cell(task):
         grid, row, col = meta["grid"], meta["row"], meta["col"]
         grids.add(grid)
         assert image.shape == (grid * CELL_PX, grid * CELL_PX, 3)
-        assert parse_box(record["answer"]) == tuple(meta["box"]) == tuple(
-            round(1000 * v / grid) for v in (col, row, col + 1, row + 1))
+        assert (
+            parse_box(record["answer"])
+            == tuple(meta["box"])
+            == tuple(round(1000 * v / grid) for v in (col, row, col + 1, row + 1))
+        )
         target = _mask(image, meta["colour"])
         cell = (slice(row * CELL_PX, (row + 1) * CELL_PX), slice(col * CELL_PX, (col + 1) * CELL_PX))
         assert target.sum() == target[cell].sum() > 0  # the target colour is inside the answer's cell only
@@ -323,7 +338,7 @@ def test_grid_tasks_answer_the_target_cell(task):
             assert target[cell].all() and marked.sum() == CELL_PX**2  # one whole cell, the rest identical grey
         else:
             assert target.sum() == SMALL_MARK_PX**2
-            labels, count = ndimage.label(marked)
+            _labels, count = ndimage.label(marked)
             assert 2 <= count <= 4  # the target and 1..3 distractors of other colours
     assert grids == {4, 8, 12}
 
@@ -340,7 +355,7 @@ def test_text_reverse_is_text_only():
 def test_probe_tasks_are_appended_and_validated():
     """A record's RNG key holds its task's index in ALL_TASKS: appending the probe tasks keeps every default
     task's records as they were."""
-    assert ALL_TASKS[:len(TASKS)] == TASKS and set(PROBE_TASKS) == set(ALL_TASKS[len(TASKS):])
+    assert ALL_TASKS[: len(TASKS)] == TASKS and set(PROBE_TASKS) == set(ALL_TASKS[len(TASKS) :])
     mixed = SyntheticSource(tasks=("shapes", "text_reverse"), size=4, seed=4)
     assert [mixed[i]["id"] for i in range(4)] == ["shapes/0", "text_reverse/0", "shapes/1", "text_reverse/1"]
     with pytest.raises(ValueError, match="grid_sizes"):

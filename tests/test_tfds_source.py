@@ -4,13 +4,14 @@ training steps with an eval on it."""
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from media import image
 from ml_collections import ConfigDict
 from PIL import Image
+from training_setup import tiny_config
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
@@ -18,9 +19,6 @@ from qwen3vl_jax.data.sources import make_source
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.trainer import Trainer
-
-from media import image
-from test_notebook import tiny_config
 
 COLOURS = ("red", "green", "blue", "white")
 CORRUPT_PNG, EMPTY_ANSWERS = 5, 8  # the two bad examples of the train split
@@ -44,8 +42,10 @@ def example(index: int, *, train: bool) -> dict:
         "png": b"not an image" if train and index == CORRUPT_PNG else photo_png(index),
         "question": f"example {index}: what colour is the square?",
         "answers": [] if train and index == EMPTY_ANSWERS else [colour, f"{colour} square", f"a {colour} one"],
-        "qa": {"question": [f"example {index}: is it a cat?", f"example {index}: how many cats?"],
-               "answer": ["yes", "one"]},
+        "qa": {
+            "question": [f"example {index}: is it a cat?", f"example {index}: how many cats?"],
+            "answer": ["yes", "one"],
+        },
     }
 
 
@@ -56,13 +56,18 @@ class TinyVqa(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "square": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
-            "png": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "question": tfds.features.Text(),
-            "answers": tfds.features.Sequence(tfds.features.Text()),
-            "qa": tfds.features.Sequence({"question": tfds.features.Text(), "answer": tfds.features.Text()}),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "square": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
+                    "png": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "question": tfds.features.Text(),
+                    "answers": tfds.features.Sequence(tfds.features.Text()),
+                    "qa": tfds.features.Sequence({"question": tfds.features.Text(), "answer": tfds.features.Text()}),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(12, train=True), "test": self._generate_examples(4, train=False)}
@@ -80,13 +85,28 @@ def data_dir(tmp_path_factory):
 
 
 def squares(data_dir, **kw):
-    return dict(kind="tfds", name="tiny_vqa", data_dir=data_dir, image_key="square", question_key="question",
-                answer_key="answers", **kw)
+    return dict(
+        kind="tfds",
+        name="tiny_vqa",
+        data_dir=data_dir,
+        image_key="square",
+        question_key="question",
+        answer_key="answers",
+        **kw,
+    )
 
 
 def photo_pairs(data_dir, **kw):
-    return dict(kind="tfds", name="tiny_vqa", data_dir=data_dir, image_key="png", question_key="qa/question",
-                answer_key="qa/answer", answer_choice="random", **kw)
+    return dict(
+        kind="tfds",
+        name="tiny_vqa",
+        data_dir=data_dir,
+        image_key="png",
+        question_key="qa/question",
+        answer_key="qa/answer",
+        answer_choice="random",
+        **kw,
+    )
 
 
 def by_example(source) -> dict[int, dict]:
@@ -116,8 +136,10 @@ def test_features_become_conversations(data_dir):
 
     # question-answer pairs drawn per example: the question and its own answer, the same draw on every read
     pairs = make_source(photo_pairs(data_dir, split="test", seed=3))
-    drawn = [(r["messages"][0]["content"][-1]["text"].split(": ")[1], r["messages"][1]["content"])
-             for r in by_example(pairs).values()]
+    drawn = [
+        (r["messages"][0]["content"][-1]["text"].split(": ")[1], r["messages"][1]["content"])
+        for r in by_example(pairs).values()
+    ]
     assert set(drawn) <= {("is it a cat?", "yes"), ("how many cats?", "one")} and len(set(drawn)) == 2
     assert by_example(pairs) == by_example(make_source(photo_pairs(data_dir, split="test", seed=3)))
     assert isinstance(by_example(pairs)[0]["messages"][0]["content"][0]["image"], bytes)
@@ -132,21 +154,36 @@ def test_a_missing_feature_or_a_bad_mapping_is_an_error_naming_it(data_dir):
         make_source(squares(data_dir) | {"question_key": ""})
 
 
-PROCESSOR = Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(
-    image_min_pixels=32 * 32, image_max_pixels=64 * 64))
+PROCESSOR = Processor(
+    byte_tokenizer(),
+    load_chat_template(None),
+    VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 64),
+)
 CONFIG = preset("tiny")
 
 
 def data(sources, **kw):
-    return DataConfig(sources=tuple(sources), **{"seq_len": 256, "max_patches": 128, "batch_size": 1,
-                                                 "packing_bins": 1, "shuffle": False, "num_epochs": 1, **kw})
+    return DataConfig(
+        sources=tuple(sources),
+        **{
+            "seq_len": 256,
+            "max_patches": 128,
+            "batch_size": 1,
+            "packing_bins": 1,
+            "shuffle": False,
+            "num_epochs": 1,
+            **kw,
+        },
+    )
 
 
 def test_bad_records_are_named_in_errors_or_skipped_and_counted(data_dir):
     """Example 5 has corrupt PNG bytes (a photo-pairs record fails in the processor), example 8 an empty answer
     list (a squares record fails in the source)."""
-    for spec, reason in ((photo_pairs(data_dir), r"12 bytes of image data is unreadable or corrupt"),
-                         (squares(data_dir), r"feature 'answers' is an empty list")):
+    for spec, reason in (
+        (photo_pairs(data_dir), r"12 bytes of image data is unreadable or corrupt"),
+        (squares(data_dir), r"feature 'answers' is an empty list"),
+    ):
         with pytest.raises(DataError, match=rf"example tiny_vqa/train:\d+: {reason}"):
             list(build_dataset(data([spec]), PROCESSOR, CONFIG))
         batches = list(build_dataset(data([spec], on_bad_input="skip"), PROCESSOR, CONFIG))
@@ -167,8 +204,14 @@ def test_mixed_sharded_and_resumable(data_dir):
     assert questions == [f"example {i}: what colour is the square" for i in range(4)]
     assert {shard for shard, _ in seen} == {0, 1}
 
-    mixed = data([spec | {"weight": 3.0}, {"kind": "synthetic", "size": 100, "image_size": 32, "weight": 1.0}],
-                 shuffle=True, num_epochs=None, seed=1, batch_size=2, packing_bins=2)
+    mixed = data(
+        [spec | {"weight": 3.0}, {"kind": "synthetic", "size": 100, "image_size": 32, "weight": 1.0}],
+        shuffle=True,
+        num_epochs=None,
+        seed=1,
+        batch_size=2,
+        packing_bins=2,
+    )
     iterator = iter(build_dataset(mixed, PROCESSOR, CONFIG))
     for _ in range(2):
         next(iterator)
@@ -186,16 +229,25 @@ def test_two_training_steps_and_an_eval_on_a_tfds_dataset(data_dir, tmp_path):
     test split; the corrupt example is skipped and counted."""
     config = tiny_config()
     config.steps, config.log_every, config.export_hf, config.peak_flops_per_device = 2, 1, False, 1e11
-    for name, source in config.data.sources.items():
+    for source in config.data.sources.values():
         source.weight = 0.0
     config.data.sources.tfds.update(photo_pairs(data_dir), weight=1.0)
     config.data.update(seq_len=128, max_patches=64, batch_size=8, on_bad_input="skip")  # 8 rows: one per device
-    config.eval = ConfigDict(dict(every=2, batch_size=8, sets={"tiny_vqa": dict(num_examples=4, data=dict(
-        seq_len=128, max_patches=64, sources=[squares(data_dir, split="test")]))}))
+    config.eval = ConfigDict(
+        dict(
+            every=2,
+            batch_size=8,
+            sets={
+                "tiny_vqa": dict(
+                    num_examples=4, data=dict(seq_len=128, max_patches=64, sources=[squares(data_dir, split="test")])
+                )
+            },
+        )
+    )
     results = Trainer(config, str(tmp_path)).run()
     assert results["tiny_vqa/examples"] == 4 and 0 <= results["tiny_vqa/exact_match"] <= 1
     assert np.isfinite(results["tiny_vqa/token_ce"])
-    lines = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["split"] == "train"]
     assert [line["step"] for line in train] == [1, 2] and all(np.isfinite(line["loss"]) for line in train)
     # 8 rows of 128 tokens hold more than the 12 examples: the corrupt one was met and skipped

@@ -24,52 +24,115 @@ with open(os.environ["FAKE_RECORD"], "a") as record:
 sys.exit(int(os.environ["FAKE_EXIT"]))
 """
 
-INSTALL_COMMAND = ("mkdir -p qwen3vl_jax && tar -xzf qwen3vl_jax.tar.gz -C qwen3vl_jax && cd qwen3vl_jax && "
-                   "python3 -m pip install -r requirements.txt -r requirements-tpu.txt -e .")
-LAUNCH_COMMAND = ("cd qwen3vl_jax && { JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1 nohup python3 -m experiments.train "
-                  "--config=configs/qwen3_vl_8b.py:sft --workdir=gs://my-bucket/runs/8b --config.optimizer.lr=1e-5 "
-                  "'--config.data.sources.train.path=/data/it'\\''s.jsonl' >>train.log 2>&1 </dev/null & } && "
-                  'echo "$(hostname): started pid $!, log ~/qwen3vl_jax/train.log"')
+INSTALL_COMMAND = (
+    "mkdir -p qwen3vl_jax && tar -xzf qwen3vl_jax.tar.gz -C qwen3vl_jax && cd qwen3vl_jax && "
+    "python3 -m pip install -r requirements.txt -r requirements-tpu.txt -e ."
+)
+LAUNCH_COMMAND = (
+    "cd qwen3vl_jax && { JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1 nohup python3 -m experiments.train "
+    "--config=configs/qwen3_vl_8b.py:sft --workdir=gs://my-bucket/runs/8b --config.optimizer.lr=1e-5 "
+    "'--config.data.sources.train.path=/data/it'\\''s.jsonl' >>train.log 2>&1 </dev/null & } && "
+    'echo "$(hostname): started pid $!, log ~/qwen3vl_jax/train.log"'
+)
 
 # (script, flags, the expected --dry-run lines); {repo} is the checkout, {tmp} the test's TMPDIR and --dest.
 CASES = [
-    ("create.sh", ["--name=my-tpu", "--zone=us-east5-a"],
-     [f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v5p-8 --version=v2-alpha-tpuv5"]),
-    ("create.sh", ["--name=my-tpu", "--zone=us-east5-a", "--accelerator-type=v6e-16", "--spot", "--project=my-proj"],
-     [f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v6e-16 --version=v2-alpha-tpuv6e --spot "
-      "--project=my-proj"]),
-    ("create.sh", ["--name=my-tpu", "--zone=us-east5-a", "--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5"],
-     [f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v5p-128 --version=v2-alpha-tpuv5"]),
-    ("install.sh", ["--name=my-tpu", "--zone=us-east5-a"],
-     ["git -C {repo} archive --format=tar.gz --output={tmp}/qwen3vl_jax-my-tpu.tar.gz HEAD",
-      f"{TPU_VM} scp {{tmp}}/qwen3vl_jax-my-tpu.tar.gz my-tpu:qwen3vl_jax.tar.gz --zone=us-east5-a --worker=all",
-      f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='{INSTALL_COMMAND}'"]),
-    ("install.sh", ["--name=my-tpu", "--zone=us-east5-a", "--repo=https://github.com/me/qwen3vl_jax.git",
-                    "--ref=v0.1", "--python=~/venv/bin/python", "--project=my-proj"],
-     [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='{{ test -d qwen3vl_jax/.git || "
-      "git clone https://github.com/me/qwen3vl_jax.git qwen3vl_jax; } && cd qwen3vl_jax && git fetch origin && "
-      "git checkout --detach v0.1 && ~/venv/bin/python -m pip install -r requirements.txt -r requirements-tpu.txt "
-      "-e .' --project=my-proj"]),
-    ("launch.sh", ["--name=my-tpu", "--zone=us-east5-a", "--config=configs/qwen3_vl_8b.py:sft",
-                   "--workdir=gs://my-bucket/runs/8b", "--", "--config.optimizer.lr=1e-5",
-                   "--config.data.sources.train.path=/data/it's.jsonl"],
-     [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='"
-      + LAUNCH_COMMAND.replace("'", "'\\''") + "'"]),
-    ("logs.sh", ["--name=my-tpu", "--zone=us-east5-a"],
-     [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=0 --command='tail -n 100 qwen3vl_jax/train.log'"]),
-    ("logs.sh", ["--name=my-tpu", "--zone=us-east5-a", "--worker=all", "--lines=20", "--follow"],
-     [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='tail -n 20 -F qwen3vl_jax/train.log'"]),
-    ("copy_checkpoints.sh", ["--workdir=gs://my-bucket/runs/8b/", "--dest={tmp}"],
-     ["gcloud storage cp -r gs://my-bucket/runs/8b {tmp}"]),
-    ("copy_checkpoints.sh", ["--workdir=gs://my-bucket/runs/8b", "--hf", "--dest={tmp}", "--project=my-proj"],
-     ["gcloud storage cp -r gs://my-bucket/runs/8b/hf {tmp} --project=my-proj"]),
-    ("copy_checkpoints.sh", ["--name=my-tpu", "--zone=us-east5-a", "--workdir=runs/tiny", "--dest={tmp}"],
-     [f"{TPU_VM} scp my-tpu:qwen3vl_jax/runs/tiny {{tmp}} --zone=us-east5-a --worker=0 --recurse"]),
-    ("copy_checkpoints.sh", ["--name=my-tpu", "--zone=us-east5-a", "--workdir=/mnt/runs/tiny", "--hf",
-                             "--dest={tmp}"],
-     [f"{TPU_VM} scp my-tpu:/mnt/runs/tiny/hf {{tmp}} --zone=us-east5-a --worker=0 --recurse"]),
-    ("delete.sh", ["--name=my-tpu", "--zone=us-east5-a", "--project=my-proj"],
-     [f"{TPU_VM} delete my-tpu --zone=us-east5-a --quiet --project=my-proj"]),
+    (
+        "create.sh",
+        ["--name=my-tpu", "--zone=us-east5-a"],
+        [f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v5p-8 --version=v2-alpha-tpuv5"],
+    ),
+    (
+        "create.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--accelerator-type=v6e-16", "--spot", "--project=my-proj"],
+        [
+            f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v6e-16 --version=v2-alpha-tpuv6e --spot "
+            "--project=my-proj"
+        ],
+    ),
+    (
+        "create.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5"],
+        [f"{TPU_VM} create my-tpu --zone=us-east5-a --accelerator-type=v5p-128 --version=v2-alpha-tpuv5"],
+    ),
+    (
+        "install.sh",
+        ["--name=my-tpu", "--zone=us-east5-a"],
+        [
+            "git -C {repo} archive --format=tar.gz --output={tmp}/qwen3vl_jax-my-tpu.tar.gz HEAD",
+            f"{TPU_VM} scp {{tmp}}/qwen3vl_jax-my-tpu.tar.gz my-tpu:qwen3vl_jax.tar.gz --zone=us-east5-a --worker=all",
+            f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='{INSTALL_COMMAND}'",
+        ],
+    ),
+    (
+        "install.sh",
+        [
+            "--name=my-tpu",
+            "--zone=us-east5-a",
+            "--repo=https://github.com/me/qwen3vl_jax.git",
+            "--ref=v0.1",
+            "--python=~/venv/bin/python",
+            "--project=my-proj",
+        ],
+        [
+            f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='{{ test -d qwen3vl_jax/.git || "
+            "git clone https://github.com/me/qwen3vl_jax.git qwen3vl_jax; } && cd qwen3vl_jax && git fetch origin && "
+            "git checkout --detach v0.1 && ~/venv/bin/python -m pip install -r requirements.txt "
+            "-r requirements-tpu.txt -e .' --project=my-proj"
+        ],
+    ),
+    (
+        "launch.sh",
+        [
+            "--name=my-tpu",
+            "--zone=us-east5-a",
+            "--config=configs/qwen3_vl_8b.py:sft",
+            "--workdir=gs://my-bucket/runs/8b",
+            "--",
+            "--config.optimizer.lr=1e-5",
+            "--config.data.sources.train.path=/data/it's.jsonl",
+        ],
+        [
+            f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='"
+            + LAUNCH_COMMAND.replace("'", "'\\''")
+            + "'"
+        ],
+    ),
+    (
+        "logs.sh",
+        ["--name=my-tpu", "--zone=us-east5-a"],
+        [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=0 --command='tail -n 100 qwen3vl_jax/train.log'"],
+    ),
+    (
+        "logs.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--worker=all", "--lines=20", "--follow"],
+        [f"{TPU_VM} ssh my-tpu --zone=us-east5-a --worker=all --command='tail -n 20 -F qwen3vl_jax/train.log'"],
+    ),
+    (
+        "copy_checkpoints.sh",
+        ["--workdir=gs://my-bucket/runs/8b/", "--dest={tmp}"],
+        ["gcloud storage cp -r gs://my-bucket/runs/8b {tmp}"],
+    ),
+    (
+        "copy_checkpoints.sh",
+        ["--workdir=gs://my-bucket/runs/8b", "--hf", "--dest={tmp}", "--project=my-proj"],
+        ["gcloud storage cp -r gs://my-bucket/runs/8b/hf {tmp} --project=my-proj"],
+    ),
+    (
+        "copy_checkpoints.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--workdir=runs/tiny", "--dest={tmp}"],
+        [f"{TPU_VM} scp my-tpu:qwen3vl_jax/runs/tiny {{tmp}} --zone=us-east5-a --worker=0 --recurse"],
+    ),
+    (
+        "copy_checkpoints.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--workdir=/mnt/runs/tiny", "--hf", "--dest={tmp}"],
+        [f"{TPU_VM} scp my-tpu:/mnt/runs/tiny/hf {{tmp}} --zone=us-east5-a --worker=0 --recurse"],
+    ),
+    (
+        "delete.sh",
+        ["--name=my-tpu", "--zone=us-east5-a", "--project=my-proj"],
+        [f"{TPU_VM} delete my-tpu --zone=us-east5-a --quiet --project=my-proj"],
+    ),
 ]
 CASE_IDS = [f"{script}-{i}" for i, (script, _, _) in enumerate(CASES)]
 
@@ -88,13 +151,18 @@ class FakeTools:
 
     def env(self, fake_exit):
         env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "TPU_ZONE", "TPU_PROJECT")}
-        env.update(PATH=f"{self.bin}{os.pathsep}{env['PATH']}", TMPDIR=str(self.tmp), FAKE_RECORD=str(self.record),
-                   FAKE_EXIT=str(fake_exit))
+        env.update(
+            PATH=f"{self.bin}{os.pathsep}{env['PATH']}",
+            TMPDIR=str(self.tmp),
+            FAKE_RECORD=str(self.record),
+            FAKE_EXIT=str(fake_exit),
+        )
         return env
 
     def run(self, script, *args, fake_exit=1, **env):
-        return subprocess.run([str(TPU / script), *args], env={**self.env(fake_exit), **env}, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [str(TPU / script), *args], env={**self.env(fake_exit), **env}, capture_output=True, text=True, timeout=60
+        )
 
     def paste(self, line):
         """Runs one printed line in bash, as if pasted into a terminal."""
@@ -123,7 +191,7 @@ def shellcheck():
     return found
 
 
-@pytest.mark.parametrize("script", ENTRY_POINTS + ["common.sh"])
+@pytest.mark.parametrize("script", [*ENTRY_POINTS, "common.sh"])
 def test_lint(script):
     path = TPU / script
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -211,15 +279,18 @@ def test_help(tools, script):
     assert "Example:" in result.stdout and "--dry-run" in result.stdout
 
 
-@pytest.mark.parametrize(("script", "flags", "named"), [
-    ("create.sh", [f"--name={NAME}"], "missing --zone"),
-    ("create.sh", [f"--name={NAME}", f"--zone={ZONE}", "--accelerator-type=tpu7x-8"], "--version"),
-    ("install.sh", [f"--name={NAME}", f"--zone={ZONE}", "--ref=main"], "--ref needs --repo"),
-    ("launch.sh", [f"--name={NAME}", f"--zone={ZONE}", "--config=configs/tiny.py"], "missing --workdir"),
-    ("logs.sh", [f"--name={NAME}", f"--zone={ZONE}", "--worker=first"], "--worker"),
-    ("copy_checkpoints.sh", ["--dest=/nonexistent/dir", "--workdir=gs://b/run"], "--dest"),
-    ("copy_checkpoints.sh", [f"--zone={ZONE}", "--workdir=runs/tiny", "--dest=."], "missing --name"),
-    ("delete.sh", [f"--name={NAME}", f"--zone={ZONE}", "--", "extra"], "--"),
-])
+@pytest.mark.parametrize(
+    ("script", "flags", "named"),
+    [
+        ("create.sh", [f"--name={NAME}"], "missing --zone"),
+        ("create.sh", [f"--name={NAME}", f"--zone={ZONE}", "--accelerator-type=tpu7x-8"], "--version"),
+        ("install.sh", [f"--name={NAME}", f"--zone={ZONE}", "--ref=main"], "--ref needs --repo"),
+        ("launch.sh", [f"--name={NAME}", f"--zone={ZONE}", "--config=configs/tiny.py"], "missing --workdir"),
+        ("logs.sh", [f"--name={NAME}", f"--zone={ZONE}", "--worker=first"], "--worker"),
+        ("copy_checkpoints.sh", ["--dest=/nonexistent/dir", "--workdir=gs://b/run"], "--dest"),
+        ("copy_checkpoints.sh", [f"--zone={ZONE}", "--workdir=runs/tiny", "--dest=."], "missing --name"),
+        ("delete.sh", [f"--name={NAME}", f"--zone={ZONE}", "--", "extra"], "--"),
+    ],
+)
 def test_script_specific_usage_errors(tools, script, flags, named):
     assert_usage_error(tools.run(script, "--dry-run", *flags), named)

@@ -16,19 +16,32 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def command(workdir, steps, every):
-    return [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.steps={steps}", f"--config.checkpoint.every={every}", "--config.checkpoint.keep=2",
-            "--config.log_every=1", "--config.eval.every=0", "--config.export_hf=False",
-            "--config.data.seq_len=128", "--config.data.max_patches=64", "--config.data.batch_size=4",
-            "--config.peak_flops_per_device=1e11"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.steps={steps}",
+        f"--config.checkpoint.every={every}",
+        "--config.checkpoint.keep=2",
+        "--config.log_every=1",
+        "--config.eval.every=0",
+        "--config.export_hf=False",
+        "--config.data.seq_len=128",
+        "--config.data.max_patches=64",
+        "--config.data.batch_size=4",
+        "--config.peak_flops_per_device=1e11",
+    ]
 
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a user's machine has
 
 
 def run(workdir, steps, every):
-    result = subprocess.run(command(workdir, steps, every), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        command(workdir, steps, every), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -38,7 +51,9 @@ def losses(workdir) -> dict[int, float]:
     out = {}
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
-        for line in open(path):
+        with open(path) as f:
+            lines = f.readlines()
+        for line in lines:
             if line.endswith("\n"):
                 record = json.loads(line)
                 if record["split"] == "train":
@@ -47,8 +62,9 @@ def losses(workdir) -> dict[int, float]:
 
 
 def start_and_kill(workdir, steps, every, after_step):
-    process = subprocess.Popen(command(workdir, steps, every), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(workdir, steps, every), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while max(losses(workdir), default=0) < after_step:
         assert process.poll() is None, "training ended before it could be killed"
@@ -68,11 +84,12 @@ def tensorboard_scalars(workdir) -> dict[str, list[float]]:
     scalars: dict[str, list[float]] = {}
     folder = os.path.join(workdir, "tensorboard")
     for name in os.listdir(folder):
-        data = open(os.path.join(folder, name), "rb").read()
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
         pos = 0
         while pos < len(data):
-            length = int.from_bytes(data[pos:pos + 8], "little")
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append(value.simple_value)
@@ -122,11 +139,17 @@ def test_default_workdir_is_named_after_the_config_and_another_model_is_not_resu
     assert f"workdir: {workdir}" in first.stdout + first.stderr
     assert sorted(losses(workdir)) == [1, 2] and "qwen3vl_jax" not in os.listdir(tmp_path)
 
-    wider = no_workdir + ["--config.steps=4", "--config.model.overrides.text.hidden_size=256",
-                          "--config.model.overrides.vision.out_hidden_size=256"]
+    wider = [
+        *no_workdir,
+        "--config.steps=4",
+        "--config.model.overrides.text.hidden_size=256",
+        "--config.model.overrides.vision.out_hidden_size=256",
+    ]
     second = subprocess.run(wider, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 1
-    assert (f"{workdir} holds checkpoints of another model" in second.stderr
-            and "saved:    configs/tiny.py: decoder 4 x 128" in second.stderr
-            and "this run: configs/tiny.py: decoder 4 x 256" in second.stderr), second.stderr[-3000:]
+    assert (
+        f"{workdir} holds checkpoints of another model" in second.stderr
+        and "saved:    configs/tiny.py: decoder 4 x 128" in second.stderr
+        and "this run: configs/tiny.py: decoder 4 x 256" in second.stderr
+    ), second.stderr[-3000:]
     assert sorted(losses(workdir)) == [1, 2]  # nothing trained or overwritten

@@ -1,17 +1,17 @@
 """Trainer features: freezing, mixed precision, initialisation from an HF checkpoint, SIGTERM saves."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
+from test_train_resume import ENV, ROOT, command, losses
+from training_setup import OPTIMIZER, tiny_config
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.hf_io import load_params
@@ -19,10 +19,8 @@ from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.processing import Processor, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.optimizer import make_optimizer, part_of
-from qwen3vl_jax.training.trainer import Trainer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
-from test_train_resume import ENV, ROOT, command, losses
-from test_train_step import OPTIMIZER, batch, optimizer, single_device_step  # noqa: F401  (fixtures)
+from qwen3vl_jax.training.trainer import Trainer
 
 CONFIG = preset("tiny")
 
@@ -40,7 +38,9 @@ def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
     before, after, _ = one_step(CONFIG, frozen, batch)
     changed = jax.tree_util.tree_map_with_path(
         lambda path, a, b: (part_of(tuple(k.key for k in path)), bool(np.any(np.asarray(a) != np.asarray(b)))),
-        before, after)
+        before,
+        after,
+    )
     parts = {}
     for part, moved in jax.tree_util.tree_leaves(changed, is_leaf=lambda x: isinstance(x, tuple)):
         parts.setdefault(part, []).append(moved)
@@ -62,11 +62,7 @@ def tiny_checkpoint_with_processor(tiny, tmp_path):
 
 
 def test_initialisation_from_an_hf_checkpoint(tiny, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = tiny_config()
     config.model.init_from = tiny_checkpoint_with_processor(tiny, tmp_path)
     config.model.overrides = ConfigDict(dict(remat="dots"))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
@@ -80,8 +76,9 @@ def test_initialisation_from_an_hf_checkpoint(tiny, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    process = subprocess.Popen(command(tmp_path, 500, 1000), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command(tmp_path, 500, 1000), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     while max(losses(tmp_path), default=0) < 5:
         assert process.poll() is None and time.time() < deadline

@@ -45,11 +45,17 @@ def test_host_geometry_equals_transformers_helpers(tiny):
     vc = tiny.config.vision
     grids = torch.from_numpy(GRIDS)
     ref_index, ref_weight = vision_utils.get_vision_interpolation_indices_and_weights(
-        grids, num_grid_per_side=vc.grid_per_side, mode="bilinear", align_corners=True,
-        spatial_merge_size=vc.spatial_merge_size)
+        grids,
+        num_grid_per_side=vc.grid_per_side,
+        mode="bilinear",
+        align_corners=True,
+        spatial_merge_size=vc.spatial_merge_size,
+    )
     ref_rowcol = vision_utils.get_vision_position_ids(grids, vc.spatial_merge_size)
-    index, weight, rowcol = (np.concatenate(parts) for parts in zip(
-        *(patch_geometry(tuple(g), vc.spatial_merge_size, vc.grid_per_side) for g in GRIDS.tolist())))
+    index, weight, rowcol = (
+        np.concatenate(parts)
+        for parts in zip(*(patch_geometry(tuple(g), vc.spatial_merge_size, vc.grid_per_side) for g in GRIDS.tolist()))
+    )
     np.testing.assert_array_equal(index, ref_index.numpy())
     np.testing.assert_array_equal(weight, ref_weight.numpy())
     np.testing.assert_array_equal(rowcol, ref_rowcol.numpy())

@@ -4,7 +4,7 @@ table and a PNG plot."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -56,6 +56,7 @@ def markdown_table(table: dict, columns: Sequence[tuple[str, str]], seeds: Mappi
 def plot(table: dict, columns: Sequence[tuple[str, str]], path: str, title: str) -> None:
     """One panel per column: a bar per variant (mean, 95% CI error bar) with the per-seed values as dots."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -72,7 +73,7 @@ def plot(table: dict, columns: Sequence[tuple[str, str]], path: str, title: str)
             ax.plot([i] * len(values), values, "k.", markersize=4)
         ax.set_title(" ".join(column), fontsize=9)
         ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
-    for ax in list(axes.flat)[len(columns):]:
+    for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

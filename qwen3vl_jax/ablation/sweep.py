@@ -20,7 +20,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from ml_collections import ConfigDict
@@ -94,8 +95,14 @@ def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
     predictions = []
     for name, eval_set in sweep.eval.sets.items():
         records = eval_records(eval_set.sources, eval_set.num_examples)
-        predictions += generate_answers(model, trainer.processor, records, set_name=name,
-                                        batch_size=sweep.eval.batch_size, max_new_tokens=sweep.eval.max_new_tokens)
+        predictions += generate_answers(
+            model,
+            trainer.processor,
+            records,
+            set_name=name,
+            batch_size=sweep.eval.batch_size,
+            max_new_tokens=sweep.eval.max_new_tokens,
+        )
     results = summarize(predictions)
     if jax.process_index() == 0:
         out = storage.path(directory)
@@ -120,9 +127,12 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
         seeds.setdefault(run.variant, []).append(run.seed)
     columns = [tuple(column) for column in sweep.columns]
     table = report.aggregate(finished, columns)
-    text = (f"# {sweep.name}\n\n{sweep.description}\n\n" + report.markdown_table(table, columns, seeds) +
-            f"\nEach cell: mean ± half-width of the 95% confidence interval (Student t) over the seeds; "
-            f"{sweep.eval.max_new_tokens} greedy tokens per answer.\n")
+    text = (
+        f"# {sweep.name}\n\n{sweep.description}\n\n"
+        + report.markdown_table(table, columns, seeds)
+        + f"\nEach cell: mean ± half-width of the 95% confidence interval (Student t) over the seeds; "
+        f"{sweep.eval.max_new_tokens} greedy tokens per answer.\n"
+    )
     if missing:
         text += f"\nNot finished yet: {', '.join(missing)}.\n"
     with storage.local_dir(workdir) as local:
@@ -130,6 +140,8 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
             f.write(text)
         if table:
             report.plot(table, columns, os.path.join(local, "results.png"), sweep.name)
-        write_json(os.path.join(local, RESULTS), {variant: {f"{s}/{m}": cell[2] for (s, m), cell in cells.items()}
-                                                  for variant, cells in table.items()})
+        write_json(
+            os.path.join(local, RESULTS),
+            {variant: {f"{s}/{m}": cell[2] for (s, m), cell in cells.items()} for variant, cells in table.items()},
+        )
     return text

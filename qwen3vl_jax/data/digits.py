@@ -62,13 +62,19 @@ class DigitsSource:
         return {
             "id": f"digits-{self.split}/{i}",
             "task": "digits",
-            "messages": [{"role": "user", "content": [{"type": "image", "image": image.convert("RGB")},
-                                                      {"type": "text", "text": QUESTION}]},
-                         {"role": "assistant", "content": answer}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image.convert("RGB")}, {"type": "text", "text": QUESTION}],
+                },
+                {"role": "assistant", "content": answer},
+            ],
             "answer": answer,
             "meta": {"label": int(labels[j])},
         }
 
     def __repr__(self) -> str:
-        return (f"DigitsSource(split={self.split!r}, image_size={self.image_size}, seed={self.seed}, "
-                f"eval_fraction={self.eval_fraction})")
+        return (
+            f"DigitsSource(split={self.split!r}, image_size={self.image_size}, seed={self.seed}, "
+            f"eval_fraction={self.eval_fraction})"
+        )

@@ -28,8 +28,9 @@ class TooLong(DataError):
     """A text-only overflow under overflow="drop": always dropped and counted, whatever on_bad_input says."""
 
 
-def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str,
-                     where: str) -> dict[str, np.ndarray]:
+def example_features(
+    encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str, where: str
+) -> dict[str, np.ndarray]:
     """Arrays of one example: tokens, targets (the next token), loss_mask (the target is supervised) and 3-D
     positions (n, 3) (those of `Qwen3VLModel.get_rope_index`), plus its patch features (PATCH_FEATURES: pixels
     and the grid-dependent ViT inputs, computed here on the host so that the jitted model sees static shapes).
@@ -43,8 +44,10 @@ def example_features(encoded: Encoded, config: ModelConfig, *, seq_len: int, max
     if len(ids) > seq_len:
         visual = np.flatnonzero((ids == config.image_token_id) | (ids == config.video_token_id))
         if len(visual) and visual[-1] >= seq_len:
-            raise DataError(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len} and visual tokens reach "
-                            f"position {visual[-1]}, so the text cannot be truncated")
+            raise DataError(
+                f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len} and visual tokens reach "
+                f"position {visual[-1]}, so the text cannot be truncated"
+            )
         if overflow == "drop":
             raise TooLong(f"{where}: {len(ids)} tokens do not fit seq_len = {seq_len}")
         ids, targets, loss_mask = ids[:seq_len], targets[:seq_len], loss_mask[:seq_len]
@@ -68,16 +71,25 @@ class Featurizer:
     """record -> example features, or a {DROPPED: reason} marker (bad inputs under on_bad_input="skip", and
     too-long examples under overflow="drop"). Picklable, so it runs inside grain worker processes."""
 
-    def __init__(self, processor: Processor, config: ModelConfig, *, seq_len: int, max_patches: int,
-                 overflow: str = "truncate", on_bad_input: str = "error"):
+    def __init__(
+        self,
+        processor: Processor,
+        config: ModelConfig,
+        *,
+        seq_len: int,
+        max_patches: int,
+        overflow: str = "truncate",
+        on_bad_input: str = "error",
+    ):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow policy {overflow!r} not in {OVERFLOW_POLICIES}")
         if on_bad_input not in BAD_INPUT_POLICIES:
             raise ValueError(f"bad-input policy {on_bad_input!r} not in {BAD_INPUT_POLICIES}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if getattr(processor, name) != getattr(config, name):
-                raise ValueError(f"tokenizer and model disagree on {name}: {getattr(processor, name)} vs "
-                                 f"{getattr(config, name)}")
+                raise ValueError(
+                    f"tokenizer and model disagree on {name}: {getattr(processor, name)} vs {getattr(config, name)}"
+                )
         self.processor, self.config = processor, config
         self.seq_len, self.max_patches = seq_len, max_patches
         self.overflow, self.on_bad_input = overflow, on_bad_input
@@ -88,8 +100,14 @@ class Featurizer:
             if "error" in record:  # a source could not even read the record
                 raise DataError(record["error"])
             encoded = self.encode(record)
-            return example_features(encoded, self.config, seq_len=self.seq_len, max_patches=self.max_patches,
-                                    overflow=self.overflow, where=where)
+            return example_features(
+                encoded,
+                self.config,
+                seq_len=self.seq_len,
+                max_patches=self.max_patches,
+                overflow=self.overflow,
+                where=where,
+            )
         except DataError as e:
             message = str(e) if str(e).startswith(where) else f"{where}: {e}"
             if self.on_bad_input == "error" and not isinstance(e, TooLong):

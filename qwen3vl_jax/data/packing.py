@@ -26,9 +26,13 @@ def pack(dataset: grain.IterDataset, *, seq_len: int, max_patches: int, num_bins
     """Packs example features (see data.features) into rows of seq_len tokens and max_patches patches; the
     markers of skipped examples are removed and counted."""
     lengths = {**{k: seq_len for k in TOKEN_FEATURES}, **{k: max_patches for k in PATCH_FEATURES}}
-    return grain.experimental.FirstFitPackIterDataset(_CountDrops(dataset), length_struct=lengths,
-                                                      num_packing_bins=num_bins, shuffle_bins=False,
-                                                      meta_features=(NUM_DROPPED,))
+    return grain.experimental.FirstFitPackIterDataset(
+        _CountDrops(dataset),
+        length_struct=lengths,
+        num_packing_bins=num_bins,
+        shuffle_bins=False,
+        meta_features=(NUM_DROPPED,),
+    )
 
 
 def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -37,12 +41,19 @@ def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     segments = row["tokens_segment_ids"]
     patch_segments = row["pixel_patches_segment_ids"]
     return dict(
-        input_ids=row["tokens"], segment_ids=segments, positions=np.ascontiguousarray(row["positions"].T),
+        input_ids=row["tokens"],
+        segment_ids=segments,
+        positions=np.ascontiguousarray(row["positions"].T),
         visual_index=visual_index(row["tokens"], segments, config),
-        pixel_patches=row["pixel_patches"], patch_segment_ids=_group_ids(patch_segments, row["patch_group"]),
-        pos_embed_index=row["pos_embed_index"], pos_embed_weight=row["pos_embed_weight"],
-        patch_rowcol=row["patch_rowcol"], targets=row["targets"], loss_mask=row["loss_mask"],
-        num_dropped=np.int32(sum(row.get(NUM_DROPPED, ()))))
+        pixel_patches=row["pixel_patches"],
+        patch_segment_ids=_group_ids(patch_segments, row["patch_group"]),
+        pos_embed_index=row["pos_embed_index"],
+        pos_embed_weight=row["pos_embed_weight"],
+        patch_rowcol=row["patch_rowcol"],
+        targets=row["targets"],
+        loss_mask=row["loss_mask"],
+        num_dropped=np.int32(sum(row.get(NUM_DROPPED, ()))),
+    )
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import grain
 from absl import flags
@@ -23,19 +23,19 @@ class DataConfig:
     """What the pipeline reads and the static shapes it produces."""
 
     sources: tuple[dict, ...]
-    seq_len: int = 512                 # tokens per packed row
-    max_patches: int = 1024            # ViT patches per packed row (multiple of 4)
-    batch_size: int = 8                # packed rows per batch (per host)
-    packing_bins: Optional[int] = None  # rows filled at once by first-fit packing (default: batch_size)
+    seq_len: int = 512  # tokens per packed row
+    max_patches: int = 1024  # ViT patches per packed row (multiple of 4)
+    batch_size: int = 8  # packed rows per batch (per host)
+    packing_bins: int | None = None  # rows filled at once by first-fit packing (default: batch_size)
     seed: int = 0
     shuffle: bool = True
-    num_epochs: Optional[int] = None   # None: repeat forever
-    workers: int = 0                   # grain worker processes (0: in the main process)
-    overflow: str = "truncate"         # examples longer than seq_len: "truncate" text or "drop"
-    on_bad_input: str = "error"        # unreadable / invalid examples: "error" or "skip" (counted, logged)
+    num_epochs: int | None = None  # None: repeat forever
+    workers: int = 0  # grain worker processes (0: in the main process)
+    overflow: str = "truncate"  # examples longer than seq_len: "truncate" text or "drop"
+    on_bad_input: str = "error"  # unreadable / invalid examples: "error" or "skip" (counted, logged)
 
     @classmethod
-    def from_dict(cls, values: Any) -> "DataConfig":
+    def from_dict(cls, values: Any) -> DataConfig:
         """From a dict / ConfigDict; `sources` may be a list of specs or a mapping name -> spec (the form whose
         fields can be overridden on the command line: --config.data.sources.sft.path=...)."""
         values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
@@ -44,24 +44,32 @@ class DataConfig:
         return cls(**values)
 
 
-def build_dataset(config: DataConfig, processor: Processor, model: ModelConfig, *, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.IterDataset:
+def build_dataset(
+    config: DataConfig, processor: Processor, model: ModelConfig, *, shard_index: int = 0, shard_count: int = 1
+) -> grain.IterDataset:
     """Batches (dicts of numpy arrays with a leading batch axis): the ModelInputs fields plus `targets`,
     `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch). A finite
     dataset's last batch is filled up with empty rows.
     Host `shard_index` of `shard_count` reads its own slice of the (shuffled) stream."""
     if config.max_patches % model.vision.spatial_merge_size**2:
         raise ValueError(f"max_patches {config.max_patches} must be a multiple of {model.vision.spatial_merge_size**2}")
-    featurize = Featurizer(processor, model, seq_len=config.seq_len, max_patches=config.max_patches,
-                           overflow=config.overflow, on_bad_input=config.on_bad_input)
+    featurize = Featurizer(
+        processor,
+        model,
+        seq_len=config.seq_len,
+        max_patches=config.max_patches,
+        overflow=config.overflow,
+        on_bad_input=config.on_bad_input,
+    )
     ds = mixture(config.sources)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     ds = ds[shard_index::shard_count].map(featurize).to_iter_dataset()
-    ds = pack(ds, seq_len=config.seq_len, max_patches=config.max_patches,
-              num_bins=config.packing_bins or config.batch_size)
+    ds = pack(
+        ds, seq_len=config.seq_len, max_patches=config.max_patches, num_bins=config.packing_bins or config.batch_size
+    )
     ds = ds.map(functools.partial(finalize, config=model)).batch(config.batch_size, drop_remainder=False)
     ds = ds.map(functools.partial(pad_batch, batch_size=config.batch_size))
     if config.workers:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -64,8 +65,8 @@ def llava_to_messages(obj: dict) -> list[dict]:
         content, pos = [], 0
         text = str(turn.get("value", ""))
         for m in _LLAVA_MEDIA.finditer(text):
-            if text[pos:m.start()]:
-                content.append({"type": "text", "text": text[pos:m.start()]})
+            if text[pos : m.start()]:
+                content.append({"type": "text", "text": text[pos : m.start()]})
             kind = m.group(1)
             if used[kind] >= len(media[kind]):
                 raise ValueError(f"more <{kind}> markers than {kind}s")
@@ -76,7 +77,7 @@ def llava_to_messages(obj: dict) -> list[dict]:
             content.append({"type": "text", "text": text[pos:]})
         messages.append({"role": role, "content": content})
     first_user = next((m for m in messages if m["role"] == "user"), None)
-    leftover = [{"type": k, k: v} for k in ("image", "video") for v in media[k][used[k]:]]
+    leftover = [{"type": k, k: v} for k in ("image", "video") for v in media[k][used[k] :]]
     if leftover:
         if first_user is None or any(used.values()):
             raise ValueError("the number of <image>/<video> markers does not match the media")

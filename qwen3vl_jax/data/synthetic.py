@@ -69,13 +69,22 @@ OCR_ALPHABET = string.ascii_uppercase + string.digits
 _COLOURS = tuple(PALETTE)
 _BOX_RE = re.compile(r"<\|box_start\|>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*<\|box_end\|>")
 
-_COLOUR_QUESTIONS = ("What colour is the shape?", "What is the colour of the shape?",
-                     "Which colour does the shape have?")
+_COLOUR_QUESTIONS = (
+    "What colour is the shape?",
+    "What is the colour of the shape?",
+    "Which colour does the shape have?",
+)
 _SHAPE_QUESTIONS = ("What shape is shown?", "What kind of shape is in the image?", "Which shape is this?")
-_COUNT_QUESTIONS = ("How many {shape}s are there?", "How many {colour} {shape}s are in the image?",
-                    "Count the {shape}s in the image.")
-_GROUND_QUESTIONS = ("Where is the {colour} {shape}?", "Locate the {colour} {shape}.",
-                     "Give the bounding box of the {colour} {shape}.")
+_COUNT_QUESTIONS = (
+    "How many {shape}s are there?",
+    "How many {colour} {shape}s are in the image?",
+    "Count the {shape}s in the image.",
+)
+_GROUND_QUESTIONS = (
+    "Where is the {colour} {shape}?",
+    "Locate the {colour} {shape}.",
+    "Give the bounding box of the {colour} {shape}.",
+)
 _OCR_QUESTIONS = ("What does the text say?", "Read the text in the image.", "What is written in the image?")
 _VIDEO_QUESTIONS = ("When does the square turn red?", "At what time does the square change from blue to red?")
 _CELL_QUESTIONS = ("Where is the {colour} cell?", "Locate the {colour} cell.")
@@ -138,8 +147,10 @@ def _canvas(image_size: int, colour=BACKGROUND) -> Image.Image:
 
 
 def _image_message(image: Image.Image, question: str, answer: str) -> list:
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def _shapes(rng, image_size):
@@ -184,7 +195,7 @@ def _grounding(rng, image_size):
     # Tight box of the target's drawn pixels, read back before distractors (which may share its colour) are drawn.
     ys, xs = np.nonzero(np.all(np.asarray(image) == PALETTE[colour], axis=-1))
     pixel_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # [left, top, right, bottom)
-    box = [int(round(1000 * v / image_size)) for v in pixel_box]
+    box = [round(1000 * v / image_size) for v in pixel_box]
     for (c, s), b in zip(distractors, boxes[1:]):
         _draw_shape(draw, s, b, c)
     question = _choice(rng, _GROUND_QUESTIONS).format(shape=shape, colour=colour)
@@ -221,12 +232,14 @@ def _grid_grounding(rng, grid_sizes, small: bool):
 def _text_reverse(rng):
     text = "".join(_choice(rng, string.ascii_uppercase) for _ in range(int(rng.integers(8, 21))))
     question = _choice(rng, _REVERSE_QUESTIONS).format(text=text)
-    messages = [{"role": "user", "content": [{"type": "text", "text": question}]},
-                {"role": "assistant", "content": text[::-1]}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+        {"role": "assistant", "content": text[::-1]},
+    ]
     return messages, text[::-1], {"text": text}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
@@ -261,14 +274,28 @@ def _video_timestamp(rng, image_size, num_frames):
     video = [frames["blue" if i < 2 * k else "red"].copy() for i in range(num_frames)]
     seconds = (2 * k + 2 * k + 1) / 2 / VIDEO_FPS
     answer = f"{seconds:.1f} seconds"
-    messages = [{"role": "user", "content": [{"type": "video", "video": video, "fps": VIDEO_FPS},
-                                             {"type": "text", "text": _choice(rng, _VIDEO_QUESTIONS)}]},
-                {"role": "assistant", "content": answer}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": video, "fps": VIDEO_FPS},
+                {"type": "text", "text": _choice(rng, _VIDEO_QUESTIONS)},
+            ],
+        },
+        {"role": "assistant", "content": answer},
+    ]
     return messages, answer, {"seconds": seconds, "frame": 2 * k}
 
 
-def make_record(task: str, index: int, seed: int = 0, *, image_size: int = 64, num_frames: int = 8,
-                grid_sizes: tuple[int, ...] = (8,)) -> dict:
+def make_record(
+    task: str,
+    index: int,
+    seed: int = 0,
+    *,
+    image_size: int = 64,
+    num_frames: int = 8,
+    grid_sizes: tuple[int, ...] = (8,),
+) -> dict:
     """Returns example ``index`` of ``task`` as a record dict (see module docstring); deterministic in all arguments."""
     _check_task(task)
     if index < 0:
@@ -283,8 +310,9 @@ def make_record(task: str, index: int, seed: int = 0, *, image_size: int = 64, n
     elif task == "video_timestamp":
         messages, answer, meta = _video_timestamp(rng, image_size, num_frames)
     else:
-        messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding,
-                                  "ocr": _ocr}[task](rng, image_size)
+        messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding, "ocr": _ocr}[task](
+            rng, image_size
+        )
     return {"id": f"{task}/{index}", "task": task, "messages": messages, "answer": answer, "meta": meta}
 
 
@@ -293,8 +321,15 @@ class SyntheticSource:
 
     Record i is example ``i // len(tasks)`` of task ``tasks[i % len(tasks)]``."""
 
-    def __init__(self, tasks=TASKS, size: int = 100_000, seed: int = 0, image_size: int = 64, num_frames: int = 8,
-                 grid_sizes: tuple[int, ...] = (8,)):
+    def __init__(
+        self,
+        tasks=TASKS,
+        size: int = 100_000,
+        seed: int = 0,
+        image_size: int = 64,
+        num_frames: int = 8,
+        grid_sizes: tuple[int, ...] = (8,),
+    ):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if not tasks:
             raise ValueError("tasks must not be empty")
@@ -315,12 +350,20 @@ class SyntheticSource:
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self!r}")
         n = len(self.tasks)
-        return make_record(self.tasks[i % n], i // n, self.seed, image_size=self.image_size,
-                           num_frames=self.num_frames, grid_sizes=self.grid_sizes)
+        return make_record(
+            self.tasks[i % n],
+            i // n,
+            self.seed,
+            image_size=self.image_size,
+            num_frames=self.num_frames,
+            grid_sizes=self.grid_sizes,
+        )
 
     def __repr__(self) -> str:
-        return (f"SyntheticSource(tasks={self.tasks}, size={self.size}, seed={self.seed}, "
-                f"image_size={self.image_size}, num_frames={self.num_frames}, grid_sizes={self.grid_sizes})")
+        return (
+            f"SyntheticSource(tasks={self.tasks}, size={self.size}, seed={self.seed}, "
+            f"image_size={self.image_size}, num_frames={self.num_frames}, grid_sizes={self.grid_sizes})"
+        )
 
 
 def parse_box(text: str) -> tuple[int, int, int, int] | None:

@@ -25,9 +25,21 @@ class TfdsSource:
     """Record i is the conversation built from example i of a prepared TFDS split (`split` may be sliced, e.g.
     "train[:10%]"). A record whose features cannot be mapped becomes {"id", "error"}, for the bad-input policy."""
 
-    def __init__(self, name: str, split: str = "train", data_dir: str | None = None, *, image_key: str = "image",
-                 video_key: str = "", question_key: str = "question", answer_key: str = "answer", prompt: str = "",
-                 answer_choice: str = "first", video_fps: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        data_dir: str | None = None,
+        *,
+        image_key: str = "image",
+        video_key: str = "",
+        question_key: str = "question",
+        answer_key: str = "answer",
+        prompt: str = "",
+        answer_choice: str = "first",
+        video_fps: float = 0.0,
+        seed: int = 0,
+    ):
         import tensorflow_datasets as tfds  # imported here: only runs that read TFDS pay for it
 
         if answer_choice not in ANSWER_CHOICES:
@@ -40,8 +52,7 @@ class TfdsSource:
         features = self._source.dataset_info.features
         for key in (image_key, video_key, question_key, answer_key):
             if key and not _has_feature(features, key):
-                raise ValueError(f"tfds source {name}: no feature {key!r} in {name}/{split}; its features: "
-                                 f"{features}")
+                raise ValueError(f"tfds source {name}: no feature {key!r} in {name}/{split}; its features: {features}")
         self.name, self.split = name, split
         self.image_key, self.video_key = image_key, video_key
         self.question_key, self.answer_key, self.prompt = question_key, answer_key, prompt
@@ -68,8 +79,10 @@ class TfdsSource:
         questions = _texts(_get(example, self.question_key), self.question_key) if self.question_key else [""]
         paired = len(questions) > 1  # question-answer pairs, e.g. CLEVR's question_answer/{question, answer}
         if paired and len(answers) != len(questions):
-            raise ValueError(f"{len(questions)} questions ({self.question_key!r}) but {len(answers)} answers "
-                             f"({self.answer_key!r}): a list of questions needs one answer each")
+            raise ValueError(
+                f"{len(questions)} questions ({self.question_key!r}) but {len(answers)} answers "
+                f"({self.answer_key!r}): a list of questions needs one answer each"
+            )
         if self.answer_choice == "first":
             choice = 0
         else:  # a generator per (seed, example): the same choice whatever order or process reads the example

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,9 @@ def eval_records(sources: Any, limit: int) -> list[dict]:
     """The first `limit` records of an eval set: its source specs (a list, or a dict of named specs) read in
     order, each up to the limit."""
     sources = sources.values() if hasattr(sources, "values") else sources
-    records = [source[i] for spec in sources for source in [make_source(dict(spec))]
-               for i in range(min(limit, len(source)))]
+    records = [
+        source[i] for spec in sources for source in [make_source(dict(spec))] for i in range(min(limit, len(source)))
+    ]
     return records[:limit]
 
 
@@ -52,8 +54,15 @@ def _media(messages: list[dict], base_dir: str):
     return images, videos, fps
 
 
-def generate_answers(model: Qwen3VLModel, processor: Processor, records: Iterable[dict], *, set_name: str,
-                     batch_size: int, max_new_tokens: int) -> list[dict]:
+def generate_answers(
+    model: Qwen3VLModel,
+    processor: Processor,
+    records: Iterable[dict],
+    *,
+    set_name: str,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[dict]:
     """Per example: set, id, task, prediction, reference and its metrics. An example whose inputs are bad is
     reported with an `error` instead and counts as wrong."""
     results, pending = [], []
@@ -93,24 +102,37 @@ def _generate(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
         videos += record_videos
         fps = record_fps or fps
     inputs = processor(text=prompts, images=images or None, videos=videos or None, video_fps=fps)
-    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_ids=processor.eos_token_ids,
-                            pad_token_id=processor.pad_token_id)
+    tokens = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=processor.eos_token_ids,
+        pad_token_id=processor.pad_token_id,
+    )
     results = []
     stops = np.asarray([*processor.eos_token_ids, processor.pad_token_id])
     for (record, _, reference), row in zip(batch, tokens):
         end = np.flatnonzero(np.isin(row, stops))
         # keep special tokens such as <|box_start|>: they are part of grounding answers
-        prediction = processor.decode(row[:end[0] if len(end) else len(row)], skip_special_tokens=False)
+        prediction = processor.decode(row[: end[0] if len(end) else len(row)], skip_special_tokens=False)
         task = record.get("task", "qa")
-        results.append(dict(set=set_name, id=record.get("id"), task=task, prediction=prediction, reference=reference,
-                            metrics=score(task, prediction, reference, record.get("meta", {}))))
+        results.append(
+            dict(
+                set=set_name,
+                id=record.get("id"),
+                task=task,
+                prediction=prediction,
+                reference=reference,
+                metrics=score(task, prediction, reference, record.get("meta", {})),
+            )
+        )
     return results
 
 
 def _failure(record: dict, set_name: str, error: Exception) -> dict:
     log.warning("example %s: %s", record.get("id"), error)
-    return dict(set=set_name, id=record.get("id"), task=record.get("task", "qa"), error=str(error),
-                metrics={"exact_match": 0.0})
+    return dict(
+        set=set_name, id=record.get("id"), task=record.get("task", "qa"), error=str(error), metrics={"exact_match": 0.0}
+    )
 
 
 def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -121,8 +143,10 @@ def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
         per_task["examples"].append(1)
         for name, value in result["metrics"].items():
             per_task.setdefault(name, []).append(value)
-    return {task: {name: float(np.sum(v)) if name == "examples" else float(np.mean(v)) for name, v in metrics.items()}
-            for task, metrics in tasks.items()}
+    return {
+        task: {name: float(np.sum(v)) if name == "examples" else float(np.mean(v)) for name, v in metrics.items()}
+        for task, metrics in tasks.items()
+    }
 
 
 def write_report(summary: dict, results: list[dict], directory: str, title: str) -> None:
@@ -134,8 +158,7 @@ def write_report(summary: dict, results: list[dict], directory: str, title: str)
         for result in results:
             f.write(json.dumps(result, ensure_ascii=False) + "\n")
     names = sorted({name for metrics in summary.values() for name in metrics} - {"examples"})
-    lines = [f"# {title}", "", "| set | examples | " + " | ".join(names) + " |",
-             "|---|---|" + "---|" * len(names)]
+    lines = [f"# {title}", "", "| set | examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for task, metrics in sorted(summary.items()):
         cells = [f"{metrics[n]:.3f}" if n in metrics else "" for n in names]
         lines.append(f"| {task} | {metrics['examples']:.0f} | " + " | ".join(cells) + " |")

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
 from qwen3vl_jax.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.decoder import unstack_layers
 from qwen3vl_jax.modeling.kv_cache import init_cache
 from qwen3vl_jax.modeling.model import Qwen3VL
-from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"))
-def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *,
-             config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig) -> jax.Array:
+def generate(
+    params: Any,
+    inputs: ModelInputs,
+    rng: jax.Array,
+    eos_ids: jax.Array,
+    pad_id: jax.Array,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+) -> jax.Array:
     """New token ids (B, max_new_tokens) for the prompts in `inputs` (any padding): each row stops at its
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
     max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
@@ -40,8 +50,16 @@ def generate(params: Any, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Arra
         token = jnp.where(done, pad_id, next_token(logits, key, sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         done = done | jnp.isin(token, eos_ids)
-        logits, kv, kv_segment_ids = model.apply({"params": params}, token, first_position + step, kv, kv_segment_ids,
-                                                 cache.index + step, layer_params, method=Qwen3VL.decode)
+        logits, kv, kv_segment_ids = model.apply(
+            {"params": params},
+            token,
+            first_position + step,
+            kv,
+            kv_segment_ids,
+            cache.index + step,
+            layer_params,
+            method=Qwen3VL.decode,
+        )
         return step + 1, tokens, done, logits, kv, kv_segment_ids, rng
 
     def not_finished(state):

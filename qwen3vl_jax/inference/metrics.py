@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 from qwen3vl_jax.data.synthetic import box_iou, parse_box
 
@@ -29,7 +29,7 @@ def character_accuracy(prediction: str, reference: str) -> float:
     return max(0.0, 1.0 - row[-1] / max(len(b), 1))
 
 
-def parse_seconds(text: str) -> Optional[float]:
+def parse_seconds(text: str) -> float | None:
     match = _SECONDS.search(text)
     return float(match.group()) if match else None
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 class SamplingConfig:
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0        # 0: no top-k filter
-    top_p: float = 1.0    # 1: no nucleus filter
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
 
     def __post_init__(self):
         if self.temperature <= 0:

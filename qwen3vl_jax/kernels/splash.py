@@ -24,17 +24,26 @@ LANES = 128
 PADDING_SEGMENT = -1  # distinct from every real segment id, padding included (0)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                     kv_segment_ids: jax.Array, *, causal: bool, block_sizes: tuple[int, int]) -> jax.Array:
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    causal: bool,
+    block_sizes: tuple[int, int],
+) -> jax.Array:
     """q (B, L, Hq, D), k / v (B, L, Hkv, D) self-attention with segment ids (B, L) -> (B, L, Hq, D). Scale
     D^-0.5 (applied to q: the kernel does not scale)."""
     length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
     pad = -length % LANES
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        q_segment_ids, kv_segment_ids = (jnp.pad(s, ((0, 0), (0, pad)), constant_values=PADDING_SEGMENT)
-                                         for s in (q_segment_ids, kv_segment_ids))
-    q = (q * head_dim ** -0.5).astype(q.dtype)
+        q_segment_ids, kv_segment_ids = (
+            jnp.pad(s, ((0, 0), (0, pad)), constant_values=PADDING_SEGMENT) for s in (q_segment_ids, kv_segment_ids)
+        )
+    q = (q * head_dim**-0.5).astype(q.dtype)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, L, D)
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
@@ -45,23 +54,35 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     if mesh.size > 1:
         batch = tuple(a for a in BATCH_AXES if a in mesh.shape)
         batch = batch if q.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0 else None
-        tensor = "tensor" if "tensor" in mesh.shape and heads % mesh.shape["tensor"] == 0 \
-            and k.shape[1] % mesh.shape["tensor"] == 0 else None
+        tensor = (
+            "tensor"
+            if "tensor" in mesh.shape and heads % mesh.shape["tensor"] == 0 and k.shape[1] % mesh.shape["tensor"] == 0
+            else None
+        )
         heads_spec, segments_spec = PartitionSpec(batch, tensor), PartitionSpec(batch)
-        attend = jax.shard_map(attend, mesh=mesh, in_specs=(heads_spec,) * 3 + (segments_spec,) * 2,
-                               out_specs=heads_spec, check_vma=False)
+        attend = jax.shard_map(
+            attend, mesh=mesh, in_specs=(heads_spec,) * 3 + (segments_spec,) * 2, out_specs=heads_spec, check_vma=False
+        )
     out = attend(q, k, v, q_segment_ids, kv_segment_ids).transpose(0, 2, 1, 3)
     return out[:, :length] if pad else out
 
 
 def _kernel(heads: int, length: int, causal: bool, block_sizes: tuple[int, int], interpret: bool):
     block_q, block_kv = (_divisor_block(b, length) for b in block_sizes)
-    blocks = kernel_lib.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                                   block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-                                   block_q_dq=block_q, block_kv_dq=block_kv)
+    blocks = kernel_lib.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
     one = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
-    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                      q_seq_shards=1, interpret=interpret)
+    return kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _divisor_block(block: int, length: int) -> int:

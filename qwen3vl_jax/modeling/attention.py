@@ -13,13 +13,22 @@ import jax.numpy as jnp
 
 from qwen3vl_jax.kernels.splash import splash_attention
 
-CAUSAL_BLOCK = 128   # causal self-attention runs per query block over the keys up to that block
-MAX_BLOCKS = 16      # ... with at most this many blocks (longer sequences get longer blocks)
+CAUSAL_BLOCK = 128  # causal self-attention runs per query block over the keys up to that block
+MAX_BLOCKS = 16  # ... with at most this many blocks (longer sequences get longer blocks)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-              *, causal: bool, q_offset: int | jax.Array = 0, impl: str = "xla",
-              block_sizes: tuple[int, int] = (512, 512)) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    causal: bool,
+    q_offset: int | jax.Array = 0,
+    impl: str = "xla",
+    block_sizes: tuple[int, int] = (512, 512),
+) -> jax.Array:
     """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
     h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
     Scale D^-0.5; softmax in float32. When causal, query i sits at key position q_offset + i (a KV cache)
@@ -37,9 +46,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array
     if not causal or not self_attention or length <= CAUSAL_BLOCK:
         return _attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))
-    outputs = [_attend(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
-                       q_segment_ids[:, start:start + block], kv_segment_ids[:, :start + block], start)
-               for start in range(0, length, block)]
+    outputs = [
+        _attend(
+            q[:, start : start + block],
+            k[:, : start + block],
+            v[:, : start + block],
+            q_segment_ids[:, start : start + block],
+            kv_segment_ids[:, : start + block],
+            start,
+        )
+        for start in range(0, length, block)
+    ]
     return jnp.concatenate(outputs, axis=1)
 
 
@@ -54,7 +71,7 @@ def _attend(q, k, v, q_segment_ids, kv_segment_ids, causal_offset):
     q = q.reshape(b, lq, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b * hkv, rep * lq, d)
     k = k.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
     v = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
-    scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d**-0.5)
     mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if causal_offset is not None:
         mask &= (jnp.arange(lq) + causal_offset)[:, None] >= jnp.arange(lk)[None, :]

@@ -4,8 +4,6 @@ with DeepStack injected inside the scan."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,14 +68,32 @@ class DecoderLayer(nn.Module):
         layer, kv = scanned
         c, kw = self.config.text, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        norm = lambda name, axis="embed": RMSNorm(c.rms_norm_eps, axis, kw["param_dtype"], name=name)
+
+        def norm(name, axis="embed"):
+            return RMSNorm(c.rms_norm_eps, axis, kw["param_dtype"], name=name)
+
         h = norm("input_layernorm")(x)
-        q = Dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), use_bias=c.attention_bias,
-                  name="q_proj", **kw)(h)
-        k = Dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=c.attention_bias, name="k_proj", **kw)(h)
-        v = Dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=c.attention_bias, name="v_proj", **kw)(h)
+        q = Dense(
+            (c.num_attention_heads, c.head_dim),
+            ("embed", "q_heads", "head_dim"),
+            use_bias=c.attention_bias,
+            name="q_proj",
+            **kw,
+        )(h)
+        k = Dense(
+            (c.num_key_value_heads, c.head_dim),
+            ("embed", "kv_heads", "head_dim"),
+            use_bias=c.attention_bias,
+            name="k_proj",
+            **kw,
+        )(h)
+        v = Dense(
+            (c.num_key_value_heads, c.head_dim),
+            ("embed", "kv_heads", "head_dim"),
+            use_bias=c.attention_bias,
+            name="v_proj",
+            **kw,
+        )(h)
         cos, sin, segment_ids = context["cos"], context["sin"], context["segment_ids"]
         q = apply_rotary(norm("q_norm", "head_dim")(q), cos, sin)
         k = apply_rotary(norm("k_norm", "head_dim")(k), cos, sin)
@@ -86,11 +102,14 @@ class DecoderLayer(nn.Module):
             o = attention(q, k, v, segment_ids, segment_ids, causal=True, **impl)
         else:
             index = context["cache_index"]
-            kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
-                       for cached, new in zip(kv, (k, v)))
+            kv = tuple(
+                jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
+                for cached, new in zip(kv, (k, v))
+            )
             o = attention(q, *kv, segment_ids, context["kv_segment_ids"], causal=True, q_offset=index, **impl)
-        x = x + Dense(c.hidden_size, ("q_heads", "head_dim", "embed"), contract=2, use_bias=c.attention_bias,
-                      name="o_proj", **kw)(o)
+        x = x + Dense(
+            c.hidden_size, ("q_heads", "head_dim", "embed"), contract=2, use_bias=c.attention_bias, name="o_proj", **kw
+        )(o)
         h = norm("post_attention_layernorm")(x)
         router_logits = None
         if self.moe:
@@ -110,20 +129,26 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, segment_ids, cos, sin, deepstack=None, visual_index=None,
-                 cache: Optional[KVCache] = None):
+    def __call__(self, x, segment_ids, cos, sin, deepstack=None, visual_index=None, cache: KVCache | None = None):
         """Final-norm hidden states (B, L, H); the cache with x's keys and values written at cache.index (None
         without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None."""
         c = self.config.text
         context = dict(segment_ids=segment_ids, cos=cos, sin=sin, deepstack=deepstack, visual_index=visual_index)
         if cache is not None:
-            context.update(cache_index=cache.index, kv_segment_ids=jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, segment_ids, cache.index, axis=1))
+            context.update(
+                cache_index=cache.index,
+                kv_segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1),
+            )
         new_kv, router_logits = [], []
         for (start, end, moe), name in zip(layer_runs(c), run_names(c)):
-            layers = nn.scan(maybe_remat(DecoderLayer, self.config.remat), variable_axes={"params": 0},
-                             split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=end - start,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
+            layers = nn.scan(
+                maybe_remat(DecoderLayer, self.config.remat),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=end - start,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             kv = None if cache is None else (cache.k[start:end], cache.v[start:end])
             x, (kv, logits) = layers(self.config, moe, name=name)(x, (jnp.arange(start, end), kv), context)
             new_kv.append(kv)
@@ -131,8 +156,12 @@ class Decoder(nn.Module):
                 router_logits.append(logits)
         x = RMSNorm(c.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
         if cache is not None:
-            cache = KVCache(k=jnp.concatenate([kv[0] for kv in new_kv]), v=jnp.concatenate([kv[1] for kv in new_kv]),
-                            segment_ids=context["kv_segment_ids"], index=cache.index + x.shape[1])
+            cache = KVCache(
+                k=jnp.concatenate([kv[0] for kv in new_kv]),
+                v=jnp.concatenate([kv[1] for kv in new_kv]),
+                segment_ids=context["kv_segment_ids"],
+                index=cache.index + x.shape[1],
+            )
         return x, cache, (jnp.concatenate(router_logits) if router_logits else None)
 
 

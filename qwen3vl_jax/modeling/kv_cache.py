@@ -11,10 +11,10 @@ from qwen3vl_jax.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array            # (layers, B, S, Hkv, D) in the compute dtype
-    v: jax.Array            # (layers, B, S, Hkv, D)
+    k: jax.Array  # (layers, B, S, Hkv, D) in the compute dtype
+    v: jax.Array  # (layers, B, S, Hkv, D)
     segment_ids: jax.Array  # (B, S) int32: the segment of each filled slot; 0 = empty or padding
-    index: jax.Array        # int32 scalar: the slot the next tokens are written to
+    index: jax.Array  # int32 scalar: the slot the next tokens are written to
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:

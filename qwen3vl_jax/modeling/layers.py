@@ -6,7 +6,7 @@ Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,14 +39,14 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        batch_shape, in_shape = x.shape[:x.ndim - self.contract], x.shape[x.ndim - self.contract:]
+        batch_shape, in_shape = x.shape[: x.ndim - self.contract], x.shape[x.ndim - self.contract :]
         kernel = param(self, "kernel", self.kernel_init, in_shape + features, self.param_dtype, self.axes)
         # One 2-D matmul (free reshapes): XLA:CPU runs multi-dimensional dot_generals, and their gradients,
         # far slower than the equivalent matrix product.
         x2 = x.astype(self.dtype).reshape(math.prod(batch_shape), math.prod(in_shape))
         y = (x2 @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)).reshape(batch_shape + features)
         if self.use_bias:
-            bias = param(self, "bias", nn.initializers.zeros, features, self.param_dtype, self.axes[self.contract:])
+            bias = param(self, "bias", nn.initializers.zeros, features, self.param_dtype, self.axes[self.contract :])
             y = y + bias.astype(self.dtype)
         return y
 
@@ -95,8 +95,9 @@ class Embed(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.embedding = param(self, "embedding", default_init, (self.num_embeddings, self.features),
-                               self.param_dtype, ("vocab", "embed"))
+        self.embedding = param(
+            self, "embedding", default_init, (self.num_embeddings, self.features), self.param_dtype, ("vocab", "embed")
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,10 +29,15 @@ class Qwen3VL(nn.Module):
 
     def encode_vision(self, inputs: ModelInputs):
         """Merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
-        return self.visual(inputs.pixel_patches, inputs.patch_segment_ids, inputs.pos_embed_index,
-                           inputs.pos_embed_weight, inputs.patch_rowcol)
+        return self.visual(
+            inputs.pixel_patches,
+            inputs.patch_segment_ids,
+            inputs.pos_embed_index,
+            inputs.pos_embed_weight,
+            inputs.patch_rowcol,
+        )
 
-    def hidden_states(self, inputs: ModelInputs, cache: Optional[KVCache] = None):
+    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
         """Final-norm hidden states (B, L, H), the cache updated with these tokens (None without one) and the
         router logits of the MoE layers (layers, B*L, E) (None for a dense model)."""
         x = self.embed_tokens(inputs.input_ids)
@@ -63,8 +66,15 @@ class Qwen3VL(nn.Module):
         last = x.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
         return self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
 
-    def decode(self, token_ids: jax.Array, positions: jax.Array, kv: list, kv_segment_ids: jax.Array,
-               index: jax.Array, layer_params: list):
+    def decode(
+        self,
+        token_ids: jax.Array,
+        positions: jax.Array,
+        kv: list,
+        kv_segment_ids: jax.Array,
+        index: jax.Array,
+        layer_params: list,
+    ):
         """One new token per row, written to cache slot `index`: token_ids (B,), positions (B,) (the same on
         the t, h and w axes), kv the per-layer (k, v) caches (B, S, Hkv, D), kv_segment_ids (B, S).
         layer_params: (parameters, is MoE) of each decoder layer, sliced out of the stacks once per generation
@@ -76,8 +86,15 @@ class Qwen3VL(nn.Module):
         segment_ids = jnp.ones_like(token_ids)[:, None]
         kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(kv_segment_ids, segment_ids, index, axis=1)
         cos, sin = self._rope(jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1)))
-        context = dict(segment_ids=segment_ids, cos=cos, sin=sin, deepstack=None, visual_index=None,
-                       cache_index=index, kv_segment_ids=kv_segment_ids)
+        context = dict(
+            segment_ids=segment_ids,
+            cos=cos,
+            sin=sin,
+            deepstack=None,
+            visual_index=None,
+            cache_index=index,
+            kv_segment_ids=kv_segment_ids,
+        )
         new_kv = []
         for i, ((params, moe), cache) in enumerate(zip(layer_params, kv)):
             x, (cache, _) = DecoderLayer(c, moe, parent=None).apply({"params": params}, x, (i, cache), context)
@@ -89,8 +106,7 @@ class Qwen3VL(nn.Module):
     def _rope(self, positions: jax.Array):
         c = self.config
         inv_freq, scaling = text_rope(c.text)
-        return mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout),
-                            scaling)
+        return mrope_tables(positions, inv_freq, mrope_axis_of_frequency(c.text.mrope_section, c.mrope_layout), scaling)
 
     def _decode_layers(self, x, segment_ids, positions, deepstack, visual_index, cache):
         cos, sin = self._rope(positions)

@@ -63,8 +63,9 @@ def experts_dense(x, experts, weights, gate_up, down):
     return jnp.einsum("te,eth->th", combine, y)
 
 
-def experts_grouped(x, experts, weights, gate_up, down, *, backend: str, tiling: tuple[int, int, int],
-                    first_expert: int | jax.Array = 0):
+def experts_grouped(
+    x, experts, weights, gate_up, down, *, backend: str, tiling: tuple[int, int, int], first_expert: int | jax.Array = 0
+):
     """Dropless sorted dispatch over the local experts first_expert .. first_expert + E_local - 1 (all when not
     expert-parallel); assignments to other experts contribute nothing here."""
     tokens, top_k = experts.shape
@@ -132,16 +133,34 @@ class MoeBlock(nn.Module):
         c = self.config
         batch, length, hidden = x.shape
         tokens = x.reshape(batch * length, hidden)
-        logits = Dense(c.num_experts, ("embed", "expert_router"), dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="gate")(tokens)
+        logits = Dense(
+            c.num_experts, ("embed", "expert_router"), dtype=self.dtype, param_dtype=self.param_dtype, name="gate"
+        )(tokens)
         weights, experts = route(logits, c.num_experts_per_tok)
         inter = c.moe_intermediate_size
-        gate_up = param(self, "experts_gate_up", default_init, (c.num_experts, hidden, 2 * inter), self.param_dtype,
-                        ("expert", "embed", "mlp"))
-        down = param(self, "experts_down", default_init, (c.num_experts, inter, hidden), self.param_dtype,
-                     ("expert", "mlp", "embed"))
-        args = (tokens.astype(self.dtype), experts, weights.astype(self.dtype), gate_up.astype(self.dtype),
-                down.astype(self.dtype))
+        gate_up = param(
+            self,
+            "experts_gate_up",
+            default_init,
+            (c.num_experts, hidden, 2 * inter),
+            self.param_dtype,
+            ("expert", "embed", "mlp"),
+        )
+        down = param(
+            self,
+            "experts_down",
+            default_init,
+            (c.num_experts, inter, hidden),
+            self.param_dtype,
+            ("expert", "mlp", "embed"),
+        )
+        args = (
+            tokens.astype(self.dtype),
+            experts,
+            weights.astype(self.dtype),
+            gate_up.astype(self.dtype),
+            down.astype(self.dtype),
+        )
         mesh = jax.sharding.get_abstract_mesh()
         if self.backend == "dense":
             y = experts_dense(*args)
@@ -159,8 +178,9 @@ def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, 
     matmuls); a reduce-scatter over `expert` sums the contributions and hands them back to the tokens' owners.
 
     Why not an all-to-all dispatch: per device the all-gather receives (n-1) T token rows and the reduce-scatter
-    sends (n-1) T, where an all-to-all dispatch sends up to k (n-1)/n T rows and its combine as many back; for n <= k (the released
-    configs: n = 4 or 8, k = 8) this moves no more data and needs no second routing exchange. Memory: dropless
+    sends (n-1) T, where an all-to-all dispatch sends up to k (n-1)/n T rows and its combine as many back; for
+    n <= k (the released configs: n = 4 or 8, k = 8) this moves no more data and needs no second routing
+    exchange. Memory: dropless
     with static shapes, an all-to-all must receive into a worst-case buffer of n T k rows; the chunks here, each
     recomputed in the backward pass, keep T k rows of temporaries whatever n is (one 235B-A22B layer on 8 v5p
     chips: 5.2 GiB instead of 29.5 GiB for all n T k rows at once; benchmarks/moe_layer.py). Too few tokens to
@@ -173,9 +193,18 @@ def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, 
     row = PartitionSpec(batch_axes) if split else PartitionSpec()
 
     def local(tokens, experts, weights, gate_up, down):
-        dispatch = lambda tokens, experts, weights: experts_grouped(
-            tokens, experts, weights, gate_up, down, backend=backend, tiling=tiling,
-            first_expert=jax.lax.axis_index("expert") * gate_up.shape[0])
+        def dispatch(tokens, experts, weights):
+            return experts_grouped(
+                tokens,
+                experts,
+                weights,
+                gate_up,
+                down,
+                backend=backend,
+                tiling=tiling,
+                first_expert=jax.lax.axis_index("expert") * gate_up.shape[0],
+            )
+
         if not split:
             return jax.lax.psum(dispatch(tokens, experts, weights), "expert")
         gathered = [jax.lax.all_gather(a, "expert") for a in (tokens, experts, weights)]  # (n, T, ...)
@@ -184,5 +213,6 @@ def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, 
         return jax.lax.psum_scatter(y, "expert")  # (n, T, H) -> this device's (T, H)
 
     experts_spec = PartitionSpec("expert")
-    return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, experts_spec, experts_spec), out_specs=row,
-                         check_vma=False)(tokens, experts, weights, gate_up, down)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(row, row, row, experts_spec, experts_spec), out_specs=row, check_vma=False
+    )(tokens, experts, weights, gate_up, down)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
-             "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) ->
 
 def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray, scaling: float = 1.0):
     """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32, times `scaling`."""
-    selected = positions[:, axis_of_frequency]                       # (B, hd/2, L)
+    selected = positions[:, axis_of_frequency]  # (B, hd/2, L)
     angles = jnp.swapaxes(selected, 1, 2).astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([angles, angles], axis=-1)
     if scaling == 1.0:
@@ -86,8 +86,8 @@ def vision_rotary_tables(rowcol: jax.Array, head_dim: int, theta: float):
     `Qwen3VLVisionRotaryEmbedding`.
     """
     inv_freq = inverse_frequencies(theta, head_dim // 2)
-    angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq     # (..., 2, hd/4)
-    angles = angles.reshape(*rowcol.shape[:-1], -1)                  # [row freqs | col freqs]
+    angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq  # (..., 2, hd/4)
+    angles = angles.reshape(*rowcol.shape[:-1], -1)  # [row freqs | col freqs]
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -25,7 +25,7 @@ from qwen3vl_jax.modeling.rope import apply_rotary, vision_rotary_tables
 def block_stacks(depth: int, taps: tuple[int, ...]) -> list[tuple[int, int]]:
     """[start, end) block ranges that end right after each tap index (and at `depth`)."""
     ends = sorted({i + 1 for i in taps} | {depth})
-    return [(start, end) for start, end in zip([0] + ends[:-1], ends)]
+    return [(start, end) for start, end in zip([0, *ends[:-1]], ends)]
 
 
 class VisionBlock(nn.Module):
@@ -40,15 +40,34 @@ class VisionBlock(nn.Module):
         c, kw = self.config.vision, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "patches", "vision_embed"))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
-        qkv = Dense((3, c.num_heads, c.head_dim), ("vision_embed", "qkv", "vision_heads", "head_dim"),
-                    use_bias=True, name="attn_qkv", **kw)(h)
+        qkv = Dense(
+            (3, c.num_heads, c.head_dim),
+            ("vision_embed", "qkv", "vision_heads", "head_dim"),
+            use_bias=True,
+            name="attn_qkv",
+            **kw,
+        )(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cos is not None:
             q, k = (apply_rotary(t, cos, sin, jnp.float32) for t in (q, k))
-        o = attention(q, k, v, segment_ids, segment_ids, causal=False, impl=self.config.attention_impl,
-                      block_sizes=self.config.splash_block_sizes)
-        x = x + Dense(c.hidden_size, ("vision_heads", "head_dim", "vision_embed"), contract=2, use_bias=True,
-                      name="attn_proj", **kw)(o)
+        o = attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            segment_ids,
+            causal=False,
+            impl=self.config.attention_impl,
+            block_sizes=self.config.splash_block_sizes,
+        )
+        x = x + Dense(
+            c.hidden_size,
+            ("vision_heads", "head_dim", "vision_embed"),
+            contract=2,
+            use_bias=True,
+            name="attn_proj",
+            **kw,
+        )(o)
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm2")(x)
         h = Dense(c.intermediate_size, ("vision_embed", "vision_mlp"), use_bias=True, name="mlp_fc1", **kw)(h)
         h = jax.nn.gelu(h, approximate=True)
@@ -68,8 +87,12 @@ class PatchMerger(nn.Module):
     def __call__(self, x):
         """x (B, P, D) -> (B, P / m^2, out_hidden)."""
         c, kw = self.config.vision, self.config.dense_kwargs
-        norm = LayerNorm(c.layer_norm_eps, axis_name="vision_merged" if self.postshuffle_norm else "vision_embed",
-                         param_dtype=kw["param_dtype"], name="norm")
+        norm = LayerNorm(
+            c.layer_norm_eps,
+            axis_name="vision_merged" if self.postshuffle_norm else "vision_embed",
+            param_dtype=kw["param_dtype"],
+            name="norm",
+        )
         if not self.postshuffle_norm:
             x = norm(x)
         x = x.reshape(x.shape[0], x.shape[1] // c.spatial_merge_size**2, c.merged_dim)
@@ -94,8 +117,14 @@ class VisionTower(nn.Module):
         arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`)."""
         c, kw = self.config.vision, self.config.dense_kwargs
         x = Dense(c.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(pixel_patches)
-        table = param(self, "pos_embed", default_init, (c.num_position_embeddings, c.hidden_size),
-                      kw["param_dtype"], ("vision_positions", "vision_embed"))
+        table = param(
+            self,
+            "pos_embed",
+            default_init,
+            (c.num_position_embeddings, c.hidden_size),
+            kw["param_dtype"],
+            ("vision_positions", "vision_embed"),
+        )
         cos = sin = None
         if self.config.vision_positions:
             # As `Qwen3VLVisionModel.forward`: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
@@ -103,12 +132,17 @@ class VisionTower(nn.Module):
             x = x + pos.astype(x.dtype)
             cos, sin = vision_rotary_tables(patch_rowcol, c.head_dim, c.rope_theta)
 
-        taps = c.deepstack_visual_indexes[:self.config.num_deepstack]
+        taps = c.deepstack_visual_indexes[: self.config.num_deepstack]
         deepstack = []
         for stack, (start, end) in enumerate(block_stacks(c.depth, taps)):
-            blocks = nn.scan(maybe_remat(VisionBlock, self.config.remat), variable_axes={"params": 0},
-                             split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                             length=end - start, metadata_params={nn.PARTITION_NAME: "layers"})
+            blocks = nn.scan(
+                maybe_remat(VisionBlock, self.config.remat),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=end - start,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x, _ = blocks(self.config, name=f"blocks_{stack}")(x, patch_segment_ids, cos, sin)
             if end - 1 in taps:
                 deepstack.append(PatchMerger(self.config, True, name=f"deepstack_merger_{len(deepstack)}")(x))

@@ -22,14 +22,19 @@ def load_chat_template(path: str | None) -> str:
     if path:
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja_file):
-            return open(jinja_file).read()
+            return _read(jinja_file)
         for name in ("chat_template.json", "tokenizer_config.json"):
             file = os.path.join(path, name)
             if os.path.exists(file):
-                template = json.load(open(file)).get("chat_template")
+                template = json.loads(_read(file)).get("chat_template")
                 if isinstance(template, str):
                     return template
-    return open(_BUNDLED).read()
+    return _read(_BUNDLED)
+
+
+def _read(file: str) -> str:
+    with open(file) as f:
+        return f.read()
 
 
 @functools.lru_cache(maxsize=8)

@@ -20,8 +20,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     if min(height, width) <= 0:
         raise DataError(f"image has zero size ({height}x{width})")
     if max(height, width) / min(height, width) > 200:
-        raise DataError(f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
-                        f" ({height}x{width})")
+        raise DataError(
+            f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
+            f" ({height}x{width})"
+        )
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
@@ -42,9 +44,10 @@ def load_image(source: Any, base_dir: str = "") -> Image.Image:
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+        channels = source.shape[2] if source.ndim == 3 else 0
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or channels not in (0, 1, 3, 4):
             raise DataError(f"image array must be uint8 (H, W) or (H, W, 1|3|4), got {source.dtype} {source.shape}")
-        image = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
+        image = Image.fromarray(source[..., 0] if channels == 1 else source)
     elif isinstance(source, (bytes, bytearray)):
         image = _decode(io.BytesIO(source), f"{len(source)} bytes of image data")
     elif isinstance(source, (str, os.PathLike)):

@@ -20,20 +20,25 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from qwen3vl_jax.jsonio import write_json
-from qwen3vl_jax.processing import chat, image as image_ops, video as video_ops
+from qwen3vl_jax.processing import chat
+from qwen3vl_jax.processing import image as image_ops
+from qwen3vl_jax.processing import video as video_ops
 from qwen3vl_jax.processing.errors import DataError
 from qwen3vl_jax.processing.tokenizer import load_tokenizer, token_id
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
-_PLACEHOLDERS = re.compile(r"(?P<image><\|image_pad\|>)|(?P<video>(?:<\|vision_start\|>)?<\|video_pad\|>"
-                           r"(?:<\|vision_end\|>)?)")
+_PLACEHOLDERS = re.compile(
+    r"(?P<image><\|image_pad\|>)|(?P<video>(?:<\|vision_start\|>)?<\|video_pad\|>"
+    r"(?:<\|vision_end\|>)?)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,23 +69,25 @@ class VisionProcessingConfig:
 class Encoded:
     """One tokenised example with its pixels, in the layout of the HF processor outputs."""
 
-    input_ids: np.ndarray            # (n,) int32
-    supervised: np.ndarray           # (n,) bool: the token is a training target
-    pixel_values: np.ndarray         # (image patches, patch_dim) float32
-    image_grid_thw: np.ndarray       # (images, 3) int64
+    input_ids: np.ndarray  # (n,) int32
+    supervised: np.ndarray  # (n,) bool: the token is a training target
+    pixel_values: np.ndarray  # (image patches, patch_dim) float32
+    image_grid_thw: np.ndarray  # (images, 3) int64
     pixel_values_videos: np.ndarray  # (video patches, patch_dim) float32
-    video_grid_thw: np.ndarray       # (videos, 3) int64
+    video_grid_thw: np.ndarray  # (videos, 3) int64
 
 
 @dataclasses.dataclass
 class _Visual:
     pixels: np.ndarray
     grid: tuple[int, int, int]
-    timestamps: Optional[list[float]] = None  # videos only
+    timestamps: list[float] | None = None  # videos only
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, config: VisionProcessingConfig = VisionProcessingConfig()):
+    def __init__(
+        self, tokenizer: Tokenizer, chat_template: str, config: VisionProcessingConfig = VisionProcessingConfig()
+    ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.config = config
@@ -110,25 +117,27 @@ class Processor:
         pixels, grid = image_ops.patchify(frame[None], c.patch_size, c.merge_size, c.temporal_patch_size)
         return _Visual(pixels, grid)
 
-    def process_video(self, source: Any, fps: Optional[float] = None, base_dir: str = "") -> _Visual:
+    def process_video(self, source: Any, fps: float | None = None, base_dir: str = "") -> _Visual:
         """A video file (decoded with PyAV) or a list of frames recorded at `fps`: sample at config.fps,
         resize all frames alike and patchify (`Qwen3VLVideoProcessor`), and compute the group timestamps
         (`Qwen3VLProcessor._calculate_timestamps`)."""
         c = self.config
         if isinstance(source, (str, os.PathLike)):
             where = f"video file {os.path.join(base_dir, os.fspath(source))}"
-            frames, indices, native_fps = video_ops.decode_video(os.path.join(base_dir, os.fspath(source)), c.fps,
-                                                                 c.min_frames, c.max_frames)
+            frames, indices, native_fps = video_ops.decode_video(
+                os.path.join(base_dir, os.fspath(source)), c.fps, c.min_frames, c.max_frames
+            )
         else:
             where = "video frames"
             frames, indices, native_fps = video_ops.frames_as_video(source, fps, c.fps, c.min_frames, c.max_frames)
         sizes = {(f.height, f.width) for f in frames}
         if len(sizes) != 1:
             raise DataError(f"{where} have different sizes {sorted(sizes)}")
-        (height, width), = sizes
+        ((height, width),) = sizes
         try:
-            h, w = video_ops.video_smart_resize(len(frames), height, width, c.factor, c.temporal_patch_size,
-                                                c.video_min_pixels, c.video_max_pixels)
+            h, w = video_ops.video_smart_resize(
+                len(frames), height, width, c.factor, c.temporal_patch_size, c.video_min_pixels, c.video_max_pixels
+            )
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         stack = np.stack([image_ops.resize_and_normalize(f, h, w, c.mean, c.std) for f in frames])
@@ -138,9 +147,15 @@ class Processor:
 
     # ---------------------------------------------------------------------------------------------- batches
 
-    def __call__(self, text: str | Sequence[str], images: Optional[Sequence[Any]] = None,
-                 videos: Optional[Sequence[Any]] = None, *, video_fps: Optional[float] = None,
-                 padding_side: str = "left") -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        *,
+        video_fps: float | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, np.ndarray]:
         """HF-style batch. Images and videos are consumed in order across the texts, one per placeholder.
         Frame lists in `videos` need `video_fps` (their recording rate)."""
         texts = [text] if isinstance(text, str) else list(text)
@@ -156,8 +171,9 @@ class Processor:
         Media items: {"type": "image", "image": PIL | uint8 array | path} and {"type": "video", "video":
         path | [frames], "fps": recording rate of a frame list}; paths relative to `base_dir`."""
         text = self.apply_chat_template(messages)
-        images, videos = self._media([item for m in messages if isinstance(m.get("content"), list)
-                                      for item in m["content"]], base_dir)
+        images, videos = self._media(
+            [item for m in messages if isinstance(m.get("content"), list) for item in m["content"]], base_dir
+        )
         text = self._expand(text, iter(images), iter(videos), where="conversation", exhaustive=True)
         ids, offsets = self._tokenize(text)
         supervised = np.zeros(len(ids), bool)
@@ -171,11 +187,17 @@ class Processor:
         parts = []
         for item in items:
             kind = _media_kind(item)
-            parts.append(IMAGE_PLACEHOLDER if kind == "image" else VIDEO_PLACEHOLDER if kind == "video"
-                         else str(item.get("text", "")))
+            parts.append(
+                IMAGE_PLACEHOLDER
+                if kind == "image"
+                else VIDEO_PLACEHOLDER
+                if kind == "video"
+                else str(item.get("text", ""))
+            )
         images, videos = self._media(items, base_dir)
-        text = self._expand("".join(parts) + "<|endoftext|>", iter(images), iter(videos), where="document",
-                            exhaustive=True)
+        text = self._expand(
+            "".join(parts) + "<|endoftext|>", iter(images), iter(videos), where="document", exhaustive=True
+        )
         ids, _ = self._tokenize(text)
         supervised = (ids != self.image_token_id) & (ids != self.video_token_id)
         return Encoded(ids, supervised, **_pixel_arrays(images, videos, self.config))
@@ -207,8 +229,10 @@ class Processor:
             if item is None:
                 raise DataError(f"{where}: more video placeholders than videos")
             _, h, w = item.grid
-            return "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (h * w // merge) + "<|vision_end|>"
-                           for t in item.timestamps)
+            return "".join(
+                f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (h * w // merge) + "<|vision_end|>"
+                for t in item.timestamps
+            )
 
         expanded = _PLACEHOLDERS.sub(replace, text)
         if exhaustive:
@@ -238,23 +262,43 @@ class Processor:
         with open(os.path.join(path, "chat_template.jinja"), "w") as f:
             f.write(self.chat_template)
         c = self.config
-        common = dict(patch_size=c.patch_size, temporal_patch_size=c.temporal_patch_size, merge_size=c.merge_size,
-                      image_mean=list(c.mean), image_std=list(c.std))
-        write_json(os.path.join(path, "preprocessor_config.json"),
-                    dict(common, size=dict(shortest_edge=c.image_min_pixels, longest_edge=c.image_max_pixels),
-                         image_processor_type="Qwen2VLImageProcessorFast", processor_class="Qwen3VLProcessor"))
-        write_json(os.path.join(path, "video_preprocessor_config.json"),
-                    dict(common, size=dict(shortest_edge=c.video_min_pixels, longest_edge=c.video_max_pixels),
-                         fps=c.fps, min_frames=c.min_frames, max_frames=c.max_frames,
-                         video_processor_type="Qwen3VLVideoProcessor", processor_class="Qwen3VLProcessor"))
+        common = dict(
+            patch_size=c.patch_size,
+            temporal_patch_size=c.temporal_patch_size,
+            merge_size=c.merge_size,
+            image_mean=list(c.mean),
+            image_std=list(c.std),
+        )
+        write_json(
+            os.path.join(path, "preprocessor_config.json"),
+            dict(
+                common,
+                size=dict(shortest_edge=c.image_min_pixels, longest_edge=c.image_max_pixels),
+                image_processor_type="Qwen2VLImageProcessorFast",
+                processor_class="Qwen3VLProcessor",
+            ),
+        )
+        write_json(
+            os.path.join(path, "video_preprocessor_config.json"),
+            dict(
+                common,
+                size=dict(shortest_edge=c.video_min_pixels, longest_edge=c.video_max_pixels),
+                fps=c.fps,
+                min_frames=c.min_frames,
+                max_frames=c.max_frames,
+                video_processor_type="Qwen3VLVideoProcessor",
+                processor_class="Qwen3VLProcessor",
+            ),
+        )
 
 
 def load_processor(path: str, **overrides: Any) -> Processor:
     """The processor of an HF checkpoint dir: tokenizer.json, the chat template (chat_template.jinja /
     .json / tokenizer_config.json, else the bundled Qwen3-VL one) and the preprocessor configs (released
     defaults for what they omit). `overrides` are VisionProcessingConfig fields."""
-    return Processor(load_tokenizer(path), chat.load_chat_template(path),
-                     dataclasses.replace(read_vision_config(path), **overrides))
+    return Processor(
+        load_tokenizer(path), chat.load_chat_template(path), dataclasses.replace(read_vision_config(path), **overrides)
+    )
 
 
 def read_vision_config(path: str) -> VisionProcessingConfig:
@@ -263,7 +307,8 @@ def read_vision_config(path: str) -> VisionProcessingConfig:
         file = os.path.join(path, name)
         if not os.path.exists(file):
             continue
-        hf = json.load(open(file))
+        with open(file) as f:
+            hf = json.load(f)
         size = hf.get("size") or {}
         fields[f"{prefix}_min_pixels"] = size.get("shortest_edge", hf.get("min_pixels"))
         fields[f"{prefix}_max_pixels"] = size.get("longest_edge", hf.get("max_pixels"))
@@ -274,7 +319,7 @@ def read_vision_config(path: str) -> VisionProcessingConfig:
     return VisionProcessingConfig(**fields)
 
 
-def _media_kind(item: dict) -> Optional[str]:
+def _media_kind(item: dict) -> str | None:
     if item.get("type") == "image" or "image" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:
@@ -290,8 +335,15 @@ def _check_all_used(queues, where: str = "batch") -> None:
 
 def _pixel_arrays(images: list[_Visual], videos: list[_Visual], config: VisionProcessingConfig) -> dict:
     dim = 3 * config.temporal_patch_size * config.patch_size**2
-    stack = lambda items: (np.concatenate([x.pixels for x in items]) if items else np.zeros((0, dim), np.float32),
-                           np.array([x.grid for x in items], np.int64).reshape(-1, 3))
+
+    def stack(items):
+        pixels = np.concatenate([x.pixels for x in items]) if items else np.zeros((0, dim), np.float32)
+        return pixels, np.array([x.grid for x in items], np.int64).reshape(-1, 3)
+
     (pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw) = stack(images), stack(videos)
-    return dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                video_grid_thw=video_grid_thw)
+    return dict(
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+    )

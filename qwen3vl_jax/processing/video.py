@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import av
 import numpy as np
@@ -26,8 +27,9 @@ def sample_indices(total_frames: int, native_fps: float, fps: float, min_frames:
     return np.linspace(0, total_frames - 1, n).round().astype(int)
 
 
-def video_smart_resize(num_frames: int, height: int, width: int, factor: int, temporal: int, min_pixels: int,
-                       max_pixels: int) -> tuple[int, int]:
+def video_smart_resize(
+    num_frames: int, height: int, width: int, factor: int, temporal: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
     """transformers' video smart_resize: like the image one, but the pixel limits apply to t*h*w with t the
     frame count rounded to a multiple of `temporal`; frames smaller than `factor` are first scaled up."""
     if num_frames < temporal:
@@ -38,8 +40,10 @@ def video_smart_resize(num_frames: int, height: int, width: int, factor: int, te
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise DataError(f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
-                        f" ({height}x{width})")
+        raise DataError(
+            f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
+            f" ({height}x{width})"
+        )
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     t = round(num_frames / temporal) * temporal
@@ -63,7 +67,9 @@ def group_timestamps(indices: Sequence[int], native_fps: float, temporal: int) -
     return [(seconds[i] + seconds[i + temporal - 1]) / 2 for i in range(0, len(seconds), temporal)]
 
 
-def decode_video(path: str, fps: float, min_frames: int, max_frames: int) -> tuple[list[Image.Image], np.ndarray, float]:
+def decode_video(
+    path: str, fps: float, min_frames: int, max_frames: int
+) -> tuple[list[Image.Image], np.ndarray, float]:
     """Decodes the frames of `path` sampled at `fps` with PyAV. Returns (RGB frames, their indices in the
     file, native fps). Raises DataError naming the file when it is missing, unreadable or has no frames."""
     if not os.path.exists(path):
@@ -87,13 +93,16 @@ def decode_video(path: str, fps: float, min_frames: int, max_frames: int) -> tup
     except av.error.FFmpegError as e:
         raise DataError(f"video file {path} is unreadable or corrupt: {e}") from None
     if len(frames) != len(wanted):
-        raise DataError(f"video file {path}: its metadata promise {total} frames but decoding stopped after "
-                        f"{len(frames)} of the {len(wanted)} sampled ones (truncated or corrupt file)")
+        raise DataError(
+            f"video file {path}: its metadata promise {total} frames but decoding stopped after "
+            f"{len(frames)} of the {len(wanted)} sampled ones (truncated or corrupt file)"
+        )
     return [frames[i].convert("RGB") for i in indices.tolist()], indices, native_fps
 
 
-def frames_as_video(frames: Sequence[Any], native_fps: float, fps: float, min_frames: int,
-                    max_frames: int) -> tuple[list[Image.Image], np.ndarray, float]:
+def frames_as_video(
+    frames: Sequence[Any], native_fps: float, fps: float, min_frames: int, max_frames: int
+) -> tuple[list[Image.Image], np.ndarray, float]:
     """The same sampling for a list of frames (PIL images or uint8 arrays) recorded at `native_fps`."""
     if not native_fps or native_fps <= 0:
         raise DataError("a video given as a list of frames needs its frame rate ('fps' > 0)")

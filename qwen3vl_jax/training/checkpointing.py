@@ -3,11 +3,9 @@ continues exactly (same params, optimizer, step, RNG and next batch)."""
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import Any, Optional
-
 import json
+import logging
+from typing import Any
 
 import grain
 import jax
@@ -28,11 +26,12 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, every: int):
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
-                                               enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, create=True, enable_async_checkpointing=True
+        )
         self.manager = ocp.CheckpointManager(storage.absolute(directory), options=options)
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def maybe_save(self, step: int, state: Any, iterator: grain.DatasetIterator, *, force: bool = False) -> bool:
@@ -46,8 +45,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator) -> Any:
         """The state saved at `step` (laid out as `abstract_state`: ShapeDtypeStructs with shardings); the
         iterator is moved to the saved position."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(iterator))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)
+        )
         restored = self.manager.restore(step, args=args)
         log.info("restored step %d from %s", step, self.manager.directory)
         return restored.state
@@ -76,11 +76,14 @@ class WorkdirMismatch(ValueError):
 def describe(config: ModelConfig) -> str:
     """One line naming a model's size: decoder, experts, ViT, vocabulary."""
     t, v = config.text, config.vision
-    experts = f", {t.num_experts} experts top-{t.num_experts_per_tok} of width {t.moe_intermediate_size}" \
-        if t.is_moe else ""
-    return (f"decoder {t.num_hidden_layers} x {t.hidden_size} (heads {t.num_attention_heads}/{t.num_key_value_heads}"
-            f" of {t.head_dim}, mlp {t.intermediate_size}{experts}), ViT {v.depth} x {v.hidden_size}, "
-            f"vocab {t.vocab_size}")
+    experts = (
+        f", {t.num_experts} experts top-{t.num_experts_per_tok} of width {t.moe_intermediate_size}" if t.is_moe else ""
+    )
+    return (
+        f"decoder {t.num_hidden_layers} x {t.hidden_size} (heads {t.num_attention_heads}/{t.num_key_value_heads}"
+        f" of {t.head_dim}, mlp {t.intermediate_size}{experts}), ViT {v.depth} x {v.hidden_size}, "
+        f"vocab {t.vocab_size}"
+    )
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, list[int]]:
@@ -107,12 +110,14 @@ def check_resumable(workdir: str, config: ModelConfig, config_name: str) -> None
     shapes = parameter_shapes(config)
     if saved["parameter_shapes"] == shapes:
         return
-    differ = sorted(k for k in shapes.keys() | saved["parameter_shapes"].keys()
-                    if shapes.get(k) != saved["parameter_shapes"].get(k))
+    differ = sorted(
+        k for k in shapes.keys() | saved["parameter_shapes"].keys() if shapes.get(k) != saved["parameter_shapes"].get(k)
+    )
     first = differ[0]
     raise WorkdirMismatch(
         f"{workdir} holds checkpoints of another model, so this run cannot resume there.\n"
         f"  saved:    {saved['config'] or 'a config'}: {saved['model']}\n"
         f"  this run: {config_name or 'this config'}: {describe(config)}\n"
         f"  {len(differ)} parameters differ, e.g. {first}: {saved['parameter_shapes'].get(first)} saved, "
-        f"{shapes.get(first)} now.\nGive another --workdir, or delete this one to start over.")
+        f"{shapes.get(first)} now.\nGive another --workdir, or delete this one to start over."
+    )

@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,12 @@ from qwen3vl_jax import storage
 from qwen3vl_jax.config import ModelConfig
 
 # Public per-chip figures by jax device_kind: dense bf16 peak FLOP/s and HBM bytes.
-TPU_CHIPS = {"TPU v4": (275e12, 32 * 2**30), "TPU v5 lite": (197e12, 16 * 2**30), "TPU v5": (459e12, 95 * 2**30),
-             "TPU v6 lite": (918e12, 32 * 2**30)}
+TPU_CHIPS = {
+    "TPU v4": (275e12, 32 * 2**30),
+    "TPU v5 lite": (197e12, 16 * 2**30),
+    "TPU v5": (459e12, 95 * 2**30),
+    "TPU v6 lite": (918e12, 32 * 2**30),
+}
 
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:
@@ -29,12 +32,17 @@ def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> 
     d_attn = t.num_attention_heads * t.head_dim
     d_kv = t.num_key_value_heads * t.head_dim
     # MoE layers: the router and the k experts each token is routed to (the active weights)
-    mlp = [t.num_experts + 3 * t.num_experts_per_tok * t.moe_intermediate_size if t.is_sparse_layer(layer)
-           else 3 * t.intermediate_size for layer in range(t.num_hidden_layers)]
+    mlp = [
+        t.num_experts + 3 * t.num_experts_per_tok * t.moe_intermediate_size
+        if t.is_sparse_layer(layer)
+        else 3 * t.intermediate_size
+        for layer in range(t.num_hidden_layers)
+    ]
     text_weights = t.hidden_size * (t.num_hidden_layers * (2 * d_attn + 2 * d_kv) + sum(mlp))
     text = 2 * batch * seq_len * (text_weights + t.hidden_size * t.vocab_size)
     text += 4 * batch * seq_len**2 * d_attn * t.num_hidden_layers
-    vit_weights = v.patch_dim * v.hidden_size + v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    vit_block = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    vit_weights = v.patch_dim * v.hidden_size + v.depth * vit_block
     mergers = (1 + config.num_deepstack) * (v.merged_dim**2 + v.merged_dim * v.out_hidden_size)
     vision = 2 * batch * (patches * vit_weights + patches // v.spatial_merge_size**2 * mergers)
     vision += 4 * batch * patches**2 * v.hidden_size * v.depth
@@ -71,7 +79,7 @@ class MetricWriter:
         self.remote = storage.path(workdir) / "metrics.jsonl" if storage.is_remote(workdir) else None
         if self.remote is None:
             os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         else:
             self.lines = self.remote.read_text() if self.remote.exists() else ""
 
@@ -82,14 +90,12 @@ class MetricWriter:
             self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
         line = json.dumps({"step": step, "split": prefix, **scalars}) + "\n"
         if self.remote is None:
-            self.jsonl.write(line)
-            self.jsonl.flush()
+            with open(self.jsonl_path, "a") as f:  # appended and closed at once: whole lines survive a kill
+                f.write(line)
         else:
             self.lines += line
             self.remote.write_text(self.lines)
 
-    def close(self) -> Optional[None]:
+    def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
-            if self.remote is None:
-                self.jsonl.close()

@@ -3,7 +3,8 @@ the mergers or the LLM."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
@@ -12,9 +13,13 @@ FREEZABLE = ("vision", "mergers", "llm")
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, final_lr_ratio: float) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-                                              decay_steps=max(total_steps, warmup_steps + 1),
-                                              end_value=lr * final_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=lr * final_lr_ratio,
+    )
 
 
 def part_of(path: tuple[str, ...]) -> str:
@@ -35,11 +40,15 @@ def make_optimizer(config: Any, total_steps: int, params: Any) -> tuple[optax.Gr
         raise ValueError(f"cannot freeze {sorted(unknown)}; freezable parts are {FREEZABLE}")
     schedule = learning_rate_schedule(config.lr, config.warmup_steps, total_steps, config.final_lr_ratio)
     decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    adamw = optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                                    weight_decay=config.weight_decay, mask=decay_mask))
+    adamw = optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
+        ),
+    )
     if not freeze:
         return adamw, schedule
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if part_of(tuple(k.key for k in path)) in freeze else "trained", params)
+        lambda path, _: "frozen" if part_of(tuple(k.key for k in path)) in freeze else "trained", params
+    )
     return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels), schedule

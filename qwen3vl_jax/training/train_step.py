@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -18,25 +19,29 @@ from qwen3vl_jax.training.loss import token_cross_entropy, token_weights
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array       # int32 scalar
-    params: Any           # master weights (param_dtype, fp32 for mixed precision)
+    step: jax.Array  # int32 scalar
+    params: Any  # master weights (param_dtype, fp32 for mixed precision)
     opt_state: Any
-    rng: jax.Array        # uint32[2], split once per step
+    rng: jax.Array  # uint32[2], split once per step
 
 
-def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, normalization: str,
-               microbatches: int):
+def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, normalization: str, microbatches: int):
     """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight, plus its
     MoE router losses divided by the number of microbatches; and the counters for the metrics."""
     c = model.config.text
-    logits, router_logits = model.apply({"params": params}, ModelInputs.from_batch(batch),
-                                        method=Qwen3VL.logits_and_router_logits)
+    logits, router_logits = model.apply(
+        {"params": params}, ModelInputs.from_batch(batch), method=Qwen3VL.logits_and_router_logits
+    )
     ce = token_cross_entropy(logits, batch["targets"])
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
     mask = batch["loss_mask"] > 0
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
-    counters = dict(ce=(weights * ce).sum() / total_weight, tokens=mask.sum(dtype=jnp.float32),
-                    correct=correct.sum(dtype=jnp.float32), token_ce=jnp.where(mask, ce, 0.0).sum())
+    counters = dict(
+        ce=(weights * ce).sum() / total_weight,
+        tokens=mask.sum(dtype=jnp.float32),
+        correct=correct.sum(dtype=jnp.float32),
+        token_ce=jnp.where(mask, ce, 0.0).sum(),
+    )
     objective = counters["ce"]
     if router_logits is not None:
         real = batch["segment_ids"].reshape(-1) > 0
@@ -46,8 +51,14 @@ def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, nor
     return objective, counters
 
 
-def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    loss_normalization: str, grad_accum_steps: int = 1) -> Callable:
+def make_train_step(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    loss_normalization: str,
+    grad_accum_steps: int = 1,
+) -> Callable:
     """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
     (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
     z-loss). The batch's rows are split into `grad_accum_steps` microbatches (row i goes to microbatch
@@ -57,14 +68,16 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
     def train_step(state: TrainState, batch: dict):
         total = jnp.maximum(token_weights(batch["loss_mask"], batch["segment_ids"], loss_normalization).sum(), 1e-9)
-        grad_fn = jax.value_and_grad(lambda p, b: _objective(model, p, b, total, loss_normalization,
-                                                             grad_accum_steps), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            lambda p, b: _objective(model, p, b, total, loss_normalization, grad_accum_steps), has_aux=True
+        )
         if grad_accum_steps == 1:
             (loss, counters), grads = grad_fn(state.params, batch)
         else:
             micro = jax.tree_util.tree_map(
-                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]),
-                                       0, 1), batch)
+                lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
+                batch,
+            )
 
             def accumulate(carry, microbatch):
                 return jax.tree_util.tree_map(jnp.add, carry, grad_fn(state.params, microbatch)), None
@@ -74,10 +87,15 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
             ((loss, counters), grads), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, ce_loss=counters["ce"], grad_norm=optax.global_norm(grads),
-                       learning_rate=schedule(state.step), supervised_tokens=counters["tokens"],
-                       token_accuracy=counters["correct"] / jnp.maximum(counters["tokens"], 1.0),
-                       token_ce=counters["token_ce"] / jnp.maximum(counters["tokens"], 1.0))
+        metrics = dict(
+            loss=loss,
+            ce_loss=counters["ce"],
+            grad_norm=optax.global_norm(grads),
+            learning_rate=schedule(state.step),
+            supervised_tokens=counters["tokens"],
+            token_accuracy=counters["correct"] / jnp.maximum(counters["tokens"], 1.0),
+            token_ce=counters["token_ce"] / jnp.maximum(counters["tokens"], 1.0),
+        )
         metrics.update({k: counters[k] for k in ("aux_loss", "z_loss") if k in counters})
         rng, _ = jax.random.split(state.rng)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
@@ -97,10 +115,17 @@ def make_eval_step(config: ModelConfig) -> Callable:
         wrong = mask & (jnp.argmax(logits, axis=-1) != batch["targets"])
         rows, length = batch["segment_ids"].shape
         segment = (batch["segment_ids"] + jnp.arange(rows)[:, None] * (length + 1)).reshape(-1)
-        count = lambda x: jax.ops.segment_sum(x.reshape(-1).astype(jnp.float32), segment, rows * (length + 1))
+
+        def count(x):
+            return jax.ops.segment_sum(x.reshape(-1).astype(jnp.float32), segment, rows * (length + 1))
+
         supervised, errors = count(mask), count(wrong)
         examples = supervised > 0
-        return dict(token_ce=jnp.where(mask, ce, 0.0).sum(), tokens=mask.sum(dtype=jnp.float32),
-                    examples=examples.sum(dtype=jnp.float32), exact=(examples & (errors == 0)).sum(dtype=jnp.float32))
+        return dict(
+            token_ce=jnp.where(mask, ce, 0.0).sum(),
+            tokens=mask.sum(dtype=jnp.float32),
+            examples=examples.sum(dtype=jnp.float32),
+            exact=(examples & (errors == 0)).sum(dtype=jnp.float32),
+        )
 
     return eval_step

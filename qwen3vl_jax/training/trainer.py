@@ -11,7 +11,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm import tqdm
@@ -23,13 +22,18 @@ from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.modeling.model import abstract_params, init_params
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
-from qwen3vl_jax.sharding import (DEFAULT_RULES, batch_sharding, global_batch, initialize_distributed, make_mesh,
-                                  param_shardings)
+from qwen3vl_jax.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    global_batch,
+    initialize_distributed,
+    make_mesh,
+    param_shardings,
+)
 from qwen3vl_jax.training.checkpointing import Checkpointer, abstract_like, check_resumable, record_run
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_train_step
-
 
 
 def report(message: str) -> None:
@@ -62,30 +66,45 @@ class StepBuilder:
     def __init__(self, config: ConfigDict, mesh: Mesh):
         self.config, self.mesh = config, mesh
         rules = config.get("sharding_rules")  # [[logical axis, mesh axis | [mesh axes] | None], ...]
-        self.rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules) \
-            if rules else DEFAULT_RULES
+        self.rules = (
+            tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+            if rules
+            else DEFAULT_RULES
+        )
         self.model_config = model_config_from(config)
         boxed = abstract_params(self.model_config, boxed=True)
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.steps, nn.meta.unbox(boxed))
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.shardings = TrainState(step=replicated, params=param_shardings(boxed, mesh, self.rules),
-                                    opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh,
-                                                              self.rules), rng=replicated)
-        step_fn = make_train_step(self.model_config, self.optimizer, self.schedule,
-                                  loss_normalization=config.loss_normalization,
-                                  grad_accum_steps=config.grad_accum_steps)
+        self.shardings = TrainState(
+            step=replicated,
+            params=param_shardings(boxed, mesh, self.rules),
+            opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, self.rules),
+            rng=replicated,
+        )
+        step_fn = make_train_step(
+            self.model_config,
+            self.optimizer,
+            self.schedule,
+            loss_normalization=config.loss_normalization,
+            grad_accum_steps=config.grad_accum_steps,
+        )
         batch = batch_sharding(mesh)
-        self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, batch),
-                                  out_shardings=(self.shardings, replicated), donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch),
-                                 out_shardings=replicated)
+        self.train_step = jax.jit(
+            step_fn, in_shardings=(self.shardings, batch), out_shardings=(self.shardings, replicated), donate_argnums=0
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch), out_shardings=replicated
+        )
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (restore and compile target)."""
         params = nn.meta.unbox(abstract_params(self.model_config))
-        scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
-        state = TrainState(step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
-                           rng=scalar(jnp.uint32, (2,)))
+        state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params,
+            opt_state=jax.eval_shape(self.optimizer.init, params),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        )
         return abstract_like(state, self.shardings)
 
     def global_batch_size(self, data: Any) -> int:
@@ -104,8 +123,9 @@ class Trainer(StepBuilder):
         report(f"workdir: {workdir}")
         self.processor = processor_from(config)
         self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                         every=config.checkpoint.every)
+        self.checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
+        )
         self.writer = MetricWriter(workdir)
         self._stop = False
 
@@ -117,8 +137,13 @@ class Trainer(StepBuilder):
         return DataConfig.from_dict({**values, "batch_size": global_batch_size // jax.process_count()})
 
     def dataset(self, data_config: DataConfig):
-        return build_dataset(data_config, self.processor, self.model_config, shard_index=jax.process_index(),
-                             shard_count=jax.process_count())
+        return build_dataset(
+            data_config,
+            self.processor,
+            self.model_config,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
 
     def initial_state(self) -> TrainState:
         mc, shardings = self.model_config, self.shardings
@@ -128,8 +153,9 @@ class Trainer(StepBuilder):
             init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
             params = init(mc, jax.random.PRNGKey(self.config.seed))
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
-        state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
-                           rng=jax.random.PRNGKey(self.config.seed + 1))
+        state = TrainState(
+            step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
+        )
         return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
 
     def run(self) -> dict[str, float]:
@@ -147,8 +173,12 @@ class Trainer(StepBuilder):
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
         signal.signal(signal.SIGTERM, self._on_sigterm)
         peak = c.peak_flops_per_device or device_peak_flops()
-        flops = train_flops(self.model_config, self.data_config.batch_size * jax.process_count(),
-                            self.data_config.seq_len, self.data_config.max_patches)
+        flops = train_flops(
+            self.model_config,
+            self.data_config.batch_size * jax.process_count(),
+            self.data_config.seq_len,
+            self.data_config.max_patches,
+        )
         results: dict[str, float] = {}
         progress = tqdm(total=c.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
@@ -163,8 +193,11 @@ class Trainer(StepBuilder):
                 if step % c.log_every == 0 or step == c.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the steps
                     seconds = time.perf_counter() - window["start"]
-                    metrics.update(tokens_per_second=window["tokens"] / seconds, dropped_examples=window["dropped"],
-                                   mfu=window["steps"] * flops / seconds / (peak * jax.device_count()))
+                    metrics.update(
+                        tokens_per_second=window["tokens"] / seconds,
+                        dropped_examples=window["dropped"],
+                        mfu=window["steps"] * flops / seconds / (peak * jax.device_count()),
+                    )
                     self.writer.write(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
                     window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)
@@ -187,8 +220,9 @@ class Trainer(StepBuilder):
         exactly what greedy decoding would answer) over its first num_examples examples."""
         results = {}
         for name, eval_set in self.config.eval.sets.items():
-            data = self._data_config(dict(eval_set.data, shuffle=False, num_epochs=1, workers=0),
-                                     self.config.eval.batch_size)
+            data = self._data_config(
+                dict(eval_set.data, shuffle=False, num_epochs=1, workers=0), self.config.eval.batch_size
+            )
             totals = dict(token_ce=0.0, tokens=0.0, examples=0.0, exact=0.0)
             for batch in self.dataset(data):
                 batch.pop("num_dropped")
@@ -196,11 +230,16 @@ class Trainer(StepBuilder):
                 totals = {k: totals[k] + float(sums[k]) for k in totals}
                 if totals["examples"] >= eval_set.num_examples:
                     break
-            metrics = dict(token_ce=totals["token_ce"] / max(totals["tokens"], 1),
-                           exact_match=totals["exact"] / max(totals["examples"], 1), examples=totals["examples"])
+            metrics = dict(
+                token_ce=totals["token_ce"] / max(totals["tokens"], 1),
+                exact_match=totals["exact"] / max(totals["examples"], 1),
+                examples=totals["examples"],
+            )
             self.writer.write(step, metrics, prefix=f"eval/{name}")
-            report(f"step {step} eval {name}: exact match {metrics['exact_match']:.3f}, token CE "
-                   f"{metrics['token_ce']:.3f} ({metrics['examples']:.0f} examples)")
+            report(
+                f"step {step} eval {name}: exact match {metrics['exact_match']:.3f}, token CE "
+                f"{metrics['token_ce']:.3f} ({metrics['examples']:.0f} examples)"
+            )
             results.update({f"{name}/{k}": v for k, v in metrics.items()})
         return results
 
@@ -211,8 +250,10 @@ class Trainer(StepBuilder):
             with storage.local_dir(path) as local:
                 hf_io.save_params(local, params, self.model_config)
                 self.processor.save_pretrained(local)
-                write_json(os.path.join(local, hf_io.GENERATION_CONFIG), dict(
-                    eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id))
+                write_json(
+                    os.path.join(local, hf_io.GENERATION_CONFIG),
+                    dict(eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id),
+                )
             report(f"exported the model and its processor to {path}")
 
     def _on_sigterm(self, signum, frame) -> None:
