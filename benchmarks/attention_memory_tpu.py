@@ -21,7 +21,7 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3vl_jax.modeling.attention import attention
-from qwen3vl_jax.sharding import MESH_AXES
+from qwen3vl_jax.parallel.sharding import MESH_AXES
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GIB = 2**30

@@ -29,7 +29,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 from qwen3vl_jax.config import TextConfig
 from qwen3vl_jax.modeling.moe import MoeBlock
-from qwen3vl_jax.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, param_shardings
+from qwen3vl_jax.parallel.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, param_shardings
 
 TILING = (512, 1024, 1024)
 CPU_SHAPE = dict(hidden=512, experts=32, inter=256)

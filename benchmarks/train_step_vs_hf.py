@@ -28,7 +28,7 @@ import transformers
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import from_hf
-from qwen3vl_jax.model_inputs import from_hf_batch
+from qwen3vl_jax.inputs.model_inputs import from_hf_batch
 from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.training.metrics import device_peak_flops, train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer

@@ -15,8 +15,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qwen3vl_jax import storage
 from qwen3vl_jax.ablation.sweep import load_results, runs_of, train_and_evaluate, write_report
+from qwen3vl_jax.checkpoints import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/ablate_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one subdirectory per run, the report.")

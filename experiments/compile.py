@@ -20,9 +20,9 @@ from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from qwen3vl_jax.sharding import batch_sharding, make_mesh
-from qwen3vl_jax.training.metrics import TPU_CHIPS
-from qwen3vl_jax.training.trainer import StepBuilder
+from qwen3vl_jax.parallel.chips import TPU_CHIPS
+from qwen3vl_jax.parallel.sharding import batch_sharding, make_mesh
+from qwen3vl_jax.training.builder import StepBuilder
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 or v6e:16x16.")

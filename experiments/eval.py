@@ -15,12 +15,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import qwen3vl_jax
-from qwen3vl_jax import storage
+from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax.checkpoints.train_state import Checkpointer
 from qwen3vl_jax.data.sources import JsonlSource
 from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summarize, write_report
-from qwen3vl_jax.sharding import make_mesh
-from qwen3vl_jax.training.checkpointing import Checkpointer
-from qwen3vl_jax.training.trainer import StepBuilder, processor_from
+from qwen3vl_jax.parallel.sharding import make_mesh
+from qwen3vl_jax.training.builder import StepBuilder, processor_from
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (eval sets; model for --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An HF checkpoint directory.")

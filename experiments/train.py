@@ -14,7 +14,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qwen3vl_jax.training.checkpointing import WorkdirMismatch
+from qwen3vl_jax.checkpoints.train_state import WorkdirMismatch
 from qwen3vl_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")

@@ -19,15 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3vl_jax import hf_io
+from qwen3vl_jax.checkpoints import hf_io
+from qwen3vl_jax.checkpoints.storage import write_json
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inference.generation import eos_array, generate
 from qwen3vl_jax.inference.sampling import SamplingConfig
-from qwen3vl_jax.jsonio import write_json
-from qwen3vl_jax.model_inputs import PATCH_FIELDS, ModelInputs, bucket, empty_inputs, from_hf_batch, patch_features
+from qwen3vl_jax.inputs.model_inputs import (
+    PATCH_FIELDS,
+    ModelInputs,
+    bucket,
+    empty_inputs,
+    from_hf_batch,
+    patch_features,
+)
+from qwen3vl_jax.inputs.positions import IMAGE, visual_blocks
 from qwen3vl_jax.modeling.model import Qwen3VL, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
-from qwen3vl_jax.positions import IMAGE, visual_blocks
 
 
 class Qwen3VLModel:

@@ -11,7 +11,7 @@ from hf_reference import batch_inputs, build_prompt, hf_logits
 from safetensors.numpy import load_file, save_file
 
 import qwen3vl_jax
-from qwen3vl_jax.hf_io import CheckpointError
+from qwen3vl_jax.checkpoints.hf_io import CheckpointError
 
 PARTS = [("text", 3), ("image", (4, 6)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]
 

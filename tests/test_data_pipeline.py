@@ -18,7 +18,7 @@ from qwen3vl_jax.data.packing import finalize, pack
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.data.sources import JsonlSource, llava_to_messages, make_source
 from qwen3vl_jax.data.synthetic import make_record
-from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling import Qwen3VL, init_params
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template

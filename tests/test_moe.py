@@ -21,11 +21,11 @@ from training_setup import OPTIMIZER
 
 import qwen3vl_jax
 from qwen3vl_jax.config import preset
-from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.decoder import layer_runs
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.modeling.moe import MoeBlock, experts_dense, experts_grouped, load_balancing_loss, route
-from qwen3vl_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 from qwen3vl_jax.training.loss import token_cross_entropy
 from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer

@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from qwen3vl_jax.config import to_hf
-from qwen3vl_jax.modeling.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_tables
+from qwen3vl_jax.modeling.mrope import mrope_axis_of_frequency, mrope_tables
+from qwen3vl_jax.modeling.rotary import inverse_frequencies
 
 
 def test_interleaved_tables_equal_transformers(tiny, rng):

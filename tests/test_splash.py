@@ -18,7 +18,7 @@ from test_compile_tpu import ROOT
 import qwen3vl_jax
 from qwen3vl_jax.config import from_hf, to_hf
 from qwen3vl_jax.modeling.attention import attention
-from qwen3vl_jax.sharding import DEFAULT_RULES, make_mesh
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 BLOCKS = (128, 128)
 

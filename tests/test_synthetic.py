@@ -22,10 +22,9 @@ from qwen3vl_jax.data.synthetic import (
     SMALL_MARK_PX,
     TASKS,
     SyntheticSource,
-    box_iou,
     make_record,
-    parse_box,
 )
+from qwen3vl_jax.processing.boxes import box_iou, parse_box
 
 N_CHECK = 30  # indices checked per task for content tests
 

@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from training_setup import CONFIG, initial_state
 
 from qwen3vl_jax.modeling.model import abstract_params
-from qwen3vl_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
 

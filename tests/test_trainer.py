@@ -13,8 +13,8 @@ from ml_collections import ConfigDict
 from test_train_resume import ENV, ROOT, command, losses
 from training_setup import OPTIMIZER, tiny_config
 
+from qwen3vl_jax.checkpoints.hf_io import load_params
 from qwen3vl_jax.config import preset
-from qwen3vl_jax.hf_io import load_params
 from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.processing import Processor, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template

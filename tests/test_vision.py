@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from transformers import vision_utils
 
-from qwen3vl_jax.vision_inputs import patch_geometry
+from qwen3vl_jax.inputs.patch_geometry import patch_geometry
 
 GRIDS = np.array([[1, 6, 4], [2, 4, 8], [1, 10, 12], [1, 2, 2]])  # images of different sizes and a 2-group video
 

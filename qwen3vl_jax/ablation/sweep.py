@@ -17,7 +17,6 @@ Sweep config (an ml_collections ConfigDict, see configs/ablate_*.py):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -26,11 +25,11 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from qwen3vl_jax import storage
 from qwen3vl_jax.ablation import report
 from qwen3vl_jax.api import Qwen3VLModel
+from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax.checkpoints.storage import read_json, write_json, write_jsonl
 from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summarize
-from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.training.trainer import Trainer
 
 RESULTS = "results.json"
@@ -81,8 +80,8 @@ def run_dir(workdir: str, run: Run) -> str:
 
 def load_results(workdir: str, run: Run) -> dict | None:
     """The run's {eval set: {metric: mean}}, or None when it has not finished."""
-    file = storage.path(run_dir(workdir, run)) / RESULTS
-    return json.loads(file.read_text()) if file.exists() else None
+    file = os.path.join(run_dir(workdir, run), RESULTS)
+    return read_json(file) if storage.path(file).exists() else None
 
 
 def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
@@ -105,9 +104,9 @@ def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
         )
     results = summarize(predictions)
     if jax.process_index() == 0:
+        write_jsonl(os.path.join(directory, "predictions.jsonl"), predictions)
+        write_json(os.path.join(directory, RESULTS + ".tmp"), results)
         out = storage.path(directory)
-        (out / "predictions.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-        (out / (RESULTS + ".tmp")).write_text(json.dumps(results, indent=2))
         (out / (RESULTS + ".tmp")).replace(out / RESULTS)  # the run counts as finished once this exists
     return results
 

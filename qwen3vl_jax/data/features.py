@@ -11,8 +11,8 @@ import logging
 import numpy as np
 
 from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.model_inputs import sequence_features
-from qwen3vl_jax.positions import IMAGE, VIDEO, visual_blocks
+from qwen3vl_jax.inputs.model_inputs import sequence_features
+from qwen3vl_jax.inputs.positions import IMAGE, VIDEO, visual_blocks
 from qwen3vl_jax.processing import DataError, Encoded, Processor
 
 log = logging.getLogger(__name__)

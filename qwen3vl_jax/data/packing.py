@@ -16,7 +16,7 @@ import numpy as np
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import DROPPED, PATCH_FEATURES, TOKEN_FEATURES
-from qwen3vl_jax.model_inputs import empty_inputs, visual_index
+from qwen3vl_jax.inputs.model_inputs import empty_inputs, visual_index
 
 NUM_DROPPED = "num_dropped"
 log = logging.getLogger(__name__)

@@ -40,11 +40,12 @@ Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size
 from __future__ import annotations
 
 import functools
-import re
 import string
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from qwen3vl_jax.processing.boxes import format_box
 
 TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
 PROBE_TASKS: tuple[str, ...] = ("grid_grounding", "small_object_grounding", "text_reverse")
@@ -67,7 +68,6 @@ VIDEO_FPS = 2.0
 OCR_ALPHABET = string.ascii_uppercase + string.digits
 
 _COLOURS = tuple(PALETTE)
-_BOX_RE = re.compile(r"<\|box_start\|>\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*<\|box_end\|>")
 
 _COLOUR_QUESTIONS = (
     "What colour is the shape?",
@@ -175,12 +175,6 @@ def _counting(rng, image_size):
     question = _choice(rng, _COUNT_QUESTIONS).format(shape=shape, colour=colour)
     answer = str(count)
     return _image_message(image, question, answer), answer, {"count": count, "shape": shape, "colour": colour}
-
-
-def format_box(box) -> str:
-    """Returns the Qwen grounding string ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` for a 0..1000 box."""
-    x1, y1, x2, y2 = box
-    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
 
 
 def _grounding(rng, image_size):
@@ -364,19 +358,3 @@ class SyntheticSource:
             f"SyntheticSource(tasks={self.tasks}, size={self.size}, seed={self.seed}, "
             f"image_size={self.image_size}, num_frames={self.num_frames}, grid_sizes={self.grid_sizes})"
         )
-
-
-def parse_box(text: str) -> tuple[int, int, int, int] | None:
-    """Returns (x1, y1, x2, y2) from the first ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` in text, else None."""
-    match = _BOX_RE.search(text)
-    return None if match is None else tuple(int(v) for v in match.groups())
-
-
-def box_iou(a, b) -> float:
-    """Returns the intersection-over-union of boxes (x1, y1, x2, y2); 0.0 when disjoint or both have zero area."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda box: max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return float(inter / union) if union > 0 else 0.0

@@ -3,7 +3,6 @@ up to its last assistant reply, reference = that reply; answers are generated gr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from qwen3vl_jax.api import Qwen3VLModel
+from qwen3vl_jax.checkpoints.storage import write_json, write_jsonl
 from qwen3vl_jax.data.sources import make_source
 from qwen3vl_jax.inference.metrics import score
 from qwen3vl_jax.processing import DataError, Processor
@@ -152,11 +152,8 @@ def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
 def write_report(summary: dict, results: list[dict], directory: str, title: str) -> None:
     """summary.json, predictions.jsonl and report.md in `directory`."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(directory, "predictions.jsonl"), "w") as f:
-        for result in results:
-            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+    write_json(os.path.join(directory, "summary.json"), summary)
+    write_jsonl(os.path.join(directory, "predictions.jsonl"), results)
     names = sorted({name for metrics in summary.values() for name in metrics} - {"examples"})
     lines = [f"# {title}", "", "| set | examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for task, metrics in sorted(summary.items()):

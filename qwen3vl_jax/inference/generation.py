@@ -11,8 +11,8 @@ import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
-from qwen3vl_jax.model_inputs import ModelInputs
-from qwen3vl_jax.modeling.decoder import unstack_layers
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
+from qwen3vl_jax.modeling.decoder import unstack_decoder_params
 from qwen3vl_jax.modeling.kv_cache import init_cache
 from qwen3vl_jax.modeling.model import Qwen3VL
 
@@ -33,41 +33,32 @@ def generate(
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
     max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
     `Qwen3VLModel.compute_3d_position_ids`)."""
-    model = Qwen3VL(config)
     batch, length = inputs.input_ids.shape
-    cache = init_cache(config, batch, length + max_new_tokens)
-    logits, cache = model.apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
+    cache = init_cache(config, batch=batch, length=length + max_new_tokens)
+    logits, cache = Qwen3VL(config).apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
     first_position = inputs.positions.max(axis=(1, 2)) + 1
-    layers = unstack_layers(params["decoder"], config.text)
-    # materialise the per-layer weights once: the barrier keeps XLA from sinking the slices into the loop
-    weights = jax.lax.optimization_barrier([layer for layer, _ in layers])
-    layer_params = [(layer, moe) for layer, (_, moe) in zip(weights, layers)]
-    kv = [(cache.k[i], cache.v[i]) for i in range(config.text.num_hidden_layers)]
+    # the decoder's layers sliced out of the stacks once; the barrier keeps XLA from sinking the slices into the
+    # loop, where they would copy every weight at every step
+    decoder = jax.lax.optimization_barrier(unstack_decoder_params(params["decoder"], config.text))
+    decode_params, decode_model = {**params, "decoder": decoder}, Qwen3VL(config, unrolled_decoder=True)
 
     def body(state):
-        step, tokens, done, logits, kv, kv_segment_ids, rng = state
+        step, tokens, done, logits, cache, rng = state
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_id, next_token(logits, key, sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         done = done | jnp.isin(token, eos_ids)
-        logits, kv, kv_segment_ids = model.apply(
-            {"params": params},
-            token,
-            first_position + step,
-            kv,
-            kv_segment_ids,
-            cache.index + step,
-            layer_params,
-            method=Qwen3VL.decode,
+        logits, cache = decode_model.apply(
+            {"params": decode_params}, token, first_position + step, cache, method=Qwen3VL.decode
         )
-        return step + 1, tokens, done, logits, kv, kv_segment_ids, rng
+        return step + 1, tokens, done, logits, cache, rng
 
     def not_finished(state):
         step, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, kv, cache.segment_ids, rng)
+    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, cache, rng)
     return jax.lax.while_loop(not_finished, body, state)[1]
 
 

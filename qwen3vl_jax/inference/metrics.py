@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from qwen3vl_jax.data.synthetic import box_iou, parse_box
+from qwen3vl_jax.processing.boxes import box_iou, parse_box
 
 _SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
 

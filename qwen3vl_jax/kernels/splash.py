@@ -18,7 +18,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec
 
-from qwen3vl_jax.sharding import BATCH_AXES
+from qwen3vl_jax.kernels import interpret_kernels
+from qwen3vl_jax.parallel.sharding import BATCH_AXES
 
 LANES = 128
 PADDING_SEGMENT = -1  # distinct from every real segment id, padding included (0)
@@ -47,7 +48,7 @@ def splash_attention(
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, L, D)
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
-        kernel = _kernel(q.shape[1], q.shape[2], causal, block_sizes, _interpret())
+        kernel = _kernel(q.shape[1], q.shape[2], causal, block_sizes, interpret_kernels())
         return jax.vmap(kernel)(q, k, v, kernel_lib.SegmentIds(q_segment_ids, kv_segment_ids))
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -91,11 +92,3 @@ def _divisor_block(block: int, length: int) -> int:
     while length % block:
         block -= LANES
     return block
-
-
-def _interpret() -> bool:
-    """Interpret the kernels unless they will run on TPUs (the mesh's devices when one is set: AOT compiles for
-    a TPU topology from a CPU host)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
-    return platform != "tpu"

@@ -1,10 +1,17 @@
 """The Qwen3 decoder (transformers' `Qwen3VLTextModel`): pre-norm layers with per-head q/k RMSNorm, GQA with an
 explicit head_dim and a SwiGLU MLP or a sparse MoE block (`Qwen3VLMoeTextSparseMoeBlock`), scanned over depth
-with DeepStack injected inside the scan."""
+with DeepStack injected inside the scan.
+
+The same layer code runs two ways: as scanned stacks (training, eval, prefill: parameters with a leading
+`layers` axis, compile time independent of depth) or, for decoding, unrolled over per-layer parameters that
+`unstack_decoder_params` slices out of the stacks once per generation (inside the decode loop, slicing the stacks
+would copy every weight at every step on XLA:CPU).
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -14,8 +21,22 @@ from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, RMSNorm
 from qwen3vl_jax.modeling.moe import MoeBlock
+from qwen3vl_jax.modeling.mrope import text_mrope_tables
 from qwen3vl_jax.modeling.remat import maybe_remat
-from qwen3vl_jax.modeling.rope import apply_rotary
+from qwen3vl_jax.modeling.rotary import apply_rotary
+
+
+@flax.struct.dataclass
+class DecoderContext:
+    """What every decoder layer reads besides its input; built once per call by `Decoder`."""
+
+    segment_ids: jax.Array  # (B, L) int32: packed example of each token, 0 = padding
+    cos: jax.Array  # (B, L, head_dim) float32 MRoPE tables
+    sin: jax.Array
+    deepstack: jax.Array | None  # (K, B, N, H) DeepStack features, None without vision
+    visual_index: jax.Array | None  # (B, L) merged-token row of each visual token, -1 for text
+    cache_index: jax.Array | None  # with a KV cache: the slot of the first token of x
+    kv_segment_ids: jax.Array | None  # with a KV cache: (B, S) segment ids of the cache slots, x's included
 
 
 class SwiGLU(nn.Module):
@@ -52,64 +73,56 @@ def run_names(text: TextConfig) -> list[str]:
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer followed by its DeepStack addition. Scanned over the layers:
-    (x, (layer index, this layer's cached k/v or None), shared context) ->
-    (x, (new cached k/v or None, router logits (B*L, E) or None))."""
+    """One decoder layer followed by its DeepStack addition:
+    (x, (layer index, this layer's cached (k, v) or None), context) ->
+    (x, (new cached (k, v) or None, router logits (B*L, E) or None))."""
 
     config: ModelConfig
     moe: bool = False
 
     @nn.compact
-    def __call__(self, x, scanned, context):
-        """x (B, L, H). scanned: the layer index and, when generating, this layer's cache (k, v), each
-        (B, S, Hkv, D). context: segment_ids (B, L), cos / sin (B, L, hd), deepstack (K, B, N, H) or None,
-        visual_index (B, L), and with a cache kv_segment_ids (B, S) and cache_index (the slot of x's first
-        token)."""
-        layer, kv = scanned
+    def __call__(self, x, layer_and_kv, context: DecoderContext):
+        """x (B, L, H); layer_and_kv: the layer index and, when generating, this layer's cache (k, v), each
+        (B, S, Hkv, D)."""
+        layer, kv = layer_and_kv
         c, kw = self.config.text, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         def norm(name, axis="embed"):
             return RMSNorm(c.rms_norm_eps, axis, kw["param_dtype"], name=name)
 
+        def projection(heads, axis, name):
+            return Dense((heads, c.head_dim), ("embed", axis, "head_dim"), use_bias=c.attention_bias, name=name, **kw)
+
         h = norm("input_layernorm")(x)
-        q = Dense(
-            (c.num_attention_heads, c.head_dim),
-            ("embed", "q_heads", "head_dim"),
-            use_bias=c.attention_bias,
-            name="q_proj",
-            **kw,
-        )(h)
-        k = Dense(
-            (c.num_key_value_heads, c.head_dim),
-            ("embed", "kv_heads", "head_dim"),
-            use_bias=c.attention_bias,
-            name="k_proj",
-            **kw,
-        )(h)
-        v = Dense(
-            (c.num_key_value_heads, c.head_dim),
-            ("embed", "kv_heads", "head_dim"),
-            use_bias=c.attention_bias,
-            name="v_proj",
-            **kw,
-        )(h)
-        cos, sin, segment_ids = context["cos"], context["sin"], context["segment_ids"]
-        q = apply_rotary(norm("q_norm", "head_dim")(q), cos, sin)
-        k = apply_rotary(norm("k_norm", "head_dim")(k), cos, sin)
+        q = projection(c.num_attention_heads, "q_heads", "q_proj")(h)
+        k = projection(c.num_key_value_heads, "kv_heads", "k_proj")(h)
+        v = projection(c.num_key_value_heads, "kv_heads", "v_proj")(h)
+        q = apply_rotary(norm("q_norm", "head_dim")(q), context.cos, context.sin)
+        k = apply_rotary(norm("k_norm", "head_dim")(k), context.cos, context.sin)
         impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
         if kv is None:
-            o = attention(q, k, v, segment_ids, segment_ids, causal=True, **impl)
+            o = attention(
+                q, k, v, q_segment_ids=context.segment_ids, kv_segment_ids=context.segment_ids, causal=True, **impl
+            )
         else:
-            index = context["cache_index"]
             kv = tuple(
-                jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), index, axis=1)
+                jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), context.cache_index, axis=1)
                 for cached, new in zip(kv, (k, v))
             )
-            o = attention(q, *kv, segment_ids, context["kv_segment_ids"], causal=True, q_offset=index, **impl)
-        x = x + Dense(
+            o = attention(
+                q,
+                *kv,
+                q_segment_ids=context.segment_ids,
+                kv_segment_ids=context.kv_segment_ids,
+                causal=True,
+                q_offset=context.cache_index,
+                **impl,
+            )
+        o_proj = Dense(
             c.hidden_size, ("q_heads", "head_dim", "embed"), contract=2, use_bias=c.attention_bias, name="o_proj", **kw
-        )(o)
+        )
+        x = x + o_proj(o)
         h = norm("post_attention_layernorm")(x)
         router_logits = None
         if self.moe:
@@ -117,28 +130,54 @@ class DecoderLayer(nn.Module):
         else:
             h = SwiGLU(c.intermediate_size, name="mlp", **kw)(h)
         x = x + h
-        if context["deepstack"] is not None:
-            x = add_deepstack(x, context["deepstack"], context["visual_index"], layer)
+        if context.deepstack is not None:
+            x = add_deepstack(x, features=context.deepstack, visual_index=context.visual_index, layer=layer)
         return x, (kv, router_logits)
 
 
 class Decoder(nn.Module):
-    """The decoder layers as scanned stacks, one per run of layers of the same kind (params carry a leading
-    `layers` axis), then the final norm."""
+    """The decoder layers, then the final norm. Scanned: one stack per run of layers of the same kind (params
+    `layers` / `layers_0`, ... with a leading layer axis); unrolled: `layer_0`, `layer_1`, ... (decoding)."""
 
     config: ModelConfig
+    unrolled: bool = False
 
     @nn.compact
-    def __call__(self, x, segment_ids, cos, sin, deepstack=None, visual_index=None, cache: KVCache | None = None):
-        """Final-norm hidden states (B, L, H); the cache with x's keys and values written at cache.index (None
-        without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None."""
+    def __call__(self, x, *, segment_ids, positions, deepstack=None, visual_index=None, cache: KVCache | None = None):
+        """x (B, L, H) embeddings; segment_ids (B, L); positions (B, 3, L) MRoPE positions; deepstack
+        (K, B, N, H) and visual_index (B, L) with vision. Returns the final-norm hidden states (B, L, H); the
+        cache with x's keys and values written at cache.index (None without a cache); the router logits of
+        the MoE layers (num MoE layers, B*L, E) or None."""
         c = self.config.text
-        context = dict(segment_ids=segment_ids, cos=cos, sin=sin, deepstack=deepstack, visual_index=visual_index)
+        cos, sin = text_mrope_tables(positions, self.config)
+        kv_segment_ids = (
+            None
+            if cache is None
+            else jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+        )
+        context = DecoderContext(
+            segment_ids=segment_ids,
+            cos=cos,
+            sin=sin,
+            deepstack=deepstack,
+            visual_index=visual_index,
+            cache_index=None if cache is None else cache.index,
+            kv_segment_ids=kv_segment_ids,
+        )
+        run = self._unrolled if self.unrolled else self._scanned
+        x, new_kv, router_logits = run(x, context, cache)
+        x = RMSNorm(c.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
         if cache is not None:
-            context.update(
-                cache_index=cache.index,
-                kv_segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1),
+            cache = KVCache(
+                k=tuple(k for k, _ in new_kv),
+                v=tuple(v for _, v in new_kv),
+                segment_ids=kv_segment_ids,
+                index=cache.index + x.shape[1],
             )
+        return x, cache, (jnp.concatenate(router_logits) if router_logits else None)
+
+    def _scanned(self, x, context: DecoderContext, cache: KVCache | None):
+        c = self.config.text
         new_kv, router_logits = [], []
         for (start, end, moe), name in zip(layer_runs(c), run_names(c)):
             layers = nn.scan(
@@ -149,26 +188,31 @@ class Decoder(nn.Module):
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            kv = None if cache is None else (cache.k[start:end], cache.v[start:end])
+            kv = None if cache is None else (jnp.stack(cache.k[start:end]), jnp.stack(cache.v[start:end]))
             x, (kv, logits) = layers(self.config, moe, name=name)(x, (jnp.arange(start, end), kv), context)
-            new_kv.append(kv)
+            if kv is not None:
+                new_kv += [(kv[0][i], kv[1][i]) for i in range(end - start)]
             if logits is not None:
                 router_logits.append(logits)
-        x = RMSNorm(c.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
-        if cache is not None:
-            cache = KVCache(
-                k=jnp.concatenate([kv[0] for kv in new_kv]),
-                v=jnp.concatenate([kv[1] for kv in new_kv]),
-                segment_ids=context["kv_segment_ids"],
-                index=cache.index + x.shape[1],
-            )
-        return x, cache, (jnp.concatenate(router_logits) if router_logits else None)
+        return x, new_kv, router_logits
+
+    def _unrolled(self, x, context: DecoderContext, cache: KVCache | None):
+        c = self.config.text
+        new_kv, router_logits = [], []
+        for i in range(c.num_hidden_layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (kv, logits) = DecoderLayer(self.config, c.is_sparse_layer(i), name=f"layer_{i}")(x, (i, kv), context)
+            new_kv.append(kv)
+            if logits is not None:
+                router_logits.append(logits[None])
+        return x, new_kv, router_logits
 
 
-def unstack_layers(decoder_params: dict, text: TextConfig) -> list[tuple[dict, bool]]:
-    """(parameters, is MoE) of every decoder layer, sliced out of the scanned stacks."""
-    layers = []
-    for (start, end, moe), name in zip(layer_runs(text), run_names(text)):
+def unstack_decoder_params(decoder_params: dict, text: TextConfig) -> dict:
+    """The parameters of `Decoder(unrolled=True)` (`layer_0`, `layer_1`, ... and `norm`) sliced out of those of
+    the scanned decoder (`layers` or `layers_0`, ... and `norm`)."""
+    unrolled = {"norm": decoder_params["norm"]}
+    for (start, end, _), name in zip(layer_runs(text), run_names(text)):
         for i in range(end - start):
-            layers.append((jax.tree_util.tree_map(lambda p, i=i: p[i], decoder_params[name]), moe))
-    return layers
+            unrolled[f"layer_{start + i}"] = jax.tree_util.tree_map(lambda p, i=i: p[i], decoder_params[name])
+    return unrolled

@@ -11,15 +11,18 @@ from qwen3vl_jax.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # (layers, B, S, Hkv, D) in the compute dtype
-    v: jax.Array  # (layers, B, S, Hkv, D)
+    """Per decoder layer, keys and values of the filled slots; one array per layer, so that a decode step
+    updates each layer's cache in place instead of slicing a stacked one."""
+
+    k: tuple[jax.Array, ...]  # per layer (B, S, Hkv, D) in the compute dtype
+    v: tuple[jax.Array, ...]  # per layer (B, S, Hkv, D)
     segment_ids: jax.Array  # (B, S) int32: the segment of each filled slot; 0 = empty or padding
     index: jax.Array  # int32 scalar: the slot the next tokens are written to
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+def init_cache(config: ModelConfig, *, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots."""
     t = config.text
-    shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-    return KVCache(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.int32(0))
+    zeros = jnp.zeros((batch, length, t.num_key_value_heads, t.head_dim), jnp.dtype(config.dtype))
+    layers = (zeros,) * t.num_hidden_layers
+    return KVCache(k=layers, v=layers, segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.int32(0))

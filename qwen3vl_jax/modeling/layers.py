@@ -1,4 +1,4 @@
-"""Building blocks with logical axis names on every parameter (mapped to mesh axes by `qwen3vl_jax.sharding`).
+"""Building blocks with logical axis names on every parameter (mapped to mesh axes by `qwen3vl_jax.parallel.sharding`).
 
 Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in float32, as in transformers.
 """

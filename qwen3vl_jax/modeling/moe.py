@@ -16,12 +16,12 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
 from jax.sharding import PartitionSpec
 
 from qwen3vl_jax.config import TextConfig
+from qwen3vl_jax.kernels.megablox import megablox_matmul
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
-from qwen3vl_jax.sharding import BATCH_AXES
+from qwen3vl_jax.parallel.sharding import BATCH_AXES
 
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
@@ -92,31 +92,8 @@ def _grouped_matmul(lhs, rhs, group_sizes, backend, tiling):
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
     else:
-        out = _megablox(lhs, rhs, group_sizes, tiling)
+        out = megablox_matmul(lhs, rhs, group_sizes, tiling=tiling)
     return jnp.where(valid, out, 0)
-
-
-def _megablox(lhs, rhs, group_sizes, tiling):
-    m = lhs.shape[0]
-    tm = min(tiling[0], _round_up(m, 8))
-    pad = -m % tm
-    lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
-    # one tile for k and n: the backward pass reuses the tiling with k and n swapped (on TPU the expert dims must
-    # be multiples of 128, as in every released model)
-    tile = min(tiling[1], tiling[2], lhs.shape[1], rhs.shape[2])
-    tiles = (tm, tile, tile)
-    out = megablox_gmm(lhs, rhs, group_sizes, lhs.dtype, tiles, None, None, False, _interpret())
-    return out[:m]
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def _interpret() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
-    return platform != "tpu"
 
 
 class MoeBlock(nn.Module):

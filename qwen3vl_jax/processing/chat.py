@@ -12,6 +12,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qwen3vl_jax.checkpoints.storage import read_json
+
 _BUNDLED = os.path.join(os.path.dirname(__file__), "qwen3_vl_chat_template.jinja")
 _ASSISTANT_TURN = re.compile(re.escape("<|im_start|>assistant\n") + r"(.*?" + re.escape("<|im_end|>") + ")", re.S)
 
@@ -26,7 +28,7 @@ def load_chat_template(path: str | None) -> str:
         for name in ("chat_template.json", "tokenizer_config.json"):
             file = os.path.join(path, name)
             if os.path.exists(file):
-                template = json.loads(_read(file)).get("chat_template")
+                template = read_json(file).get("chat_template")
                 if isinstance(template, str):
                     return template
     return _read(_BUNDLED)

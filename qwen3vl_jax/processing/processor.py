@@ -17,7 +17,6 @@ transformers 4.57, the version the released checkpoints were published for (5.x'
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from qwen3vl_jax.jsonio import write_json
+from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.processing import chat
 from qwen3vl_jax.processing import image as image_ops
 from qwen3vl_jax.processing import video as video_ops
@@ -307,8 +306,7 @@ def read_vision_config(path: str) -> VisionProcessingConfig:
         file = os.path.join(path, name)
         if not os.path.exists(file):
             continue
-        with open(file) as f:
-            hf = json.load(f)
+        hf = read_json(file)
         size = hf.get("size") or {}
         fields[f"{prefix}_min_pixels"] = size.get("shortest_edge", hf.get("min_pixels"))
         fields[f"{prefix}_max_pixels"] = size.get("longest_edge", hf.get("max_pixels"))

@@ -11,16 +11,9 @@ import jax
 import jax.numpy as jnp
 from tensorboardX import SummaryWriter
 
-from qwen3vl_jax import storage
+from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.config import ModelConfig
-
-# Public per-chip figures by jax device_kind: dense bf16 peak FLOP/s and HBM bytes.
-TPU_CHIPS = {
-    "TPU v4": (275e12, 32 * 2**30),
-    "TPU v5 lite": (197e12, 16 * 2**30),
-    "TPU v5": (459e12, 95 * 2**30),
-    "TPU v6 lite": (918e12, 32 * 2**30),
-}
+from qwen3vl_jax.parallel.chips import TPU_CHIPS
 
 
 def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.model_inputs import ModelInputs
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
 from qwen3vl_jax.training.loss import token_cross_entropy, token_weights

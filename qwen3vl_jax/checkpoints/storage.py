@@ -1,4 +1,5 @@
-"""Workdirs on local disk or in a bucket (`gs://...`, what every host of a TPU pod slice can reach).
+"""Workdirs on local disk or in a bucket (`gs://...`, what every host of a TPU pod slice can reach), and the
+JSON files of checkpoints, runs and reports.
 
 orbax writes checkpoints to either directly; the small files (metrics, reports, HF exports) are written
 through `etils.epath`, which needs `gcsfs` for `gs://` (requirements-tpu.txt). Local paths take the plain
@@ -8,9 +9,11 @@ file-system route, unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 from etils import epath
 
@@ -44,3 +47,18 @@ def local_dir(location: str) -> Iterator[str]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     (target / name).write_bytes(f.read())
+
+
+def read_json(location: str) -> Any:
+    """The JSON value of a local or gs:// file."""
+    return json.loads(path(location).read_text())
+
+
+def write_json(location: str, value: Any) -> None:
+    """Writes `value` as indented JSON to a local or gs:// file."""
+    path(location).write_text(json.dumps(value, indent=2))
+
+
+def write_jsonl(location: str, rows: Any) -> None:
+    """Writes one JSON object per line (non-ASCII text kept as it is) to a local or gs:// file."""
+    path(location).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

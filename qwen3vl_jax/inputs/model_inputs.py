@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from qwen3vl_jax.config import ModelConfig, VisionConfig
-from qwen3vl_jax.positions import (
+from qwen3vl_jax.inputs.patch_geometry import patch_geometry
+from qwen3vl_jax.inputs.positions import (
     IMAGE,
     VIDEO,
     VisualBlock,
@@ -26,7 +27,6 @@ from qwen3vl_jax.positions import (
     sequence_positions,
     visual_blocks,
 )
-from qwen3vl_jax.vision_inputs import patch_geometry
 
 PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
 

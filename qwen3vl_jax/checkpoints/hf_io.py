@@ -20,11 +20,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
-from qwen3vl_jax.jsonio import write_json
 from qwen3vl_jax.modeling.decoder import layer_runs, run_names
+from qwen3vl_jax.modeling.deepstack import block_stacks
 from qwen3vl_jax.modeling.model import abstract_params
-from qwen3vl_jax.modeling.vision import block_stacks
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +323,7 @@ def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.
 
 def _read_json(file: str) -> dict:
     try:
-        with open(file) as f:
-            return json.load(f)
+        return read_json(file)
     except FileNotFoundError:
         raise CheckpointError(f"{file} does not exist") from None
     except json.JSONDecodeError as e:

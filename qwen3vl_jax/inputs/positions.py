@@ -3,7 +3,7 @@
 A sequence is cut into pieces: text runs and visual blocks. A visual block is one image or one temporal
 group of a video (each group is its own `<t seconds><vision_start>...<vision_end>` block in the prompt).
 Images and video groups are consumed in order from iterators that run across the whole batch, as in
-transformers. The same pieces drive the packing of pixel patches (`qwen3vl_jax.model_inputs`).
+transformers. The same pieces drive the packing of pixel patches (`qwen3vl_jax.inputs.model_inputs`).
 """
 
 from __future__ import annotations

@@ -3,15 +3,15 @@ continues exactly (same params, optimizer, step, RNG and next batch)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from qwen3vl_jax import storage
+from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.modeling.model import abstract_params
 
@@ -96,17 +96,17 @@ def record_run(workdir: str, config: ModelConfig, config_name: str) -> None:
     if jax.process_index() == 0:
         storage.path(workdir).mkdir(parents=True, exist_ok=True)
         record = dict(config=config_name, model=describe(config), parameter_shapes=parameter_shapes(config))
-        (storage.path(workdir) / RUN_RECORD).write_text(json.dumps(record, indent=1))
+        storage.write_json(os.path.join(workdir, RUN_RECORD), record)
 
 
 def check_resumable(workdir: str, config: ModelConfig, config_name: str) -> None:
     """Raises WorkdirMismatch, naming both models, when the run recorded in `workdir` has other parameter shapes
     than `config` (a workdir without a record, from an older version, is not checked)."""
-    file = storage.path(workdir) / RUN_RECORD
-    if not file.exists():
+    file = os.path.join(workdir, RUN_RECORD)
+    if not storage.path(file).exists():
         log.warning("%s has no %s: cannot check that its checkpoints belong to this model", workdir, RUN_RECORD)
         return
-    saved = json.loads(file.read_text())
+    saved = storage.read_json(file)
     shapes = parameter_shapes(config)
     if saved["parameter_shapes"] == shapes:
         return

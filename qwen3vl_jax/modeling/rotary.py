@@ -1,5 +1,5 @@
-"""Rotary position embeddings: the text MRoPE (transformers' `Qwen3VLTextRotaryEmbedding`) and the ViT's 2-D
-rotary (`Qwen3VLVisionRotaryEmbedding`)."""
+"""Rotary position embeddings shared by the decoder and the ViT: inverse frequencies (plain or YaRN-scaled, as
+transformers' rope initialisation functions compute them) and the rotate-half application."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3vl_jax.config import TextConfig
+
 
 def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
     """1 / theta^(2k/dim) for k < dim/2 in float32; the power is rounded from float64, which reproduces
@@ -17,7 +19,7 @@ def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
     return np.float32(1.0) / np.power(np.float64(theta), exponent).astype(np.float32)
 
 
-def text_rope(text) -> tuple[np.ndarray, float]:
+def text_rope(text: TextConfig) -> tuple[np.ndarray, float]:
     """The text decoder's inverse frequencies (head_dim/2,) and cos/sin scaling: plain RoPE, or YaRN as
     transformers computes it (NTK-by-parts interpolation between extrapolated and factor-interpolated
     frequencies, attention factor 0.1 ln(factor) + 1 unless given)."""
@@ -52,52 +54,12 @@ def text_rope(text) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) -> np.ndarray:
-    """Which position axis (0=t, 1=h, 2=w) drives each of the head_dim/2 frequencies.
-
-    interleaved (Qwen3-VL, `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): t h w t h w ... t t t t —
-    h at i%3==1 for i < 3*sec[1], w at i%3==2 for i < 3*sec[2], t elsewhere. chunked (Qwen2-VL): t takes the
-    first sec[0], h the next sec[1], w the rest.
-    """
-    t, h, w = mrope_section
-    if layout == "chunked":
-        return np.repeat(np.arange(3), (t, h, w))
-    i = np.arange(t + h + w)
-    axis = np.zeros_like(i)
-    axis[(i % 3 == 1) & (i < 3 * h)] = 1
-    axis[(i % 3 == 2) & (i < 3 * w)] = 2
-    return axis
-
-
-def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray, scaling: float = 1.0):
-    """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32, times `scaling`."""
-    selected = positions[:, axis_of_frequency]  # (B, hd/2, L)
-    angles = jnp.swapaxes(selected, 1, 2).astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([angles, angles], axis=-1)
-    if scaling == 1.0:
-        return jnp.cos(emb), jnp.sin(emb)
-    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
-
-
-def vision_rotary_tables(rowcol: jax.Array, head_dim: int, theta: float):
-    """rowcol (..., 2) int patch coordinates -> cos, sin (..., head_dim) float32.
-
-    Angles are [row * f, col * f] over hd/4 frequencies of a rotary dim hd/2, duplicated to hd, as in
-    `Qwen3VLVisionRotaryEmbedding`.
-    """
-    inv_freq = inverse_frequencies(theta, head_dim // 2)
-    angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq  # (..., 2, hd/4)
-    angles = angles.reshape(*rowcol.shape[:-1], -1)  # [row freqs | col freqs]
-    emb = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, compute_dtype=None) -> jax.Array:
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *, compute_dtype=None) -> jax.Array:
     """x (B, L, heads, hd); cos/sin (B, L, hd). Rotate-half pairing (i, i + hd/2).
 
     The text decoder rotates in the activation dtype with cos/sin cast to it; the ViT rotates in float32

@@ -1,0 +1,94 @@
+"""What a training config builds before any data is read: the model config, the processor, and the jitted,
+sharded train and eval steps with their state shardings on a mesh. Shared by the trainer (real devices), the TPU
+compile planner (devices of a topology description) and the eval binary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from qwen3vl_jax.checkpoints import hf_io
+from qwen3vl_jax.checkpoints.train_state import abstract_like
+from qwen3vl_jax.config import ModelConfig, preset
+from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, param_shardings
+from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
+from qwen3vl_jax.processing.chat import load_chat_template
+from qwen3vl_jax.training.optimizer import make_optimizer
+from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_train_step
+
+
+def model_config_from(config: ConfigDict) -> ModelConfig:
+    """An HF checkpoint's config (config.model.init_from) or a preset, with config.model.overrides."""
+    overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
+    if config.model.init_from:
+        return hf_io.load_config(config.model.init_from, **overrides)
+    return preset(config.model.preset, **overrides)
+
+
+def processor_from(config: ConfigDict) -> Processor:
+    """The checkpoint's own processor when initialising from one, else the byte tokenizer with the bundled
+    chat template; config.processing overrides the vision settings either way."""
+    settings = config.processing.to_dict() if config.get("processing") else {}
+    if config.model.init_from:
+        return load_processor(config.model.init_from, **settings)
+    return Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(**settings))
+
+
+class StepBuilder:
+    """The model, optimizer, state shardings and jitted train / eval steps of a config on a mesh. Shared by the
+    trainer (real devices) and the TPU compile planner (devices of a topology description)."""
+
+    def __init__(self, config: ConfigDict, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        rules = config.get("sharding_rules")  # [[logical axis, mesh axis | [mesh axes] | None], ...]
+        self.rules = (
+            tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+            if rules
+            else DEFAULT_RULES
+        )
+        self.model_config = model_config_from(config)
+        boxed = abstract_params(self.model_config, boxed=True)
+        self.optimizer, self.schedule = make_optimizer(config.optimizer, config.steps, nn.meta.unbox(boxed))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.shardings = TrainState(
+            step=replicated,
+            params=param_shardings(boxed, mesh, self.rules),
+            opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, self.rules),
+            rng=replicated,
+        )
+        step_fn = make_train_step(
+            self.model_config,
+            self.optimizer,
+            self.schedule,
+            loss_normalization=config.loss_normalization,
+            grad_accum_steps=config.grad_accum_steps,
+        )
+        batch = batch_sharding(mesh)
+        self.train_step = jax.jit(
+            step_fn, in_shardings=(self.shardings, batch), out_shardings=(self.shardings, replicated), donate_argnums=0
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch), out_shardings=replicated
+        )
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (restore and compile target)."""
+        params = nn.meta.unbox(abstract_params(self.model_config))
+        state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params,
+            opt_state=jax.eval_shape(self.optimizer.init, params),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        )
+        return abstract_like(state, self.shardings)
+
+    def global_batch_size(self, data: Any) -> int:
+        """data.rows_per_device x devices when set (configs that scale with the slice), else data.batch_size."""
+        rows = data.get("rows_per_device", 0) if hasattr(data, "get") else 0
+        return rows * self.mesh.devices.size if rows else data.batch_size
