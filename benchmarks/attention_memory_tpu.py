@@ -31,7 +31,7 @@ def gib_label(size: float, fits: bool) -> str:
     return f"{size / GIB:9.3f} GiB" + ("" if fits else " (does not fit)")
 
 
-def temp_bytes(impl: str, length: int, device) -> tuple[float, bool]:
+def temp_bytes(impl: str, *, length: int, device) -> tuple[float, bool]:
     """(temporary bytes, fits): from memory_analysis, or the compiler's out-of-memory report."""
     mesh = Mesh(np.asarray([device]).reshape(1, 1, 1, 1), MESH_AXES)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -44,7 +44,9 @@ def temp_bytes(impl: str, length: int, device) -> tuple[float, bool]:
     segments = array((1, length), jnp.int32)
 
     def loss(q, k, v, segments):
-        out = attention(q, k, v, segments, segments, causal=True, impl=impl, block_sizes=(512, 512))
+        out = attention(
+            q, k, v, q_segment_ids=segments, kv_segment_ids=segments, causal=True, impl=impl, block_sizes=(512, 512)
+        )
         return out.astype(jnp.float32).sum()
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -70,7 +72,9 @@ def main():
         f"bf16), forward + backward, on one {device.device_kind} chip; temporary memory per chip"
     )
     for length in args.lengths:
-        (xla, xla_fits), (splash, splash_fits) = (temp_bytes(impl, length, device) for impl in ("xla", "splash"))
+        (xla, xla_fits), (splash, splash_fits) = (
+            temp_bytes(impl, length=length, device=device) for impl in ("xla", "splash")
+        )
         print(
             f"  L = {length:6d}: xla {gib_label(xla, xla_fits)} | splash {gib_label(splash, splash_fits)} | "
             f"splash / xla = 1/{xla / splash:.0f}"

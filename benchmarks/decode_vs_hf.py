@@ -27,7 +27,7 @@ import numpy as np
 PROMPT, NEW, BATCHES = 64, 64, (1, 8)
 
 
-def read_bandwidth(num_bytes: float, all_cores: bool, seconds: float = 2.0) -> float:
+def read_bandwidth(num_bytes: float, *, all_cores: bool, seconds: float = 2.0) -> float:
     """Bytes per second of summing a float32 array of `num_bytes`: numpy (one core) or jitted XLA (all cores)."""
     data = np.ones(int(num_bytes) // 4, np.float32)
     if all_cores:
@@ -54,7 +54,7 @@ def prompt(batch: int) -> dict:
     return dict(input_ids=ids, attention_mask=np.ones_like(ids))
 
 
-def seconds_hf(batch: int, new: int, repeats: int) -> float:
+def seconds_hf(batch: int, *, new: int, repeats: int) -> float:
     import torch
     import transformers
     from train_step_vs_hf import HF_CONFIG
@@ -74,7 +74,7 @@ def seconds_hf(batch: int, new: int, repeats: int) -> float:
     return timed(run, repeats)
 
 
-def seconds_jax(batch: int, new: int, repeats: int) -> float:
+def seconds_jax(batch: int, *, new: int, repeats: int) -> float:
     import jax
     from train_step_vs_hf import HF_CONFIG
 
@@ -111,7 +111,7 @@ def bytes_per_step(batch: int) -> float:
     return 4.0 * (weights + cache)
 
 
-def measure(framework: str, batch: int, repeats: int) -> dict:
+def measure(framework: str, batch: int, *, repeats: int) -> dict:
     """In a fresh process: end-to-end new tokens/s for NEW tokens and the decode-only steps/s."""
     out = subprocess.run(
         [sys.executable, __file__, f"--measure={framework}:{batch}", f"--repeats={repeats}"],
@@ -135,7 +135,7 @@ def main():
     if args.measure:
         framework, batch = args.measure.split(":")
         timer = seconds_hf if framework == "hf" else seconds_jax
-        return print(json.dumps({str(n): timer(int(batch), n, args.repeats) for n in (NEW // 2, NEW)}))
+        return print(json.dumps({str(n): timer(int(batch), new=n, repeats=args.repeats) for n in (NEW // 2, NEW)}))
     print(
         f"model 43.5M parameters, fp32, {PROMPT}-token prompt, {NEW} new tokens, greedy; {os.cpu_count()} CPU "
         f"cores; each measurement in a fresh process"
@@ -143,10 +143,10 @@ def main():
     for batch in BATCHES:
         step_bytes = bytes_per_step(batch)
         bounds = {
-            cores: batch * read_bandwidth(step_bytes, cores == "all cores") / step_bytes
+            cores: batch * read_bandwidth(step_bytes, all_cores=cores == "all cores") / step_bytes
             for cores in ("1 core", "all cores")
         }
-        hf, ours = measure("hf", batch, args.repeats), measure("jax", batch, args.repeats)
+        hf, ours = measure("hf", batch, repeats=args.repeats), measure("jax", batch, repeats=args.repeats)
         print(
             f"batch {batch}: {step_bytes / 1e6:.0f} MB read per step; bandwidth bound "
             + ", ".join(f"{bound:.0f} tokens/s ({cores})" for cores, bound in bounds.items())

@@ -36,7 +36,7 @@ CPU_SHAPE = dict(hidden=512, experts=32, inter=256)
 TOKENS = 2048
 
 
-def moe_text(hidden, experts, inter) -> TextConfig:
+def moe_text(*, hidden, experts, inter) -> TextConfig:
     return TextConfig(
         hidden_size=hidden,
         num_experts=experts,
@@ -59,13 +59,13 @@ def median_seconds(step, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def ours(backend: str, params, x):
-    module = MoeBlock(moe_text(**CPU_SHAPE), backend, TILING, dtype=jnp.float32, param_dtype=jnp.float32)
+def ours(backend: str, *, params, x):
+    module = MoeBlock(moe_text(**CPU_SHAPE), backend=backend, tiling=TILING, dtype=jnp.float32, param_dtype=jnp.float32)
     grad = jax.jit(jax.value_and_grad(lambda p, x: (module.apply(p, x)[0] ** 2).sum(), argnums=(0, 1)))
     return median_seconds(lambda: jax.block_until_ready(grad(params, x))), float(grad(params, x)[0])
 
 
-def transformers_block(implementation: str, params, x):
+def transformers_block(implementation: str, *, params, x):
     c = CPU_SHAPE
     config = transformers.Qwen3VLMoeTextConfig(
         hidden_size=c["hidden"], num_experts=c["experts"], num_experts_per_tok=8, moe_intermediate_size=c["inter"]
@@ -90,12 +90,13 @@ def transformers_block(implementation: str, params, x):
 
 
 def cpu_table():
-    module = MoeBlock(moe_text(**CPU_SHAPE), "dense", TILING, dtype=jnp.float32, param_dtype=jnp.float32)
+    module = MoeBlock(moe_text(**CPU_SHAPE), backend="dense", tiling=TILING, dtype=jnp.float32, param_dtype=jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, TOKENS, CPU_SHAPE["hidden"]))
     params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), x))
     params = jax.tree_util.tree_map(lambda a: a * 4, params)  # spread the router logits: uneven expert loads
-    rows = [(f"transformers {impl}", *transformers_block(impl, params, x)) for impl in ("grouped_mm", "eager")]
-    rows += [(f"qwen3vl_jax {backend}", *ours(backend, params, x)) for backend in ("ragged_dot", "megablox", "dense")]
+    weights = dict(params=params, x=x)
+    rows = [(f"transformers {impl}", *transformers_block(impl, **weights)) for impl in ("grouped_mm", "eager")]
+    rows += [(f"qwen3vl_jax {backend}", *ours(backend, **weights)) for backend in ("ragged_dot", "megablox", "dense")]
     baseline = rows[0][1]
     print(
         f"CPU ({os.cpu_count()} cores), one MoE block (hidden {CPU_SHAPE['hidden']}, {CPU_SHAPE['experts']} "
@@ -109,12 +110,13 @@ def cpu_table():
 def tpu_layer_memory(backend: str, topology: str = "v5p:2x2x2", tokens_per_chip: int = 8192):
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     mesh = make_mesh({"fsdp": -1, "expert": 8}, devices)
-    module = MoeBlock(moe_text(4096, 128, 1536), backend, TILING, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    text = moe_text(hidden=4096, experts=128, inter=1536)
+    module = MoeBlock(text, backend=backend, tiling=TILING, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 4096), jnp.bfloat16)))
     params = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.meta.unbox(boxed),
-        param_shardings(boxed, mesh, DEFAULT_RULES),
+        param_shardings(boxed, mesh, rules=DEFAULT_RULES),
     )
     x = jax.ShapeDtypeStruct(
         (len(devices), tokens_per_chip, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -22,7 +22,7 @@ def measure(workers: int, batches: int) -> tuple[float, float]:
     processor = Processor(
         byte_tokenizer(),
         load_chat_template(None),
-        VisionProcessingConfig(
+        config=VisionProcessingConfig(
             image_min_pixels=32 * 32, image_max_pixels=128 * 128, video_min_pixels=0, video_max_pixels=8 * 64 * 64
         ),
     )
@@ -33,7 +33,7 @@ def measure(workers: int, batches: int) -> tuple[float, float]:
         batch_size=8,
         workers=workers,
     )
-    iterator = iter(build_dataset(config, processor, preset("tiny")))
+    iterator = iter(build_dataset(config, processor, model_config=preset("tiny")))
     next(iterator)  # start-up (worker processes, first batch) is not throughput
     examples = tokens = 0
     start = time.perf_counter()

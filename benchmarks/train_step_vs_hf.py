@@ -28,7 +28,7 @@ import transformers
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import from_hf
-from qwen3vl_jax.inputs.model_inputs import from_hf_batch
+from qwen3vl_jax.inputs.model_inputs import ProcessorOutputs, from_hf_batch
 from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.training.metrics import device_peak_flops, train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
@@ -109,17 +109,12 @@ def hf_seconds_per_step(batch, steps):
     return time_steps(step, steps), sum(p.numel() for p in model.parameters())
 
 
-def jax_seconds_per_step(batch, steps, remat):
+def jax_seconds_per_step(batch, steps, *, remat):
     config = from_hf({"model_type": "qwen3_vl", **HF_CONFIG}, remat=remat)
-    inputs, _ = from_hf_batch(
-        config,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["pixel_values"],
-        batch["image_grid_thw"],
-        seq_len=LENGTH,
-        max_patches=GRID[1] * GRID[2],
+    outputs = ProcessorOutputs(
+        **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
     )
+    inputs, _ = from_hf_batch(config, outputs, seq_len=LENGTH, max_patches=GRID[1] * GRID[2])
     arrays = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
     arrays["targets"] = np.concatenate([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], axis=1).astype(np.int32)
     arrays["loss_mask"] = np.ones((BATCH, LENGTH), np.int32)
@@ -139,10 +134,11 @@ def jax_seconds_per_step(batch, steps, remat):
                 freeze=(),
             )
         ),
-        1000,
-        params,
+        total_steps=1000,
+        params=params,
     )
-    train_step = jax.jit(make_train_step(config, optimizer, schedule, loss_normalization="token"), donate_argnums=0)
+    step_fn = make_train_step(config, optimizer=optimizer, schedule=schedule, loss_normalization="token")
+    train_step = jax.jit(step_fn, donate_argnums=0)
     state = [TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))]
     arrays = jax.device_put(arrays)
 
@@ -150,7 +146,7 @@ def jax_seconds_per_step(batch, steps, remat):
         state[0], metrics = train_step(state[0], arrays)
         jax.block_until_ready(metrics)
 
-    flops = train_flops(config, BATCH, LENGTH, GRID[1] * GRID[2])
+    flops = train_flops(config, batch=BATCH, seq_len=LENGTH, patches=GRID[1] * GRID[2])
     return time_steps(step, steps), flops
 
 

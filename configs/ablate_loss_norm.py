@@ -9,44 +9,24 @@ README: the measured table and the time it took.
 
 from ml_collections import ConfigDict
 
-from configs.ablation_base import base_config, synthetic
+from configs.ablation_base import base_config, sweep_config, synthetic
+from qwen3vl_jax.data.synthetic import EVAL_SEED
 
-EVAL_SEED = 1_000_003
 TASKS = ("text_reverse", "shapes", "counting")
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
-    c.name = "Loss normalisation: sqrt vs token vs sample"
-    c.description = (
-        "Trained on text-only string reversal (answers of 8-20 tokens) mixed 1:1 with 64 px shapes and "
+    text, images = synthetic(("text_reverse",)), synthetic(("shapes", "counting"))
+    sources = dict(text=dict(text, weight=1.0), images=dict(images, weight=1.0))
+    return sweep_config(
+        name="Loss normalisation: sqrt vs token vs sample",
+        description="Trained on text-only string reversal (answers of 8-20 tokens) mixed 1:1 with 64 px shapes and "
         "counting images (answers of 1-6 tokens); the loss weighs each token by 1/sqrt(n), 1 or 1/n for "
-        "an example with n supervised tokens."
+        "an example with n supervised tokens.",
+        base=base_config(sources, steps=1000, seq_len=128, max_patches=64),
+        variants={name: dict(loss_normalization=name) for name in ("sqrt", "token", "sample")},
+        eval_sets={task: (48, [synthetic((task,), seed=EVAL_SEED)]) for task in TASKS},
+        columns=[("text_reverse", "exact_match"), ("text_reverse", "char_accuracy")]
+        + [(task, "exact_match") for task in ("shapes", "counting")],
+        max_new_tokens=24,
     )
-    c.base = base_config(
-        dict(
-            text=dict(synthetic(("text_reverse",)), weight=1.0),
-            images=dict(synthetic(("shapes", "counting")), weight=1.0),
-        ),
-        steps=1000,
-        seq_len=128,
-        max_patches=64,
-    )
-    c.variants = ConfigDict(
-        {name: dict(loss_normalization=name) for name in ("sqrt", "token", "sample")}, sort_keys=False
-    )
-    c.seeds = (0, 1, 2)
-    c.eval = ConfigDict(
-        dict(
-            batch_size=16,
-            max_new_tokens=24,
-            sets={task: dict(num_examples=48, sources=[synthetic((task,), seed=EVAL_SEED)]) for task in TASKS},
-        )
-    )
-    c.columns = [
-        ("text_reverse", "exact_match"),
-        ("text_reverse", "char_accuracy"),
-        ("shapes", "exact_match"),
-        ("counting", "exact_match"),
-    ]
-    return c

@@ -11,19 +11,20 @@ predicted box centre is in the right column; y: in the right row). README: the m
 
 from ml_collections import ConfigDict
 
-from configs.ablation_base import base_config, synthetic
+from configs.ablation_base import base_config, sweep_config, synthetic
+from qwen3vl_jax.data.synthetic import EVAL_SEED
 
-EVAL_SEED = 1_000_003
 MODES = ("controlled", "full")
 
 
 def get_config(mode: str = "controlled") -> ConfigDict:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not in {MODES}")
-    c = ConfigDict()
-    c.name = f"MRoPE layout on grounding ({mode} model): interleaved vs chunked"
-    c.description = (
-        "Trained on grid grounding (8 x 8 identical 32 px cells, one coloured: one visual token each; "
+    grid = synthetic(("grid_grounding",))
+    overrides = dict(vision_positions=False) if mode == "controlled" else {}
+    return sweep_config(
+        name=f"MRoPE layout on grounding ({mode} model): interleaved vs chunked",
+        description="Trained on grid grounding (8 x 8 identical 32 px cells, one coloured: one visual token each; "
         "answer: the cell's 0-1000 box) at the released rotary base 5e6; evaluated by greedy decoding "
         "on held-out examples. x_accuracy / y_accuracy: the predicted box centre lies in the right "
         "column / row (chance 0.125). "
@@ -31,25 +32,13 @@ def get_config(mode: str = "controlled") -> ConfigDict:
             "Controlled: no ViT position embedding or rotary, so MRoPE is the only spatial signal."
             if mode == "controlled"
             else "Full model: the ViT's position embedding and 2-D rotary also place each visual token."
-        )
-    )
-    grid = synthetic(("grid_grounding",))
-    c.base = base_config(dict(grid=dict(grid, weight=1.0)), steps=1500, seq_len=136, max_patches=256)
-    overrides = dict(vision_positions=False) if mode == "controlled" else {}
-    c.variants = ConfigDict(
-        {  # in this order in the report
+        ),
+        base=base_config(dict(grid=dict(grid, weight=1.0)), steps=1500, seq_len=136, max_patches=256),
+        variants={
             "interleaved": dict(model=dict(overrides=overrides)),
             "chunked": dict(model=dict(overrides=dict(overrides, mrope_layout="chunked"))),
         },
-        sort_keys=False,
+        eval_sets=dict(grid=(64, [dict(grid, seed=EVAL_SEED)])),
+        columns=[("grid", "x_accuracy"), ("grid", "y_accuracy"), ("grid", "box_hit")],
+        max_new_tokens=24,
     )
-    c.seeds = (0, 1, 2)
-    c.eval = ConfigDict(
-        dict(
-            batch_size=16,
-            max_new_tokens=24,
-            sets=dict(grid=dict(num_examples=64, sources=[dict(grid, seed=EVAL_SEED)])),
-        )
-    )
-    c.columns = [("grid", "x_accuracy"), ("grid", "y_accuracy"), ("grid", "box_hit")]
-    return c

@@ -10,39 +10,21 @@ whether the layout matters when the answer must be read from the right group. RE
 
 from ml_collections import ConfigDict
 
-from configs.ablation_base import base_config, synthetic
-
-EVAL_SEED = 1_000_003
+from configs.ablation_base import base_config, sweep_config, synthetic
+from qwen3vl_jax.data.synthetic import EVAL_SEED
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
-    c.name = "MRoPE layout on video: interleaved vs chunked"
-    c.description = (
-        "Trained on the video timestamp task with 8 frames at 2 fps (4 temporal groups, answers "
-        "1.2-3.2 s); evaluated by greedy decoding on held-out 8-frame videos and on 16-frame videos "
-        "(8 groups, answers up to 7.2 s: longer than any training video)."
-    )
     video = synthetic(("video_timestamp",))
-    c.base = base_config(dict(video=dict(video, weight=1.0)), steps=1000, seq_len=176, max_patches=64)
-    c.variants = ConfigDict(
-        {"interleaved": {}, "chunked": dict(model=dict(overrides=dict(mrope_layout="chunked")))}, sort_keys=False
+    frames_16 = dict(video, seed=EVAL_SEED, num_frames=16)
+    return sweep_config(
+        name="MRoPE layout on video: interleaved vs chunked",
+        description="Trained on the video timestamp task with 8 frames at 2 fps (4 temporal groups, answers "
+        "1.2-3.2 s); evaluated by greedy decoding on held-out 8-frame videos and on 16-frame videos "
+        "(8 groups, answers up to 7.2 s: longer than any training video).",
+        base=base_config(dict(video=dict(video, weight=1.0)), steps=1000, seq_len=176, max_patches=64),
+        variants={"interleaved": {}, "chunked": dict(model=dict(overrides=dict(mrope_layout="chunked")))},
+        eval_sets=dict(frames_8=(48, [dict(video, seed=EVAL_SEED)]), frames_16=(48, [frames_16])),
+        columns=[(frames, m) for frames in ("frames_8", "frames_16") for m in ("exact_match", "abs_error_seconds")],
+        max_new_tokens=12,
     )
-    c.seeds = (0, 1, 2)
-    c.eval = ConfigDict(
-        dict(
-            batch_size=16,
-            max_new_tokens=12,
-            sets=dict(
-                frames_8=dict(num_examples=48, sources=[dict(video, seed=EVAL_SEED)]),
-                frames_16=dict(num_examples=48, sources=[dict(video, seed=EVAL_SEED, num_frames=16)]),
-            ),
-        )
-    )
-    c.columns = [
-        ("frames_8", "exact_match"),
-        ("frames_8", "abs_error_seconds"),
-        ("frames_16", "exact_match"),
-        ("frames_16", "abs_error_seconds"),
-    ]
-    return c

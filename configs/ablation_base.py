@@ -1,4 +1,4 @@
-"""The small Qwen3-VL and training recipe shared by the CPU ablation sweeps (configs/ablate_*.py).
+"""The small Qwen3-VL, training recipe and sweep layout shared by the CPU ablation sweeps (configs/ablate_*.py).
 
 A 2-layer decoder (hidden 128, head_dim 32 with MRoPE sections [6, 5, 5]: Qwen3-VL's proportions) at the
 released rotary base 5e6, a 2-block ViT, the byte tokenizer, rows of about one example each, videos of up to 16
@@ -23,26 +23,31 @@ def base_config(
     c.steps = steps
     c.log_every = 50
     c.export_hf = False
-    text = c.model.overrides.text
-    text.update(num_hidden_layers=2, rope_theta=5e6)
-    # the switches the sweeps flip (ModelConfig fields; listed so that a typo in a sweep is an error)
-    c.model.overrides.update(mrope_layout="interleaved", deepstack=True, vision_positions=True)
-    c.processing = ConfigDict(
-        dict(image_min_pixels=32 * 32, image_max_pixels=max_pixels, video_min_pixels=0, video_max_pixels=16 * 64 * 64)
-    )
-    c.data = ConfigDict(
-        dict(
-            sources=sources,
-            seq_len=seq_len,
-            max_patches=max_patches,
-            batch_size=8,
-            seed=0,
-            workers=0,
-            overflow="drop",
-            on_bad_input="error",
-        )
-    )
+    c.model.overrides.text.update(num_hidden_layers=2, rope_theta=5e6)
+    c.processing.update(image_min_pixels=32 * 32, image_max_pixels=max_pixels, video_max_pixels=16 * 64 * 64)
+    c.data.sources = sources
+    c.data.update(seq_len=seq_len, max_patches=max_patches, overflow="drop")
     c.eval = ConfigDict(dict(every=0, batch_size=8, sets={}))
-    c.optimizer.update(warmup_steps=50)
-    c.checkpoint = ConfigDict(dict(every=200, keep=1))
+    c.optimizer.warmup_steps = 50
+    c.checkpoint.keep = 1
+    return c
+
+
+def sweep_config(
+    *,
+    name: str,
+    description: str,
+    base: ConfigDict,
+    variants: dict,
+    eval_sets: dict,
+    columns: list,
+    max_new_tokens: int,
+) -> ConfigDict:
+    """A sweep (qwen3vl_jax.ablation.sweep): `variants` (in report order) x seeds 0, 1, 2, each run evaluated by
+    greedy generation on `eval_sets` {name: (num_examples, [source specs])}; `columns`: the report's
+    (eval set, metric) pairs."""
+    c = ConfigDict(dict(name=name, description=description, base=base, seeds=(0, 1, 2), columns=columns))
+    c.variants = ConfigDict(variants, sort_keys=False)
+    sets = {set_name: dict(num_examples=n, sources=sources) for set_name, (n, sources) in eval_sets.items()}
+    c.eval = ConfigDict(dict(batch_size=16, max_new_tokens=max_new_tokens, sets=sets))
     return c

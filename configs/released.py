@@ -5,10 +5,14 @@ dispatch), full rematerialisation, splash attention, one packed row of 8192 toke
 Two modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a
 released checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
 --config.data.sources.train.path=/path/to/sft.jsonl); `:pretrain` trains from scratch on interleaved
-documents (--config.data.sources.train.path=/path/to/documents.jsonl).
+documents (--config.data.sources.train.path=/path/to/documents.jsonl). Will it fit a TPU slice:
+
+    python -m experiments.compile --config=configs/qwen3_vl_8b.py --topology=v5p:2x2x2
 """
 
 from ml_collections import ConfigDict
+
+from qwen3vl_jax.training.run_config import run_config
 
 MODES = ("sft", "pretrain")
 
@@ -19,52 +23,16 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not in {MODES}")
     sft = mode == "sft"
-    c = ConfigDict()
-    c.seed = 0
+    c = run_config()
     c.steps = 10_000 if sft else 200_000
-    c.log_every = 10
-    c.export_hf = True
-    c.peak_flops_per_device = 0.0
-    c.model = ConfigDict(
-        dict(
-            preset=preset,
-            init_from="",
-            overrides=dict(
-                dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash", moe_backend="megablox"
-            ),
-        )
-    )
+    c.model.preset = preset
+    c.model.overrides = dict(dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash")
+    c.model.overrides.moe_backend = "megablox"
     # images up to 1024 x 1024 px (4096 patches); the packed row holds 4096 patches of ViT input
     c.processing = ConfigDict(dict(image_max_pixels=1024 * 1024, video_max_pixels=4096 * 16 * 16))
-    c.data = ConfigDict(
-        dict(
-            sources=dict(train=dict(kind="jsonl", path="/path/to/train.jsonl")),
-            seq_len=8192,
-            max_patches=4096,
-            rows_per_device=1,
-            batch_size=0,
-            seed=0,
-            workers=8,
-            overflow="truncate",
-            on_bad_input="skip",
-        )
-    )
-    c.eval = ConfigDict(dict(every=0, batch_size=0, sets={}))
-    c.optimizer = ConfigDict(
-        dict(
-            lr=1e-5 if sft else 3e-4,
-            warmup_steps=200 if sft else 2000,
-            final_lr_ratio=0.1,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            clip_norm=1.0,
-            freeze=(),
-        )
-    )
-    c.loss_normalization = "sqrt"
-    c.grad_accum_steps = 1
+    c.data.sources = dict(train=dict(kind="jsonl", path="/path/to/train.jsonl"))
+    c.data.update(seq_len=8192, max_patches=4096, rows_per_device=1, batch_size=0, workers=8, on_bad_input="skip")
+    c.eval.batch_size = 0
+    c.optimizer.update(lr=1e-5 if sft else 3e-4, warmup_steps=200 if sft else 2000)
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=expert_parallel))
-    c.checkpoint = ConfigDict(dict(every=500, keep=3))
     return c

@@ -14,9 +14,7 @@ from configs import tiny
 
 def get_config():
     c = tiny.get_config()
-    c.model.preset = "tiny-moe"
-    c.model.overrides.text.update(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, router_aux_loss_coef=0.01
-    )
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, router_aux_loss_coef=0.01)
+    c.model.overrides.text.update(moe)
     c.model.overrides.moe_backend = "dense"
     return c

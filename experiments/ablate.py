@@ -42,7 +42,7 @@ def main(argv):
                 print(f"[{i}/{len(mine)}] {run.name}: finished earlier, skipped", flush=True)
                 continue
             print(f"[{i}/{len(mine)}] {run.name}", flush=True)
-            train_and_evaluate(sweep, run, workdir)
+            train_and_evaluate(sweep, run, workdir=workdir)
     if _REPORT_ONLY.value or all(load_results(workdir, run) is not None for run in runs):
         print(write_report(sweep, workdir))
 

@@ -53,7 +53,7 @@ def eval_sets():
     sets = {}
     if _CONFIG.value is not None and _CONFIG.value.get("eval"):
         for name, eval_set in _CONFIG.value.eval.sets.items():
-            sets[name] = eval_records(eval_set.data.sources, _LIMIT.value or eval_set.num_examples)
+            sets[name] = eval_records(eval_set.sources, _LIMIT.value or eval_set.num_examples)
     for path in _JSONL.value:
         source = JsonlSource(path)
         sets[os.path.basename(path)] = [source[i] for i in range(min(_LIMIT.value or len(source), len(source)))]
@@ -70,12 +70,13 @@ def main(argv):
     results = []
     for name, records in eval_sets().items():
         results += generate_answers(
-            model, processor, records, set_name=name, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value
+            model, processor, records=records, set_name=name, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value
         )
     summary = summarize(results)
     output = _OUTPUT.value or os.path.join(_CHECKPOINT.value or _WORKDIR.value, "eval")
     with storage.local_dir(output) as local:
-        write_report(summary, results, local, f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}")
+        title = f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}"
+        write_report(summary, results, directory=local, title=title)
         with open(os.path.join(local, "report.md")) as f:
             print(f.read())
 

@@ -11,6 +11,7 @@ sizes reuse one compiled function.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from qwen3vl_jax.inference.sampling import SamplingConfig
 from qwen3vl_jax.inputs.model_inputs import (
     PATCH_FIELDS,
     ModelInputs,
+    ProcessorOutputs,
     bucket,
     empty_inputs,
     from_hf_batch,
@@ -37,21 +39,29 @@ from qwen3vl_jax.modeling.model import Qwen3VL, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
 
 
+class Default(enum.Enum):
+    """A default that is read from the checkpoint (generation_config.json)."""
+
+    FROM_CHECKPOINT = "from the checkpoint"
+
+
 class Qwen3VLModel:
     """A config, its parameters and jitted entry points."""
 
-    def __init__(self, config: ModelConfig, params: Any, generation_config: dict | None = None):
+    def __init__(self, config: ModelConfig, params: Any, *, generation_config: dict | None = None):
         self.config = config
         self.params = params
         self.generation_config = generation_config or {}  # eos_token_id / pad_token_id, as in HF's file
         self.module = Qwen3VL(config)
-        self.forward = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
-        self.vision_forward = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=Qwen3VL.encode_vision))
+        self.forward = jax.jit(lambda params, inputs: self.module.apply({"params": params}, inputs))
+        self.vision_forward = jax.jit(
+            lambda params, inputs: self.module.apply({"params": params}, inputs, method=Qwen3VL.encode_vision)
+        )
         self.aux_loss = jax.jit(
-            lambda p, x: load_balancing_loss(
-                self.module.apply({"params": p}, x, method=Qwen3VL.logits_and_router_logits)[1],
-                x.segment_ids.reshape(-1) > 0,
-                config.text.num_experts_per_tok,
+            lambda params, inputs: load_balancing_loss(
+                self.module.apply({"params": params}, inputs, method=Qwen3VL.logits_and_router_logits)[1],
+                inputs.segment_ids.reshape(-1) > 0,
+                top_k=config.text.num_experts_per_tok,
             )
         )
 
@@ -61,86 +71,32 @@ class Qwen3VLModel:
         return cls(config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed)))
 
     def prepare(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
-        *,
-        seq_len: int | None = None,
-        max_patches: int | None = None,
+        self, input_ids, *, seq_len: int | None = None, max_patches: int | None = None, **processor_outputs
     ) -> tuple[ModelInputs, np.ndarray]:
-        """Static-shape ModelInputs and rope_deltas (B, 1) from HF processor outputs. `mm_token_type_ids` is
-        accepted and not needed: token types follow from the image / video token ids."""
-        return from_hf_batch(
-            self.config,
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            pixel_values_videos,
-            video_grid_thw,
-            seq_len=seq_len,
-            max_patches=max_patches,
-        )
+        """Static-shape ModelInputs and rope_deltas (B, 1) from HF processor outputs (the fields of
+        `ProcessorOutputs`: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+        video_grid_thw, mm_token_type_ids)."""
+        outputs = ProcessorOutputs(input_ids, **processor_outputs)
+        return from_hf_batch(self.config, outputs, seq_len=seq_len, max_patches=max_patches)
 
     def __call__(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
-        *,
-        seq_len: int | None = None,
-        max_patches: int | None = None,
+        self, input_ids, *, seq_len: int | None = None, max_patches: int | None = None, **processor_outputs
     ) -> np.ndarray:
         """Logits (B, L, vocab) as float32 numpy for HF processor outputs (numpy or torch tensors)."""
-        inputs, _ = self.prepare(
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            pixel_values_videos,
-            video_grid_thw,
-            seq_len=seq_len,
-            max_patches=max_patches,
-        )
+        inputs, _ = self.prepare(input_ids, seq_len=seq_len, max_patches=max_patches, **processor_outputs)
         logits = self.forward(self.params, inputs)
         return np.asarray(logits[:, : np.shape(input_ids)[1]], np.float32)
 
-    def router_aux_loss(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
-    ) -> float:
+    def router_aux_loss(self, input_ids, **processor_outputs) -> float:
         """The MoE load-balancing loss of these inputs over their real tokens, as transformers' `aux_loss`."""
         if not self.config.text.is_moe:
             raise ValueError("router_aux_loss needs an MoE model")
-        inputs, _ = self.prepare(
-            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
+        inputs, _ = self.prepare(input_ids, **processor_outputs)
         return float(self.aux_loss(self.params, inputs))
 
     def generate(
         self,
         input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
         *,
         max_new_tokens: int,
         do_sample: bool = False,
@@ -148,24 +104,23 @@ class Qwen3VLModel:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-        eos_token_ids: Sequence[int] | int | None = "default",
+        eos_token_ids: Sequence[int] | int | Default | None = Default.FROM_CHECKPOINT,
         pad_token_id: int | None = None,
+        **processor_outputs,
     ) -> np.ndarray:
         """New token ids (B, max_new_tokens) as numpy for HF processor outputs (left padding, as transformers
         generates). A row ends at its first eos token (kept) and is `pad_token_id` after it. eos / pad default
-        to the checkpoint's generation_config.json (no eos: always max_new_tokens)."""
-        inputs, _ = self.prepare(
-            input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
-        eos = self.generation_config.get("eos_token_id") if eos_token_ids == "default" else eos_token_ids
+        to the checkpoint's generation_config.json; eos_token_ids=None: no eos, always max_new_tokens."""
+        inputs, _ = self.prepare(input_ids, **processor_outputs)
+        eos = self.generation_config.get("eos_token_id") if eos_token_ids is Default.FROM_CHECKPOINT else eos_token_ids
         pad = self.generation_config.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = generate(
             self.params,
             inputs,
-            jax.random.PRNGKey(seed),
-            eos_array(eos),
-            jnp.int32(pad or 0),
+            rng=jax.random.PRNGKey(seed),
+            eos_ids=eos_array(eos),
+            pad_id=jnp.int32(pad or 0),
             config=self.config,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
@@ -175,22 +130,22 @@ class Qwen3VLModel:
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: int | None = None):
         """The ViT alone, like transformers' `model.visual(pixel_values, grid_thw)`: merged visual tokens
         (N / m^2, out_hidden) and the list of DeepStack features of the same shape, float32 numpy."""
-        c = self.config.vision
-        blocks, _ = visual_blocks(grid_thw, None, c.spatial_merge_size)
-        n = sum(b.num_patches for b in blocks)
+        vision = self.config.vision
+        blocks, _ = visual_blocks(grid_thw, None, merge=vision.spatial_merge_size)
+        n = sum(block.num_patches for block in blocks)
         pixels = np.asarray(pixel_values, np.float32)
-        if pixels.shape != (n, c.patch_dim):
-            raise ValueError(f"pixel_values shape {pixels.shape} != ({n}, {c.patch_dim}) implied by grid_thw")
+        if pixels.shape != (n, vision.patch_dim):
+            raise ValueError(f"pixel_values shape {pixels.shape} != ({n}, {vision.patch_dim}) implied by grid_thw")
         max_patches = max_patches or bucket(n, 256)
         if n > max_patches:
             raise ValueError(f"grid_thw describes {n} patches, more than max_patches = {max_patches}")
-        features = patch_features(blocks, {IMAGE: pixels}, c)
-        fields = empty_inputs(1, 1, max_patches, c.patch_dim)
+        features = patch_features(blocks, pixels={IMAGE: pixels}, vision=vision)
+        fields = empty_inputs(1, seq_len=1, max_patches=max_patches, patch_dim=vision.patch_dim)
         for name in PATCH_FIELDS:
             fields[name][0, :n] = features[name]
         fields["patch_segment_ids"][0, :n] = features["patch_group"]
         merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
-        tokens = n // c.spatial_merge_size**2
+        tokens = n // vision.spatial_merge_size**2
 
         def as_numpy(x):
             return np.asarray(x[0, :tokens], np.float32)
@@ -205,7 +160,7 @@ class Qwen3VLModel:
         hf_io.save_params(
             path,
             jax.device_get(self.params),
-            self.config,
+            config=self.config,
             dtype=dtype,
             max_shard_bytes=max_shard_bytes,
             expert_layout=expert_layout,
@@ -222,4 +177,5 @@ def load_pretrained(
     config = hf_io.load_config(path, **overrides)
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
-    return Qwen3VLModel(config, jax.device_put(hf_io.load_params(path, config)), hf_io.load_generation_config(path))
+    params = jax.device_put(hf_io.load_params(path, config))
+    return Qwen3VLModel(config, params, generation_config=hf_io.load_generation_config(path))

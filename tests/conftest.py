@@ -16,8 +16,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set here by the first proce
 import jax
 import numpy as np
 import pytest
+from helpers import CONFIG, OPTIMIZER, initial_state
 from hf_reference import hf_model, save_hf
-from training_setup import CONFIG, OPTIMIZER, initial_state
 
 import qwen3vl_jax
 from qwen3vl_jax.config import preset
@@ -60,12 +60,12 @@ def batch():
     processor = Processor(
         byte_tokenizer(),
         load_chat_template(None),
-        VisionProcessingConfig(
+        config=VisionProcessingConfig(
             image_min_pixels=64 * 64, image_max_pixels=64 * 64, video_min_pixels=0, video_max_pixels=8 * 64 * 64
         ),
     )
     data = DataConfig(sources=({"kind": "synthetic", "size": 1000},), seq_len=128, max_patches=128, batch_size=8)
-    iterator = iter(build_dataset(data, processor, CONFIG))
+    iterator = iter(build_dataset(data, processor, model_config=CONFIG))
     batch = next(iterator)
     batch.pop("num_dropped")
     assert (batch["patch_segment_ids"] > 0).any()
@@ -74,14 +74,15 @@ def batch():
 
 @pytest.fixture(scope="session")
 def optimizer():
-    return make_optimizer(OPTIMIZER, 100, init_params(CONFIG, jax.random.PRNGKey(0)))
+    return make_optimizer(OPTIMIZER, total_steps=100, params=init_params(CONFIG, jax.random.PRNGKey(0)))
 
 
 @pytest.fixture(scope="session")
 def single_device_step(batch, optimizer):
     """(state, metrics) of one unsharded step with the whole batch."""
-    step = make_train_step(CONFIG, *optimizer, loss_normalization="sqrt")
-    return jax.jit(step)(initial_state(optimizer[0]), batch)
+    transform, schedule = optimizer
+    step = make_train_step(CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt")
+    return jax.jit(step)(initial_state(transform), batch)
 
 
 def pytest_sessionfinish(session):

@@ -50,7 +50,7 @@ class Prompt:
     videos: list = dataclasses.field(default_factory=list)
 
 
-def build_prompt(config: ModelConfig, parts, rng: np.random.Generator) -> Prompt:
+def build_prompt(config: ModelConfig, parts, *, rng: np.random.Generator) -> Prompt:
     """parts: ("text", n) | ("image", (h, w)) | ("video", (t, h, w)) with h, w in patches. Images render as
     <vs> pads <ve>; each video temporal group as <timestamp text> <vs> pads <ve>, with no outer <vs> ... <ve>
     around the video (transformers 4.57's format)."""

@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 import pytest
+from helpers import ENV, ROOT
 from ml_collections import ConfigDict
-from test_train_resume import ENV, ROOT
 
 from qwen3vl_jax.ablation.report import aggregate, markdown_table, mean_and_ci
 from qwen3vl_jax.ablation.sweep import Run, merge, run_config, run_dir, runs_of
@@ -47,7 +47,7 @@ def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
         {"video": {"exact_match": 0.7}},
         {"video": {"exact_match": 0.6, "abs_error_seconds": 2.0}},
     ]
-    table = markdown_table(aggregate({"a": runs}, columns), columns, {"a": [0, 1, 2]})
+    table = markdown_table(aggregate({"a": runs}, columns), columns=columns, seeds={"a": [0, 1, 2]})
     # sd 0.1, n 3: 4.302653 * 0.1 / sqrt(3); sd 0.7071, n 2: t(0.975, 1) = 12.7062 * 0.5 (tables)
     assert "| a | 0, 1, 2 | 0.600 ± 0.248 | 1.500 ± 6.353 (2 of 3 seeds) |" in table
 
@@ -66,9 +66,9 @@ def test_overrides_must_name_existing_fields():
         runs_of(ConfigDict(dict(variants={"a/b": {}}, seeds=(0,))))
 
 
-def ablate(config, workdir, *args):
+def ablate(config, workdir, *, flags=()):
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.ablate", f"--config={config}", f"--workdir={workdir}", *args],
+        [sys.executable, "-m", "experiments.ablate", f"--config={config}", f"--workdir={workdir}", *flags],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -86,7 +86,7 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
     sweep = ConfigDict(dict(variants={"interleaved": {}, "chunked": {}}, seeds=(0, 1)))
     # an interrupted first run: 2 of its 4 steps done and checkpointed, no results (shard 0 of 4 runs only it)
     first = run_dir(str(workdir), Run("interleaved", 0))
-    out = ablate(config, workdir, "--num_shards=4", "--shard_index=0", "--config.base.steps=2")
+    out = ablate(config, workdir, flags=["--num_shards=4", "--shard_index=0", "--config.base.steps=2"])
     assert "[1/1] interleaved/seed_0" in out and not (workdir / "results.md").exists()  # 3 runs missing
     os.remove(os.path.join(first, "results.json"))
 

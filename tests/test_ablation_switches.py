@@ -16,7 +16,7 @@ TEXT = [("text", 15)]
 def inputs(tiny):
     rng = np.random.default_rng(5)
     return {
-        name: batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)])
+        name: batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng=rng)])
         for name, parts in (("visual", VISUAL), ("text", TEXT))
     }
 

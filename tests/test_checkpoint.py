@@ -16,8 +16,8 @@ from qwen3vl_jax.checkpoints.hf_io import CheckpointError
 PARTS = [("text", 3), ("image", (4, 6)), ("text", 2), ("video", (2, 4, 4)), ("text", 4)]
 
 
-def logits_pair(model_ours, model_hf, config, seed=3):
-    inputs = batch_inputs(config, [build_prompt(config, PARTS, np.random.default_rng(seed))])
+def logits_pair(model_ours, model_hf, *, config, seed=3):
+    inputs = batch_inputs(config, [build_prompt(config, PARTS, rng=np.random.default_rng(seed))])
     return model_ours(**inputs), hf_logits(model_hf, inputs)
 
 
@@ -27,7 +27,7 @@ def test_save_then_transformers_loads_same_logits(tiny, tmp_path, shard_bytes):
     sharded = os.path.exists(tmp_path / "model.safetensors.index.json")
     assert sharded == (shard_bytes < 5 * 2**30)
     reloaded_hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(str(tmp_path))
-    ours, ref = logits_pair(tiny.ours, reloaded_hf, tiny.config)
+    ours, ref = logits_pair(tiny.ours, reloaded_hf, config=tiny.config)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     # and the weights are bit-identical to the checkpoint we started from
     for name, p in tiny.hf.state_dict().items():
@@ -35,7 +35,7 @@ def test_save_then_transformers_loads_same_logits(tiny, tmp_path, shard_bytes):
     # our loader reads the sharded / single layout back to the same params
     again = qwen3vl_jax.load_pretrained(str(tmp_path))
     np.testing.assert_array_equal(
-        again(**batch_inputs(tiny.config, [build_prompt(tiny.config, PARTS, np.random.default_rng(3))])), ours
+        again(**batch_inputs(tiny.config, [build_prompt(tiny.config, PARTS, rng=np.random.default_rng(3))])), ours
     )
 
 
@@ -46,7 +46,7 @@ def test_tied_head_with_or_without_lm_head_tensor(tiny_tied, tmp_path):
     tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"]
     save_file(tensors, str(tmp_path / "with_head" / "model.safetensors"), metadata={"format": "pt"})
     with_head = qwen3vl_jax.load_pretrained(str(tmp_path / "with_head"))  # ... which some checkpoints carry
-    ours, ref = logits_pair(with_head, tiny_tied.hf, tiny_tied.config)
+    ours, ref = logits_pair(with_head, tiny_tied.hf, config=tiny_tied.config)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     tiny_tied.ours.save_pretrained(str(tmp_path / "saved"))
     assert "lm_head.weight" not in load_file(str(tmp_path / "saved" / "model.safetensors"))
@@ -63,7 +63,7 @@ def test_config_forms_4x_and_5x_load_the_same(tiny, tmp_path):
     assert qwen3vl_jax.load_pretrained(str(tmp_path / "v4")).config == tiny.ours.config
 
 
-def corrupt(tiny, tmp_path, edit):
+def corrupt(tiny, tmp_path, *, edit):
     target = tmp_path / "ckpt"
     shutil.copytree(tiny.path, target)
     edit(target)
@@ -114,7 +114,7 @@ def set_layers(path):
 )
 def test_bad_checkpoints_raise_clear_errors(tiny, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
-        qwen3vl_jax.load_pretrained(corrupt(tiny, tmp_path, edit))
+        qwen3vl_jax.load_pretrained(corrupt(tiny, tmp_path, edit=edit))
 
 
 def test_sharded_index_naming_a_missing_shard(tiny, tmp_path):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from media import CAMERA_CLIP, image
+from helpers import CAMERA_CLIP, image
 from PIL import Image
 
 from qwen3vl_jax.config import preset
@@ -31,7 +31,7 @@ SMALL_MEDIA = VisionProcessingConfig(
 
 @pytest.fixture(scope="module")
 def processor():
-    return Processor(byte_tokenizer(), load_chat_template(None), SMALL_MEDIA)
+    return Processor(byte_tokenizer(), load_chat_template(None), config=SMALL_MEDIA)
 
 
 def featurizer(processor, seq_len=256, max_patches=512, **kw):
@@ -101,7 +101,7 @@ def test_resumed_pipeline_yields_identical_batches(processor, workers):
         workers=workers,
         seed=3,
     )
-    dataset = build_dataset(config, processor, CONFIG)
+    dataset = build_dataset(config, processor, model_config=CONFIG)
     iterator = iter(dataset)
     for _ in range(3):
         next(iterator)
@@ -125,7 +125,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def conversation(text, answer, media=()):
+def conversation(text, answer, *, media=()):
     return {
         "messages": [
             {"role": "user", "content": [*media, {"type": "text", "text": text}]},
@@ -143,7 +143,7 @@ def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
         config = tiny_data(
             [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=1, packing_bins=1
         )
-        for batch in build_dataset(config, processor, CONFIG, shard_index=shard, shard_count=2):
+        for batch in build_dataset(config, processor, model_config=CONFIG, shard_index=shard, shard_count=2):
             ids, segments = batch["input_ids"][0], batch["segment_ids"][0]
             seen += [(shard, processor.decode(ids[segments == s])) for s in range(1, segments.max() + 1)]
     texts = {t for _, t in seen}
@@ -158,7 +158,7 @@ def test_the_last_partial_batch_of_a_finite_dataset_is_filled_with_empty_rows(pr
     config = tiny_data(
         [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=2, packing_bins=1
     )  # one document per row: 5 rows in batches of 2
-    batches = list(build_dataset(config, processor, CONFIG))
+    batches = list(build_dataset(config, processor, model_config=CONFIG))
     assert [b["input_ids"].shape for b in batches] == [(2, 16)] * 3
     last = batches[-1]
     assert last["segment_ids"][0].max() == 1 and not last["segment_ids"][1].any()
@@ -173,7 +173,7 @@ def test_jsonl_conversations_llava_and_documents(processor, tmp_path):
     path = write_jsonl(
         tmp_path / "data.jsonl",
         [
-            conversation("What is it?", "Coffee.", [{"type": "image", "image": "coffee.jpg"}]),
+            conversation("What is it?", "Coffee.", media=[{"type": "image", "image": "coffee.jpg"}]),
             {
                 "image": "coffee.jpg",
                 "conversations": [
@@ -245,11 +245,11 @@ BAD_RECORDS = {
 def test_bad_inputs_raise_naming_the_example_or_are_skipped(processor, tmp_path, case):
     corrupt_files(tmp_path)
     media, message = BAD_RECORDS[case]
-    record = {**conversation("q", "a", media), "id": f"bad/{case}", "base_dir": str(tmp_path)}
+    record = {**conversation("q", "a", media=media), "id": f"bad/{case}", "base_dir": str(tmp_path)}
     processor = Processor(
         processor.tokenizer,
         processor.chat_template,
-        VisionProcessingConfig(image_min_pixels=0, image_max_pixels=512 * 512),
+        config=VisionProcessingConfig(image_min_pixels=0, image_max_pixels=512 * 512),
     )
     with pytest.raises(DataError, match=rf"example bad/{case}: .*{message}"):
         featurizer(processor, seq_len=128, max_patches=256)(record)
@@ -265,7 +265,9 @@ def test_skipped_examples_are_counted_in_batches(processor, tmp_path):
         rows.append(
             "{not json"
             if i == 6
-            else conversation(f"q{i}", "a", [{"type": "image", "image": "broken.png" if bad else image("coffee.jpg")}])
+            else conversation(
+                f"q{i}", "a", media=[{"type": "image", "image": "broken.png" if bad else image("coffee.jpg")}]
+            )
         )
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     config = tiny_data(
@@ -278,8 +280,9 @@ def test_skipped_examples_are_counted_in_batches(processor, tmp_path):
         batch_size=1,
         packing_bins=1,
     )
-    batches = list(build_dataset(config, processor, CONFIG))
+    batches = list(build_dataset(config, processor, model_config=CONFIG))
     assert sum(int(b["num_dropped"].sum()) for b in batches) == 6  # 5 broken images + 1 invalid JSON line
     assert sum(int(b["segment_ids"].max()) for b in batches) == 14
+    strict = DataConfig.from_dict({**config.__dict__, "on_bad_input": "error"})
     with pytest.raises(DataError, match=r"example mixed\.jsonl:2: .*broken\.png"):
-        list(build_dataset(DataConfig.from_dict({**config.__dict__, "on_bad_input": "error"}), processor, CONFIG))
+        list(build_dataset(strict, processor, model_config=CONFIG))

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from media import image
-from test_train_resume import ENV, ROOT, command
+from helpers import ENV, ROOT, command, image
 
 from qwen3vl_jax.inference.metrics import character_accuracy, score
 from qwen3vl_jax.processing import Processor, byte_tokenizer
@@ -19,10 +18,11 @@ def test_metrics():
     assert character_accuracy("HELO", "HELLO") == pytest.approx(0.8)  # one deletion in five characters
     assert character_accuracy("", "ABC") == 0.0 and character_accuracy("XXXXXXXX", "AB") == 0.0
     box = {"box": [100, 100, 300, 300]}
-    assert score("grounding", "<|box_start|>(100,100),(300,300)<|box_end|>", "", box)["box_hit"] == 1.0
-    half = score("grounding", "<|box_start|>(100,100),(300,200)<|box_end|>", "", box)
+    truth = dict(reference="", meta=box)
+    assert score("grounding", "<|box_start|>(100,100),(300,300)<|box_end|>", **truth)["box_hit"] == 1.0
+    half = score("grounding", "<|box_start|>(100,100),(300,200)<|box_end|>", **truth)
     assert half["iou"] == pytest.approx(0.5) and half["box_hit"] == 1.0
-    assert score("grounding", "no box", "", box) == {
+    assert score("grounding", "no box", **truth) == {
         "exact_match": 0.0,
         "iou": 0.0,
         "box_hit": 0.0,
@@ -30,13 +30,14 @@ def test_metrics():
         "y_accuracy": 0.0,
     }
     # per-axis: the centre (350, 200) of a box in the right row but the next column
-    shifted = score("grid_grounding", "<|box_start|>(300,100),(400,300)<|box_end|>", "", box)
+    shifted = score("grid_grounding", "<|box_start|>(300,100),(400,300)<|box_end|>", **truth)
     assert (shifted["x_accuracy"], shifted["y_accuracy"], shifted["box_hit"]) == (0.0, 1.0, 0.0)
-    assert score("text_reverse", "CBX", "CBA", {})["char_accuracy"] == pytest.approx(2 / 3)
-    assert score("video_timestamp", "2.5 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0
-    assert score("video_timestamp", "3.0 seconds", "2.5 seconds", {"seconds": 2.25})["abs_error_seconds"] == 0.5
-    assert "abs_error_seconds" not in score("video_timestamp", "soon", "2.5 seconds", {"seconds": 2.25})
-    assert score("qa", " red ", "red", {}) == {"exact_match": 1.0}
+    assert score("text_reverse", "CBX", reference="CBA", meta={})["char_accuracy"] == pytest.approx(2 / 3)
+    timestamp = dict(reference="2.5 seconds", meta={"seconds": 2.25})
+    assert score("video_timestamp", "2.5 seconds", **timestamp)["abs_error_seconds"] == 0
+    assert score("video_timestamp", "3.0 seconds", **timestamp)["abs_error_seconds"] == 0.5
+    assert "abs_error_seconds" not in score("video_timestamp", "soon", **timestamp)
+    assert score("qa", " red ", reference="red", meta={}) == {"exact_match": 1.0}
 
 
 def run_eval(args, tmp_path):
@@ -90,7 +91,7 @@ def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
 
 def test_eval_binary_on_a_training_workdir(tmp_path):
     workdir = tmp_path / "run"
-    subprocess.run(command(workdir, 4, 4), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    subprocess.run(command(workdir, steps=4, every=4), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
     summary, _predictions = run_eval(
         [f"--workdir={workdir}", "--config=configs/tiny.py", "--num_examples=2", "--batch_size=2"], tmp_path
     )

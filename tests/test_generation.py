@@ -24,7 +24,7 @@ NEW = 10
 
 def prompt(config, case, seed=0):
     rng = np.random.default_rng(seed)
-    return batch_inputs(config, [build_prompt(config, parts, rng) for parts in PROMPTS[case]])
+    return batch_inputs(config, [build_prompt(config, parts, rng=rng) for parts in PROMPTS[case]])
 
 
 @pytest.mark.parametrize("case", PROMPTS)
@@ -72,7 +72,7 @@ def test_sampling_filters():
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]]))
 
     def draw(config):
-        return {int(next_token(logits, jax.random.PRNGKey(i), config)[0]) for i in range(200)}
+        return {int(next_token(logits, jax.random.PRNGKey(i), sampling=config)[0]) for i in range(200)}
 
     assert draw(SamplingConfig(do_sample=True)) == {0, 1, 2, 3}
     assert draw(SamplingConfig(do_sample=True, top_k=2)) == {0, 1}

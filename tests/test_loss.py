@@ -22,20 +22,20 @@ EXPECTED = {
 
 @pytest.mark.parametrize("normalization", EXPECTED)
 def test_weights_worked_by_hand(normalization):
-    weights = token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), normalization)
+    weights = token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), normalization=normalization)
     np.testing.assert_allclose(weights, EXPECTED[normalization], rtol=1e-6)
 
 
 def test_loss_is_the_weighted_mean():
     """sample normalisation: every example counts the same, L = mean over examples of their mean token loss."""
     ce = np.array([[1.0, 3.0, 9.0, 5.0, 9.0, 9.0], [2.0, 2.0, 4.0, 8.0, 9.0, 9.0]])
-    weights = np.asarray(token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), "sample"))
+    weights = np.asarray(token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), normalization="sample"))
     assert (weights * ce).sum() / weights.sum() == pytest.approx(((1 + 3) / 2 + 5 + (2 + 2 + 4 + 8) / 4) / 3)
 
 
 def test_unknown_normalization():
     with pytest.raises(ValueError, match="loss_normalization"):
-        token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), "median")
+        token_weights(jnp.asarray(MASK), jnp.asarray(SEGMENTS), normalization="median")
 
 
 def test_token_cross_entropy():

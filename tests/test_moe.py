@@ -13,11 +13,10 @@ import pytest
 import torch
 import transformers
 from conftest import Reference
+from helpers import OPTIMIZER, ROOT
 from hf_reference import batch_inputs, build_prompt, hf_logits
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
-from test_compile_tpu import ROOT
-from training_setup import OPTIMIZER
 
 import qwen3vl_jax
 from qwen3vl_jax.config import preset
@@ -57,7 +56,9 @@ def hf_outputs(model, inputs):
 @pytest.mark.parametrize("case", PROMPTS)
 def test_logits_and_aux_loss_equal_transformers(moe, backend, case):
     model = qwen3vl_jax.Qwen3VLModel(moe.config.replace(moe_backend=backend), moe.ours.params)
-    inputs = batch_inputs(moe.config, [build_prompt(moe.config, p, np.random.default_rng(4)) for p in PROMPTS[case]])
+    inputs = batch_inputs(
+        moe.config, [build_prompt(moe.config, p, rng=np.random.default_rng(4)) for p in PROMPTS[case]]
+    )
     ref_logits, ref_aux = hf_outputs(moe.hf, inputs)
     real = inputs["attention_mask"].astype(bool)
     np.testing.assert_allclose(model(**inputs)[real], ref_logits[real], atol=1e-4, rtol=0)
@@ -86,14 +87,13 @@ def test_uneven_loads_and_gradients_of_grouped_backends_equal_dense(first, count
 
     def grads(backend):
         def loss(x, weights, gate_up, down):
+            expert_weights = dict(gate_up=gate_up, down=down)
             if backend == "dense":  # the other experts' assignments get weight 0
-                y = experts_dense(
-                    x, jnp.clip(chosen - first, 0, count - 1), jnp.where(local, weights, 0), gate_up, down
-                )
+                local_experts = jnp.clip(chosen - first, 0, count - 1)
+                y = experts_dense(x, experts=local_experts, weights=jnp.where(local, weights, 0), **expert_weights)
             else:
-                y = experts_grouped(
-                    x, chosen, weights, gate_up, down, backend=backend, tiling=(16, 32, 32), first_expert=first
-                )
+                dispatch = dict(backend=backend, tiling=(16, 32, 32), first_expert=first)
+                y = experts_grouped(x, experts=chosen, weights=weights, **expert_weights, **dispatch)
             return (y**2).sum()
 
         args = (x, weights, gate_up[first : first + count], down[first : first + count])
@@ -112,20 +112,15 @@ def test_expert_parallel_block_equals_single_device(tokens):
     """The MoE block on an expert mesh, with tokens split over the batch axes and with too few tokens to split
     (a decode step); and a clear error when the experts do not divide over the expert axis."""
     text = preset("tiny-moe").text
-    block = MoeBlock(text, "ragged_dot", (16, 32, 32), dtype=jnp.float32, param_dtype=jnp.float32)
+    settings = dict(backend="ragged_dot", tiling=(16, 32, 32), dtype=jnp.float32, param_dtype=jnp.float32)
+    block = MoeBlock(text, **settings)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, tokens, text.hidden_size))
     params = block.init(jax.random.PRNGKey(1), x)
     single = jax.jit(block.apply)(params, x)
     with jax.set_mesh(expert_mesh()):
         sharded = jax.jit(block.apply)(params, x)
     np.testing.assert_allclose(sharded[0], single[0], atol=1e-6, rtol=0)
-    six = MoeBlock(
-        preset("tiny-moe", text=dict(num_experts=6)).text,
-        "ragged_dot",
-        (16, 32, 32),
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-    )
+    six = MoeBlock(preset("tiny-moe", text=dict(num_experts=6)).text, **settings)
     with jax.set_mesh(make_mesh({"expert": 8})), pytest.raises(ValueError, match="num_experts 6 is not a multiple"):
         jax.eval_shape(six.init, jax.random.PRNGKey(1), x)
 
@@ -137,7 +132,7 @@ def test_save_then_transformers_loads_same_logits(moe, tmp_path, layout):
         shape = tuple(f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape())
     assert shape == ((8, 64, 96) if layout == "hub" else (8, 96, 64))
     reloaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tmp_path))
-    inputs = batch_inputs(moe.config, [build_prompt(moe.config, PROMPTS["video"][0], np.random.default_rng(5))])
+    inputs = batch_inputs(moe.config, [build_prompt(moe.config, PROMPTS["video"][0], rng=np.random.default_rng(5))])
     np.testing.assert_allclose(moe.ours(**inputs), hf_logits(reloaded, inputs), atol=1e-4, rtol=0)
     np.testing.assert_array_equal(qwen3vl_jax.load_pretrained(str(tmp_path))(**inputs), moe.ours(**inputs))
 
@@ -147,7 +142,7 @@ def test_mixed_dense_and_moe_layers(tmp_path):
     config = preset("tiny-moe").replace(text=dict(num_hidden_layers=4, mlp_only_layers=(1,)))
     assert layer_runs(config.text) == [(0, 1, True), (1, 2, False), (2, 4, True)]
     reference = Reference(config, tmp_path)
-    inputs = batch_inputs(config, [build_prompt(config, PROMPTS["image_and_text"][0], np.random.default_rng(6))])
+    inputs = batch_inputs(config, [build_prompt(config, PROMPTS["image_and_text"][0], rng=np.random.default_rng(6))])
     ref_logits, ref_aux = hf_outputs(reference.hf, inputs)
     np.testing.assert_allclose(reference.ours(**inputs), ref_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(reference.ours.router_aux_loss(**inputs), ref_aux, rtol=1e-5)
@@ -166,12 +161,13 @@ def test_mfu_counts_the_active_experts():
         )
     )
     router = 3 * 2 * 2 * 16 * t.hidden_size * t.num_experts * t.num_hidden_layers
-    assert train_flops(moe, 2, 16, 0) == train_flops(dense, 2, 16, 0) + router
+    shapes = dict(batch=2, seq_len=16, patches=0)
+    assert train_flops(moe, **shapes) == train_flops(dense, **shapes) + router
 
 
 def test_greedy_generation_equals_transformers(moe):
     inputs = batch_inputs(
-        moe.config, [build_prompt(moe.config, p, np.random.default_rng(7)) for p in PROMPTS["image_and_text"]]
+        moe.config, [build_prompt(moe.config, p, rng=np.random.default_rng(7)) for p in PROMPTS["image_and_text"]]
     )
     with torch.no_grad():
         ref = moe.hf.generate(
@@ -188,7 +184,8 @@ def test_greedy_generation_equals_transformers(moe):
 @pytest.fixture(scope="module")
 def moe_batch(moe):
     rows = [
-        build_prompt(moe.config, p, np.random.default_rng(8 + i)) for i, p in enumerate(PROMPTS["image_and_text"] * 4)
+        build_prompt(moe.config, p, rng=np.random.default_rng(8 + i))
+        for i, p in enumerate(PROMPTS["image_and_text"] * 4)
     ]
     inputs, _ = moe.ours.prepare(**batch_inputs(moe.config, rows), seq_len=64, max_patches=64)
     batch = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
@@ -209,7 +206,8 @@ def test_expert_parallel_megablox_forward_and_gradients_equal_single_device(moe,
         )
         mask = batch["loss_mask"]
         ce = (token_cross_entropy(logits, batch["targets"]) * mask).sum() / mask.sum()
-        aux = load_balancing_loss(router_logits, batch["segment_ids"].reshape(-1) > 0, config.text.num_experts_per_tok)
+        real = batch["segment_ids"].reshape(-1) > 0
+        aux = load_balancing_loss(router_logits, real, top_k=config.text.num_experts_per_tok)
         return ce + 0.1 * aux, (logits, aux)
 
     fn = jax.value_and_grad(loss, has_aux=True)
@@ -233,8 +231,8 @@ def test_expert_parallel_step_equals_single_device(moe, moe_batch):
     """On 8 fake devices (expert 4 x fsdp 2) one train step (CE + router aux loss, AdamW) equals the
     single-device step."""
     config = moe.config.replace(moe_backend="ragged_dot")
-    optimizer, schedule = make_optimizer(OPTIMIZER, 100, moe.ours.params)
-    step = make_train_step(config, optimizer, schedule, loss_normalization="sqrt")
+    optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=100, params=moe.ours.params)
+    step = make_train_step(config, optimizer=optimizer, schedule=schedule, loss_normalization="sqrt")
     state = TrainState(
         step=np.int32(0), params=moe.ours.params, opt_state=optimizer.init(moe.ours.params), rng=jax.random.PRNGKey(0)
     )

@@ -8,13 +8,12 @@ import os
 import re
 
 import nbformat
+from helpers import ROOT, tiny_config
 from nbclient import NotebookClient
-from training_setup import tiny_config
 
 from qwen3vl_jax.data.synthetic import make_record
 from qwen3vl_jax.training.builder import processor_from
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "tpu", "qwen3vl_colab.ipynb")
 
 

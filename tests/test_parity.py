@@ -23,7 +23,7 @@ CASES = {
 }
 
 
-def assert_logits_close(ours, ref, inputs, atol):
+def assert_logits_close(ours, ref, *, inputs, atol):
     real = inputs["attention_mask"].astype(bool)  # padded positions carry no meaning in either model
     assert np.abs(ref).max() > 1.0, "reference logits too small to make the comparison meaningful"
     np.testing.assert_allclose(ours[real], ref[real], atol=atol, rtol=0)
@@ -32,15 +32,15 @@ def assert_logits_close(ours, ref, inputs, atol):
 @pytest.mark.parametrize("case", CASES)
 def test_logits_equal_transformers_fp32(tiny, case):
     rng = np.random.default_rng(sorted(CASES).index(case))
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng) for parts in CASES[case]])
-    assert_logits_close(tiny.ours(**inputs), hf_logits(tiny.hf, inputs), inputs, atol=1e-4)
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng=rng) for parts in CASES[case]])
+    assert_logits_close(tiny.ours(**inputs), hf_logits(tiny.hf, inputs), inputs=inputs, atol=1e-4)
 
 
 def test_tied_embeddings_logits(tiny_tied):
     assert "lm_head" not in tiny_tied.ours.params
     rng = np.random.default_rng(7)
-    inputs = batch_inputs(tiny_tied.config, [build_prompt(tiny_tied.config, CASES["image_and_video"][0], rng)])
-    assert_logits_close(tiny_tied.ours(**inputs), hf_logits(tiny_tied.hf, inputs), inputs, atol=1e-4)
+    inputs = batch_inputs(tiny_tied.config, [build_prompt(tiny_tied.config, CASES["image_and_video"][0], rng=rng)])
+    assert_logits_close(tiny_tied.ours(**inputs), hf_logits(tiny_tied.hf, inputs), inputs=inputs, atol=1e-4)
 
 
 def test_bf16_as_accurate_as_transformers_bf16(tiny, tmp_path):
@@ -55,7 +55,9 @@ def test_bf16_as_accurate_as_transformers_bf16(tiny, tmp_path):
     assert ours16.config.param_dtype == "bfloat16" and ours16.config.dtype == "bfloat16"
 
     rng = np.random.default_rng(11)
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng) for parts in CASES["left_padded_batch"]])
+    inputs = batch_inputs(
+        tiny.config, [build_prompt(tiny.config, parts, rng=rng) for parts in CASES["left_padded_batch"]]
+    )
     real = inputs["attention_mask"].astype(bool)
     exact = hf_logits(hf32, inputs)[real]
     err_hf = np.abs(hf_logits(hf16, inputs)[real] - exact)

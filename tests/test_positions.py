@@ -27,8 +27,8 @@ def our_rope_index(config, inputs):
     return qwen3vl_jax.rope_index(
         inputs["input_ids"],
         inputs.get("attention_mask"),
-        inputs.get("image_grid_thw"),
-        inputs.get("video_grid_thw"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,
         spatial_merge_size=config.vision.spatial_merge_size,
@@ -68,7 +68,7 @@ def test_worked_example_by_hand(tiny):
     ids=["text", "image", "consecutive_images", "video", "padded_batch_mixed"],
 )
 def test_positions_and_deltas_equal_transformers(tiny, parts_per_row, rng):
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng) for parts in parts_per_row])
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng=rng) for parts in parts_per_row])
     ref_pos, ref_deltas = hf_rope_index(tiny, inputs)
     pos, deltas = our_rope_index(tiny.config, inputs)
     real = inputs["attention_mask"].astype(bool)
@@ -77,7 +77,7 @@ def test_positions_and_deltas_equal_transformers(tiny, parts_per_row, rng):
 
 
 def test_placeholder_mismatch_names_the_item(tiny, rng):
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, [("text", 3), ("image", (4, 4))], rng)])
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, [("text", 3), ("image", (4, 4))], rng=rng)])
     with pytest.raises(
         ValueError,
         match=r"batch row 0: 4 image placeholder tokens .* image 0 \(grid t,h,w = "

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from media import CAMERA_CLIP, IMAGES, frame_level, image, write_qwen_tokenizer_dir, write_video
+from helpers import CAMERA_CLIP, IMAGES, frame_level, image, write_qwen_tokenizer_dir, write_video
 from PIL import Image
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -49,14 +49,17 @@ def test_image_pixels_and_grids_equal_transformers(proc):
         np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"], err_msg=name)
 
 
+LIMITS = dict(factor=32, min_pixels=65536, max_pixels=16777216)  # the released image processor's
+
+
 def test_smart_resize_limits_and_errors():
-    assert smart_resize(300, 451, 32, 65536, 16777216) == (288, 448)
-    assert smart_resize(10, 10, 32, 65536, 16777216) == (256, 256)  # scaled up to min_pixels
-    assert smart_resize(8000, 8000, 32, 65536, 16777216) == (4096, 4096)  # scaled down to max_pixels
+    assert smart_resize(300, 451, **LIMITS) == (288, 448)
+    assert smart_resize(10, 10, **LIMITS) == (256, 256)  # scaled up to min_pixels
+    assert smart_resize(8000, 8000, **LIMITS) == (4096, 4096)  # scaled down to max_pixels
     with pytest.raises(DataError, match="aspect ratio"):
-        smart_resize(10, 2010, 32, 65536, 16777216)
+        smart_resize(10, 2010, **LIMITS)
     with pytest.raises(DataError, match="zero size"):
-        smart_resize(0, 10, 32, 65536, 16777216)
+        smart_resize(0, 10, **LIMITS)
 
 
 def test_video_sampling_grid_and_timestamps_by_hand(proc):
@@ -114,7 +117,7 @@ def test_a_clip_shorter_than_one_temporal_group_is_an_error_naming_it(proc, tmp_
 def test_odd_frame_count_is_padded_with_the_last_frame():
     """5 frames recorded at 2 fps: n = int(5 / 2 * 2) = 5 (odd) -> the last frame is repeated; timestamps of
     indices [0, 1, 2, 3, 4, 4] at 2 fps are [0.25, 1.25, 2.0]."""
-    proc = Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(video_min_pixels=0))
+    proc = Processor(byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(video_min_pixels=0))
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(5)]
     video = proc.process_video(frames, fps=2.0)
@@ -128,7 +131,7 @@ def test_video_patchify_equals_the_image_path_per_frame():
     """A 2-frame video's rows hold frame 0 in temporal slot 0 and frame 1 in slot 1, each laid out exactly as
     the image path lays out that frame."""
     config = VisionProcessingConfig(image_min_pixels=0, video_min_pixels=0, video_max_pixels=2 * 64 * 96)
-    proc = Processor(byte_tokenizer(), load_chat_template(None), config)
+    proc = Processor(byte_tokenizer(), load_chat_template(None), config=config)
     rng = np.random.default_rng(1)
     frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(2)]
     video = proc.process_video(frames, fps=1.0)
@@ -229,7 +232,9 @@ def test_batch_left_padding(proc):
 
 
 def test_save_and_load_processor(proc, tmp_path):
-    custom = Processor(proc.tokenizer, proc.chat_template, VisionProcessingConfig(image_min_pixels=1024, fps=1.0))
+    custom = Processor(
+        proc.tokenizer, proc.chat_template, config=VisionProcessingConfig(image_min_pixels=1024, fps=1.0)
+    )
     custom.save_pretrained(str(tmp_path))
     loaded = qwen3vl_jax.load_processor(str(tmp_path))
     assert loaded.config == custom.config and loaded.chat_template == custom.chat_template

@@ -22,8 +22,8 @@ def test_interleaved_tables_equal_transformers(tiny, rng):
         )
     cos, sin = mrope_tables(
         jnp.asarray(positions),
-        inverse_frequencies(c.text.rope_theta, c.text.head_dim),
-        mrope_axis_of_frequency(c.text.mrope_section, "interleaved"),
+        inv_freq=inverse_frequencies(c.text.rope_theta, c.text.head_dim),
+        axis_of_frequency=mrope_axis_of_frequency(c.text.mrope_section, "interleaved"),
     )
     np.testing.assert_allclose(cos, ref_cos.numpy(), atol=2e-6, rtol=0)
     np.testing.assert_allclose(sin, ref_sin.numpy(), atol=2e-6, rtol=0)

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT
 from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
 from jax.sharding import NamedSharding, PartitionSpec
-from test_compile_tpu import ROOT
 
 import qwen3vl_jax
 from qwen3vl_jax.config import from_hf, to_hf
@@ -23,7 +23,7 @@ from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 BLOCKS = (128, 128)
 
 
-def packed_inputs(dtype, length=200, batch=2, heads=4, kv_heads=2, head_dim=32):
+def packed_inputs(dtype, *, length=200, batch=2, heads=4, kv_heads=2, head_dim=32):
     """Rows of `length` tokens (not a multiple of 128): even rows pack three examples and padding, odd rows have
     left padding; GQA with 2 query heads per kv head."""
     rng = np.random.default_rng(0)
@@ -36,11 +36,15 @@ def packed_inputs(dtype, length=200, batch=2, heads=4, kv_heads=2, head_dim=32):
     return q, k, v, jnp.asarray(segments)
 
 
-def outputs_and_grads(impl, q, k, v, segments, causal):
+def outputs_and_grads(inputs, *, impl, causal):
+    """inputs: (q, k, v, segments) as `packed_inputs` returns them."""
+    q, k, v, segments = inputs
     real = (segments > 0)[..., None, None]  # padding rows carry no meaning in either implementation
 
     def loss(q, k, v):
-        out = attention(q, k, v, segments, segments, causal=causal, impl=impl, block_sizes=BLOCKS)
+        out = attention(
+            q, k, v, q_segment_ids=segments, kv_segment_ids=segments, causal=causal, impl=impl, block_sizes=BLOCKS
+        )
         return (jnp.where(real, out, 0).astype(jnp.float32) ** 2).sum(), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -50,7 +54,9 @@ def outputs_and_grads(impl, q, k, v, segments, causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal_packed_text", "full_block_diagonal"])
 def test_splash_equals_xla_fp32(causal):
     inputs = packed_inputs(jnp.float32)
-    (out_x, grads_x), (out_s, grads_s) = (outputs_and_grads(impl, *inputs, causal) for impl in ("xla", "splash"))
+    (out_x, grads_x), (out_s, grads_s) = (
+        outputs_and_grads(inputs, impl=impl, causal=causal) for impl in ("xla", "splash")
+    )
     np.testing.assert_allclose(out_s, out_x, atol=1e-5, rtol=0)
     for g_s, g_x in zip(grads_s, grads_x):
         np.testing.assert_allclose(g_s, g_x, atol=5e-5, rtol=0)
@@ -59,10 +65,10 @@ def test_splash_equals_xla_fp32(causal):
 def test_splash_bf16_as_accurate_as_xla_bf16():
     """bf16 inputs: both kernels round differently (online vs materialised softmax), so each is compared with
     the fp32 result: splash's error must stay within 2x of the XLA path's own bf16 error."""
-    exact, exact_grads = outputs_and_grads("xla", *packed_inputs(jnp.float32), True)
+    exact, exact_grads = outputs_and_grads(packed_inputs(jnp.float32), impl="xla", causal=True)
     errors = {}
     for impl in ("xla", "splash"):
-        out, grads = outputs_and_grads(impl, *packed_inputs(jnp.bfloat16), True)
+        out, grads = outputs_and_grads(packed_inputs(jnp.bfloat16), impl=impl, causal=True)
         errors[impl] = [np.abs(out - exact).max()] + [np.abs(g - e).max() for g, e in zip(grads, exact_grads)]
     for splash_error, xla_error in zip(errors["splash"], errors["xla"]):
         assert splash_error <= 2 * xla_error + 1e-3, errors
@@ -92,7 +98,7 @@ def test_vit_splash_on_images_of_different_sizes(tiny):
 )
 def test_whole_model_splash_equals_xla_and_transformers(tiny, parts):
     splash = qwen3vl_jax.load_pretrained(tiny.path, attention_impl="splash", splash_block_sizes=BLOCKS)
-    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, p, np.random.default_rng(2)) for p in parts])
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, p, rng=np.random.default_rng(2)) for p in parts])
     real = inputs["attention_mask"].astype(bool)
     ours = splash(**inputs)
     np.testing.assert_allclose(ours[real], tiny.ours(**inputs)[real], atol=2e-5, rtol=0)
@@ -100,15 +106,16 @@ def test_whole_model_splash_equals_xla_and_transformers(tiny, parts):
 
 
 def test_train_steps_with_splash_match_xla(batch, optimizer):
-    from training_setup import CONFIG, initial_state
+    from helpers import CONFIG, initial_state
 
     from qwen3vl_jax.training.train_step import make_train_step
 
     losses = {}
+    transform, schedule = optimizer
     for impl in ("xla", "splash"):
         config = CONFIG.replace(attention_impl=impl, splash_block_sizes=BLOCKS)
-        step = jax.jit(make_train_step(config, *optimizer, loss_normalization="sqrt"))
-        state, losses[impl] = initial_state(optimizer[0]), []
+        step = jax.jit(make_train_step(config, optimizer=transform, schedule=schedule, loss_normalization="sqrt"))
+        state, losses[impl] = initial_state(transform), []
         for _ in range(3):
             state, metrics = step(state, batch)
             losses[impl].append(float(metrics["loss"]))
@@ -118,13 +125,13 @@ def test_train_steps_with_splash_match_xla(batch, optimizer):
 def test_sharded_splash_equals_unsharded():
     """On 8 fake devices: batch over (data, fsdp), heads over tensor, the kernel inside shard_map."""
     q, k, v, segments = packed_inputs(jnp.float32, batch=4, heads=4, kv_heads=2)
-    expected, expected_grads = outputs_and_grads("splash", q, k, v, segments, True)
+    expected, expected_grads = outputs_and_grads((q, k, v, segments), impl="splash", causal=True)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         heads = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor"))
         q, k, v = (jax.device_put(x, heads) for x in (q, k, v))
         segments = jax.device_put(segments, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-        out, grads = outputs_and_grads("splash", q, k, v, segments, True)
+        out, grads = outputs_and_grads((q, k, v, segments), impl="splash", causal=True)
     np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, atol=1e-6, rtol=0)
@@ -166,6 +173,6 @@ def test_yarn_logits_equal_transformers(tmp_path):
     ours = qwen3vl_jax.load_pretrained(str(tmp_path))
     assert ours.config.text.rope_type == "yarn"
     inputs = batch_inputs(
-        config, [build_prompt(config, [("text", 30), ("image", (8, 8)), ("text", 60)], np.random.default_rng(3))]
+        config, [build_prompt(config, [("text", 30), ("image", (8, 8)), ("text", 60)], rng=np.random.default_rng(3))]
     )  # positions far past 32
     np.testing.assert_allclose(ours(**inputs), hf_logits(model, inputs), atol=1e-4, rtol=0)

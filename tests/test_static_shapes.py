@@ -23,7 +23,7 @@ def test_one_compile_serves_different_image_sizes(tiny):
     ]
     rng = np.random.default_rng(0)
     for parts in layouts:
-        batch = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng)])
+        batch = batch_inputs(tiny.config, [build_prompt(tiny.config, parts, rng=rng)])
         inputs, _ = tiny.ours.prepare(**batch, seq_len=64, max_patches=256)
         np.testing.assert_allclose(
             np.asarray(forward(tiny.ours.params, inputs))[:, : batch["input_ids"].shape[1]],
@@ -35,7 +35,9 @@ def test_one_compile_serves_different_image_sizes(tiny):
 
 
 def test_padding_does_not_change_logits(tiny, rng):
-    batch = batch_inputs(tiny.config, [build_prompt(tiny.config, [("text", 4), ("image", (4, 6)), ("text", 3)], rng)])
+    batch = batch_inputs(
+        tiny.config, [build_prompt(tiny.config, [("text", 4), ("image", (4, 6)), ("text", 3)], rng=rng)]
+    )
     small = tiny.ours(**batch)
     large = tiny.ours(**batch, seq_len=256, max_patches=1024)
     np.testing.assert_allclose(large, small, atol=1e-5, rtol=0)

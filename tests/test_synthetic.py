@@ -257,7 +257,7 @@ def test_synthetic_source():
         record = source[np.int64(i)]
         task = TASKS[i % len(TASKS)]
         assert record["task"] == task and record["id"] == f"{task}/{i // len(TASKS)}"
-        expected = make_record(task, i // len(TASKS), 4, image_size=32, num_frames=4)
+        expected = make_record(task, i // len(TASKS), seed=4, image_size=32, num_frames=4)
         assert record["answer"] == expected["answer"]
         assert all(np.array_equal(a, b) for a, b in zip(_frames(record), _frames(expected), strict=True))
     for i in (23, 100, -1):

@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from media import image
-from ml_collections import ConfigDict
+from helpers import image, tiny_config
 from PIL import Image
-from training_setup import tiny_config
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
@@ -157,7 +155,7 @@ def test_a_missing_feature_or_a_bad_mapping_is_an_error_naming_it(data_dir):
 PROCESSOR = Processor(
     byte_tokenizer(),
     load_chat_template(None),
-    VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 64),
+    config=VisionProcessingConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 64),
 )
 CONFIG = preset("tiny")
 
@@ -185,8 +183,8 @@ def test_bad_records_are_named_in_errors_or_skipped_and_counted(data_dir):
         (squares(data_dir), r"feature 'answers' is an empty list"),
     ):
         with pytest.raises(DataError, match=rf"example tiny_vqa/train:\d+: {reason}"):
-            list(build_dataset(data([spec]), PROCESSOR, CONFIG))
-        batches = list(build_dataset(data([spec], on_bad_input="skip"), PROCESSOR, CONFIG))
+            list(build_dataset(data([spec]), PROCESSOR, model_config=CONFIG))
+        batches = list(build_dataset(data([spec], on_bad_input="skip"), PROCESSOR, model_config=CONFIG))
         assert sum(int(b["num_dropped"].sum()) for b in batches) == 1
         assert sum(int(b["segment_ids"].max()) for b in batches) == 11
 
@@ -197,7 +195,7 @@ def test_mixed_sharded_and_resumable(data_dir):
     spec = squares(data_dir, split="test")
     seen = []
     for shard in range(2):
-        for batch in build_dataset(data([spec]), PROCESSOR, CONFIG, shard_index=shard, shard_count=2):
+        for batch in build_dataset(data([spec]), PROCESSOR, model_config=CONFIG, shard_index=shard, shard_count=2):
             ids, segments = batch["input_ids"][0], batch["segment_ids"][0]
             seen += [(shard, PROCESSOR.decode(ids[segments == s])) for s in range(1, segments.max() + 1)]
     questions = sorted(text.split("user\n")[1].split("?")[0] for _, text in seen)
@@ -212,12 +210,12 @@ def test_mixed_sharded_and_resumable(data_dir):
         batch_size=2,
         packing_bins=2,
     )
-    iterator = iter(build_dataset(mixed, PROCESSOR, CONFIG))
+    iterator = iter(build_dataset(mixed, PROCESSOR, model_config=CONFIG))
     for _ in range(2):
         next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))
     expected = [next(iterator) for _ in range(2)]
-    resumed = iter(build_dataset(mixed, PROCESSOR, CONFIG))
+    resumed = iter(build_dataset(mixed, PROCESSOR, model_config=CONFIG))
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(2)]):
         for key in a:
@@ -233,17 +231,8 @@ def test_two_training_steps_and_an_eval_on_a_tfds_dataset(data_dir, tmp_path):
         source.weight = 0.0
     config.data.sources.tfds.update(photo_pairs(data_dir), weight=1.0)
     config.data.update(seq_len=128, max_patches=64, batch_size=8, on_bad_input="skip")  # 8 rows: one per device
-    config.eval = ConfigDict(
-        dict(
-            every=2,
-            batch_size=8,
-            sets={
-                "tiny_vqa": dict(
-                    num_examples=4, data=dict(seq_len=128, max_patches=64, sources=[squares(data_dir, split="test")])
-                )
-            },
-        )
-    )
+    config.eval.update(every=2, batch_size=8)
+    config.eval.sets = {"tiny_vqa": dict(num_examples=4, sources=[squares(data_dir, split="test")])}
     results = Trainer(config, str(tmp_path)).run()
     assert results["tiny_vqa/examples"] == 4 and 0 <= results["tiny_vqa/exact_match"] <= 1
     assert np.isfinite(results["tiny_vqa/token_ce"])

@@ -159,9 +159,10 @@ class FakeTools:
         )
         return env
 
-    def run(self, script, *args, fake_exit=1, **env):
+    def run(self, script, argv=(), *, fake_exit=1, **env):
+        """Runs tpu/`script` with the command-line words `argv`; `env` adds environment variables."""
         return subprocess.run(
-            [str(TPU / script), *args], env={**self.env(fake_exit), **env}, capture_output=True, text=True, timeout=60
+            [str(TPU / script), *argv], env={**self.env(fake_exit), **env}, capture_output=True, text=True, timeout=60
         )
 
     def paste(self, line):
@@ -211,7 +212,7 @@ def test_executable_bash_scripts(script):
 
 @pytest.mark.parametrize(("script", "flags", "expected"), CASES, ids=CASE_IDS)
 def test_dry_run_prints_the_commands_and_runs_nothing(tools, script, flags, expected):
-    result = tools.run(script, "--dry-run", *map(tools.fill, flags), fake_exit=1)
+    result = tools.run(script, ["--dry-run", *map(tools.fill, flags)], fake_exit=1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [tools.fill(line) for line in expected]
     assert tools.recorded() == []
@@ -219,28 +220,28 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tools, script, flags, expe
 
 @pytest.mark.parametrize(("script", "flags", "expected"), CASES, ids=CASE_IDS)
 def test_real_run_runs_what_dry_run_printed(tools, script, flags, expected):
-    printed = tools.run(script, "--dry-run", *map(tools.fill, flags)).stdout.splitlines()
+    printed = tools.run(script, ["--dry-run", *map(tools.fill, flags)]).stdout.splitlines()
     assert len(printed) == len(expected)
     for line in printed:  # copy-pasted into bash, each line runs one command
         assert tools.paste(line).returncode == 0
     pasted = tools.recorded()
     assert len(pasted) == len(printed)
 
-    result = tools.run(script, *map(tools.fill, flags), fake_exit=0)
+    result = tools.run(script, [*map(tools.fill, flags)], fake_exit=0)
     assert result.returncode == 0, result.stderr
     assert tools.recorded() == pasted
 
 
 def test_stops_at_the_first_failing_command(tools):
-    result = tools.run("install.sh", f"--name={NAME}", f"--zone={ZONE}", fake_exit=1)
+    result = tools.run("install.sh", [f"--name={NAME}", f"--zone={ZONE}"], fake_exit=1)
     assert result.returncode == 1
     assert [call[:2] for call in tools.recorded()] == [["git", "-C"]]
 
 
 def test_environment_defaults(tools):
-    result = tools.run("delete.sh", "--dry-run", TPU_NAME=NAME, TPU_ZONE=ZONE, TPU_PROJECT="my-proj")
+    result = tools.run("delete.sh", ["--dry-run"], TPU_NAME=NAME, TPU_ZONE=ZONE, TPU_PROJECT="my-proj")
     assert result.stdout == f"{TPU_VM} delete my-tpu --zone=us-east5-a --quiet --project=my-proj\n"
-    result = tools.run("delete.sh", "--dry-run", "--name=other", TPU_NAME=NAME, TPU_ZONE=ZONE)
+    result = tools.run("delete.sh", ["--dry-run", "--name=other"], TPU_NAME=NAME, TPU_ZONE=ZONE)
     assert result.stdout == f"{TPU_VM} delete other --zone=us-east5-a --quiet\n"
 
 
@@ -255,7 +256,8 @@ REQUIRED = {
 }
 
 
-def assert_usage_error(result, *named):
+def assert_usage_error(result, named):
+    """`named`: the texts the error message must contain."""
     assert result.returncode == 2
     assert result.stdout == ""
     for text in named:
@@ -265,15 +267,15 @@ def assert_usage_error(result, *named):
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_usage_errors(tools, script):
     required = [tools.fill(flag) for flag in REQUIRED[script]]
-    assert_usage_error(tools.run(script, *required), "missing --name", "TPU_NAME")
-    assert_usage_error(tools.run(script, f"--name={NAME}", *required, "--bogus=1"), "unknown flag: --bogus=1")
-    assert_usage_error(tools.run(script, "--name", NAME, *required), "--name needs a value")
+    assert_usage_error(tools.run(script, required), ["missing --name", "TPU_NAME"])
+    assert_usage_error(tools.run(script, [f"--name={NAME}", *required, "--bogus=1"]), ["unknown flag: --bogus=1"])
+    assert_usage_error(tools.run(script, ["--name", NAME, *required]), ["--name needs a value"])
     assert tools.recorded() == []
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help(tools, script):
-    result = tools.run(script, "--help")
+    result = tools.run(script, ["--help"])
     assert result.returncode == 0
     assert result.stdout.startswith("Usage: ")
     assert "Example:" in result.stdout and "--dry-run" in result.stdout
@@ -293,4 +295,4 @@ def test_help(tools, script):
     ],
 )
 def test_script_specific_usage_errors(tools, script, flags, named):
-    assert_usage_error(tools.run(script, "--dry-run", *flags), named)
+    assert_usage_error(tools.run(script, ["--dry-run", *flags]), [named])

@@ -1,69 +1,33 @@
 """The train binary survives kill -9: the same command resumes from the newest complete checkpoint and
 reproduces the uninterrupted loss sequence exactly, also when the kill lands in the middle of a save."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from helpers import ENV, ROOT, command, losses
 from tensorboardX.proto.event_pb2 import Event
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
-def command(workdir, steps, every):
-    return [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.steps={steps}",
-        f"--config.checkpoint.every={every}",
-        "--config.checkpoint.keep=2",
-        "--config.log_every=1",
-        "--config.eval.every=0",
-        "--config.export_hf=False",
-        "--config.data.seq_len=128",
-        "--config.data.max_patches=64",
-        "--config.data.batch_size=4",
-        "--config.peak_flops_per_device=1e11",
-    ]
-
-
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a user's machine has
-
-
-def run(workdir, steps, every):
+def run(workdir, *, steps, every):
     result = subprocess.run(
-        command(workdir, steps, every), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+        command(workdir, steps=steps, every=every), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
-def losses(workdir) -> dict[int, float]:
-    """Train loss per step; a step run again after a resume overwrites the earlier line."""
-    out = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.readlines()
-        for line in lines:
-            if line.endswith("\n"):
-                record = json.loads(line)
-                if record["split"] == "train":
-                    out[record["step"]] = record["loss"]
-    return out
-
-
-def start_and_kill(workdir, steps, every, after_step):
+def start_and_kill(workdir, *, steps, every, after_step):
     process = subprocess.Popen(
-        command(workdir, steps, every), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(workdir, steps=steps, every=every),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while max(losses(workdir), default=0) < after_step:
@@ -99,16 +63,16 @@ def tensorboard_scalars(workdir) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    run(workdir, 16, 4)
+    run(workdir, steps=16, every=4)
     assert sorted(losses(workdir)) == list(range(1, 17))
     assert tensorboard_scalars(workdir)["train/loss"] == pytest.approx([losses(workdir)[s] for s in range(1, 17)])
     return losses(workdir)
 
 
 def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path, reference):
-    start_and_kill(tmp_path, 16, 4, after_step=9)
+    start_and_kill(tmp_path, steps=16, every=4, after_step=9)
     assert max(losses(tmp_path)) < 16
-    output = run(tmp_path, 16, 4)
+    output = run(tmp_path, steps=16, every=4)
     assert "resumed from the checkpoint of step" in output
     assert losses(tmp_path) == reference  # bit-identical, step by step
 
@@ -117,12 +81,12 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path, 
     """Checkpoint every step so that saves are nearly always in flight; kill until a kill catches one (an
     unfinalised temporary checkpoint dir is left behind), then resume."""
     for attempt in range(10):
-        start_and_kill(tmp_path, 16, 1, after_step=min(3 + attempt, 14))
+        start_and_kill(tmp_path, steps=16, every=1, after_step=min(3 + attempt, 14))
         finished, in_flight = checkpoint_dirs(tmp_path)
         if in_flight:
             break
     assert in_flight, "no kill landed during a save"
-    output = run(tmp_path, 16, 1)
+    output = run(tmp_path, steps=16, every=1)
     assert f"resumed from the checkpoint of step {finished[-1]}" in output
     assert losses(tmp_path) == reference
 
@@ -132,7 +96,7 @@ def test_default_workdir_is_named_after_the_config_and_another_model_is_not_resu
     appears in the temp dir, where it would shadow the package for any Python started there. The same workdir
     refuses a model of other shapes, naming both."""
     env = dict(ENV, TMPDIR=str(tmp_path))
-    no_workdir = [arg for arg in command("unused", 2, 1) if not arg.startswith("--workdir")]
+    no_workdir = [arg for arg in command("unused", steps=2, every=1) if not arg.startswith("--workdir")]
     first = subprocess.run(no_workdir, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     workdir = tmp_path / "qwen3vl_runs" / "tiny"

@@ -5,8 +5,8 @@ in conftest.py (shared with the trainer and splash tests)."""
 import flax.linen as nn
 import jax
 import numpy as np
+from helpers import CONFIG, initial_state
 from jax.sharding import NamedSharding, PartitionSpec
-from training_setup import CONFIG, initial_state
 
 from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
@@ -16,14 +16,15 @@ from qwen3vl_jax.training.train_step import TrainState, make_train_step
 def test_sharded_step_equals_single_device(batch, optimizer, single_device_step):
     assert jax.device_count() == 8
     single_state, single_metrics = single_device_step
-    step = make_train_step(CONFIG, *optimizer, loss_normalization="sqrt")
+    transform, schedule = optimizer
+    step = make_train_step(CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     boxed = abstract_params(CONFIG, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         step=replicated,
         params=param_shardings(boxed, mesh),
-        opt_state=param_shardings(jax.eval_shape(optimizer[0].init, boxed), mesh),
+        opt_state=param_shardings(jax.eval_shape(transform.init, boxed), mesh),
         rng=replicated,
     )
     q_proj = shardings.params["decoder"]["layers"]["q_proj"]["kernel"].spec
@@ -31,7 +32,7 @@ def test_sharded_step_equals_single_device(batch, optimizer, single_device_step)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         sharded = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated))
         state, metrics = sharded(
-            jax.device_put(initial_state(optimizer[0]), shardings), jax.device_put(batch, batch_sharding(mesh))
+            jax.device_put(initial_state(transform), shardings), jax.device_put(batch, batch_sharding(mesh))
         )
     assert state.params["decoder"]["layers"]["q_proj"]["kernel"].sharding.spec == q_proj
     # fp32 sums over differently split batches and weights differ in rounding only
@@ -46,8 +47,11 @@ def test_sharded_step_equals_single_device(batch, optimizer, single_device_step)
 
 def test_gradient_accumulation_equals_whole_batch(batch, optimizer, single_device_step):
     whole, whole_metrics = single_device_step
-    step = make_train_step(CONFIG, *optimizer, loss_normalization="sqrt", grad_accum_steps=4)
-    accumulated, accumulated_metrics = jax.jit(step)(initial_state(optimizer[0]), batch)
+    transform, schedule = optimizer
+    step = make_train_step(
+        CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt", grad_accum_steps=4
+    )
+    accumulated, accumulated_metrics = jax.jit(step)(initial_state(transform), batch)
     np.testing.assert_allclose(accumulated_metrics["loss"], whole_metrics["loss"], rtol=1e-5)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6), accumulated.params, whole.params

@@ -9,9 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import ENV, OPTIMIZER, ROOT, command, losses, tiny_config
 from ml_collections import ConfigDict
-from test_train_resume import ENV, ROOT, command, losses
-from training_setup import OPTIMIZER, tiny_config
 
 from qwen3vl_jax.checkpoints.hf_io import load_params
 from qwen3vl_jax.config import preset
@@ -25,17 +24,18 @@ from qwen3vl_jax.training.trainer import Trainer
 CONFIG = preset("tiny")
 
 
-def one_step(config, optimizer_config, batch):
+def one_step(config, optimizer_config, *, batch):
     params = init_params(config, jax.random.PRNGKey(0))
-    optimizer, schedule = make_optimizer(optimizer_config, 100, params)
+    optimizer, schedule = make_optimizer(optimizer_config, total_steps=100, params=params)
     state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
-    new, metrics = jax.jit(make_train_step(config, optimizer, schedule, loss_normalization="sqrt"))(state, batch)
+    step = make_train_step(config, optimizer=optimizer, schedule=schedule, loss_normalization="sqrt")
+    new, metrics = jax.jit(step)(state, batch)
     return params, new.params, metrics
 
 
 def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
     frozen = ConfigDict({**OPTIMIZER.to_dict(), "freeze": ("vision",)})
-    before, after, _ = one_step(CONFIG, frozen, batch)
+    before, after, _ = one_step(CONFIG, frozen, batch=batch)
     changed = jax.tree_util.tree_map_with_path(
         lambda path, a, b: (part_of(tuple(k.key for k in path)), bool(np.any(np.asarray(a) != np.asarray(b)))),
         before,
@@ -49,7 +49,7 @@ def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
 
 def test_bf16_compute_with_fp32_master_weights(batch, single_device_step):
     _, fp32 = single_device_step
-    _, params, bf16 = one_step(CONFIG.replace(dtype="bfloat16"), OPTIMIZER, batch)
+    _, params, bf16 = one_step(CONFIG.replace(dtype="bfloat16"), OPTIMIZER, batch=batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     np.testing.assert_allclose(bf16["loss"], fp32["loss"], rtol=2e-2)  # bf16 keeps ~3 significant digits
 
@@ -77,7 +77,12 @@ def test_initialisation_from_an_hf_checkpoint(tiny, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     process = subprocess.Popen(
-        command(tmp_path, 500, 1000), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command(tmp_path, steps=500, every=1000),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 300
     while max(losses(tmp_path), default=0) < 5:

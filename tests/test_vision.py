@@ -9,7 +9,7 @@ from qwen3vl_jax.inputs.patch_geometry import patch_geometry
 GRIDS = np.array([[1, 6, 4], [2, 4, 8], [1, 10, 12], [1, 2, 2]])  # images of different sizes and a 2-group video
 
 
-def hf_visual(tiny, pixels, grids):
+def hf_visual(tiny, pixels, *, grids):
     with torch.no_grad():
         out = tiny.hf.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids))
     return out.pooler_output.numpy(), [x.numpy() for x in out.deepstack_features]
@@ -17,7 +17,7 @@ def hf_visual(tiny, pixels, grids):
 
 def test_vit_and_every_deepstack_feature_equal_transformers(tiny, rng):
     pixels = rng.standard_normal((int(GRIDS.prod(-1).sum()), tiny.config.vision.patch_dim)).astype(np.float32)
-    ref_merged, ref_deepstack = hf_visual(tiny, pixels, GRIDS)
+    ref_merged, ref_deepstack = hf_visual(tiny, pixels, grids=GRIDS)
     merged, deepstack = tiny.ours.encode_vision(pixels, GRIDS)
     assert len(deepstack) == len(ref_deepstack) == len(tiny.config.vision.deepstack_visual_indexes)
     np.testing.assert_allclose(merged, ref_merged, atol=1e-5, rtol=0)
@@ -52,9 +52,9 @@ def test_host_geometry_equals_transformers_helpers(tiny):
         spatial_merge_size=vc.spatial_merge_size,
     )
     ref_rowcol = vision_utils.get_vision_position_ids(grids, vc.spatial_merge_size)
+    geometry = dict(merge=vc.spatial_merge_size, side=vc.grid_per_side)
     index, weight, rowcol = (
-        np.concatenate(parts)
-        for parts in zip(*(patch_geometry(tuple(g), vc.spatial_merge_size, vc.grid_per_side) for g in GRIDS.tolist()))
+        np.concatenate(parts) for parts in zip(*(patch_geometry(tuple(g), **geometry) for g in GRIDS.tolist()))
     )
     np.testing.assert_array_equal(index, ref_index.numpy())
     np.testing.assert_array_equal(weight, ref_weight.numpy())

@@ -34,7 +34,7 @@ def aggregate(results: Mapping[str, Sequence[RunResults]], columns: Sequence[tup
     return table
 
 
-def markdown_table(table: dict, columns: Sequence[tuple[str, str]], seeds: Mapping[str, Sequence[int]]) -> str:
+def markdown_table(table: dict, *, columns: Sequence[tuple[str, str]], seeds: Mapping[str, Sequence[int]]) -> str:
     """Rows: variants; columns: `set metric` as mean ± 95% CI."""
     header = "| variant | seeds | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"
     lines = [header, "|---|---|" + "---|" * len(columns)]
@@ -53,7 +53,7 @@ def markdown_table(table: dict, columns: Sequence[tuple[str, str]], seeds: Mappi
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, columns: Sequence[tuple[str, str]], path: str, title: str) -> None:
+def plot(table: dict, *, columns: Sequence[tuple[str, str]], path: str, title: str) -> None:
     """One panel per column: a bar per variant (mean, 95% CI error bar) with the per-seed values as dots."""
     import matplotlib
 

@@ -54,14 +54,14 @@ def runs_of(sweep: ConfigDict) -> list[Run]:
     return [Run(variant, int(seed)) for variant in sweep.variants for seed in sweep.seeds]
 
 
-def merge(config: ConfigDict, overrides: Mapping[str, Any], path: str = "") -> None:
+def merge(config: ConfigDict, overrides: Mapping[str, Any], *, path: str = "") -> None:
     """Deep-merges `overrides` into `config` in place; a key that `config` lacks is an error naming it."""
     for key, value in overrides.items():
         where = f"{path}{key}"
         if key not in config:
             raise KeyError(f"override {where!r}: the base config has no such field")
         if isinstance(config[key], ConfigDict) and isinstance(value, Mapping):
-            merge(config[key], value, where + ".")
+            merge(config[key], value, path=where + ".")
         else:
             config[key] = value
 
@@ -84,7 +84,7 @@ def load_results(workdir: str, run: Run) -> dict | None:
     return read_json(file) if storage.path(file).exists() else None
 
 
-def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
+def train_and_evaluate(sweep: ConfigDict, run: Run, *, workdir: str) -> dict:
     """Trains the run (resuming it from its newest checkpoint if it was interrupted), evaluates it on the
     sweep's eval sets and writes predictions.jsonl and then results.json; returns the results."""
     directory = run_dir(workdir, run)
@@ -97,7 +97,7 @@ def train_and_evaluate(sweep: ConfigDict, run: Run, workdir: str) -> dict:
         predictions += generate_answers(
             model,
             trainer.processor,
-            records,
+            records=records,
             set_name=name,
             batch_size=sweep.eval.batch_size,
             max_new_tokens=sweep.eval.max_new_tokens,
@@ -128,7 +128,7 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
     table = report.aggregate(finished, columns)
     text = (
         f"# {sweep.name}\n\n{sweep.description}\n\n"
-        + report.markdown_table(table, columns, seeds)
+        + report.markdown_table(table, columns=columns, seeds=seeds)
         + f"\nEach cell: mean ± half-width of the 95% confidence interval (Student t) over the seeds; "
         f"{sweep.eval.max_new_tokens} greedy tokens per answer.\n"
     )
@@ -138,7 +138,7 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
         with open(os.path.join(local, "results.md"), "w") as f:
             f.write(text)
         if table:
-            report.plot(table, columns, os.path.join(local, "results.png"), sweep.name)
+            report.plot(table, columns=columns, path=os.path.join(local, "results.png"), title=sweep.name)
         write_json(
             os.path.join(local, RESULTS),
             {variant: {f"{s}/{m}": cell[2] for (s, m), cell in cells.items()} for variant, cells in table.items()},

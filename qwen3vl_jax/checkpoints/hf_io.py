@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory that does not match the model (names the file or tensor)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
     """HF tensor `hf` of shape `hf_shape` <-> params[path] (or params[path][index] for a scanned stack).
 
@@ -80,89 +80,100 @@ class Rule:
 
 def hf_rules(config: ModelConfig) -> list[Rule]:
     """All tensors of the HF checkpoint of `config`, in checkpoint order."""
-    v, t = config.vision, config.text
-    vit, vit_mlp, merged, out = v.hidden_size, v.intermediate_size, v.merged_dim, v.out_hidden_size
-    hidden = t.hidden_size
+    vision, text = config.vision, config.text
+    vit, vit_mlp, merged, out = vision.hidden_size, vision.intermediate_size, vision.merged_dim, vision.out_hidden_size
+    hidden = text.hidden_size
     rules: list[Rule] = []
 
-    def add(hf, path, hf_shape, kind=COPY, index=None):
-        rules.append(Rule(hf, tuple(path.split("/")), tuple(hf_shape), kind, index))
+    def add(hf, path, *, hf_shape, kind=COPY, index=None):
+        rules.append(Rule(hf=hf, path=tuple(path.split("/")), hf_shape=tuple(hf_shape), kind=kind, index=index))
 
-    def linear(hf, path, out_dim, in_dim, bias, index=None):
-        add(hf + ".weight", path + "/kernel", (out_dim, in_dim), LINEAR, index)
+    def linear(hf, path, *, out_dim, in_dim, bias, index=None):
+        add(hf + ".weight", path + "/kernel", hf_shape=(out_dim, in_dim), kind=LINEAR, index=index)
         if bias:
-            add(hf + ".bias", path + "/bias", (out_dim,), COPY, index)
+            add(hf + ".bias", path + "/bias", hf_shape=(out_dim,), kind=COPY, index=index)
 
-    def layer_norm(hf, path, dim, index=None):
-        add(hf + ".weight", path + "/scale", (dim,), COPY, index)
-        add(hf + ".bias", path + "/bias", (dim,), COPY, index)
+    def layer_norm(hf, path, *, dim, index=None):
+        add(hf + ".weight", path + "/scale", hf_shape=(dim,), kind=COPY, index=index)
+        add(hf + ".bias", path + "/bias", hf_shape=(dim,), kind=COPY, index=index)
 
-    def merger(hf, path, norm_dim):
-        layer_norm(hf + ".norm", path + "/norm", norm_dim)
-        linear(hf + ".linear_fc1", path + "/linear_fc1", merged, merged, True)
-        linear(hf + ".linear_fc2", path + "/linear_fc2", out, merged, True)
+    def merger(hf, path, *, norm_dim):
+        layer_norm(hf + ".norm", path + "/norm", dim=norm_dim)
+        linear(hf + ".linear_fc1", path + "/linear_fc1", out_dim=merged, in_dim=merged, bias=True)
+        linear(hf + ".linear_fc2", path + "/linear_fc2", out_dim=out, in_dim=merged, bias=True)
 
     vis = "model.visual"
     add(
         f"{vis}.patch_embed.proj.weight",
         "visual/patch_embed/kernel",
-        (vit, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
-        LINEAR,
+        hf_shape=(vit, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size),
+        kind=LINEAR,
     )
-    add(f"{vis}.patch_embed.proj.bias", "visual/patch_embed/bias", (vit,))
-    add(f"{vis}.pos_embed.weight", "visual/pos_embed", (v.num_position_embeddings, vit))
-    taps = v.deepstack_visual_indexes[: config.num_deepstack]
-    for stack, (start, end) in enumerate(block_stacks(v.depth, taps)):
+    add(f"{vis}.patch_embed.proj.bias", "visual/patch_embed/bias", hf_shape=(vit,))
+    add(f"{vis}.pos_embed.weight", "visual/pos_embed", hf_shape=(vision.num_position_embeddings, vit))
+    taps = vision.deepstack_visual_indexes[: config.num_deepstack]
+    for stack, (start, end) in enumerate(block_stacks(vision.depth, taps)):
         for i in range(start, end):
-            hf, ours, j = f"{vis}.blocks.{i}", f"visual/blocks_{stack}", i - start
-            layer_norm(f"{hf}.norm1", f"{ours}/norm1", vit, j)
-            layer_norm(f"{hf}.norm2", f"{ours}/norm2", vit, j)
-            linear(f"{hf}.attn.qkv", f"{ours}/attn_qkv", 3 * vit, vit, True, j)
-            linear(f"{hf}.attn.proj", f"{ours}/attn_proj", vit, vit, True, j)
-            linear(f"{hf}.mlp.linear_fc1", f"{ours}/mlp_fc1", vit_mlp, vit, True, j)
-            linear(f"{hf}.mlp.linear_fc2", f"{ours}/mlp_fc2", vit, vit_mlp, True, j)
-    merger(f"{vis}.merger", "visual/merger", vit)
+            hf, ours, in_stack = f"{vis}.blocks.{i}", f"visual/blocks_{stack}", dict(index=i - start)
+            layer_norm(f"{hf}.norm1", f"{ours}/norm1", dim=vit, **in_stack)
+            layer_norm(f"{hf}.norm2", f"{ours}/norm2", dim=vit, **in_stack)
+            linear(f"{hf}.attn.qkv", f"{ours}/attn_qkv", out_dim=3 * vit, in_dim=vit, bias=True, **in_stack)
+            linear(f"{hf}.attn.proj", f"{ours}/attn_proj", out_dim=vit, in_dim=vit, bias=True, **in_stack)
+            linear(f"{hf}.mlp.linear_fc1", f"{ours}/mlp_fc1", out_dim=vit_mlp, in_dim=vit, bias=True, **in_stack)
+            linear(f"{hf}.mlp.linear_fc2", f"{ours}/mlp_fc2", out_dim=vit, in_dim=vit_mlp, bias=True, **in_stack)
+    merger(f"{vis}.merger", "visual/merger", norm_dim=vit)
     for j in range(len(taps)):
-        merger(f"{vis}.deepstack_merger_list.{j}", f"visual/deepstack_merger_{j}", merged)
+        merger(f"{vis}.deepstack_merger_list.{j}", f"visual/deepstack_merger_{j}", norm_dim=merged)
 
     lm = "model.language_model"
-    add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", (t.vocab_size, hidden))
-    for (start, end, moe), name in zip(layer_runs(t), run_names(t)):
+    add(f"{lm}.embed_tokens.weight", "embed_tokens/embedding", hf_shape=(text.vocab_size, hidden))
+    for (start, end, moe), name in zip(layer_runs(text), run_names(text)):
         for layer in range(start, end):
-            _decoder_layer_rules(t, add, linear, f"{lm}.layers.{layer}", f"decoder/{name}", layer - start, moe)
-    add(f"{lm}.norm.weight", "decoder/norm/scale", (hidden,))
+            _decoder_layer_rules(
+                text,
+                add=add,
+                linear=linear,
+                hf=f"{lm}.layers.{layer}",
+                ours=f"decoder/{name}",
+                index=layer - start,
+                moe=moe,
+            )
+    add(f"{lm}.norm.weight", "decoder/norm/scale", hf_shape=(hidden,))
     if not config.tie_word_embeddings:
-        linear("lm_head", "lm_head", t.vocab_size, hidden, False)
+        linear("lm_head", "lm_head", out_dim=text.vocab_size, in_dim=hidden, bias=False)
     return rules
 
 
-def _decoder_layer_rules(t, add, linear, hf: str, ours: str, index: int, moe: bool) -> None:
+def _decoder_layer_rules(text, *, add, linear, hf: str, ours: str, index: int, moe: bool) -> None:
     """Rules of decoder layer `hf` (slice `index` of the stack `ours`): attention, then a dense or an MoE MLP."""
-    hidden, mlp, hd, bias = t.hidden_size, t.intermediate_size, t.head_dim, t.attention_bias
-    q_dim, kv_dim = t.num_attention_heads * hd, t.num_key_value_heads * hd
-    add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", (hidden,), COPY, index)
-    add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", (hidden,), COPY, index)
-    linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", q_dim, hidden, bias, index)
-    linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", kv_dim, hidden, bias, index)
-    linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", kv_dim, hidden, bias, index)
-    linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", hidden, q_dim, bias, index)
-    add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", (hd,), COPY, index)
-    add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", (hd,), COPY, index)
+    hidden, mlp, hd, bias = text.hidden_size, text.intermediate_size, text.head_dim, text.attention_bias
+    q_dim, kv_dim = text.num_attention_heads * hd, text.num_key_value_heads * hd
+    norm = dict(kind=COPY, index=index)
+    add(f"{hf}.input_layernorm.weight", f"{ours}/input_layernorm/scale", hf_shape=(hidden,), **norm)
+    add(f"{hf}.post_attention_layernorm.weight", f"{ours}/post_attention_layernorm/scale", hf_shape=(hidden,), **norm)
+    attn_proj = dict(bias=bias, index=index)
+    linear(f"{hf}.self_attn.q_proj", f"{ours}/q_proj", out_dim=q_dim, in_dim=hidden, **attn_proj)
+    linear(f"{hf}.self_attn.k_proj", f"{ours}/k_proj", out_dim=kv_dim, in_dim=hidden, **attn_proj)
+    linear(f"{hf}.self_attn.v_proj", f"{ours}/v_proj", out_dim=kv_dim, in_dim=hidden, **attn_proj)
+    linear(f"{hf}.self_attn.o_proj", f"{ours}/o_proj", out_dim=hidden, in_dim=q_dim, **attn_proj)
+    add(f"{hf}.self_attn.q_norm.weight", f"{ours}/q_norm/scale", hf_shape=(hd,), **norm)
+    add(f"{hf}.self_attn.k_norm.weight", f"{ours}/k_norm/scale", hf_shape=(hd,), **norm)
+    mlp_proj = dict(bias=False, index=index)
     if moe:
-        experts, width = t.num_experts, t.moe_intermediate_size
-        linear(f"{hf}.mlp.gate", f"{ours}/mlp/gate", experts, hidden, False, index)
+        experts, width = text.num_experts, text.moe_intermediate_size
+        linear(f"{hf}.mlp.gate", f"{ours}/mlp/gate", out_dim=experts, in_dim=hidden, **mlp_proj)
+        stacked = dict(kind=EXPERTS, index=index)
         add(
             f"{hf}.mlp.experts.gate_up_proj",
             f"{ours}/mlp/experts_gate_up",
-            (experts, hidden, 2 * width),
-            EXPERTS,
-            index,
+            hf_shape=(experts, hidden, 2 * width),
+            **stacked,
         )
-        add(f"{hf}.mlp.experts.down_proj", f"{ours}/mlp/experts_down", (experts, width, hidden), EXPERTS, index)
+        add(f"{hf}.mlp.experts.down_proj", f"{ours}/mlp/experts_down", hf_shape=(experts, width, hidden), **stacked)
     else:
-        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", mlp, hidden, False, index)
-        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", mlp, hidden, False, index)
-        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", hidden, mlp, False, index)
+        linear(f"{hf}.mlp.gate_proj", f"{ours}/mlp/gate_proj", out_dim=mlp, in_dim=hidden, **mlp_proj)
+        linear(f"{hf}.mlp.up_proj", f"{ours}/mlp/up_proj", out_dim=mlp, in_dim=hidden, **mlp_proj)
+        linear(f"{hf}.mlp.down_proj", f"{ours}/mlp/down_proj", out_dim=hidden, in_dim=mlp, **mlp_proj)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +239,7 @@ def load_params(path: str, config: ModelConfig) -> dict:
     for file in sorted(set(files[r.hf] for r in rules)):
         with _open(file) as f:
             for rule in (r for r in rules if files[r.hf] == file):
-                tensor = _get_tensor(f, rule.hf, file)
+                tensor = _get_tensor(f, rule.hf, file=file)
                 if rule.kind == EXPERTS and rule.hf_shape == rule.transposed_shape:
                     raise CheckpointError(
                         f"{file}: cannot tell the layout of {rule.hf} from its square shape {rule.hf_shape}"
@@ -242,7 +253,7 @@ def load_params(path: str, config: ModelConfig) -> dict:
                 target[...] = rule.to_ours(tensor, target.shape).astype(dtype)
     if config.tie_word_embeddings and "lm_head.weight" in files:
         with _open(files["lm_head.weight"]) as f:
-            head = _get_tensor(f, "lm_head.weight", files["lm_head.weight"])
+            head = _get_tensor(f, "lm_head.weight", file=files["lm_head.weight"])
         if head.shape != flat[("embed_tokens", "embedding")].shape or not np.array_equal(
             head.astype(dtype), flat[("embed_tokens", "embedding")]
         ):
@@ -260,8 +271,8 @@ def load_params(path: str, config: ModelConfig) -> dict:
 def save_params(
     path: str,
     params: dict,
-    config: ModelConfig,
     *,
+    config: ModelConfig,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     expert_layout: str = "hub",
@@ -337,9 +348,9 @@ def _open(file: str):
         raise CheckpointError(f"cannot read safetensors file {file}: {e}") from None
 
 
-def _get_tensor(f, key: str, file: str) -> np.ndarray:
+def _get_tensor(reader, key: str, *, file: str) -> np.ndarray:
     try:
-        return f.get_tensor(key)
+        return reader.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
 

@@ -34,7 +34,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def maybe_save(self, step: int, state: Any, iterator: grain.DatasetIterator, *, force: bool = False) -> bool:
+    def maybe_save(self, step: int, state: Any, *, iterator: grain.DatasetIterator, force: bool = False) -> bool:
         """Starts an async save of `state` and the iterator position at `step` when due (or forced) and not
         already saved."""
         if step == self.latest_step() or (not force and step % self.every):
@@ -42,7 +42,7 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator) -> Any:
+    def restore(self, step: int, abstract_state: Any, *, iterator: grain.DatasetIterator) -> Any:
         """The state saved at `step` (laid out as `abstract_state`: ShapeDtypeStructs with shardings); the
         iterator is moved to the saved position."""
         args = ocp.args.Composite(
@@ -91,7 +91,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, list[int]]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape) for path, leaf in leaves}
 
 
-def record_run(workdir: str, config: ModelConfig, config_name: str) -> None:
+def record_run(workdir: str, config: ModelConfig, *, config_name: str) -> None:
     """Writes the workdir's run record (process 0): the config's name, the model and its parameter shapes."""
     if jax.process_index() == 0:
         storage.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def record_run(workdir: str, config: ModelConfig, config_name: str) -> None:
         storage.write_json(os.path.join(workdir, RUN_RECORD), record)
 
 
-def check_resumable(workdir: str, config: ModelConfig, config_name: str) -> None:
+def check_resumable(workdir: str, config: ModelConfig, *, config_name: str) -> None:
     """Raises WorkdirMismatch, naming both models, when the run recorded in `workdir` has other parameter shapes
     than `config` (a workdir without a record, from an older version, is not checked)."""
     file = os.path.join(workdir, RUN_RECORD)

@@ -15,56 +15,20 @@ log = logging.getLogger(__name__)
 _ROPE_LAYOUT_KEYS = ("rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved")
 
 
-_VISION_HF_KEYS = (
-    "depth",
-    "hidden_size",
-    "intermediate_size",
-    "num_heads",
-    "in_channels",
-    "patch_size",
-    "temporal_patch_size",
-    "spatial_merge_size",
-    "out_hidden_size",
-    "num_position_embeddings",
-    "deepstack_visual_indexes",
-    "hidden_act",
-    "initializer_range",
+_VISION_HF_KEYS = tuple(
+    "depth hidden_size intermediate_size num_heads in_channels patch_size temporal_patch_size spatial_merge_size "
+    "out_hidden_size num_position_embeddings deepstack_visual_indexes hidden_act initializer_range".split()
 )
-_TEXT_HF_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "attention_bias",
-    "initializer_range",
+_TEXT_HF_KEYS = tuple(
+    "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
+    "hidden_act max_position_embeddings rms_norm_eps attention_bias initializer_range".split()
 )
-_MOE_HF_KEYS = (
-    "moe_intermediate_size",
-    "num_experts_per_tok",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-    "router_aux_loss_coef",
-)
+_MOE_HF_KEYS = ("moe_intermediate_size", "num_experts_per_tok", "decoder_sparse_step", "mlp_only_layers")
+_MOE_HF_KEYS += ("router_aux_loss_coef",)
 # transformers' Qwen3VLMoeTextConfig defaults differ from the dense text config.
-_MOE_TEXT_DEFAULTS = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    moe_intermediate_size=1408,
-    num_experts_per_tok=4,
-    num_experts=60,
-    decoder_sparse_step=1,
-    mlp_only_layers=(),
-    router_aux_loss_coef=0.001,
-)
+_MOE_TEXT_DEFAULTS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16)
+_MOE_TEXT_DEFAULTS.update(num_key_value_heads=16, moe_intermediate_size=1408, num_experts_per_tok=4, num_experts=60)
+_MOE_TEXT_DEFAULTS.update(decoder_sparse_step=1, mlp_only_layers=(), router_aux_loss_coef=0.001)
 _TOP_HF_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 

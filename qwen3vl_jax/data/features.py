@@ -55,11 +55,11 @@ def example_features(
     if patches > max_patches:
         raise DataError(f"{where}: {patches} patches do not fit max_patches = {max_patches}")
     merge = config.vision.spatial_merge_size
-    images, videos = visual_blocks(encoded.image_grid_thw, encoded.video_grid_thw, merge)
+    images, videos = visual_blocks(encoded.image_grid_thw, encoded.video_grid_thw, merge=merge)
     image_iter, video_iter = iter(images), iter(videos)
     pixels = {IMAGE: encoded.pixel_values, VIDEO: encoded.pixel_values_videos}
     try:
-        features = sequence_features(config, ids, image_iter, video_iter, pixels, where=where)
+        features = sequence_features(config, ids, images=image_iter, videos=video_iter, pixels=pixels, where=where)
     except ValueError as e:
         raise DataError(str(e)) from None
     if next(image_iter, None) or next(video_iter, None):

@@ -44,7 +44,7 @@ def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
         input_ids=row["tokens"],
         segment_ids=segments,
         positions=np.ascontiguousarray(row["positions"].T),
-        visual_index=visual_index(row["tokens"], segments, config),
+        visual_index=visual_index(row["tokens"], segments, config=config),
         pixel_patches=row["pixel_patches"],
         patch_segment_ids=_group_ids(patch_segments, row["patch_group"]),
         pos_embed_index=row["pos_embed_index"],
@@ -63,7 +63,7 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
     if missing == 0:
         return batch
     (_, seq_len), (_, max_patches, patch_dim) = batch["input_ids"].shape, batch["pixel_patches"].shape
-    empty = empty_inputs(missing, seq_len, max_patches, patch_dim)
+    empty = empty_inputs(missing, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
     return {k: np.concatenate([v, empty.get(k, np.zeros((missing, *v.shape[1:]), v.dtype))]) for k, v in batch.items()}
 
 

@@ -45,17 +45,23 @@ class DataConfig:
 
 
 def build_dataset(
-    config: DataConfig, processor: Processor, model: ModelConfig, *, shard_index: int = 0, shard_count: int = 1
+    config: DataConfig,
+    processor: Processor,
+    *,
+    model_config: ModelConfig,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> grain.IterDataset:
     """Batches (dicts of numpy arrays with a leading batch axis): the ModelInputs fields plus `targets`,
     `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch). A finite
     dataset's last batch is filled up with empty rows.
     Host `shard_index` of `shard_count` reads its own slice of the (shuffled) stream."""
-    if config.max_patches % model.vision.spatial_merge_size**2:
-        raise ValueError(f"max_patches {config.max_patches} must be a multiple of {model.vision.spatial_merge_size**2}")
+    merge = model_config.vision.spatial_merge_size
+    if config.max_patches % merge**2:
+        raise ValueError(f"max_patches {config.max_patches} must be a multiple of {merge**2}")
     featurize = Featurizer(
         processor,
-        model,
+        model_config,
         seq_len=config.seq_len,
         max_patches=config.max_patches,
         overflow=config.overflow,
@@ -70,7 +76,7 @@ def build_dataset(
     ds = pack(
         ds, seq_len=config.seq_len, max_patches=config.max_patches, num_bins=config.packing_bins or config.batch_size
     )
-    ds = ds.map(functools.partial(finalize, config=model)).batch(config.batch_size, drop_remainder=False)
+    ds = ds.map(functools.partial(finalize, config=model_config)).batch(config.batch_size, drop_remainder=False)
     ds = ds.map(functools.partial(pad_batch, batch_size=config.batch_size))
     if config.workers:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use the defaults

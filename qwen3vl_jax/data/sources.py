@@ -32,7 +32,7 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 _LLAVA_MEDIA = re.compile(r"<(image|video)>\n?")
 
 
-def to_record(obj: Any, record_id: str, base_dir: str) -> dict:
+def to_record(obj: Any, *, record_id: str, base_dir: str) -> dict:
     """A JSON object -> a record (see data.features); an unusable object becomes {"error": ...} so that the
     bad-input policy decides what happens to it."""
     if not isinstance(obj, dict):
@@ -112,7 +112,7 @@ class JsonlSource:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             return {"id": record_id, "error": f"invalid JSON: {e}"}
-        return to_record(obj, record_id, os.path.dirname(self.path))
+        return to_record(obj, record_id=record_id, base_dir=os.path.dirname(self.path))
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.path!r})"
@@ -134,7 +134,7 @@ class ArrayRecordJsonSource:
             obj = json.loads(self._source[index])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return {"id": record_id, "error": f"invalid JSON record: {e}"}
-        return to_record(obj, record_id, self._base_dir)
+        return to_record(obj, record_id=record_id, base_dir=self._base_dir)
 
     def __repr__(self) -> str:
         return f"ArrayRecordJsonSource({self._source!r})"

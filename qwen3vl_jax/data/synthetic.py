@@ -65,6 +65,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BACKGROUND = (110, 110, 110)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 VIDEO_FPS = 2.0
+EVAL_SEED = 1_000_003  # held-out examples: drawn with another seed than training's (0, 1, 2, ...)
 OCR_ALPHABET = string.ascii_uppercase + string.digits
 
 _COLOURS = tuple(PALETTE)
@@ -102,7 +103,7 @@ def _choice(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, *, box, colour) -> None:
     """Draws a filled shape inside the inclusive pixel box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
     fill = PALETTE[colour]
@@ -114,39 +115,41 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
-def _separated(a, b, gap: int) -> bool:
+def _separated(a, b, *, gap: int) -> bool:
     """True when inclusive boxes a and b have at least ``gap`` background pixels between them on some axis."""
     return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
 
 
-def _place(rng: np.random.Generator, n: int, lo: int, hi: int, image_size: int, gap: int = 2) -> list:
-    """Returns n square inclusive boxes (x0, y0, x1, y1) with sides in [lo, hi], fully inside the image and
-    pairwise separated by >= ``gap`` pixels, by rejection sampling (restarting with smaller sizes if stuck)."""
+def _place(rng: np.random.Generator, *, count: int, sides: tuple[int, int], image_size: int, gap: int = 2) -> list:
+    """Returns `count` square inclusive boxes (x0, y0, x1, y1) with sides in [lo, hi] = `sides`, fully inside the
+    image and pairwise separated by >= ``gap`` pixels, by rejection sampling (restarting with smaller sizes if
+    stuck)."""
+    lo, hi = sides
     for _ in range(1000):
         boxes = []
-        for _ in range(100 * n):
-            s = int(rng.integers(lo, hi + 1))
-            x0, y0 = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
-            box = (x0, y0, x0 + s - 1, y0 + s - 1)
-            if all(_separated(box, other, gap) for other in boxes):
+        for _ in range(100 * count):
+            side = int(rng.integers(lo, hi + 1))
+            x0, y0 = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+            box = (x0, y0, x0 + side - 1, y0 + side - 1)
+            if all(_separated(box, other, gap=gap) for other in boxes):
                 boxes.append(box)
-                if len(boxes) == n:
+                if len(boxes) == count:
                     return boxes
         hi = max(lo, hi - 1)
-    raise RuntimeError(f"could not place {n} shapes of size {lo}..{hi} in {image_size} px")
+    raise RuntimeError(f"could not place {count} shapes of size {lo}..{hi} in {image_size} px")
 
 
-def _sizes(image_size: int, lo: float, hi: float, min_px: int = 4) -> tuple[int, int]:
+def _sizes(image_size: int, *, lo: float, hi: float, min_px: int = 4) -> tuple[int, int]:
     """Returns the (lo, hi) shape side range in pixels for fractions lo, hi of the image size."""
-    a = max(min_px, round(lo * image_size))
-    return a, max(a, round(hi * image_size))
+    smallest = max(min_px, round(lo * image_size))
+    return smallest, max(smallest, round(hi * image_size))
 
 
 def _canvas(image_size: int, colour=BACKGROUND) -> Image.Image:
     return Image.new("RGB", (image_size, image_size), colour)
 
 
-def _image_message(image: Image.Image, question: str, answer: str) -> list:
+def _image_message(image: Image.Image, *, question: str, answer: str) -> list:
     return [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": answer},
@@ -155,14 +158,14 @@ def _image_message(image: Image.Image, question: str, answer: str) -> list:
 
 def _shapes(rng, image_size):
     colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
-    (box,) = _place(rng, 1, *_sizes(image_size, 0.25, 0.6), image_size)
+    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.25, hi=0.6), image_size=image_size)
     image = _canvas(image_size)
-    _draw_shape(ImageDraw.Draw(image), shape, box, colour)
+    _draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
     if rng.integers(2):
         question, answer = _choice(rng, _COLOUR_QUESTIONS), colour
     else:
         question, answer = _choice(rng, _SHAPE_QUESTIONS), shape
-    return _image_message(image, question, answer), answer, {"colour": colour, "shape": shape}
+    return _image_message(image, question=question, answer=answer), answer, {"colour": colour, "shape": shape}
 
 
 def _counting(rng, image_size):
@@ -170,11 +173,13 @@ def _counting(rng, image_size):
     count = int(rng.integers(1, 6))
     image = _canvas(image_size)
     draw = ImageDraw.Draw(image)
-    for box in _place(rng, count, *_sizes(image_size, 0.1, 0.22, min_px=5), image_size):
-        _draw_shape(draw, shape, box, colour)
+    sides = _sizes(image_size, lo=0.1, hi=0.22, min_px=5)
+    for box in _place(rng, count=count, sides=sides, image_size=image_size):
+        _draw_shape(draw, shape, box=box, colour=colour)
     question = _choice(rng, _COUNT_QUESTIONS).format(shape=shape, colour=colour)
     answer = str(count)
-    return _image_message(image, question, answer), answer, {"count": count, "shape": shape, "colour": colour}
+    meta = {"count": count, "shape": shape, "colour": colour}
+    return _image_message(image, question=question, answer=answer), answer, meta
 
 
 def _grounding(rng, image_size):
@@ -182,22 +187,24 @@ def _grounding(rng, image_size):
     others = [(c, s) for c in _COLOURS for s in SHAPES if (c, s) != (colour, shape)]
     picks = rng.choice(len(others), size=int(rng.integers(1, 4)), replace=False)
     distractors = [others[int(j)] for j in picks]
-    boxes = _place(rng, 1 + len(distractors), *_sizes(image_size, 0.15, 0.3, min_px=5), image_size)
+    sides = _sizes(image_size, lo=0.15, hi=0.3, min_px=5)
+    boxes = _place(rng, count=1 + len(distractors), sides=sides, image_size=image_size)
     image = _canvas(image_size)
     draw = ImageDraw.Draw(image)
-    _draw_shape(draw, shape, boxes[0], colour)
+    _draw_shape(draw, shape, box=boxes[0], colour=colour)
     # Tight box of the target's drawn pixels, read back before distractors (which may share its colour) are drawn.
     ys, xs = np.nonzero(np.all(np.asarray(image) == PALETTE[colour], axis=-1))
     pixel_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # [left, top, right, bottom)
     box = [round(1000 * v / image_size) for v in pixel_box]
-    for (c, s), b in zip(distractors, boxes[1:]):
-        _draw_shape(draw, s, b, c)
+    for (other_colour, other_shape), other_box in zip(distractors, boxes[1:]):
+        _draw_shape(draw, other_shape, box=other_box, colour=other_colour)
     question = _choice(rng, _GROUND_QUESTIONS).format(shape=shape, colour=colour)
     answer = format_box(box)
-    return _image_message(image, question, answer), answer, {"box": box, "colour": colour, "shape": shape}
+    meta = {"box": box, "colour": colour, "shape": shape}
+    return _image_message(image, question=question, answer=answer), answer, meta
 
 
-def _grid_grounding(rng, grid_sizes, small: bool):
+def _grid_grounding(rng, grid_sizes, *, small: bool):
     grid = int(_choice(rng, grid_sizes))
     row, col = (int(v) for v in rng.integers(grid, size=2))
     colour = _choice(rng, _COLOURS)
@@ -208,19 +215,20 @@ def _grid_grounding(rng, grid_sizes, small: bool):
         empty = [i for i in range(grid * grid) if i != row * grid + col]
         distractors = rng.choice(empty, size=min(int(rng.integers(1, 4)), len(empty)), replace=False)
         cells = [(row, col)] + [divmod(int(i), grid) for i in distractors]
-        for k, (r, c) in enumerate(cells):
+        for k, (cell_row, cell_col) in enumerate(cells):
             x, y = (int(v) for v in rng.integers(0, CELL_PX - SMALL_MARK_PX + 1, size=2))
-            x0, y0 = c * CELL_PX + x, r * CELL_PX + y
+            x0, y0 = cell_col * CELL_PX + x, cell_row * CELL_PX + y
             fill = colour if k == 0 else _choice(rng, others)
-            _draw_shape(draw, "square", (x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), fill)
+            _draw_shape(draw, "square", box=(x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), colour=fill)
         question = _choice(rng, _MARK_QUESTIONS)
     else:
         x0, y0 = col * CELL_PX, row * CELL_PX
-        _draw_shape(draw, "square", (x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour)
+        _draw_shape(draw, "square", box=(x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour=colour)
         question = _choice(rng, _CELL_QUESTIONS)
     box = [round(1000 * v / grid) for v in (col, row, col + 1, row + 1)]
     meta = {"box": box, "row": row, "col": col, "grid": grid, "colour": colour}
-    return _image_message(image, question.format(colour=colour), format_box(box)), format_box(box), meta
+    message = _image_message(image, question=question.format(colour=colour), answer=format_box(box))
+    return message, format_box(box), meta
 
 
 def _text_reverse(rng):
@@ -253,18 +261,18 @@ def _ocr(rng, image_size):
     x = int(rng.integers(2, max(2, image_size - 2 - (right - left)) + 1)) - left
     y = int(rng.integers(2, max(2, image_size - 2 - (bottom - top)) + 1)) - top
     ImageDraw.Draw(image).text((x, y), text, fill=(0, 0, 0), font=font)
-    return _image_message(image, _choice(rng, _OCR_QUESTIONS), text), text, {"text": text}
+    return _image_message(image, question=_choice(rng, _OCR_QUESTIONS), answer=text), text, {"text": text}
 
 
-def _video_timestamp(rng, image_size, num_frames):
+def _video_timestamp(rng, *, image_size, num_frames):
     if num_frames < 4 or num_frames % 2:
         raise ValueError(f"video_timestamp needs an even num_frames >= 4, got {num_frames}")
     k = int(rng.integers(1, num_frames // 2))
-    (box,) = _place(rng, 1, *_sizes(image_size, 0.2, 0.5), image_size)
+    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.2, hi=0.5), image_size=image_size)
     frames = {}
     for colour in ("blue", "red"):
         frames[colour] = _canvas(image_size)
-        _draw_shape(ImageDraw.Draw(frames[colour]), "square", box, colour)
+        _draw_shape(ImageDraw.Draw(frames[colour]), "square", box=box, colour=colour)
     video = [frames["blue" if i < 2 * k else "red"].copy() for i in range(num_frames)]
     seconds = (2 * k + 2 * k + 1) / 2 / VIDEO_FPS
     answer = f"{seconds:.1f} seconds"
@@ -284,8 +292,8 @@ def _video_timestamp(rng, image_size, num_frames):
 def make_record(
     task: str,
     index: int,
-    seed: int = 0,
     *,
+    seed: int = 0,
     image_size: int = 64,
     num_frames: int = 8,
     grid_sizes: tuple[int, ...] = (8,),
@@ -302,7 +310,7 @@ def make_record(
     elif task == "text_reverse":
         messages, answer, meta = _text_reverse(rng)
     elif task == "video_timestamp":
-        messages, answer, meta = _video_timestamp(rng, image_size, num_frames)
+        messages, answer, meta = _video_timestamp(rng, image_size=image_size, num_frames=num_frames)
     else:
         messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding, "ocr": _ocr}[task](
             rng, image_size
@@ -347,7 +355,7 @@ class SyntheticSource:
         return make_record(
             self.tasks[i % n],
             i // n,
-            self.seed,
+            seed=self.seed,
             image_size=self.image_size,
             num_frames=self.num_frames,
             grid_sizes=self.grid_sizes,

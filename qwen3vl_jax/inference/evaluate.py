@@ -15,6 +15,7 @@ from qwen3vl_jax.checkpoints.storage import write_json, write_jsonl
 from qwen3vl_jax.data.sources import make_source
 from qwen3vl_jax.inference.metrics import score
 from qwen3vl_jax.processing import DataError, Processor
+from qwen3vl_jax.processing.processor import media_kind, message_items
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +42,21 @@ def split_record(record: dict) -> tuple[list[dict], str]:
 
 
 def _media(messages: list[dict], base_dir: str):
-    images, videos, fps = [], [], None
-    for message in messages:
-        for item in message["content"] if isinstance(message["content"], list) else []:
-            if item.get("type") == "image" or "image" in item:
-                image = item["image"]
-                images.append(os.path.join(base_dir, image) if isinstance(image, str) else image)
-            elif item.get("type") == "video" or "video" in item:
-                video = item["video"]
-                videos.append(os.path.join(base_dir, video) if isinstance(video, str) else video)
-                fps = item.get("fps", fps)
-    return images, videos, fps
+    """The images and videos of a prompt (paths resolved against base_dir) and the frame rate of frame lists."""
+    media, fps = {"image": [], "video": []}, None
+    for item in message_items(messages):
+        if (kind := media_kind(item)) is not None:
+            value = item[kind]
+            media[kind].append(os.path.join(base_dir, value) if isinstance(value, str) else value)
+            fps = item.get("fps", fps) if kind == "video" else fps
+    return media["image"], media["video"], fps
 
 
 def generate_answers(
     model: Qwen3VLModel,
     processor: Processor,
-    records: Iterable[dict],
     *,
+    records: Iterable[dict],
     set_name: str,
     batch_size: int,
     max_new_tokens: int,
@@ -66,34 +64,36 @@ def generate_answers(
     """Per example: set, id, task, prediction, reference and its metrics. An example whose inputs are bad is
     reported with an `error` instead and counts as wrong."""
     results, pending = [], []
+    answering = dict(set_name=set_name, max_new_tokens=max_new_tokens)
     for record in records:
         try:
             if "error" in record:
                 raise DataError(record["error"])
             messages, reference = split_record(record)
         except DataError as e:
-            results.append(_failure(record, set_name, e))
+            results.append(_failure(record, e, set_name=set_name))
             continue
         pending.append((record, messages, reference))
         if len(pending) == batch_size:
-            results += _answer(model, processor, pending, set_name, max_new_tokens)
+            results += _answer(model, processor, batch=pending, **answering)
             pending = []
     if pending:
-        results += _answer(model, processor, pending, set_name, max_new_tokens)
+        results += _answer(model, processor, batch=pending, **answering)
     return results
 
 
-def _answer(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
+def _answer(model, processor, *, batch, set_name, max_new_tokens) -> list[dict]:
     """Generates a batch; when one of its examples is bad, answers the others one by one."""
+    answering = dict(set_name=set_name, max_new_tokens=max_new_tokens)
     try:
-        return _generate(model, processor, batch, set_name, max_new_tokens)
+        return _generate(model, processor, batch=batch, **answering)
     except DataError as e:
         if len(batch) == 1:
-            return [_failure(batch[0][0], set_name, e)]
-        return [r for item in batch for r in _answer(model, processor, [item], set_name, max_new_tokens)]
+            return [_failure(batch[0][0], e, set_name=set_name)]
+        return [result for item in batch for result in _answer(model, processor, batch=[item], **answering)]
 
 
-def _generate(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
+def _generate(model, processor, *, batch, set_name, max_new_tokens) -> list[dict]:
     prompts, images, videos, fps = [], [], [], None
     for record, messages, _ in batch:
         prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
@@ -122,13 +122,13 @@ def _generate(model, processor, batch, set_name, max_new_tokens) -> list[dict]:
                 task=task,
                 prediction=prediction,
                 reference=reference,
-                metrics=score(task, prediction, reference, record.get("meta", {})),
+                metrics=score(task, prediction, reference=reference, meta=record.get("meta", {})),
             )
         )
     return results
 
 
-def _failure(record: dict, set_name: str, error: Exception) -> dict:
+def _failure(record: dict, error: Exception, *, set_name: str) -> dict:
     log.warning("example %s: %s", record.get("id"), error)
     return dict(
         set=set_name, id=record.get("id"), task=record.get("task", "qa"), error=str(error), metrics={"exact_match": 0.0}
@@ -149,7 +149,7 @@ def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def write_report(summary: dict, results: list[dict], directory: str, title: str) -> None:
+def write_report(summary: dict, results: list[dict], *, directory: str, title: str) -> None:
     """summary.json, predictions.jsonl and report.md in `directory`."""
     os.makedirs(directory, exist_ok=True)
     write_json(os.path.join(directory, "summary.json"), summary)

@@ -21,10 +21,10 @@ from qwen3vl_jax.modeling.model import Qwen3VL
 def generate(
     params: Any,
     inputs: ModelInputs,
+    *,
     rng: jax.Array,
     eos_ids: jax.Array,
     pad_id: jax.Array,
-    *,
     config: ModelConfig,
     max_new_tokens: int,
     sampling: SamplingConfig,
@@ -45,7 +45,7 @@ def generate(
     def body(state):
         step, tokens, done, logits, cache, rng = state
         rng, key = jax.random.split(rng)
-        token = jnp.where(done, pad_id, next_token(logits, key, sampling))
+        token = jnp.where(done, pad_id, next_token(logits, key, sampling=sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         done = done | jnp.isin(token, eos_ids)
         logits, cache = decode_model.apply(

@@ -47,7 +47,7 @@ def box_metrics(box, truth) -> dict[str, float]:
     return dict(iou=iou, box_hit=float(iou >= 0.5), x_accuracy=inside(0), y_accuracy=inside(1))
 
 
-def score(task: str, prediction: str, reference: str, meta: dict[str, Any]) -> dict[str, float]:
+def score(task: str, prediction: str, *, reference: str, meta: dict[str, Any]) -> dict[str, float]:
     """The metrics of one answer. Every task gets exact_match; the grounding tasks add box_metrics;
     video_timestamp adds abs_error_seconds (absent when no number parses); ocr and text_reverse add
     char_accuracy."""

@@ -22,22 +22,22 @@ class SamplingConfig:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
 
 
-def next_token(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
+def next_token(logits: jax.Array, rng: jax.Array, *, sampling: SamplingConfig) -> jax.Array:
     """logits (B, V) -> token ids (B,). Greedy takes the argmax; sampling divides by the temperature, keeps the
     top_k most likely tokens and the smallest set whose probability reaches top_p (as transformers does),
     then draws from the renormalised distribution."""
     logits = logits.astype(jnp.float32)
-    if not config.do_sample:
+    if not sampling.do_sample:
         return jnp.argmax(logits, axis=-1)
-    logits = logits / config.temperature
+    logits = logits / sampling.temperature
     minimum = jnp.finfo(jnp.float32).min
-    if config.top_k:
-        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, minimum, logits)
-    if config.top_p < 1.0:
+    if sampling.top_p < 1.0:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the more likely tokens
-        cutoff = jnp.min(jnp.where(before < config.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        cutoff = jnp.min(jnp.where(before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, minimum, logits)
     return jax.random.categorical(rng, logits, axis=-1)

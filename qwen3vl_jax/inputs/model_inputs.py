@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -53,7 +54,7 @@ class ModelInputs:
         return cls(**{field.name: batch[field.name] for field in dataclasses.fields(cls)})
 
 
-def patch_features(blocks: list[VisualBlock], pixels: dict[int, np.ndarray], vision: VisionConfig) -> dict:
+def patch_features(blocks: list[VisualBlock], *, pixels: dict[int, np.ndarray], vision: VisionConfig) -> dict:
     """Per-patch arrays for `blocks` one after the other: `pixel_patches` (rows of pixels[block.kind]),
     `patch_group` (1, 2, ... one id per temporal group), `pos_embed_index`, `pos_embed_weight`, `patch_rowcol`."""
     columns = {name: [] for name in (*PATCH_FIELDS, "patch_group")}
@@ -62,7 +63,7 @@ def patch_features(blocks: list[VisualBlock], pixels: dict[int, np.ndarray], vis
         t, h, w = block.grid
         columns["pixel_patches"].append(pixels[block.kind][block.first_row : block.first_row + block.num_patches])
         columns["patch_group"].append(groups + 1 + np.repeat(np.arange(t, dtype=np.int32), h * w))
-        geometry = patch_geometry(block.grid, vision.spatial_merge_size, vision.grid_per_side)
+        geometry = patch_geometry(block.grid, merge=vision.spatial_merge_size, side=vision.grid_per_side)
         for name, value in zip(("pos_embed_index", "pos_embed_weight", "patch_rowcol"), geometry):
             columns[name].append(value)
         groups += t
@@ -82,10 +83,10 @@ def patch_features(blocks: list[VisualBlock], pixels: dict[int, np.ndarray], vis
 def sequence_features(
     config: ModelConfig,
     ids: np.ndarray,
+    *,
     images: Iterator[VisualBlock],
     videos: Iterator[VisualBlock],
     pixels: dict[int, np.ndarray],
-    *,
     where: str,
 ) -> dict:
     """Arrays of one unpadded token sequence: `positions` (n, 3) plus the `patch_features` of its visual blocks
@@ -94,25 +95,26 @@ def sequence_features(
     merge = config.vision.spatial_merge_size
     pieces = layout_sequence(
         ids,
-        images,
-        videos,
+        images=images,
+        videos=videos,
         image_token_id=config.image_token_id,
         video_token_id=config.video_token_id,
         merge=merge,
         where=where,
     )
-    features = patch_features([p.block for p in pieces if p.block is not None], pixels, config.vision)
+    blocks = [piece.block for piece in pieces if piece.block is not None]
+    features = patch_features(blocks, pixels=pixels, vision=config.vision)
     features["positions"] = sequence_positions(pieces, merge).T.astype(np.int32)
     return features
 
 
-def visual_index(input_ids: np.ndarray, segment_ids: np.ndarray, config: ModelConfig) -> np.ndarray:
+def visual_index(input_ids: np.ndarray, segment_ids: np.ndarray, *, config: ModelConfig) -> np.ndarray:
     """(B, L): the k-th visual token of a row -> k; text and padding -> -1."""
     visual = ((input_ids == config.image_token_id) | (input_ids == config.video_token_id)) & (segment_ids > 0)
     return np.where(visual, np.cumsum(visual, axis=-1) - 1, -1).astype(np.int32)
 
 
-def empty_inputs(batch: int, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
+def empty_inputs(batch: int, *, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
     """All-padding ModelInputs fields as writable numpy arrays."""
     return dict(
         input_ids=np.zeros((batch, seq_len), np.int32),
@@ -132,23 +134,29 @@ def bucket(n: int, minimum: int) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessorOutputs:
+    """The arrays an HF Qwen3-VL processor returns (numpy arrays or torch tensors); any visual input may be
+    absent. `mm_token_type_ids` is accepted and not needed: token types follow from the image / video token ids."""
+
+    input_ids: Any  # (B, L)
+    attention_mask: Any = None  # (B, L), 1 = real token (padding on either side)
+    pixel_values: Any = None  # (image patches, C*Tp*P*P)
+    image_grid_thw: Any = None  # (images, 3)
+    pixel_values_videos: Any = None  # (video patches, C*Tp*P*P)
+    video_grid_thw: Any = None  # (videos, 3)
+    mm_token_type_ids: Any = None
+
+
 def from_hf_batch(
-    config: ModelConfig,
-    input_ids,
-    attention_mask=None,
-    pixel_values=None,
-    image_grid_thw=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    *,
-    seq_len: int | None = None,
-    max_patches: int | None = None,
+    config: ModelConfig, outputs: ProcessorOutputs, *, seq_len: int | None = None, max_patches: int | None = None
 ) -> tuple[ModelInputs, np.ndarray]:
     """Numpy ModelInputs (padded to `seq_len` / `max_patches`, or to power-of-two buckets when None) and the
     rope_deltas (B, 1) from the arrays an HF Qwen3-VL processor returns. Each row holds one sequence
     (padding on either side)."""
-    vc, merge = config.vision, config.vision.spatial_merge_size
-    input_ids = np.asarray(input_ids)
+    vision, merge = config.vision, config.vision.spatial_merge_size
+    input_ids, attention_mask = np.asarray(outputs.input_ids), outputs.attention_mask
+    pixel_values, pixel_values_videos = outputs.pixel_values, outputs.pixel_values_videos
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
     batch, length = input_ids.shape
@@ -156,27 +164,35 @@ def from_hf_batch(
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
 
-    images, videos = visual_blocks(image_grid_thw, video_grid_thw, merge)
+    images, videos = visual_blocks(outputs.image_grid_thw, outputs.video_grid_thw, merge=merge)
     pixels = {
-        IMAGE: _pixel_rows(pixel_values, images, vc.patch_dim, "pixel_values", "image_grid_thw"),
-        VIDEO: _pixel_rows(pixel_values_videos, videos, vc.patch_dim, "pixel_values_videos", "video_grid_thw"),
+        IMAGE: _pixel_rows(
+            pixel_values, images, patch_dim=vision.patch_dim, name="pixel_values", grid_name="image_grid_thw"
+        ),
+        VIDEO: _pixel_rows(
+            pixel_values_videos,
+            videos,
+            patch_dim=vision.patch_dim,
+            name="pixel_values_videos",
+            grid_name="video_grid_thw",
+        ),
     }
     image_iter, video_iter = iter(images), iter(videos)
-    rows = [
-        sequence_features(config, input_ids[b, mask[b]], image_iter, video_iter, pixels, where=f"batch row {b}")
-        for b in range(batch)
-    ]
+    visuals = dict(images=image_iter, videos=video_iter, pixels=pixels)
+    rows = [sequence_features(config, input_ids[b, mask[b]], **visuals, where=f"batch row {b}") for b in range(batch)]
     for leftover in (image_iter, video_iter):
         if (block := next(leftover, None)) is not None:
             raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids")
 
     row_patches = max(len(r["pixel_patches"]) for r in rows)
-    seq_len = _fit("seq_len", length, seq_len, bucket(length, 64))
-    max_patches = _fit("max_patches", row_patches, max_patches, bucket(row_patches, 256) if row_patches else 0)
+    seq_len = _fit("seq_len", needed=length, given=seq_len, default=bucket(length, 64))
+    max_patches = _fit(
+        "max_patches", needed=row_patches, given=max_patches, default=bucket(row_patches, 256) if row_patches else 0
+    )
     if max_patches % merge**2:
         raise ValueError(f"max_patches {max_patches} must be a multiple of {merge**2}")
 
-    out = empty_inputs(batch, seq_len, max_patches, vc.patch_dim)
+    out = empty_inputs(batch, seq_len=seq_len, max_patches=max_patches, patch_dim=vision.patch_dim)
     out["input_ids"][:, :length] = input_ids
     out["segment_ids"][:, :length] = mask
     deltas = np.zeros((batch, 1), np.int64)
@@ -187,11 +203,11 @@ def from_hf_batch(
         for name in PATCH_FIELDS:
             out[name][b, :n] = row[name]
         out["patch_segment_ids"][b, :n] = row["patch_group"]
-    out["visual_index"] = visual_index(out["input_ids"], out["segment_ids"], config)
+    out["visual_index"] = visual_index(out["input_ids"], out["segment_ids"], config=config)
     return ModelInputs(**out), deltas
 
 
-def _pixel_rows(pixels, blocks, patch_dim: int, name: str, grid_name: str) -> np.ndarray:
+def _pixel_rows(pixels, blocks, *, patch_dim: int, name: str, grid_name: str) -> np.ndarray:
     needed = sum(b.num_patches for b in blocks)
     if pixels is None:
         if needed:
@@ -205,7 +221,7 @@ def _pixel_rows(pixels, blocks, patch_dim: int, name: str, grid_name: str) -> np
     return pixels
 
 
-def _fit(name: str, needed: int, given: int | None, default: int) -> int:
+def _fit(name: str, *, needed: int, given: int | None, default: int) -> int:
     if given is None:
         return default
     if needed > given:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def merge_window_rowcol(h: int, w: int, merge: int) -> np.ndarray:
+def merge_window_rowcol(h: int, w: int, *, merge: int) -> np.ndarray:
     """(h*w, 2) (row, col) of each patch of one temporal group, in merge-window order."""
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     shape = (h // merge, merge, w // merge, merge)
@@ -21,7 +21,7 @@ def merge_window_rowcol(h: int, w: int, merge: int) -> np.ndarray:
     return np.stack([rows, cols], axis=-1)
 
 
-def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+def _axis_taps(index: np.ndarray, *, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear align_corners taps along one axis: (n, 2) table indices and (n, 2) weights."""
     src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
     floor = np.floor(src)
@@ -31,13 +31,13 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
     return taps, weights.astype(np.float32)
 
 
-def patch_geometry(grid: tuple[int, int, int], merge: int, side: int):
+def patch_geometry(grid: tuple[int, int, int], *, merge: int, side: int):
     """For one image / video block with grid (t, h, w): pos-embed taps (t*h*w, 4) int32, their weights
     (t*h*w, 4) float32, and rotary (row, col) ids (t*h*w, 2) int32."""
     t, h, w = grid
-    rowcol = merge_window_rowcol(h, w, merge)
-    row_taps, row_weights = _axis_taps(rowcol[:, 0], h, side)
-    col_taps, col_weights = _axis_taps(rowcol[:, 1], w, side)
+    rowcol = merge_window_rowcol(h, w, merge=merge)
+    row_taps, row_weights = _axis_taps(rowcol[:, 0], size=h, side=side)
+    col_taps, col_weights = _axis_taps(rowcol[:, 1], size=w, side=side)
     index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
     weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
 

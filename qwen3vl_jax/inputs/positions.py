@@ -17,7 +17,7 @@ TEXT, IMAGE, VIDEO = 0, 1, 2
 _KIND_NAME = {IMAGE: "image", VIDEO: "video"}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VisualBlock:
     """One image, or one temporal group of a video, as it appears in the token sequence."""
 
@@ -44,10 +44,10 @@ class Piece:
 
     start: int
     length: int
-    block: VisualBlock | None = None
+    block: VisualBlock | None = dataclasses.field(default=None, kw_only=True)
 
 
-def visual_blocks(image_grid_thw, video_grid_thw, merge: int) -> tuple[list[VisualBlock], list[VisualBlock]]:
+def visual_blocks(image_grid_thw, video_grid_thw, *, merge: int) -> tuple[list[VisualBlock], list[VisualBlock]]:
     """Blocks for all images and all video temporal groups, with their rows in the pixel arrays."""
 
     def grids(grid_thw, name):
@@ -62,21 +62,21 @@ def visual_blocks(image_grid_thw, video_grid_thw, merge: int) -> tuple[list[Visu
 
     images, row = [], 0
     for i, (t, h, w) in grids(image_grid_thw, "image_grid_thw"):
-        images.append(VisualBlock(IMAGE, i, (t, h, w), row))
+        images.append(VisualBlock(kind=IMAGE, source=i, grid=(t, h, w), first_row=row))
         row += t * h * w
     videos, row = [], 0
     for i, (t, h, w) in grids(video_grid_thw, "video_grid_thw"):
         for _ in range(t):  # each temporal group is a block of its own
-            videos.append(VisualBlock(VIDEO, i, (1, h, w), row))
+            videos.append(VisualBlock(kind=VIDEO, source=i, grid=(1, h, w), first_row=row))
             row += h * w
     return images, videos
 
 
 def layout_sequence(
     ids: np.ndarray,
+    *,
     images: Iterator[VisualBlock],
     videos: Iterator[VisualBlock],
-    *,
     image_token_id: int,
     video_token_id: int,
     merge: int,
@@ -110,7 +110,7 @@ def layout_sequence(
                         f"{where}: {end - pos} {_KIND_NAME[kind]} placeholder tokens at position {pos} "
                         f"but {block.describe()} needs {n}"
                     )
-                pieces.append(Piece(pos, n, block))
+                pieces.append(Piece(pos, n, block=block))
                 pos += n
         start = end
     return pieces
@@ -142,9 +142,9 @@ def rope_delta(positions: np.ndarray) -> int:
 def rope_index(
     input_ids,
     attention_mask=None,
+    *,
     image_grid_thw=None,
     video_grid_thw=None,
-    *,
     image_token_id: int,
     video_token_id: int,
     spatial_merge_size: int,
@@ -152,14 +152,15 @@ def rope_index(
     """transformers' `get_rope_index`: positions (3, B, L) int64 (padding slots 0) and rope_deltas (B, 1)."""
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    images, videos = (iter(b) for b in visual_blocks(image_grid_thw, video_grid_thw, spatial_merge_size))
+    blocks = visual_blocks(image_grid_thw, video_grid_thw, merge=spatial_merge_size)
+    images, videos = (iter(kind_blocks) for kind_blocks in blocks)
     positions = np.zeros((3, *input_ids.shape), np.int64)
     deltas = np.zeros((input_ids.shape[0], 1), np.int64)
     for b in range(input_ids.shape[0]):
         pieces = layout_sequence(
             input_ids[b, mask[b]],
-            images,
-            videos,
+            images=images,
+            videos=videos,
             image_token_id=image_token_id,
             video_token_id=video_token_id,
             merge=spatial_merge_size,

@@ -26,14 +26,7 @@ PADDING_SEGMENT = -1  # distinct from every real segment id, padding included (0
 
 
 def splash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
-    *,
-    causal: bool,
-    block_sizes: tuple[int, int],
+    q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, block_sizes: tuple[int, int]
 ) -> jax.Array:
     """q (B, L, Hq, D), k / v (B, L, Hkv, D) self-attention with segment ids (B, L) -> (B, L, Hq, D). Scale
     D^-0.5 (applied to q: the kernel does not scale)."""
@@ -48,7 +41,7 @@ def splash_attention(
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, L, D)
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
-        kernel = _kernel(q.shape[1], q.shape[2], causal, block_sizes, interpret_kernels())
+        kernel = _kernel(heads=q.shape[1], length=q.shape[2], causal=causal, block_sizes=block_sizes)
         return jax.vmap(kernel)(q, k, v, kernel_lib.SegmentIds(q_segment_ids, kv_segment_ids))
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -68,21 +61,19 @@ def splash_attention(
     return out[:, :length] if pad else out
 
 
-def _kernel(heads: int, length: int, causal: bool, block_sizes: tuple[int, int], interpret: bool):
+def _kernel(*, heads: int, length: int, causal: bool, block_sizes: tuple[int, int]):
     block_q, block_kv = (_divisor_block(b, length) for b in block_sizes)
-    blocks = kernel_lib.BlockSizes(
-        block_q=block_q,
-        block_kv=block_kv,
-        block_kv_compute=block_kv,
-        block_q_dkv=block_q,
-        block_kv_dkv=block_kv,
-        block_kv_dkv_compute=block_kv,
-        block_q_dq=block_q,
-        block_kv_dq=block_kv,
-    )
+    # every query block of the forward and backward kernels is block_q, every key/value block block_kv
+    q_blocks = dict.fromkeys(("block_q", "block_q_dkv", "block_q_dq"), block_q)
+    kv_fields = ("block_kv", "block_kv_compute", "block_kv_dkv", "block_kv_dkv_compute", "block_kv_dq")
+    blocks = kernel_lib.BlockSizes(**q_blocks, **dict.fromkeys(kv_fields, block_kv))
     one = mask_lib.CausalMask((length, length)) if causal else mask_lib.FullMask((length, length))
     return kernel_lib.make_splash_mha(
-        mask_lib.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+        mask_lib.MultiHeadMask([one] * heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret_kernels(),
     )
 
 

@@ -21,9 +21,9 @@ def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
+    *,
     q_segment_ids: jax.Array,
     kv_segment_ids: jax.Array,
-    *,
     causal: bool,
     q_offset: int | jax.Array = 0,
     impl: str = "xla",
@@ -39,28 +39,29 @@ def attention(
     blocks) for self-attention; attention over a KV cache (q_offset != 0) stays on the XLA path."""
     length = q.shape[1]
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
+    segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     if impl == "splash" and self_attention:
-        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, block_sizes=block_sizes)
+        return splash_attention(q, k, v, **segments, causal=causal, block_sizes=block_sizes)
     if impl not in ("xla", "splash"):
         raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
     if not causal or not self_attention or length <= CAUSAL_BLOCK:
-        return _attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset if causal else None)
+        return _attend(q, k, v, **segments, causal_offset=q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))
     outputs = [
         _attend(
             q[:, start : start + block],
             k[:, : start + block],
             v[:, : start + block],
-            q_segment_ids[:, start : start + block],
-            kv_segment_ids[:, : start + block],
-            start,
+            q_segment_ids=q_segment_ids[:, start : start + block],
+            kv_segment_ids=kv_segment_ids[:, : start + block],
+            causal_offset=start,
         )
         for start in range(0, length, block)
     ]
     return jnp.concatenate(outputs, axis=1)
 
 
-def _attend(q, k, v, q_segment_ids, kv_segment_ids, causal_offset):
+def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal_offset):
     """Attention of queries at positions causal_offset + i to keys at positions j (j <= the query's position
     unless causal_offset is None)."""
     b, lq, hq, d = q.shape

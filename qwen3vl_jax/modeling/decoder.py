@@ -85,19 +85,21 @@ class DecoderLayer(nn.Module):
         """x (B, L, H); layer_and_kv: the layer index and, when generating, this layer's cache (k, v), each
         (B, S, Hkv, D)."""
         layer, kv = layer_and_kv
-        c, kw = self.config.text, self.config.dense_kwargs
+        text, kw = self.config.text, self.config.dense_kwargs
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         def norm(name, axis="embed"):
-            return RMSNorm(c.rms_norm_eps, axis, kw["param_dtype"], name=name)
+            return RMSNorm(text.rms_norm_eps, axis_name=axis, param_dtype=kw["param_dtype"], name=name)
 
-        def projection(heads, axis, name):
-            return Dense((heads, c.head_dim), ("embed", axis, "head_dim"), use_bias=c.attention_bias, name=name, **kw)
+        def projection(heads, *, axis, name):
+            return Dense(
+                (heads, text.head_dim), ("embed", axis, "head_dim"), use_bias=text.attention_bias, name=name, **kw
+            )
 
         h = norm("input_layernorm")(x)
-        q = projection(c.num_attention_heads, "q_heads", "q_proj")(h)
-        k = projection(c.num_key_value_heads, "kv_heads", "k_proj")(h)
-        v = projection(c.num_key_value_heads, "kv_heads", "v_proj")(h)
+        q = projection(text.num_attention_heads, axis="q_heads", name="q_proj")(h)
+        k = projection(text.num_key_value_heads, axis="kv_heads", name="k_proj")(h)
+        v = projection(text.num_key_value_heads, axis="kv_heads", name="v_proj")(h)
         q = apply_rotary(norm("q_norm", "head_dim")(q), context.cos, context.sin)
         k = apply_rotary(norm("k_norm", "head_dim")(k), context.cos, context.sin)
         impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
@@ -120,15 +122,21 @@ class DecoderLayer(nn.Module):
                 **impl,
             )
         o_proj = Dense(
-            c.hidden_size, ("q_heads", "head_dim", "embed"), contract=2, use_bias=c.attention_bias, name="o_proj", **kw
+            text.hidden_size,
+            ("q_heads", "head_dim", "embed"),
+            contract=2,
+            use_bias=text.attention_bias,
+            name="o_proj",
+            **kw,
         )
         x = x + o_proj(o)
         h = norm("post_attention_layernorm")(x)
         router_logits = None
         if self.moe:
-            h, router_logits = MoeBlock(c, self.config.moe_backend, self.config.moe_tiling, name="mlp", **kw)(h)
+            dispatch = dict(backend=self.config.moe_backend, tiling=self.config.moe_tiling)
+            h, router_logits = MoeBlock(text, **dispatch, name="mlp", **kw)(h)
         else:
-            h = SwiGLU(c.intermediate_size, name="mlp", **kw)(h)
+            h = SwiGLU(text.intermediate_size, name="mlp", **kw)(h)
         x = x + h
         if context.deepstack is not None:
             x = add_deepstack(x, features=context.deepstack, visual_index=context.visual_index, layer=layer)
@@ -148,7 +156,7 @@ class Decoder(nn.Module):
         (K, B, N, H) and visual_index (B, L) with vision. Returns the final-norm hidden states (B, L, H); the
         cache with x's keys and values written at cache.index (None without a cache); the router logits of
         the MoE layers (num MoE layers, B*L, E) or None."""
-        c = self.config.text
+        text = self.config.text
         cos, sin = text_mrope_tables(positions, self.config)
         kv_segment_ids = (
             None
@@ -165,8 +173,8 @@ class Decoder(nn.Module):
             kv_segment_ids=kv_segment_ids,
         )
         run = self._unrolled if self.unrolled else self._scanned
-        x, new_kv, router_logits = run(x, context, cache)
-        x = RMSNorm(c.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
+        x, new_kv, router_logits = run(x, context, cache=cache)
+        x = RMSNorm(text.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
         if cache is not None:
             cache = KVCache(
                 k=tuple(k for k, _ in new_kv),
@@ -176,10 +184,10 @@ class Decoder(nn.Module):
             )
         return x, cache, (jnp.concatenate(router_logits) if router_logits else None)
 
-    def _scanned(self, x, context: DecoderContext, cache: KVCache | None):
-        c = self.config.text
+    def _scanned(self, x, context: DecoderContext, *, cache: KVCache | None):
+        text = self.config.text
         new_kv, router_logits = [], []
-        for (start, end, moe), name in zip(layer_runs(c), run_names(c)):
+        for (start, end, moe), name in zip(layer_runs(text), run_names(text)):
             layers = nn.scan(
                 maybe_remat(DecoderLayer, self.config.remat),
                 variable_axes={"params": 0},
@@ -196,12 +204,12 @@ class Decoder(nn.Module):
                 router_logits.append(logits)
         return x, new_kv, router_logits
 
-    def _unrolled(self, x, context: DecoderContext, cache: KVCache | None):
-        c = self.config.text
+    def _unrolled(self, x, context: DecoderContext, *, cache: KVCache | None):
+        text = self.config.text
         new_kv, router_logits = [], []
-        for i in range(c.num_hidden_layers):
+        for i in range(text.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (kv, logits) = DecoderLayer(self.config, c.is_sparse_layer(i), name=f"layer_{i}")(x, (i, kv), context)
+            x, (kv, logits) = DecoderLayer(self.config, text.is_sparse_layer(i), name=f"layer_{i}")(x, (i, kv), context)
             new_kv.append(kv)
             if logits is not None:
                 router_logits.append(logits[None])

@@ -5,6 +5,7 @@ Parameters are stored in `param_dtype`; matmuls run in `dtype`. Norms compute in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,7 @@ Initializer = Callable[..., jax.Array]
 default_init = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
 
 
-def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], dtype, axes: Sequence[str]):
+def param(module: nn.Module, name: str, *, init: Initializer, shape: Sequence[int], dtype, axes: Sequence[str]):
     """A parameter annotated with logical axis names (one per dim)."""
     assert len(axes) == len(shape), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
@@ -40,45 +41,55 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         batch_shape, in_shape = x.shape[: x.ndim - self.contract], x.shape[x.ndim - self.contract :]
-        kernel = param(self, "kernel", self.kernel_init, in_shape + features, self.param_dtype, self.axes)
+        kernel = param(
+            self, "kernel", init=self.kernel_init, shape=in_shape + features, dtype=self.param_dtype, axes=self.axes
+        )
         # One 2-D matmul (free reshapes): XLA:CPU runs multi-dimensional dot_generals, and their gradients,
         # far slower than the equivalent matrix product.
         x2 = x.astype(self.dtype).reshape(math.prod(batch_shape), math.prod(in_shape))
         y = (x2 @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)).reshape(batch_shape + features)
         if self.use_bias:
-            bias = param(self, "bias", nn.initializers.zeros, features, self.param_dtype, self.axes[self.contract :])
+            bias_axes = self.axes[self.contract :]
+            bias = param(
+                self, "bias", init=nn.initializers.zeros, shape=features, dtype=self.param_dtype, axes=bias_axes
+            )
             y = y + bias.astype(self.dtype)
         return y
 
 
-class RMSNorm(nn.Module):
-    """Qwen3 RMSNorm, as `Qwen3VLTextRMSNorm`: normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
+class _Norm(nn.Module):
+    """eps, then the logical axis name and storage dtype of the per-feature parameters."""
 
     eps: float
+    _: dataclasses.KW_ONLY
     axis_name: str = "embed"
     param_dtype: jnp.dtype = jnp.float32
 
+    def feature_param(self, name: str, init: Initializer, features: int) -> jax.Array:
+        return param(self, name, init=init, shape=(features,), dtype=self.param_dtype, axes=(self.axis_name,))
+
+
+class RMSNorm(_Norm):
+    """Qwen3 RMSNorm, as `Qwen3VLTextRMSNorm`: normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, (self.axis_name,))
+        scale = self.feature_param("scale", nn.initializers.ones, x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return y.astype(x.dtype) * scale.astype(x.dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Norm):
     """LayerNorm with scale and bias, computed entirely in fp32 and cast to the input dtype (torch's CPU/TPU
     behaviour for half-precision inputs)."""
 
-    eps: float
     axis_name: str = "vision_embed"
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape, axes = (x.shape[-1],), (self.axis_name,)
-        scale = param(self, "scale", nn.initializers.ones, shape, self.param_dtype, axes)
-        bias = param(self, "bias", nn.initializers.zeros, shape, self.param_dtype, axes)
+        scale = self.feature_param("scale", nn.initializers.ones, x.shape[-1])
+        bias = self.feature_param("bias", nn.initializers.zeros, x.shape[-1])
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
@@ -96,7 +107,12 @@ class Embed(nn.Module):
 
     def setup(self):
         self.embedding = param(
-            self, "embedding", default_init, (self.num_embeddings, self.features), self.param_dtype, ("vocab", "embed")
+            self,
+            "embedding",
+            init=default_init,
+            shape=(self.num_embeddings, self.features),
+            dtype=self.param_dtype,
+            axes=("vocab", "embed"),
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -83,7 +83,7 @@ class Qwen3VL(nn.Module):
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, patches: int = 4) -> ModelInputs:
     """All-padding inputs of the given shapes (for init and abstract evaluation)."""
-    return ModelInputs(**empty_inputs(batch, seq_len, patches, config.vision.patch_dim))
+    return ModelInputs(**empty_inputs(batch, seq_len=seq_len, max_patches=patches, patch_dim=config.vision.patch_dim))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):

@@ -11,6 +11,7 @@ parallel (see `_expert_parallel`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -33,7 +34,7 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
     return (top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype), experts.astype(jnp.int32)
 
 
-def load_balancing_loss(router_logits: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
+def load_balancing_loss(router_logits: jax.Array, mask: jax.Array, *, top_k: int) -> jax.Array:
     """transformers' load_balancing_loss_func: router_logits (layers, T, E), mask (T,) of real tokens.
     f_e = top-k assignments to e / (real tokens x layers), P_e = mean softmax probability of e over the same
     rows; loss = E * sum_e f_e P_e."""
@@ -53,7 +54,7 @@ def router_z_loss(router_logits: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.einsum("lt,t->", z, mask.astype(jnp.float32)) / (mask.sum() * router_logits.shape[0])
 
 
-def experts_dense(x, experts, weights, gate_up, down):
+def experts_dense(x, *, experts, weights, gate_up, down):
     """Every expert on every token, combined with the routing weights: O(T E) work, the reference."""
     inter = down.shape[1]
     h = jnp.einsum("th,ehf->etf", x, gate_up)
@@ -64,7 +65,15 @@ def experts_dense(x, experts, weights, gate_up, down):
 
 
 def experts_grouped(
-    x, experts, weights, gate_up, down, *, backend: str, tiling: tuple[int, int, int], first_expert: int | jax.Array = 0
+    x,
+    *,
+    experts,
+    weights,
+    gate_up,
+    down,
+    backend: str,
+    tiling: tuple[int, int, int],
+    first_expert: int | jax.Array = 0,
 ):
     """Dropless sorted dispatch over the local experts first_expert .. first_expert + E_local - 1 (all when not
     expert-parallel); assignments to other experts contribute nothing here."""
@@ -76,14 +85,15 @@ def experts_grouped(
     order = jnp.argsort(groups, stable=True)
     group_sizes = jnp.bincount(groups, length=local_experts + 1)[:local_experts].astype(jnp.int32)
     rows = x[order // top_k]
-    h = _grouped_matmul(rows, gate_up, group_sizes, backend, tiling)
+    grouping = dict(group_sizes=group_sizes, backend=backend, tiling=tiling)
+    h = _grouped_matmul(rows, gate_up, **grouping)
     h = jax.nn.silu(h[:, :inter]) * h[:, inter:]
-    out = _grouped_matmul(h, down, group_sizes, backend, tiling)
+    out = _grouped_matmul(h, down, **grouping)
     out = jnp.zeros_like(out).at[order].set(out).reshape(tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", jnp.where(mine, weights, 0), out)
 
 
-def _grouped_matmul(lhs, rhs, group_sizes, backend, tiling):
+def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
     """lhs (m, k) rows grouped by group_sizes, rhs (groups, k, n) -> (m, n); rows past sum(group_sizes) (those
     of no local expert) are zero. megablox leaves garbage there, in its output and in the lhs gradient of its
     backward pass: masking the output drops the first, masking the input drops the second."""
@@ -92,7 +102,7 @@ def _grouped_matmul(lhs, rhs, group_sizes, backend, tiling):
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
     else:
-        out = megablox_matmul(lhs, rhs, group_sizes, tiling=tiling)
+        out = megablox_matmul(lhs, rhs, group_sizes=group_sizes, tiling=tiling)
     return jnp.where(valid, out, 0)
 
 
@@ -100,6 +110,7 @@ class MoeBlock(nn.Module):
     """x (B, L, H) -> (y (B, L, H), router logits (B*L, E))."""
 
     config: TextConfig
+    _: dataclasses.KW_ONLY
     backend: str
     tiling: tuple[int, int, int]
     dtype: jnp.dtype
@@ -107,48 +118,47 @@ class MoeBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = self.config
+        text = self.config
         batch, length, hidden = x.shape
         tokens = x.reshape(batch * length, hidden)
         logits = Dense(
-            c.num_experts, ("embed", "expert_router"), dtype=self.dtype, param_dtype=self.param_dtype, name="gate"
+            text.num_experts, ("embed", "expert_router"), dtype=self.dtype, param_dtype=self.param_dtype, name="gate"
         )(tokens)
-        weights, experts = route(logits, c.num_experts_per_tok)
-        inter = c.moe_intermediate_size
+        weights, experts = route(logits, text.num_experts_per_tok)
+        inter = text.moe_intermediate_size
+        expert_param = dict(init=default_init, dtype=self.param_dtype)
         gate_up = param(
             self,
             "experts_gate_up",
-            default_init,
-            (c.num_experts, hidden, 2 * inter),
-            self.param_dtype,
-            ("expert", "embed", "mlp"),
+            shape=(text.num_experts, hidden, 2 * inter),
+            axes=("expert", "embed", "mlp"),
+            **expert_param,
         )
         down = param(
             self,
             "experts_down",
-            default_init,
-            (c.num_experts, inter, hidden),
-            self.param_dtype,
-            ("expert", "mlp", "embed"),
+            shape=(text.num_experts, inter, hidden),
+            axes=("expert", "mlp", "embed"),
+            **expert_param,
         )
-        args = (
-            tokens.astype(self.dtype),
-            experts,
-            weights.astype(self.dtype),
-            gate_up.astype(self.dtype),
-            down.astype(self.dtype),
+        routed = dict(
+            experts=experts,
+            weights=weights.astype(self.dtype),
+            gate_up=gate_up.astype(self.dtype),
+            down=down.astype(self.dtype),
         )
+        tokens = tokens.astype(self.dtype)
         mesh = jax.sharding.get_abstract_mesh()
         if self.backend == "dense":
-            y = experts_dense(*args)
+            y = experts_dense(tokens, **routed)
         elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
-            y = _expert_parallel(*args, mesh=mesh, backend=self.backend, tiling=self.tiling)
+            y = _expert_parallel(tokens, **routed, mesh=mesh, backend=self.backend, tiling=self.tiling)
         else:
-            y = experts_grouped(*args, backend=self.backend, tiling=self.tiling)
+            y = experts_grouped(tokens, **routed, backend=self.backend, tiling=self.tiling)
         return y.reshape(batch, length, hidden), logits
 
 
-def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, tiling):
+def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, tiling):
     """Experts split over the `expert` mesh axis (n devices), tokens over all batch axes (expert included).
     Each device all-gathers the tokens of its expert group and computes what its local experts contribute to
     them, one source device's T tokens at a time (dropless: the other experts' rows are left out of the grouped
@@ -173,10 +183,10 @@ def _expert_parallel(tokens, experts, weights, gate_up, down, *, mesh, backend, 
         def dispatch(tokens, experts, weights):
             return experts_grouped(
                 tokens,
-                experts,
-                weights,
-                gate_up,
-                down,
+                experts=experts,
+                weights=weights,
+                gate_up=gate_up,
+                down=down,
                 backend=backend,
                 tiling=tiling,
                 first_expert=jax.lax.axis_index("expert") * gate_up.shape[0],

@@ -30,7 +30,7 @@ def mrope_axis_of_frequency(mrope_section: tuple[int, int, int], layout: str) ->
     return axis
 
 
-def mrope_tables(positions: jax.Array, inv_freq: np.ndarray, axis_of_frequency: np.ndarray, scaling: float = 1.0):
+def mrope_tables(positions: jax.Array, *, inv_freq: np.ndarray, axis_of_frequency: np.ndarray, scaling: float = 1.0):
     """positions (B, 3, L) int (t, h, w rows) -> cos, sin (B, L, head_dim) float32, times `scaling`."""
     selected = positions[:, axis_of_frequency]  # (B, hd/2, L)
     angles = jnp.swapaxes(selected, 1, 2).astype(jnp.float32) * inv_freq
@@ -44,4 +44,4 @@ def text_mrope_tables(positions: jax.Array, config: ModelConfig):
     """The decoder's cos, sin (B, L, head_dim) for positions (B, 3, L), with the config's rope and layout."""
     inv_freq, scaling = text_rope(config.text)
     axis_of_frequency = mrope_axis_of_frequency(config.text.mrope_section, config.mrope_layout)
-    return mrope_tables(positions, inv_freq, axis_of_frequency, scaling)
+    return mrope_tables(positions, inv_freq=inv_freq, axis_of_frequency=axis_of_frequency, scaling=scaling)

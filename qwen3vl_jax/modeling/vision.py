@@ -106,17 +106,17 @@ class VisionTower(nn.Module):
 
         Returns merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of `num_deepstack`
         arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`)."""
-        c, kw = self.config.vision, self.config.dense_kwargs
-        x = Dense(c.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(
+        vision, kw = self.config.vision, self.config.dense_kwargs
+        x = Dense(vision.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(
             inputs.pixel_patches
         )
         table = param(
             self,
             "pos_embed",
-            default_init,
-            (c.num_position_embeddings, c.hidden_size),
-            kw["param_dtype"],
-            ("vision_positions", "vision_embed"),
+            init=default_init,
+            shape=(vision.num_position_embeddings, vision.hidden_size),
+            dtype=kw["param_dtype"],
+            axes=("vision_positions", "vision_embed"),
         )
         cos = sin = None
         if self.config.vision_positions:
@@ -124,12 +124,12 @@ class VisionTower(nn.Module):
             taps = table[inputs.pos_embed_index].astype(jnp.float32)
             pos = jnp.sum(taps * inputs.pos_embed_weight[..., None], axis=-2)
             x = x + pos.astype(x.dtype)
-            cos, sin = vision_rotary_tables(inputs.patch_rowcol, head_dim=c.head_dim, theta=c.rope_theta)
+            cos, sin = vision_rotary_tables(inputs.patch_rowcol, head_dim=vision.head_dim, theta=vision.rope_theta)
         context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin)
 
-        taps = c.deepstack_visual_indexes[: self.config.num_deepstack]
+        taps = vision.deepstack_visual_indexes[: self.config.num_deepstack]
         deepstack = []
-        for stack, (start, end) in enumerate(block_stacks(c.depth, taps)):
+        for stack, (start, end) in enumerate(block_stacks(vision.depth, taps)):
             blocks = nn.scan(
                 maybe_remat(VisionBlock, self.config.remat),
                 variable_axes={"params": 0},

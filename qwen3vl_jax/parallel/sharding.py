@@ -88,7 +88,7 @@ def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
     return Mesh(array, MESH_AXES)
 
 
-def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> PartitionSpec:
+def spec_for(names: Sequence[str | None], shape: Sequence[int], *, mesh: Mesh, rules) -> PartitionSpec:
     """The PartitionSpec of an array with logical axis `names`, dropping mesh axes that do not divide its dim
     or are already used by an earlier dim."""
     table = dict(rules)
@@ -108,13 +108,13 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rule
     return PartitionSpec(*spec)
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. `abstract_params(config, boxed=True)`
     or an optimizer state built from them); unannotated leaves are replicated."""
 
     def sharding(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh, rules))
+            return NamedSharding(mesh, spec_for(leaf.names, leaf.value.shape, mesh=mesh, rules=rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map(sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

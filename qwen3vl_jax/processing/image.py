@@ -14,11 +14,14 @@ from PIL import Image, UnidentifiedImageError
 from qwen3vl_jax.processing.errors import DataError
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(h, w) multiples of `factor` with h*w in [min_pixels, max_pixels], aspect ratio kept as well as
-    possible. Python round (banker's) as in transformers."""
+def smart_resize(
+    height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int, num_frames: int = 1, temporal: int = 1
+) -> tuple[int, int]:
+    """(h, w) multiples of `factor`, aspect ratio kept as well as possible, with t*h*w in [min_pixels, max_pixels]:
+    transformers' smart_resize for an image (t = 1) and its video form (t = num_frames rounded to a multiple of
+    `temporal`; the rescaling uses num_frames itself). Python round (banker's) as in transformers."""
     if min(height, width) <= 0:
-        raise DataError(f"image has zero size ({height}x{width})")
+        raise DataError(f"zero size ({height}x{width})")
     if max(height, width) / min(height, width) > 200:
         raise DataError(
             f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
@@ -26,12 +29,13 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         )
     h = round(height / factor) * factor
     w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
+    t = round(num_frames / temporal) * temporal
+    if t * h * w > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
         w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
@@ -71,7 +75,7 @@ def _decode(file: Any, what: str) -> Image.Image:
         raise DataError(f"{what} is unreadable or corrupt: {e}") from None
 
 
-def resize_and_normalize(image: Image.Image, height: int, width: int, mean, std) -> np.ndarray:
+def resize_and_normalize(image: Image.Image, *, height: int, width: int, mean, std) -> np.ndarray:
     """Bicubic resize to (height, width), x/255 (computed in float64 as transformers does), then
     (x - mean)/std in float32. Returns (3, height, width) float32."""
     if (image.height, image.width) != (height, width):
@@ -81,7 +85,7 @@ def resize_and_normalize(image: Image.Image, height: int, width: int, mean, std)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+def patchify(frames: np.ndarray, *, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, tuple[int, int, int]]:
     """frames (F, C, H, W) -> pixel rows (gt*gh*gw, C*temporal*patch*patch) in merge-window order and the grid
     (gt, gh, gw), as `Qwen3VLVideoProcessor.patchify` (and `Qwen2VLImageProcessor.patchify` for an image). F is
     padded to a multiple of `temporal` by repeating the last frame (an image, F = 1, becomes `temporal`

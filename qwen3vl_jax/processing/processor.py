@@ -80,12 +80,12 @@ class Encoded:
 class _Visual:
     pixels: np.ndarray
     grid: tuple[int, int, int]
-    timestamps: list[float] | None = None  # videos only
+    timestamps: list[float] | None = dataclasses.field(default=None, kw_only=True)  # videos only
 
 
 class Processor:
     def __init__(
-        self, tokenizer: Tokenizer, chat_template: str, config: VisionProcessingConfig = VisionProcessingConfig()
+        self, tokenizer: Tokenizer, chat_template: str, *, config: VisionProcessingConfig = VisionProcessingConfig()
     ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -109,40 +109,42 @@ class Processor:
 
     def process_image(self, source: Any, base_dir: str = "") -> _Visual:
         """smart_resize + bicubic resize + normalise + patchify, as `Qwen2VLImageProcessorPil`."""
-        c = self.config
+        config = self.config
         img = image_ops.load_image(source, base_dir)
-        h, w = image_ops.smart_resize(img.height, img.width, c.factor, c.image_min_pixels, c.image_max_pixels)
-        frame = image_ops.resize_and_normalize(img, h, w, c.mean, c.std)
-        pixels, grid = image_ops.patchify(frame[None], c.patch_size, c.merge_size, c.temporal_patch_size)
+        limits = dict(factor=config.factor, min_pixels=config.image_min_pixels, max_pixels=config.image_max_pixels)
+        h, w = image_ops.smart_resize(img.height, img.width, **limits)
+        frame = image_ops.resize_and_normalize(img, height=h, width=w, mean=config.mean, std=config.std)
+        pixels, grid = image_ops.patchify(frame[None], **_patching(config))
         return _Visual(pixels, grid)
 
-    def process_video(self, source: Any, fps: float | None = None, base_dir: str = "") -> _Visual:
+    def process_video(self, source: Any, *, fps: float | None = None, base_dir: str = "") -> _Visual:
         """A video file (decoded with PyAV) or a list of frames recorded at `fps`: sample at config.fps,
         resize all frames alike and patchify (`Qwen3VLVideoProcessor`), and compute the group timestamps
         (`Qwen3VLProcessor._calculate_timestamps`)."""
-        c = self.config
+        config = self.config
+        sampling = dict(fps=config.fps, min_frames=config.min_frames, max_frames=config.max_frames)
         if isinstance(source, (str, os.PathLike)):
             where = f"video file {os.path.join(base_dir, os.fspath(source))}"
-            frames, indices, native_fps = video_ops.decode_video(
-                os.path.join(base_dir, os.fspath(source)), c.fps, c.min_frames, c.max_frames
-            )
+            frames, indices, native_fps = video_ops.decode_video(os.path.join(base_dir, os.fspath(source)), **sampling)
         else:
             where = "video frames"
-            frames, indices, native_fps = video_ops.frames_as_video(source, fps, c.fps, c.min_frames, c.max_frames)
-        sizes = {(f.height, f.width) for f in frames}
+            frames, indices, native_fps = video_ops.frames_as_video(source, native_fps=fps, **sampling)
+        sizes = {(frame.height, frame.width) for frame in frames}
         if len(sizes) != 1:
             raise DataError(f"{where} have different sizes {sorted(sizes)}")
         ((height, width),) = sizes
         try:
+            limits = dict(factor=config.factor, min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels)
             h, w = video_ops.video_smart_resize(
-                len(frames), height, width, c.factor, c.temporal_patch_size, c.video_min_pixels, c.video_max_pixels
+                height, width, num_frames=len(frames), temporal=config.temporal_patch_size, **limits
             )
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        stack = np.stack([image_ops.resize_and_normalize(f, h, w, c.mean, c.std) for f in frames])
-        pixels, grid = image_ops.patchify(stack, c.patch_size, c.merge_size, c.temporal_patch_size)
-        timestamps = video_ops.group_timestamps(indices, native_fps, c.temporal_patch_size)
-        return _Visual(pixels, grid, [float(t) for t in timestamps])
+        normalize = dict(height=h, width=w, mean=config.mean, std=config.std)
+        stack = np.stack([image_ops.resize_and_normalize(frame, **normalize) for frame in frames])
+        pixels, grid = image_ops.patchify(stack, **_patching(config))
+        timestamps = video_ops.group_timestamps(indices, native_fps=native_fps, temporal=config.temporal_patch_size)
+        return _Visual(pixels, grid, timestamps=[float(t) for t in timestamps])
 
     # ---------------------------------------------------------------------------------------------- batches
 
@@ -159,33 +161,31 @@ class Processor:
         Frame lists in `videos` need `video_fps` (their recording rate)."""
         texts = [text] if isinstance(text, str) else list(text)
         image_items = [self.process_image(x) for x in images or []]
-        video_items = [self.process_video(x, video_fps) for x in videos or []]
-        queues = (iter(image_items), iter(video_items))
-        ids = [self._tokenize(self._expand(t, *queues, where=f"text {i}"))[0] for i, t in enumerate(texts)]
-        _check_all_used(queues)
-        return self._pad(ids, padding_side) | _pixel_arrays(image_items, video_items, self.config)
+        video_items = [self.process_video(x, fps=video_fps) for x in videos or []]
+        queues = dict(images=iter(image_items), videos=iter(video_items))
+        ids = [self._tokenize(self._expand(t, **queues, where=f"text {i}"))[0] for i, t in enumerate(texts)]
+        _check_all_used(tuple(queues.values()))
+        return self._pad(ids, padding_side) | _pixel_arrays(image_items, video_items, config=self.config)
 
     def encode_conversation(self, messages: list[dict], base_dir: str = "") -> Encoded:
         """A full conversation for SFT: every assistant reply (through its `<|im_end|>`) is supervised.
         Media items: {"type": "image", "image": PIL | uint8 array | path} and {"type": "video", "video":
         path | [frames], "fps": recording rate of a frame list}; paths relative to `base_dir`."""
         text = self.apply_chat_template(messages)
-        images, videos = self._media(
-            [item for m in messages if isinstance(m.get("content"), list) for item in m["content"]], base_dir
-        )
-        text = self._expand(text, iter(images), iter(videos), where="conversation", exhaustive=True)
+        images, videos = self._media(message_items(messages), base_dir)
+        text = self._expand(text, images=iter(images), videos=iter(videos), where="conversation", exhaustive=True)
         ids, offsets = self._tokenize(text)
         supervised = np.zeros(len(ids), bool)
         for start, end in chat.assistant_spans(text):
             supervised |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)
-        return Encoded(ids, supervised, **_pixel_arrays(images, videos, self.config))
+        return Encoded(ids, supervised, **_pixel_arrays(images, videos, config=self.config))
 
     def encode_document(self, items: list[dict], base_dir: str = "") -> Encoded:
         """An interleaved document for pre-training: text items verbatim, media as placeholders, ended by
         `<|endoftext|>`; every token except the image/video pads is supervised."""
         parts = []
         for item in items:
-            kind = _media_kind(item)
+            kind = media_kind(item)
             parts.append(
                 IMAGE_PLACEHOLDER
                 if kind == "image"
@@ -194,28 +194,27 @@ class Processor:
                 else str(item.get("text", ""))
             )
         images, videos = self._media(items, base_dir)
-        text = self._expand(
-            "".join(parts) + "<|endoftext|>", iter(images), iter(videos), where="document", exhaustive=True
-        )
+        queues = dict(images=iter(images), videos=iter(videos))
+        text = self._expand("".join(parts) + "<|endoftext|>", **queues, where="document", exhaustive=True)
         ids, _ = self._tokenize(text)
         supervised = (ids != self.image_token_id) & (ids != self.video_token_id)
-        return Encoded(ids, supervised, **_pixel_arrays(images, videos, self.config))
+        return Encoded(ids, supervised, **_pixel_arrays(images, videos, config=self.config))
 
     # ---------------------------------------------------------------------------------------------- helpers
 
     def _media(self, items: list[dict], base_dir: str) -> tuple[list[_Visual], list[_Visual]]:
         images, videos = [], []
         for item in items:
-            kind = _media_kind(item)
+            kind = media_kind(item)
             if kind is not None and item.get(kind) is None:
                 raise DataError(f"a {kind} item has no {kind!r} field: {item}")
             if kind == "image":
                 images.append(self.process_image(item["image"], base_dir))
             elif kind == "video":
-                videos.append(self.process_video(item["video"], item.get("fps"), base_dir))
+                videos.append(self.process_video(item["video"], fps=item.get("fps"), base_dir=base_dir))
         return images, videos
 
-    def _expand(self, text: str, images, videos, *, where: str, exhaustive: bool = False) -> str:
+    def _expand(self, text: str, *, images, videos, where: str, exhaustive: bool = False) -> str:
         merge = self.config.merge_size**2
 
         def replace(match):
@@ -295,9 +294,8 @@ def load_processor(path: str, **overrides: Any) -> Processor:
     """The processor of an HF checkpoint dir: tokenizer.json, the chat template (chat_template.jinja /
     .json / tokenizer_config.json, else the bundled Qwen3-VL one) and the preprocessor configs (released
     defaults for what they omit). `overrides` are VisionProcessingConfig fields."""
-    return Processor(
-        load_tokenizer(path), chat.load_chat_template(path), dataclasses.replace(read_vision_config(path), **overrides)
-    )
+    config = dataclasses.replace(read_vision_config(path), **overrides)
+    return Processor(load_tokenizer(path), chat.load_chat_template(path), config=config)
 
 
 def read_vision_config(path: str) -> VisionProcessingConfig:
@@ -317,7 +315,13 @@ def read_vision_config(path: str) -> VisionProcessingConfig:
     return VisionProcessingConfig(**fields)
 
 
-def _media_kind(item: dict) -> str | None:
+def message_items(messages: list[dict]) -> list[dict]:
+    """The content items of a conversation, in order (a message whose content is a string has none)."""
+    return [item for m in messages if isinstance(m.get("content"), list) for item in m["content"]]
+
+
+def media_kind(item: dict) -> str | None:
+    """ "image", "video" or None (text) for a content item."""
     if item.get("type") == "image" or "image" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:
@@ -331,7 +335,12 @@ def _check_all_used(queues, where: str = "batch") -> None:
             raise DataError(f"{where}: more {name}s than {name} placeholders in the text")
 
 
-def _pixel_arrays(images: list[_Visual], videos: list[_Visual], config: VisionProcessingConfig) -> dict:
+def _patching(config: VisionProcessingConfig) -> dict:
+    """The `image.patchify` settings of `config`."""
+    return dict(patch=config.patch_size, merge=config.merge_size, temporal=config.temporal_patch_size)
+
+
+def _pixel_arrays(images: list[_Visual], videos: list[_Visual], *, config: VisionProcessingConfig) -> dict:
     dim = 3 * config.temporal_patch_size * config.patch_size**2
 
     def stack(items):

@@ -4,7 +4,6 @@ group (`Qwen3VLProcessor._calculate_timestamps`)."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 from qwen3vl_jax.processing.errors import DataError
-from qwen3vl_jax.processing.image import load_image
+from qwen3vl_jax.processing.image import load_image, smart_resize
 
 
-def sample_indices(total_frames: int, native_fps: float, fps: float, min_frames: int, max_frames: int) -> np.ndarray:
+def sample_indices(total_frames: int, *, native_fps: float, fps: float, min_frames: int, max_frames: int) -> np.ndarray:
     """Frame indices sampled at `fps`: n = int(total / native_fps * fps) clamped to [min_frames, max_frames]
     and to total, then round(linspace(0, total - 1, n))."""
     if total_frames < 1:
@@ -28,10 +27,10 @@ def sample_indices(total_frames: int, native_fps: float, fps: float, min_frames:
 
 
 def video_smart_resize(
-    num_frames: int, height: int, width: int, factor: int, temporal: int, min_pixels: int, max_pixels: int
+    height: int, width: int, *, num_frames: int, factor: int, temporal: int, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
-    """transformers' video smart_resize: like the image one, but the pixel limits apply to t*h*w with t the
-    frame count rounded to a multiple of `temporal`; frames smaller than `factor` are first scaled up."""
+    """transformers' video smart_resize: `smart_resize` with the pixel limits on the whole clip; frames smaller
+    than `factor` are first scaled up."""
     if num_frames < temporal:
         raise DataError(f"a video needs at least {temporal} frames, got {num_frames}")
     if min(height, width) <= 0:
@@ -39,26 +38,11 @@ def video_smart_resize(
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > 200:
-        raise DataError(
-            f"absolute aspect ratio must be at most 200, got {max(height, width) / min(height, width)}"
-            f" ({height}x{width})"
-        )
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    t = round(num_frames / temporal) * temporal
-    if t * h * w > max_pixels:
-        beta = math.sqrt(num_frames * height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif t * h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
+    limits = dict(factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return smart_resize(height, width, num_frames=num_frames, temporal=temporal, **limits)
 
 
-def group_timestamps(indices: Sequence[int], native_fps: float, temporal: int) -> list[float]:
+def group_timestamps(indices: Sequence[int], *, native_fps: float, temporal: int) -> list[float]:
     """Seconds of each temporal group: the index list is padded to a multiple of `temporal` with its last
     entry, and each group gets the mean time of its first and last frame."""
     indices = list(indices)
@@ -68,7 +52,7 @@ def group_timestamps(indices: Sequence[int], native_fps: float, temporal: int) -
 
 
 def decode_video(
-    path: str, fps: float, min_frames: int, max_frames: int
+    path: str, *, fps: float, min_frames: int, max_frames: int
 ) -> tuple[list[Image.Image], np.ndarray, float]:
     """Decodes the frames of `path` sampled at `fps` with PyAV. Returns (RGB frames, their indices in the
     file, native fps). Raises DataError naming the file when it is missing, unreadable or has no frames."""
@@ -81,7 +65,8 @@ def decode_video(
             stream = container.streams.video[0]
             native_fps = float(stream.average_rate or 24.0)
             total = stream.frames or sum(1 for _ in container.decode(video=0))
-            indices = sample_indices(total, native_fps, fps, min_frames, max_frames)
+            sampling = dict(fps=fps, min_frames=min_frames, max_frames=max_frames)
+            indices = sample_indices(total, native_fps=native_fps, **sampling)
             wanted = set(indices.tolist())
             container.seek(0)
             frames = {}
@@ -101,10 +86,11 @@ def decode_video(
 
 
 def frames_as_video(
-    frames: Sequence[Any], native_fps: float, fps: float, min_frames: int, max_frames: int
+    frames: Sequence[Any], *, native_fps: float, fps: float, min_frames: int, max_frames: int
 ) -> tuple[list[Image.Image], np.ndarray, float]:
     """The same sampling for a list of frames (PIL images or uint8 arrays) recorded at `native_fps`."""
     if not native_fps or native_fps <= 0:
         raise DataError("a video given as a list of frames needs its frame rate ('fps' > 0)")
-    indices = sample_indices(len(frames), native_fps, fps, min_frames, max_frames)
+    sampling = dict(fps=fps, min_frames=min_frames, max_frames=max_frames)
+    indices = sample_indices(len(frames), native_fps=native_fps, **sampling)
     return [load_image(frames[i]) for i in indices.tolist()], indices, float(native_fps)

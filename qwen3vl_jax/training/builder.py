@@ -37,7 +37,7 @@ def processor_from(config: ConfigDict) -> Processor:
     settings = config.processing.to_dict() if config.get("processing") else {}
     if config.model.init_from:
         return load_processor(config.model.init_from, **settings)
-    return Processor(byte_tokenizer(), load_chat_template(None), VisionProcessingConfig(**settings))
+    return Processor(byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(**settings))
 
 
 class StepBuilder:
@@ -54,18 +54,20 @@ class StepBuilder:
         )
         self.model_config = model_config_from(config)
         boxed = abstract_params(self.model_config, boxed=True)
-        self.optimizer, self.schedule = make_optimizer(config.optimizer, config.steps, nn.meta.unbox(boxed))
+        self.optimizer, self.schedule = make_optimizer(
+            config.optimizer, total_steps=config.steps, params=nn.meta.unbox(boxed)
+        )
         replicated = NamedSharding(mesh, PartitionSpec())
         self.shardings = TrainState(
             step=replicated,
-            params=param_shardings(boxed, mesh, self.rules),
-            opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, self.rules),
+            params=param_shardings(boxed, mesh, rules=self.rules),
+            opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, rules=self.rules),
             rng=replicated,
         )
         step_fn = make_train_step(
             self.model_config,
-            self.optimizer,
-            self.schedule,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
             loss_normalization=config.loss_normalization,
             grad_accum_steps=config.grad_accum_steps,
         )

@@ -16,30 +16,30 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 
 
-def train_flops(config: ModelConfig, batch: int, seq_len: int, patches: int) -> float:
+def train_flops(config: ModelConfig, *, batch: int, seq_len: int, patches: int) -> float:
     """Matmul FLOPs of one forward + backward pass (3 x forward) over the padded shapes that are computed:
     2 FLOPs per multiply-add with every weight matrix for each token / patch (MoE: the weights it is routed
     through), plus the attention score and
     value matmuls over the full (masked) L x L and P x P blocks."""
-    v, t = config.vision, config.text
-    d_attn = t.num_attention_heads * t.head_dim
-    d_kv = t.num_key_value_heads * t.head_dim
+    vision, text = config.vision, config.text
+    d_attn = text.num_attention_heads * text.head_dim
+    d_kv = text.num_key_value_heads * text.head_dim
     # MoE layers: the router and the k experts each token is routed to (the active weights)
     mlp = [
-        t.num_experts + 3 * t.num_experts_per_tok * t.moe_intermediate_size
-        if t.is_sparse_layer(layer)
-        else 3 * t.intermediate_size
-        for layer in range(t.num_hidden_layers)
+        text.num_experts + 3 * text.num_experts_per_tok * text.moe_intermediate_size
+        if text.is_sparse_layer(layer)
+        else 3 * text.intermediate_size
+        for layer in range(text.num_hidden_layers)
     ]
-    text_weights = t.hidden_size * (t.num_hidden_layers * (2 * d_attn + 2 * d_kv) + sum(mlp))
-    text = 2 * batch * seq_len * (text_weights + t.hidden_size * t.vocab_size)
-    text += 4 * batch * seq_len**2 * d_attn * t.num_hidden_layers
-    vit_block = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-    vit_weights = v.patch_dim * v.hidden_size + v.depth * vit_block
-    mergers = (1 + config.num_deepstack) * (v.merged_dim**2 + v.merged_dim * v.out_hidden_size)
-    vision = 2 * batch * (patches * vit_weights + patches // v.spatial_merge_size**2 * mergers)
-    vision += 4 * batch * patches**2 * v.hidden_size * v.depth
-    return 3.0 * (text + vision * (patches > 0))
+    text_weights = text.hidden_size * (text.num_hidden_layers * (2 * d_attn + 2 * d_kv) + sum(mlp))
+    text_flops = 2 * batch * seq_len * (text_weights + text.hidden_size * text.vocab_size)
+    text_flops += 4 * batch * seq_len**2 * d_attn * text.num_hidden_layers
+    vit_block = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
+    vit_weights = vision.patch_dim * vision.hidden_size + vision.depth * vit_block
+    mergers = (1 + config.num_deepstack) * (vision.merged_dim**2 + vision.merged_dim * vision.out_hidden_size)
+    vision_flops = 2 * batch * (patches * vit_weights + patches // vision.spatial_merge_size**2 * mergers)
+    vision_flops += 4 * batch * patches**2 * vision.hidden_size * vision.depth
+    return 3.0 * (text_flops + vision_flops * (patches > 0))
 
 
 @functools.cache

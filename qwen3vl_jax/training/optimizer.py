@@ -12,7 +12,7 @@ import optax
 FREEZABLE = ("vision", "mergers", "llm")
 
 
-def learning_rate_schedule(lr: float, warmup_steps: int, total_steps: int, final_lr_ratio: float) -> optax.Schedule:
+def learning_rate_schedule(lr: float, *, warmup_steps: int, total_steps: int, final_lr_ratio: float) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=lr,
@@ -30,7 +30,9 @@ def part_of(path: tuple[str, ...]) -> str:
     return "mergers" if path[1] == "merger" or path[1].startswith("deepstack_merger") else "vision"
 
 
-def make_optimizer(config: Any, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: Any, *, total_steps: int, params: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """config: lr, warmup_steps, final_lr_ratio, b1, b2, eps, weight_decay, clip_norm, freeze (subset of
     FREEZABLE). Weight decay applies to matrices only (not norms or biases). Frozen parameters get zero updates
     and no optimizer state."""
@@ -38,7 +40,9 @@ def make_optimizer(config: Any, total_steps: int, params: Any) -> tuple[optax.Gr
     unknown = set(freeze) - set(FREEZABLE)
     if unknown:
         raise ValueError(f"cannot freeze {sorted(unknown)}; freezable parts are {FREEZABLE}")
-    schedule = learning_rate_schedule(config.lr, config.warmup_steps, total_steps, config.final_lr_ratio)
+    schedule = learning_rate_schedule(
+        config.lr, warmup_steps=config.warmup_steps, total_steps=total_steps, final_lr_ratio=config.final_lr_ratio
+    )
     decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
     adamw = optax.chain(
         optax.clip_by_global_norm(config.clip_norm),

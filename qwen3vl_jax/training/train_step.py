@@ -14,7 +14,7 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
-from qwen3vl_jax.training.loss import token_cross_entropy, token_weights
+from qwen3vl_jax.training.loss import example_totals, token_cross_entropy, token_weights
 
 
 @flax.struct.dataclass
@@ -25,15 +25,15 @@ class TrainState:
     rng: jax.Array  # uint32[2], split once per step
 
 
-def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, normalization: str, microbatches: int):
+def _objective(params, batch: dict, *, model: Qwen3VL, total_weight: jax.Array, normalization: str, microbatches: int):
     """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight, plus its
     MoE router losses divided by the number of microbatches; and the counters for the metrics."""
-    c = model.config.text
+    text = model.config.text
     logits, router_logits = model.apply(
         {"params": params}, ModelInputs.from_batch(batch), method=Qwen3VL.logits_and_router_logits
     )
     ce = token_cross_entropy(logits, batch["targets"])
-    weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization)
+    weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=normalization)
     mask = batch["loss_mask"] > 0
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
     counters = dict(
@@ -45,17 +45,17 @@ def _objective(model: Qwen3VL, params, batch: dict, total_weight: jax.Array, nor
     objective = counters["ce"]
     if router_logits is not None:
         real = batch["segment_ids"].reshape(-1) > 0
-        counters["aux_loss"] = load_balancing_loss(router_logits, real, c.num_experts_per_tok) / microbatches
+        counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
         counters["z_loss"] = router_z_loss(router_logits, real) / microbatches
-        objective += c.router_aux_loss_coef * counters["aux_loss"] + c.router_z_loss_coef * counters["z_loss"]
+        objective += text.router_aux_loss_coef * counters["aux_loss"] + text.router_z_loss_coef * counters["z_loss"]
     return objective, counters
 
 
 def make_train_step(
     config: ModelConfig,
+    *,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
-    *,
     loss_normalization: str,
     grad_accum_steps: int = 1,
 ) -> Callable:
@@ -67,10 +67,12 @@ def make_train_step(
     model = Qwen3VL(config)
 
     def train_step(state: TrainState, batch: dict):
-        total = jnp.maximum(token_weights(batch["loss_mask"], batch["segment_ids"], loss_normalization).sum(), 1e-9)
-        grad_fn = jax.value_and_grad(
-            lambda p, b: _objective(model, p, b, total, loss_normalization, grad_accum_steps), has_aux=True
+        weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=loss_normalization)
+        total = jnp.maximum(weights.sum(), 1e-9)
+        objective_args = dict(
+            model=model, total_weight=total, normalization=loss_normalization, microbatches=grad_accum_steps
         )
+        grad_fn = jax.value_and_grad(lambda params, rows: _objective(params, rows, **objective_args), has_aux=True)
         if grad_accum_steps == 1:
             (loss, counters), grads = grad_fn(state.params, batch)
         else:
@@ -113,13 +115,7 @@ def make_eval_step(config: ModelConfig) -> Callable:
         ce = token_cross_entropy(logits, batch["targets"])
         mask = batch["loss_mask"] > 0
         wrong = mask & (jnp.argmax(logits, axis=-1) != batch["targets"])
-        rows, length = batch["segment_ids"].shape
-        segment = (batch["segment_ids"] + jnp.arange(rows)[:, None] * (length + 1)).reshape(-1)
-
-        def count(x):
-            return jax.ops.segment_sum(x.reshape(-1).astype(jnp.float32), segment, rows * (length + 1))
-
-        supervised, errors = count(mask), count(wrong)
+        (supervised, _), (errors, _) = (example_totals(x, batch["segment_ids"]) for x in (mask, wrong))
         examples = supervised > 0
         return dict(
             token_ce=jnp.where(mask, ce, 0.0).sum(),

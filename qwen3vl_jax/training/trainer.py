@@ -58,7 +58,7 @@ class Trainer(StepBuilder):
         return build_dataset(
             data_config,
             self.processor,
-            self.model_config,
+            model_config=self.model_config,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
@@ -79,36 +79,36 @@ class Trainer(StepBuilder):
     def run(self) -> dict[str, float]:
         """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics; the
         final train state stays in `self.state`."""
-        c = self.config
+        config = self.config
         iterator = iter(self.dataset(self.data_config))
         step = self.checkpointer.latest_step()
         if step is None:
-            record_run(self.workdir, self.model_config, self.config_name)
+            record_run(self.workdir, self.model_config, config_name=self.config_name)
             step, state = 0, self.initial_state()
         else:
-            check_resumable(self.workdir, self.model_config, self.config_name)
-            state = self.checkpointer.restore(step, self.abstract_state(), iterator)
+            check_resumable(self.workdir, self.model_config, config_name=self.config_name)
+            state = self.checkpointer.restore(step, self.abstract_state(), iterator=iterator)
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        peak = c.peak_flops_per_device or device_peak_flops()
+        peak = config.peak_flops_per_device or device_peak_flops()
         flops = train_flops(
             self.model_config,
-            self.data_config.batch_size * jax.process_count(),
-            self.data_config.seq_len,
-            self.data_config.max_patches,
+            batch=self.data_config.batch_size * jax.process_count(),
+            seq_len=self.data_config.seq_len,
+            patches=self.data_config.max_patches,
         )
         results: dict[str, float] = {}
-        progress = tqdm(total=c.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
+        progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            while step < c.steps and not self._stop:
+            while step < config.steps and not self._stop:
                 batch = next(iterator)
                 window["dropped"] += int(batch.pop("num_dropped").sum())
                 window["tokens"] += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
                 state, metrics = self.train_step(state, global_batch(batch, self.mesh))
                 step += 1
                 window["steps"] += 1
-                if step % c.log_every == 0 or step == c.steps:
+                if step % config.log_every == 0 or step == config.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the steps
                     seconds = time.perf_counter() - window["start"]
                     metrics.update(
@@ -120,13 +120,13 @@ class Trainer(StepBuilder):
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
                     window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)
                 progress.update(1)
-                self.checkpointer.maybe_save(step, state, iterator)
-                if c.eval.every and (step % c.eval.every == 0 or step == c.steps):
+                self.checkpointer.maybe_save(step, state, iterator=iterator)
+                if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
                     results = self.evaluate(state.params, step)
-            self.checkpointer.maybe_save(step, state, iterator, force=True)
+            self.checkpointer.maybe_save(step, state, iterator=iterator, force=True)
         progress.close()
         self.checkpointer.wait()
-        if step == c.steps and c.export_hf:
+        if step == config.steps and config.export_hf:
             self.export(state.params, os.path.join(self.workdir, "hf"))
         self.checkpointer.close()
         self.writer.close()
@@ -135,12 +135,12 @@ class Trainer(StepBuilder):
 
     def evaluate(self, params: Any, step: int) -> dict[str, float]:
         """Per eval set: token cross-entropy and teacher-forced exact match (every answer token is the argmax:
-        exactly what greedy decoding would answer) over its first num_examples examples."""
+        exactly what greedy decoding would answer) over its first num_examples examples, packed into the training
+        data's row shapes."""
         results = {}
         for name, eval_set in self.config.eval.sets.items():
-            data = self._data_config(
-                dict(eval_set.data, shuffle=False, num_epochs=1, workers=0), self.config.eval.batch_size
-            )
+            once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
+            data = self._data_config(once, self.config.eval.batch_size)
             totals = dict(token_ce=0.0, tokens=0.0, examples=0.0, exact=0.0)
             for batch in self.dataset(data):
                 batch.pop("num_dropped")
@@ -166,7 +166,7 @@ class Trainer(StepBuilder):
         params = jax.device_get(params)
         if jax.process_index() == 0:
             with local_dir(path) as local:
-                hf_io.save_params(local, params, self.model_config)
+                hf_io.save_params(local, params, config=self.model_config)
                 self.processor.save_pretrained(local)
                 write_json(
                     os.path.join(local, hf_io.GENERATION_CONFIG),

@@ -1,0 +1,48 @@
+"""The training run's config (ml_collections): every field `experiments.train` reads, with its default. A config
+file starts from `run_config()` and sets what it changes; any field can be overridden on the command line
+(`--config.optimizer.lr=1e-3`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from qwen3vl_jax.config import preset
+
+
+def run_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.log_every = 10
+    c.export_hf = True  # the final model and its processor as an HF checkpoint in <workdir>/hf
+    c.peak_flops_per_device = 0.0  # for MFU; 0: the chip's public figure on TPU, else a matmul rate measured here
+
+    # a preset (qwen3vl_jax.config.presets) or an HF checkpoint to start from; ModelConfig field overrides
+    c.model = ConfigDict(dict(preset="tiny", init_from="", overrides={}))
+    c.processing = ConfigDict()  # VisionProcessingConfig fields (pixel limits, fps)
+
+    # sources: {name: source spec (qwen3vl_jax.data.sources)}; packed rows of seq_len tokens and max_patches
+    # patches; batch_size rows per step, or rows_per_device x devices when rows_per_device > 0
+    c.data = ConfigDict(dict(sources={}, seq_len=512, max_patches=1024, batch_size=8, rows_per_device=0))
+    c.data.update(seed=0, workers=0, overflow="truncate", on_bad_input="error")
+
+    # teacher-forced eval every `every` steps (0: never) on sets {name: {num_examples, sources: [specs]}}, packed
+    # into the training data's row shapes
+    c.eval = ConfigDict(dict(every=0, batch_size=8, sets={}))
+
+    c.optimizer = ConfigDict(dict(lr=3e-4, warmup_steps=100, final_lr_ratio=0.1, clip_norm=1.0, freeze=()))
+    c.optimizer.update(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    c.loss_normalization = "sqrt"  # qwen3vl_jax.training.loss: "sqrt" | "token" | "sample"
+    c.grad_accum_steps = 1
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
+    c.checkpoint = ConfigDict(dict(every=500, keep=3))
+    return c
+
+
+def model_settings(preset_name: str, **changes) -> ConfigDict:
+    """`config.model` for a preset: every ModelConfig field of preset(preset_name, **changes) under `overrides`,
+    so that any of them can be set on the command line (--config.model.overrides.text.hidden_size=256)."""
+    fields = dataclasses.asdict(preset(preset_name, **changes))
+    return ConfigDict(dict(preset=preset_name, init_from="", overrides=fields))
