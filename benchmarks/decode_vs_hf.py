@@ -113,12 +113,8 @@ def bytes_per_step(batch: int) -> float:
 
 def measure(framework: str, batch: int, *, repeats: int) -> dict:
     """In a fresh process: end-to-end new tokens/s for NEW tokens and the decode-only steps/s."""
-    out = subprocess.run(
-        [sys.executable, __file__, f"--measure={framework}:{batch}", f"--repeats={repeats}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    measurement = [sys.executable, __file__, f"--measure={framework}:{batch}", f"--repeats={repeats}"]
+    out = subprocess.check_output(measurement, text=True)
     seconds = json.loads(out.strip().splitlines()[-1])
     return dict(
         end_to_end=batch * NEW / seconds[str(NEW)],

@@ -34,39 +34,15 @@ from qwen3vl_jax.training.metrics import device_peak_flops, train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
-HF_CONFIG = dict(
-    vision_config=dict(
-        depth=4,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_heads=4,
-        patch_size=16,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        out_hidden_size=512,
-        num_position_embeddings=256,
-        deepstack_visual_indexes=[1, 2, 3],
-    ),
-    text_config=dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        vocab_size=8192,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5e6,
-            "mrope_section": [12, 10, 10],
-            "mrope_interleaved": True,
-        },
-    ),
-    image_token_id=8000,
-    video_token_id=8001,
-    vision_start_token_id=8002,
-    vision_end_token_id=8003,
+VISION = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16, temporal_patch_size=2)
+VISION.update(
+    spatial_merge_size=2, out_hidden_size=512, num_position_embeddings=256, deepstack_visual_indexes=[1, 2, 3]
 )
+TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+TEXT.update(head_dim=64, vocab_size=8192)
+TEXT["rope_parameters"] = dict(rope_type="default", rope_theta=5e6, mrope_section=[12, 10, 10], mrope_interleaved=True)
+TOKEN_IDS = dict(image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
+HF_CONFIG = dict(vision_config=VISION, text_config=TEXT, **TOKEN_IDS)
 BATCH, LENGTH, GRID = 4, 512, (1, 14, 14)
 
 
@@ -120,23 +96,10 @@ def jax_seconds_per_step(batch, steps, *, remat):
     arrays["loss_mask"] = np.ones((BATCH, LENGTH), np.int32)
     arrays["loss_mask"][:, -1] = 0  # like HF's shifted labels: the last position has no target
     params = init_params(config, jax.random.PRNGKey(0))
-    optimizer, schedule = make_optimizer(
-        ConfigDict(
-            dict(
-                lr=1e-4,
-                warmup_steps=0,
-                final_lr_ratio=1.0,
-                b1=0.9,
-                b2=0.999,
-                eps=1e-8,
-                weight_decay=0.01,
-                clip_norm=1e9,
-                freeze=(),
-            )
-        ),
-        total_steps=1000,
-        params=params,
-    )
+    # AdamW as the HF side's torch.optim.AdamW(lr=1e-4, weight_decay=0.01), no schedule and no clipping
+    adamw = ConfigDict(dict(lr=1e-4, warmup_steps=0, final_lr_ratio=1.0, clip_norm=1e9, freeze=()))
+    adamw.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    optimizer, schedule = make_optimizer(adamw, total_steps=1000, params=params)
     step_fn = make_train_step(config, optimizer=optimizer, schedule=schedule, loss_normalization="token")
     train_step = jax.jit(step_fn, donate_argnums=0)
     state = [TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))]
@@ -162,12 +125,7 @@ def measure(framework: str, steps: int) -> None:
 
 
 def run(framework: str, steps: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, f"--measure={framework}", f"--steps={steps}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = subprocess.check_output([sys.executable, __file__, f"--measure={framework}", f"--steps={steps}"], text=True)
     return json.loads(out.strip().splitlines()[-1])
 
 

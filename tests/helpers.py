@@ -9,6 +9,7 @@ import json
 import lzma
 import os
 import shutil
+import subprocess
 import sys
 from fractions import Fraction
 
@@ -62,24 +63,23 @@ def losses(workdir) -> dict[int, float]:
     return out
 
 
+def compile_for_tpu(config: str, *flags: str, timeout: int = 900) -> str:
+    """`experiments.compile` of `config` for a v5p:2x2x1 topology (libtpu's compiler, run on this CPU) with more
+    `flags`; asserts that it succeeded and returns what it printed."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    binary = [sys.executable, "-m", "experiments.compile", f"--config={config}", "--topology=v5p:2x2x1"]
+    result = subprocess.run([*binary, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 # ------------------------------------------------------------------------------------------------ models and configs
 
 CONFIG = preset("tiny")
 # Adam's first update is ~lr * g / (|g| + eps): with a tiny eps it turns rounding noise in near-zero gradients
 # into +-lr jumps, so the tests use eps = 1e-4 to compare updates that depend smoothly on the gradients.
-OPTIMIZER = ConfigDict(
-    dict(
-        lr=1e-3,
-        warmup_steps=0,
-        final_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-4,
-        weight_decay=0.1,
-        clip_norm=1.0,
-        freeze=(),
-    )
-)
+OPTIMIZER = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=0.1, clip_norm=1.0, freeze=()))
+OPTIMIZER.update(b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.1)
 
 
 def initial_state(optimizer):

@@ -1,10 +1,6 @@
 """The MoE decoder (Qwen3-VL-30B-A3B / 235B-A22B) against transformers' Qwen3VLMoeForConditionalGeneration, its
 dispatch backends against each other, expert parallelism on 8 fake devices, checkpoints, and TPU lowering."""
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import Reference
-from helpers import OPTIMIZER, ROOT
+from helpers import OPTIMIZER, compile_for_tpu
 from hf_reference import batch_inputs, build_prompt, hf_logits
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
@@ -267,26 +263,8 @@ def test_expert_parallel_step_equals_single_device(moe, moe_batch):
 
 
 def test_tiny_moe_with_megablox_compiles_for_tpu_v5p():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.compile",
-            "--config=configs/tiny_moe.py",
-            "--topology=v5p:2x2x1",
-            "--config.mesh.data=1",
-            "--config.mesh.expert=2",
-            "--config.mesh.fsdp=2",
-            "--config.model.overrides.moe_backend=megablox",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "-> fits" in result.stdout
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 2}" in result.stdout
-    assert int(result.stdout.split("Pallas (Mosaic) kernel calls: ")[1].split()[0]) >= 4  # gmm and tgmm
+    expert_parallel = ("--config.mesh.data=1", "--config.mesh.expert=2", "--config.mesh.fsdp=2")
+    out = compile_for_tpu("configs/tiny_moe.py", *expert_parallel, "--config.model.overrides.moe_backend=megablox")
+    assert "-> fits" in out
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 2}" in out
+    assert int(out.split("Pallas (Mosaic) kernel calls: ")[1].split()[0]) >= 4  # gmm and tgmm

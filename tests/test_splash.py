@@ -2,16 +2,12 @@
 text, GQA, the ViT's block-diagonal buffer, padding, fp32 and bf16, sharded and unsharded; the whole model and
 a few train steps agree; and the Pallas path lowers for TPU through Mosaic."""
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import compile_for_tpu
 from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -139,27 +135,10 @@ def test_sharded_splash_equals_unsharded():
 
 def test_tiny_model_with_splash_compiles_for_tpu_v5p():
     """The real TPU compiler (Mosaic for the Pallas kernels): forward and backward of the whole train step."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.compile",
-            "--config=configs/tiny.py",
-            "--topology=v5p:2x2x1",
-            "--config.mesh.data=2",
-            "--config.mesh.tensor=2",
-            "--config.model.overrides.attention_impl=splash",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "-> fits" in result.stdout
-    kernels = int(result.stdout.split("Pallas (Mosaic) kernel calls: ")[1].split()[0])
+    flags = ("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.model.overrides.attention_impl=splash")
+    out = compile_for_tpu("configs/tiny.py", *flags)
+    assert "-> fits" in out
+    kernels = int(out.split("Pallas (Mosaic) kernel calls: ")[1].split()[0])
     assert kernels >= 6  # forward, dq and dkv kernels of the decoder and of the ViT
 
 
