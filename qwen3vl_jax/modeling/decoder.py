@@ -197,7 +197,7 @@ class Decoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kv = None if cache is None else (jnp.stack(cache.k[start:end]), jnp.stack(cache.v[start:end]))
-            x, (kv, logits) = layers(self.config, moe, name=name)(x, (jnp.arange(start, end), kv), context)
+            x, (kv, logits) = layers(self.config, moe=moe, name=name)(x, (jnp.arange(start, end), kv), context)
             if kv is not None:
                 new_kv += [(kv[0][i], kv[1][i]) for i in range(end - start)]
             if logits is not None:
@@ -209,7 +209,8 @@ class Decoder(nn.Module):
         new_kv, router_logits = [], []
         for i in range(text.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (kv, logits) = DecoderLayer(self.config, text.is_sparse_layer(i), name=f"layer_{i}")(x, (i, kv), context)
+            layer = DecoderLayer(self.config, moe=text.is_sparse_layer(i), name=f"layer_{i}")
+            x, (kv, logits) = layer(x, (i, kv), context)
             new_kv.append(kv)
             if logits is not None:
                 router_logits.append(logits[None])
