@@ -2,10 +2,13 @@
 training in bf16 with fp32 master weights, FSDP over all chips (MoE: experts over an expert axis, megablox
 dispatch), full rematerialisation, splash attention, one packed row of 8192 tokens and 4096 patches per chip.
 
-Two modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a
-released checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
---config.data.sources.train.path=/path/to/sft.jsonl); `:pretrain` trains from scratch on interleaved
-documents (--config.data.sources.train.path=/path/to/documents.jsonl). Will it fit a TPU slice:
+Modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a released
+checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
+--config.data.sources.train.path=/path/to/sft.jsonl); `:pretrain` trains from scratch on interleaved documents
+(--config.data.sources.train.path=/path/to/documents.jsonl); the paper's long-context stages: `:sft_32k` fine-tunes
+on rows of 32,768 tokens (+ 16,384 patches) per chip, `:long` on one 262,144-token sequence (e.g. a long video with
+timestamps, + 262,144 patches) per 8 chips, split over the mesh's `context` axis (qwen3vl_jax/parallel/context.py).
+Will it fit a TPU slice:
 
     python -m experiments.compile --config=configs/qwen3_vl_8b.py --topology=v5p:2x2x2
 """
@@ -14,7 +17,8 @@ from ml_collections import ConfigDict
 
 from qwen3vl_jax.training.run_config import run_config
 
-MODES = ("sft", "pretrain")
+MODES = ("sft", "pretrain", "sft_32k", "long")
+LONG_CONTEXT_SHARDS = 8  # `:long` splits each sequence over 8 chips
 
 
 def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigDict:
@@ -22,7 +26,7 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     devices (the rest of the slice is fsdp) and dispatch them with the megablox kernels."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not in {MODES}")
-    sft = mode == "sft"
+    sft = mode != "pretrain"
     c = run_config()
     c.steps = 10_000 if sft else 200_000
     c.model.preset = preset
@@ -33,6 +37,14 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     c.data.sources = dict(train=dict(kind="jsonl", path="/path/to/train.jsonl"))
     c.data.update(seq_len=8192, max_patches=4096, rows_per_device=1, batch_size=0, workers=8, on_bad_input="skip")
     c.eval.batch_size = 0
+    c.loss_chunk = 2048  # the logits of 2,048 positions at a time, not of all 8,192
     c.optimizer.update(lr=1e-5 if sft else 3e-4, warmup_steps=200 if sft else 2000)
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=expert_parallel))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, expert=expert_parallel))
+    if mode == "sft_32k":
+        c.data.update(seq_len=32_768, max_patches=16_384)
+    elif mode == "long":
+        # one 262,144-token row per 8 chips: its tokens, its patches and the loss split over `context`
+        c.data.update(seq_len=262_144, max_patches=262_144)
+        c.mesh.update(fsdp=-1, context=LONG_CONTEXT_SHARDS)
+        c.processing.video_max_pixels = 262_144 * 16 * 16
     return c

@@ -54,9 +54,10 @@ def abstract_batch(builder: StepBuilder) -> dict:
         patch_rowcol=(b, patches, 2),
     )
     floats = ("pixel_patches", "pos_embed_weight")
-    sharding = batch_sharding(builder.mesh)
     return {
-        k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=sharding)
+        k: jax.ShapeDtypeStruct(
+            s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=batch_sharding(builder.mesh, k)
+        )
         for k, s in shapes.items()
     }
 

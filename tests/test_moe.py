@@ -18,10 +18,10 @@ import qwen3vl_jax
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.decoder import layer_runs
+from qwen3vl_jax.modeling.lm_head import token_cross_entropy
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.modeling.moe import MoeBlock, experts_dense, experts_grouped, load_balancing_loss, route
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
-from qwen3vl_jax.training.loss import token_cross_entropy
 from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
@@ -266,5 +266,5 @@ def test_tiny_moe_with_megablox_compiles_for_tpu_v5p():
     expert_parallel = ("--config.mesh.data=1", "--config.mesh.expert=2", "--config.mesh.fsdp=2")
     out = compile_for_tpu("configs/tiny_moe.py", *expert_parallel, "--config.model.overrides.moe_backend=megablox")
     assert "-> fits" in out
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 2}" in out
+    assert "mesh {'data': 1, 'fsdp': 2, 'context': 1, 'tensor': 1, 'expert': 2}" in out
     assert int(out.split("Pallas (Mosaic) kernel calls: ")[1].split()[0]) >= 4  # gmm and tgmm

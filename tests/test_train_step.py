@@ -1,6 +1,7 @@
-"""One sharded train step on 8 fake CPU devices (data x fsdp x tensor) equals the single-device step, and
-gradient accumulation equals the whole batch at once. The fixtures batch, optimizer and single_device_step are
-in conftest.py (shared with the trainer and splash tests)."""
+"""One sharded train step on 8 fake CPU devices (data x fsdp x tensor), with the chunked loss and the vocabulary
+over `tensor`, equals the unchunked single-device step, and gradient accumulation equals the whole batch at
+once. The fixtures batch, optimizer and single_device_step are in conftest.py (shared with the trainer and
+splash tests)."""
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,8 @@ def test_sharded_step_equals_single_device(batch, optimizer, single_device_step)
     assert jax.device_count() == 8
     single_state, single_metrics = single_device_step
     transform, schedule = optimizer
-    step = make_train_step(CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt")
+    # 128 positions in chunks of 48: two whole chunks and a padded one
+    step = make_train_step(CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt", loss_chunk=48)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     boxed = abstract_params(CONFIG, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -29,6 +31,7 @@ def test_sharded_step_equals_single_device(batch, optimizer, single_device_step)
     )
     q_proj = shardings.params["decoder"]["layers"]["q_proj"]["kernel"].spec
     assert q_proj == PartitionSpec(None, "fsdp", "tensor", None)  # really sharded over fsdp and tensor
+    assert shardings.params["lm_head"]["kernel"].spec == PartitionSpec("fsdp", "tensor")  # vocab over tensor
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         sharded = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated))
         state, metrics = sharded(

@@ -17,6 +17,7 @@ import numpy as np
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import DROPPED, PATCH_FEATURES, TOKEN_FEATURES
 from qwen3vl_jax.inputs.model_inputs import empty_inputs, visual_index
+from qwen3vl_jax.parallel.context import align_patches
 
 NUM_DROPPED = "num_dropped"
 log = logging.getLogger(__name__)
@@ -35,12 +36,13 @@ def pack(dataset: grain.IterDataset, *, seq_len: int, max_patches: int, num_bins
     )
 
 
-def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+def finalize(row: dict, config: ModelConfig, *, context_shards: int = 1) -> dict[str, np.ndarray]:
     """A packed row -> ModelInputs fields (one row, no batch axis) plus targets, loss_mask and the number of
-    examples dropped before the examples of this row."""
+    examples dropped before the examples of this row. With context_shards > 1 the patch buffer is laid out for
+    context parallelism (parallel.context.align_patches)."""
     segments = row["tokens_segment_ids"]
     patch_segments = row["pixel_patches_segment_ids"]
-    return dict(
+    finalized = dict(
         input_ids=row["tokens"],
         segment_ids=segments,
         positions=np.ascontiguousarray(row["positions"].T),
@@ -54,6 +56,7 @@ def finalize(row: dict, config: ModelConfig) -> dict[str, np.ndarray]:
         loss_mask=row["loss_mask"],
         num_dropped=np.int32(sum(row.get(NUM_DROPPED, ()))),
     )
+    return align_patches(finalized, shards=context_shards)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

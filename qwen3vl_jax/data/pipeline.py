@@ -33,6 +33,9 @@ class DataConfig:
     workers: int = 0  # grain worker processes (0: in the main process)
     overflow: str = "truncate"  # examples longer than seq_len: "truncate" text or "drop"
     on_bad_input: str = "error"  # unreadable / invalid examples: "error" or "skip" (counted, logged)
+    # the mesh's context axis: each row's patch buffer is laid out so that no image / temporal group crosses a
+    # context shard's slot (parallel.context.align_patches); set by the trainer from its mesh
+    context_shards: int = 1
 
     @classmethod
     def from_dict(cls, values: Any) -> DataConfig:
@@ -76,7 +79,8 @@ def build_dataset(
     ds = pack(
         ds, seq_len=config.seq_len, max_patches=config.max_patches, num_bins=config.packing_bins or config.batch_size
     )
-    ds = ds.map(functools.partial(finalize, config=model_config)).batch(config.batch_size, drop_remainder=False)
+    finalize_row = functools.partial(finalize, config=model_config, context_shards=config.context_shards)
+    ds = ds.map(finalize_row).batch(config.batch_size, drop_remainder=False)
     ds = ds.map(functools.partial(pad_batch, batch_size=config.batch_size))
     if config.workers:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use the defaults

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from qwen3vl_jax.kernels.splash import splash_attention
+from qwen3vl_jax.kernels.splash import load_balanced_splash, splash_attention
+from qwen3vl_jax.parallel.context import CONTEXT, check_length, context_shards, load_balanced_positions
+from qwen3vl_jax.parallel.sharding import attention_specs
 
 CAUSAL_BLOCK = 128  # causal self-attention runs per query block over the keys up to that block
 MAX_BLOCKS = 16  # ... with at most this many blocks (longer sequences get longer blocks)
@@ -28,6 +31,7 @@ def attention(
     q_offset: int | jax.Array = 0,
     impl: str = "xla",
     block_sizes: tuple[int, int] = (512, 512),
+    context: str | None = None,
 ) -> jax.Array:
     """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
     h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
@@ -36,16 +40,34 @@ def attention(
 
     impl "xla": causal self-attention skips the key blocks after each query block (half the work of the full
     L x L product). impl "splash": the Pallas splash kernels (kernels/splash.py, `block_sizes` = (q, kv)
-    blocks) for self-attention; attention over a KV cache (q_offset != 0) stays on the XLA path."""
+    blocks) for self-attention; attention over a KV cache (q_offset != 0) stays on the XLA path.
+
+    `context`: how self-attention's length axis is split over the mesh's `context` axis (parallel/context.py);
+    None or a mesh without that axis: it is not. "load_balanced": causal, the tokens in the load-balanced
+    layout; each shard's queries attend the keys / values all-gathered over `context`. "local": every segment
+    lies within one shard (the ViT's patch buffer laid out by `align_patches`); each shard attends its own."""
+    if impl not in ("xla", "splash"):
+        raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
     length = q.shape[1]
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
     segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    if context is not None and self_attention and context_shards() > 1:
+        if context == "load_balanced" and causal:
+            attend = load_balanced_splash if impl == "splash" else _load_balanced_xla
+            return attend(q, k, v, segment_ids=q_segment_ids, block_sizes=block_sizes)
+        if context != "local":
+            raise ValueError(f"context {context!r} is not 'load_balanced' (causal attention) or 'local'")
+        if impl == "xla":
+
+            def local(q, k, v, q_segment_ids, kv_segment_ids):
+                return attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+
+            return _per_device(local, q, k, v, q_segment_ids, kv_segment_ids, context=True)
     if impl == "splash" and self_attention:
-        return splash_attention(q, k, v, **segments, causal=causal, block_sizes=block_sizes)
-    if impl not in ("xla", "splash"):
-        raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
+        local = context == "local" and context_shards() > 1
+        return splash_attention(q, k, v, **segments, causal=causal, block_sizes=block_sizes, local_context=local)
     if not causal or not self_attention or length <= CAUSAL_BLOCK:
-        return _attend(q, k, v, **segments, causal_offset=q_offset if causal else None)
+        return _attend(q, k, v, **segments, q_positions=jnp.arange(length) + q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))
     outputs = [
         _attend(
@@ -54,16 +76,47 @@ def attention(
             v[:, : start + block],
             q_segment_ids=q_segment_ids[:, start : start + block],
             kv_segment_ids=kv_segment_ids[:, : start + block],
-            causal_offset=start,
+            q_positions=jnp.arange(start, min(start + block, length)),
         )
         for start in range(0, length, block)
     ]
     return jnp.concatenate(outputs, axis=1)
 
 
-def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal_offset):
-    """Attention of queries at positions causal_offset + i to keys at positions j (j <= the query's position
-    unless causal_offset is None)."""
+def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, *, context: bool):
+    """fn(q, k, v, q_segment_ids, kv_segment_ids) on each device's block of the arrays (attention_specs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    heads, segments = attention_specs(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], context=context)
+    in_specs = (heads,) * 3 + (segments,) * 2
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(
+        q, k, v, q_segment_ids, kv_segment_ids
+    )
+
+
+def _load_balanced_xla(q, k, v, *, segment_ids, block_sizes):
+    """Causal self-attention on tokens in the load-balanced layout, split over `context`: each shard's queries
+    attend every key (all-gathered, back in sequence order), masked by the queries' sequence positions."""
+    del block_sizes
+    length, shards = q.shape[1], context_shards()
+    check_length(length, shards)
+    positions = load_balanced_positions(length, shards)
+    in_sequence_order = np.argsort(positions)
+
+    def attend(q, k, v, q_segment_ids, kv_segment_ids):
+        k, v, kv_segment_ids = (
+            jnp.take(jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True), in_sequence_order, axis=1)
+            for x in (k, v, kv_segment_ids)
+        )
+        local = q.shape[1]
+        q_positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(positions), jax.lax.axis_index(CONTEXT) * local, local)
+        return _attend(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions)
+
+    return _per_device(attend, q, k, v, segment_ids, segment_ids, context=True)
+
+
+def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None):
+    """Attention of queries at sequence positions q_positions (Lq,) to the keys at positions 0 .. Lk-1 that are
+    not after them (every key when q_positions is None)."""
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     rep = hq // hkv
@@ -74,8 +127,8 @@ def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal_offset):
     v = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
     scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d**-0.5)
     mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    if causal_offset is not None:
-        mask &= (jnp.arange(lq) + causal_offset)[:, None] >= jnp.arange(lk)[None, :]
+    if q_positions is not None:
+        mask &= q_positions[:, None] >= jnp.arange(lk)[None, :]
     scores = jnp.where(mask[:, None], scores.reshape(b, hq, lq, lk), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * hkv, rep * lq, lk)
     out = jnp.matmul(probs, v)

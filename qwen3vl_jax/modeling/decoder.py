@@ -37,6 +37,7 @@ class DecoderContext:
     visual_index: jax.Array | None  # (B, L) merged-token row of each visual token, -1 for text
     cache_index: jax.Array | None  # with a KV cache: the slot of the first token of x
     kv_segment_ids: jax.Array | None  # with a KV cache: (B, S) segment ids of the cache slots, x's included
+    context: str | None = flax.struct.field(pytree_node=False, default=None)  # modeling.attention's `context`
 
 
 class SwiGLU(nn.Module):
@@ -104,9 +105,8 @@ class DecoderLayer(nn.Module):
         k = apply_rotary(norm("k_norm", "head_dim")(k), context.cos, context.sin)
         impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
         if kv is None:
-            o = attention(
-                q, k, v, q_segment_ids=context.segment_ids, kv_segment_ids=context.segment_ids, causal=True, **impl
-            )
+            segments = dict(q_segment_ids=context.segment_ids, kv_segment_ids=context.segment_ids)
+            o = attention(q, k, v, **segments, causal=True, context=context.context, **impl)
         else:
             kv = tuple(
                 jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), context.cache_index, axis=1)
@@ -151,11 +151,22 @@ class Decoder(nn.Module):
     unrolled: bool = False
 
     @nn.compact
-    def __call__(self, x, *, segment_ids, positions, deepstack=None, visual_index=None, cache: KVCache | None = None):
+    def __call__(
+        self,
+        x,
+        *,
+        segment_ids,
+        positions,
+        deepstack=None,
+        visual_index=None,
+        cache: KVCache | None = None,
+        context: str | None = None,
+    ):
         """x (B, L, H) embeddings; segment_ids (B, L); positions (B, 3, L) MRoPE positions; deepstack
-        (K, B, N, H) and visual_index (B, L) with vision. Returns the final-norm hidden states (B, L, H); the
-        cache with x's keys and values written at cache.index (None without a cache); the router logits of
-        the MoE layers (num MoE layers, B*L, E) or None."""
+        (K, B, N, H) and visual_index (B, L) with vision; context: "load_balanced" when the tokens are in
+        parallel/context.py's layout, split over the mesh's `context` axis. Returns the final-norm hidden states
+        (B, L, H); the cache with x's keys and values written at cache.index (None without a cache); the router
+        logits of the MoE layers (num MoE layers, B*L, E) or None."""
         text = self.config.text
         cos, sin = text_mrope_tables(positions, self.config)
         kv_segment_ids = (
@@ -171,6 +182,7 @@ class Decoder(nn.Module):
             visual_index=visual_index,
             cache_index=None if cache is None else cache.index,
             kv_segment_ids=kv_segment_ids,
+            context=context,
         )
         run = self._unrolled if self.unrolled else self._scanned
         x, new_kv, router_logits = run(x, context, cache=cache)

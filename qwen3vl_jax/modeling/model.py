@@ -11,8 +11,10 @@ from qwen3vl_jax.inputs.model_inputs import ModelInputs, empty_inputs
 from qwen3vl_jax.modeling.decoder import Decoder
 from qwen3vl_jax.modeling.deepstack import gather_visual
 from qwen3vl_jax.modeling.kv_cache import KVCache
-from qwen3vl_jax.modeling.layers import Dense, Embed
+from qwen3vl_jax.modeling.layers import Embed
+from qwen3vl_jax.modeling.lm_head import LMHead, chunked_cross_entropy, token_cross_entropy
 from qwen3vl_jax.modeling.vision import VisionTower
+from qwen3vl_jax.parallel.context import context_shards, from_load_balanced, to_load_balanced
 
 
 class Qwen3VL(nn.Module):
@@ -27,7 +29,7 @@ class Qwen3VL(nn.Module):
         self.embed_tokens = Embed(c.text.vocab_size, c.text.hidden_size, **kw)
         self.decoder = Decoder(c, unrolled=self.unrolled_decoder)
         if not c.tie_word_embeddings:
-            self.lm_head = Dense(c.text.vocab_size, ("embed", "vocab"), **kw)
+            self.lm_head = LMHead(c.text.hidden_size, c.text.vocab_size, **kw)
 
     def encode_vision(self, inputs: ModelInputs):
         """Merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
@@ -35,22 +37,42 @@ class Qwen3VL(nn.Module):
 
     def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
         """Final-norm hidden states (B, L, H), the cache updated with these tokens (None without one) and the
-        router logits of the MoE layers (layers, B*L, E) (None for a dense model)."""
-        x = self.embed_tokens(inputs.input_ids)
+        router logits of the MoE layers (layers, B*L, E) (None for a dense model).
+
+        Under a mesh with a `context` axis (and no cache) the decoder runs in the load-balanced layout of
+        parallel/context.py: the token inputs are reordered on entry, the outputs restored on exit."""
+        parallel = cache is None and context_shards() > 1
+        tokens = dict(
+            input_ids=inputs.input_ids,
+            segment_ids=inputs.segment_ids,
+            positions=inputs.positions,
+            visual_index=inputs.visual_index,
+        )
+        if parallel:
+            tokens = {name: to_load_balanced(a, axis=a.ndim - 1) for name, a in tokens.items()}
+        x = self.embed_tokens(tokens["input_ids"])
         deepstack = None
         if inputs.has_vision:
             visual, levels = self.encode_vision(inputs)
-            is_visual = (inputs.visual_index >= 0)[..., None]
-            x = jnp.where(is_visual, gather_visual(visual, inputs.visual_index).astype(x.dtype), x)
+            is_visual = (tokens["visual_index"] >= 0)[..., None]
+            x = jnp.where(is_visual, gather_visual(visual, tokens["visual_index"]).astype(x.dtype), x)
             deepstack = jnp.stack(levels) if levels else None
-        return self.decoder(
+        x, cache, router_logits = self.decoder(
             x,
-            segment_ids=inputs.segment_ids,
-            positions=inputs.positions,
+            segment_ids=tokens["segment_ids"],
+            positions=tokens["positions"],
             deepstack=deepstack,
-            visual_index=inputs.visual_index,
+            visual_index=tokens["visual_index"],
             cache=cache,
+            context="load_balanced" if parallel else None,
         )
+        if parallel:
+            x = from_load_balanced(x, axis=1)
+            if router_logits is not None:
+                layers, _, experts = router_logits.shape
+                by_row = router_logits.reshape(layers, *x.shape[:2], experts)
+                router_logits = from_load_balanced(by_row, axis=2).reshape(layers, -1, experts)
+        return x, cache, router_logits
 
     def __call__(self, inputs: ModelInputs) -> jax.Array:
         """Logits (B, L, vocab) in the compute dtype."""
@@ -60,6 +82,18 @@ class Qwen3VL(nn.Module):
         """Logits (B, L, vocab) and the MoE router logits (layers, B*L, E) (None for a dense model)."""
         x, _, router_logits = self.hidden_states(inputs)
         return self._head(x), router_logits
+
+    def token_losses(self, inputs: ModelInputs, targets: jax.Array, *, chunk: int = 0):
+        """Per token: cross-entropy against `targets` (B, L) in float32, and whether the argmax is the target;
+        plus the MoE router logits (None for a dense model). chunk > 0: the head and the loss run `chunk`
+        positions at a time, so the whole logits never exist (modeling.lm_head)."""
+        x, _, router_logits = self.hidden_states(inputs)
+        if chunk:
+            cross_entropy, correct = chunked_cross_entropy(x, self._head_weight(), targets, chunk=chunk)
+        else:
+            logits = self._head(x)
+            cross_entropy, correct = token_cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets
+        return cross_entropy, correct, router_logits
 
     def prefill(self, inputs: ModelInputs, cache: KVCache):
         """Runs the prompt through the model, filling the cache from cache.index on. Returns the logits
@@ -79,6 +113,13 @@ class Qwen3VL(nn.Module):
 
     def _head(self, x: jax.Array) -> jax.Array:
         return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+
+    def _head_weight(self) -> jax.Array:
+        """The output head as an (H, vocab) matrix in the compute dtype (the embedding, transposed, when tied)."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding.astype(dtype).T
+        return self.lm_head.kernel.astype(dtype)
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, patches: int = 4) -> ModelInputs:

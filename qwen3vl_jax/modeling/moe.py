@@ -159,7 +159,8 @@ class MoeBlock(nn.Module):
 
 
 def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, tiling):
-    """Experts split over the `expert` mesh axis (n devices), tokens over all batch axes (expert included).
+    """Experts split over the `expert` mesh axis (n devices), tokens over all batch axes (expert included) and
+    context.
     Each device all-gathers the tokens of its expert group and computes what its local experts contribute to
     them, one source device's T tokens at a time (dropless: the other experts' rows are left out of the grouped
     matmuls); a reduce-scatter over `expert` sums the contributions and hands them back to the tokens' owners.
@@ -175,9 +176,10 @@ def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, 
     n, num_experts = mesh.shape["expert"], gate_up.shape[0]
     if num_experts % n:
         raise ValueError(f"num_experts {num_experts} is not a multiple of the expert mesh axis size {n}")
-    batch_axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    split = tokens.shape[0] % math.prod(mesh.shape[a] for a in batch_axes) == 0
-    row = PartitionSpec(batch_axes) if split else PartitionSpec()
+    # the token rows (B*L) are split like the (B, L) activations: batch axes, then the sequence over context
+    row_axes = tuple(a for a in (*BATCH_AXES, "context") if mesh.shape.get(a, 1) > 1)
+    split = tokens.shape[0] % math.prod(mesh.shape[a] for a in row_axes) == 0
+    row = PartitionSpec(row_axes) if split else PartitionSpec()
 
     def local(tokens, experts, weights, gate_up, down):
         def dispatch(tokens, experts, weights):

@@ -24,6 +24,7 @@ from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
 from qwen3vl_jax.modeling.merger import PatchMerger
 from qwen3vl_jax.modeling.remat import maybe_remat
 from qwen3vl_jax.modeling.rotary import apply_rotary, inverse_frequencies
+from qwen3vl_jax.parallel.context import context_shards
 
 
 def vision_rotary_tables(rowcol: jax.Array, *, head_dim: int, theta: float):
@@ -46,6 +47,8 @@ class VisionContext:
     segment_ids: jax.Array  # (B, P) int32: one id per (image, temporal group), 0 = padding
     cos: jax.Array | None  # (B, P, head_dim) float32 2-D rotary tables; None without vision positions
     sin: jax.Array | None
+    # "local" when the patch buffer is split over the mesh's `context` axis (parallel/context.py), else None
+    context: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class VisionBlock(nn.Module):
@@ -78,6 +81,7 @@ class VisionBlock(nn.Module):
             causal=False,
             impl=self.config.attention_impl,
             block_sizes=self.config.splash_block_sizes,
+            context=context.context,
         )
         x = x + Dense(
             c.hidden_size,
@@ -121,11 +125,15 @@ class VisionTower(nn.Module):
         cos = sin = None
         if self.config.vision_positions:
             # As `Qwen3VLVisionModel.forward`: weighted sum of 4 table rows, in float32, cast to the hidden dtype.
+            # the table (a few MB) whole on every device, so that each gathers its own patches' rows locally
+            table = nn.with_logical_constraint(table, (None, None))
             taps = table[inputs.pos_embed_index].astype(jnp.float32)
             pos = jnp.sum(taps * inputs.pos_embed_weight[..., None], axis=-2)
             x = x + pos.astype(x.dtype)
             cos, sin = vision_rotary_tables(inputs.patch_rowcol, head_dim=vision.head_dim, theta=vision.rope_theta)
-        context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin)
+        # each context shard runs the ViT on its own images (parallel/context.py's `align_patches`)
+        split = "local" if context_shards() > 1 else None
+        context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin, context=split)
 
         taps = vision.deepstack_visual_indexes[: self.config.num_deepstack]
         deepstack = []

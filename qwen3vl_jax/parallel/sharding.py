@@ -1,9 +1,10 @@
 """Device mesh and logical-axis sharding: sharding is data (logical-axis rules), not code.
 
-The mesh has four named axes, `data`, `fsdp`, `tensor` and `expert`; a config gives their sizes with one -1
-for "all remaining devices". Every parameter and key activation carries logical axis names (`embed`, `mlp`,
-`q_heads`, ...); `rules` map each logical name to mesh axes. A mesh axis that does not divide a dimension is
-dropped for that dimension (the dimension is replicated instead), so any rule set works on any mesh.
+The mesh has five named axes, `data`, `fsdp`, `context`, `tensor` and `expert`; a config gives their sizes with
+one -1 for "all remaining devices". `context` splits one sequence (parallel/context.py). Every parameter and key
+activation carries logical axis names (`embed`, `mlp`, `q_heads`, ...); `rules` map each logical name to mesh
+axes. A mesh axis that does not divide a dimension is dropped for that dimension (the dimension is replicated
+instead), so any rule set works on any mesh.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3vl_jax.parallel.context import check_patch_layout
+
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch outside the MoE blocks
-# ZeRO-3 axes of the weights' model dimension: the expert axis is data-parallel outside the MoE blocks, so the
-# dense weights are split over it too; an expert tensor uses it for its expert dimension, leaving fsdp here.
-WEIGHT_AXES = ("fsdp", "expert")
+# ZeRO-3 axes of the weights' model dimension: the context and expert axes are data-parallel for the weights
+# (outside the MoE blocks), so the dense weights are split over them too; an expert tensor uses `expert` for its
+# expert dimension, leaving fsdp and context here.
+WEIGHT_AXES = ("fsdp", "context", "expert")
 
-# logical axis -> mesh axes. Batch over data, fsdp and expert; weights over fsdp and expert (ZeRO-3) on their
-# model dimension, over tensor (Megatron) on heads / mlp / vocab, and MoE experts over expert.
+# logical axis -> mesh axes. Batch over data, fsdp and expert, sequences (tokens and patches) over context;
+# weights over fsdp, context and expert (ZeRO-3) on their model dimension, over tensor (Megatron) on heads / mlp /
+# vocab, and MoE experts over expert.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("embed", WEIGHT_AXES),
@@ -49,13 +54,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("head_dim", None),
     ("qkv", None),
-    ("length", None),
-    ("patches", None),
+    ("length", "context"),
+    ("patches", "context"),
 )
 
 
 def mesh_shape(sizes: dict[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Axis sizes (data, fsdp, tensor, expert) with the single -1 resolved; their product must be num_devices."""
+    """Axis sizes (data, fsdp, context, tensor, expert) with the single -1 resolved; their product must be the
+    number of devices."""
     if isinstance(sizes, dict):
         unknown = set(sizes) - set(MESH_AXES)
         if unknown:
@@ -120,15 +126,47 @@ def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> An
     return jax.tree_util.tree_map(sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Every batch array is split along its leading (batch) axis over the data, fsdp and expert axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+# the sequence axis of the batch arrays that have one: token arrays (B, L), positions (B, 3, L), patches (B, P, ...)
+SEQUENCE_AXIS = {
+    **dict.fromkeys(("input_ids", "segment_ids", "visual_index", "targets", "loss_mask"), 1),
+    "positions": 2,
+    **dict.fromkeys(("pixel_patches", "patch_segment_ids", "pos_embed_index", "pos_embed_weight", "patch_rowcol"), 1),
+}
+
+
+def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
+    """The sharding of batch array `name`: its leading (batch) axis over the data, fsdp and expert axes and, for
+    the token and patch arrays (SEQUENCE_AXIS), the sequence axis over context."""
+    axis = SEQUENCE_AXIS.get(name)
+    if axis is None or mesh.shape.get("context", 1) == 1:
+        return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (axis - 1)), "context"))
+
+
+def batch_shardings(mesh: Mesh, names=tuple(SEQUENCE_AXIS)) -> dict[str, NamedSharding]:
+    """{name: batch_sharding(mesh, name)} for the arrays of a batch (default: a training batch's)."""
+    return {name: batch_sharding(mesh, name) for name in names}
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each host's local batch into global arrays sharded over the batch axes (multi-host safe)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """Assembles each host's local batch into global arrays sharded like `batch_sharding` (multi-host safe).
+    With a context axis, a ViT segment must not cross a context shard's slot of the patch buffer
+    (parallel.context.check_patch_layout)."""
+    if "patch_segment_ids" in batch:
+        check_patch_layout(np.asarray(batch["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, k), np.asarray(v)) for k, v in batch.items()}
+
+
+def attention_specs(mesh, *, batch: int, heads: int, kv_heads: int, context: bool) -> tuple:
+    """shard_map specs of attention's (B, L, heads, D) arrays and (B, L) segment ids: batch over the batch axes
+    (when they divide it), the length over `context` (when `context`), heads over tensor (when it divides both
+    the query and the key/value heads)."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    batch_axes = axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else None
+    tensor = mesh.shape.get("tensor", 1)
+    heads_axis = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
+    length_axis = "context" if context else None
+    return PartitionSpec(batch_axes, length_axis, heads_axis), PartitionSpec(batch_axes, length_axis)
 
 
 def initialize_distributed() -> None:

@@ -16,7 +16,7 @@ from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.train_state import abstract_like
 from qwen3vl_jax.config import ModelConfig, preset
 from qwen3vl_jax.modeling.model import abstract_params
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, param_shardings
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_shardings
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.optimizer import make_optimizer
@@ -70,13 +70,16 @@ class StepBuilder:
             schedule=self.schedule,
             loss_normalization=config.loss_normalization,
             grad_accum_steps=config.grad_accum_steps,
+            loss_chunk=config.loss_chunk,
         )
-        batch = batch_sharding(mesh)
+        batch = batch_shardings(mesh)
         self.train_step = jax.jit(
             step_fn, in_shardings=(self.shardings, batch), out_shardings=(self.shardings, replicated), donate_argnums=0
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.model_config), in_shardings=(self.shardings.params, batch), out_shardings=replicated
+            make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
+            in_shardings=(self.shardings.params, batch),
+            out_shardings=replicated,
         )
 
     def abstract_state(self) -> TrainState:
@@ -91,6 +94,7 @@ class StepBuilder:
         return abstract_like(state, self.shardings)
 
     def global_batch_size(self, data: Any) -> int:
-        """data.rows_per_device x devices when set (configs that scale with the slice), else data.batch_size."""
+        """data.rows_per_device x devices when set (configs that scale with the slice; a row split over the
+        context axis counts once for all its shards), else data.batch_size."""
         rows = data.get("rows_per_device", 0) if hasattr(data, "get") else 0
-        return rows * self.mesh.devices.size if rows else data.batch_size
+        return rows * self.mesh.devices.size // self.mesh.shape["context"] if rows else data.batch_size

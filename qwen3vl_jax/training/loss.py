@@ -35,10 +35,3 @@ def example_totals(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array
     example = segment_ids + jnp.arange(batch)[:, None] * (length + 1)
     flat = values.reshape(-1).astype(jnp.float32)
     return jax.ops.segment_sum(flat, example.reshape(-1), num_segments=batch * (length + 1)), example
-
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """(B, L) cross-entropy in float32 of logits (B, L, V) against integer targets (B, L)."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logits

@@ -36,6 +36,9 @@ def run_config() -> ConfigDict:
     c.optimizer.update(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     c.loss_normalization = "sqrt"  # qwen3vl_jax.training.loss: "sqrt" | "token" | "sample"
     c.grad_accum_steps = 1
+    # the LM head and the loss run this many positions at a time (0: the whole row), so that the (tokens, vocab)
+    # logits and their gradient never exist whole (qwen3vl_jax.modeling.lm_head)
+    c.loss_chunk = 0
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
     c.checkpoint = ConfigDict(dict(every=500, keep=3))
     return c

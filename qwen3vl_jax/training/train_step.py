@@ -14,7 +14,7 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
-from qwen3vl_jax.training.loss import example_totals, token_cross_entropy, token_weights
+from qwen3vl_jax.training.loss import example_totals, token_weights
 
 
 @flax.struct.dataclass
@@ -25,17 +25,29 @@ class TrainState:
     rng: jax.Array  # uint32[2], split once per step
 
 
-def _objective(params, batch: dict, *, model: Qwen3VL, total_weight: jax.Array, normalization: str, microbatches: int):
+def _token_losses(model: Qwen3VL, params, batch: dict, *, loss_chunk: int):
+    """Per-token cross-entropy (B, L), argmax == target (B, L) and the router logits of a batch."""
+    inputs = ModelInputs.from_batch(batch)
+    return model.apply({"params": params}, inputs, batch["targets"], chunk=loss_chunk, method=Qwen3VL.token_losses)
+
+
+def _objective(
+    params,
+    batch: dict,
+    *,
+    model: Qwen3VL,
+    total_weight: jax.Array,
+    normalization: str,
+    microbatches: int,
+    loss_chunk: int,
+):
     """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight, plus its
     MoE router losses divided by the number of microbatches; and the counters for the metrics."""
     text = model.config.text
-    logits, router_logits = model.apply(
-        {"params": params}, ModelInputs.from_batch(batch), method=Qwen3VL.logits_and_router_logits
-    )
-    ce = token_cross_entropy(logits, batch["targets"])
+    ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk)
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=normalization)
     mask = batch["loss_mask"] > 0
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+    correct = correct & mask
     counters = dict(
         ce=(weights * ce).sum() / total_weight,
         tokens=mask.sum(dtype=jnp.float32),
@@ -58,20 +70,21 @@ def make_train_step(
     schedule: optax.Schedule,
     loss_normalization: str,
     grad_accum_steps: int = 1,
+    loss_chunk: int = 0,
 ) -> Callable:
     """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
     (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
     z-loss). The batch's rows are split into `grad_accum_steps` microbatches (row i goes to microbatch
     i % steps) whose gradients add up to the whole batch's cross-entropy gradient exactly; the router losses
-    are averaged over the microbatches (each computed on its own tokens, as with a smaller batch)."""
+    are averaged over the microbatches (each computed on its own tokens, as with a smaller batch).
+    loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head)."""
     model = Qwen3VL(config)
 
     def train_step(state: TrainState, batch: dict):
         weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=loss_normalization)
         total = jnp.maximum(weights.sum(), 1e-9)
-        objective_args = dict(
-            model=model, total_weight=total, normalization=loss_normalization, microbatches=grad_accum_steps
-        )
+        objective_args = dict(model=model, total_weight=total, normalization=loss_normalization)
+        objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
         grad_fn = jax.value_and_grad(lambda params, rows: _objective(params, rows, **objective_args), has_aux=True)
         if grad_accum_steps == 1:
             (loss, counters), grads = grad_fn(state.params, batch)
@@ -105,16 +118,15 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(config: ModelConfig) -> Callable:
+def make_eval_step(config: ModelConfig, *, loss_chunk: int = 0) -> Callable:
     """(params, batch) -> sums over the batch: token CE and count, examples and examples whose every
     supervised token is predicted by argmax (= the greedy answer under teacher forcing is exactly right)."""
     model = Qwen3VL(config)
 
     def eval_step(params, batch: dict):
-        logits = model.apply({"params": params}, ModelInputs.from_batch(batch))
-        ce = token_cross_entropy(logits, batch["targets"])
+        ce, correct, _ = _token_losses(model, params, batch, loss_chunk=loss_chunk)
         mask = batch["loss_mask"] > 0
-        wrong = mask & (jnp.argmax(logits, axis=-1) != batch["targets"])
+        wrong = mask & ~correct
         (supervised, _), (errors, _) = (example_totals(x, batch["segment_ids"]) for x in (mask, wrong))
         examples = supervised > 0
         return dict(

@@ -52,7 +52,8 @@ class Trainer(StepBuilder):
             raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} hosts")
         values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
         values.pop("rows_per_device", None)
-        return DataConfig.from_dict({**values, "batch_size": global_batch_size // jax.process_count()})
+        values.update(batch_size=global_batch_size // jax.process_count(), context_shards=self.mesh.shape["context"])
+        return DataConfig.from_dict(values)
 
     def dataset(self, data_config: DataConfig):
         return build_dataset(

@@ -1,0 +1,81 @@
+"""The output head and the token cross-entropy, whole or in sequence chunks.
+
+Chunked, the head matmul, the float32 log-sum-exp, the target logit and the argmax run on `chunk` positions at a
+time inside a rematerialised scan: neither the (B, L, vocab) logits nor their gradient ever exists whole (at
+151,936 tokens of vocabulary and 32K positions they would be 18.5 GiB in float32, their gradient as much again).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen3vl_jax.modeling.layers import default_init, param
+
+
+class LMHead(nn.Module):
+    """The untied output head: kernel (hidden, vocab), as transformers' `lm_head` transposed."""
+
+    hidden_size: int
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        shape = (self.hidden_size, self.vocab_size)
+        self.kernel = param(
+            self, "kernel", init=default_init, shape=shape, dtype=self.param_dtype, axes=("embed", "vocab")
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., hidden) -> logits (..., vocab) in the compute dtype."""
+        return project(x, self.kernel.astype(self.dtype))
+
+
+def project(x: jax.Array, head_weight: jax.Array) -> jax.Array:
+    """x (..., H) @ head_weight (H, V) as one 2-D matmul (XLA:CPU runs multi-dimensional dot_generals slower)."""
+    flat = x.astype(head_weight.dtype).reshape(-1, x.shape[-1])
+    return (flat @ head_weight).reshape(*x.shape[:-1], head_weight.shape[-1])
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """(B, L) cross-entropy in float32 of logits (B, L, V) against integer targets (B, L)."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """hidden (B, L, H) final-norm states, head_weight (H, V) in the compute dtype, targets (B, L) ->
+    (cross-entropy (B, L) float32, argmax == target (B, L) bool), `chunk` positions at a time (L is padded up to
+    a multiple of it). The backward pass recomputes each chunk's logits.
+
+    The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...): when the length is split
+    over a mesh axis (context parallelism), every device has its share of every chunk."""
+    batch, length, hidden_size = hidden.shape
+    pad = -length % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    chunks = (length + pad) // chunk
+    # (B, chunk, chunks, H): chunk c is [:, :, c]; read in place (a transposed copy would be one more (L, H) buffer)
+    hidden = hidden.reshape(batch, chunk, chunks, hidden_size)
+    targets = targets.reshape(batch, chunk, chunks)
+
+    @jax.checkpoint
+    def one_chunk(carry, c):
+        x = jax.lax.dynamic_index_in_dim(hidden, c, axis=2, keepdims=False)
+        chunk_targets = jax.lax.dynamic_index_in_dim(targets, c, axis=2, keepdims=False)
+        logits = nn.with_logical_constraint(project(x, head_weight), ("batch", "length", "vocab"))
+        cross_entropy = token_cross_entropy(logits, chunk_targets)
+        return carry, (cross_entropy, jnp.argmax(logits, axis=-1) == chunk_targets)
+
+    _, (cross_entropy, correct) = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
+
+    def unchunk(values):  # (chunks, B, chunk) -> (B, L)
+        return jnp.moveaxis(values, 0, 2).reshape(batch, chunks * chunk)[:, :length]
+
+    return unchunk(cross_entropy), unchunk(correct)
