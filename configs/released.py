@@ -37,9 +37,14 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     c.data.sources = dict(train=dict(kind="jsonl", path="/path/to/train.jsonl"))
     c.data.update(seq_len=8192, max_patches=4096, rows_per_device=1, batch_size=0, workers=8, on_bad_input="skip")
     c.eval.batch_size = 0
-    c.loss_chunk = 2048  # the logits of 2,048 positions at a time, not of all 8,192
+    c.loss_chunk = 1024  # the logits of 1,024 positions at a time, not of a whole row
     c.optimizer.update(lr=1e-5 if sft else 3e-4, warmup_steps=200 if sft else 2000)
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, expert=expert_parallel))
+    if mode in ("sft_32k", "long"):
+        # at these lengths each layer's input (32K tokens x hidden) is the largest thing kept for the backward
+        # pass: it waits in host memory (qwen3vl_jax/modeling/remat.py)
+        c.model.overrides.remat = "offload"
+        c.model.overrides.mlp_chunks = 8  # and a layer's MLP activations exist an eighth of the sequence at a time
     if mode == "sft_32k":
         c.data.update(seq_len=32_768, max_patches=16_384)
     elif mode == "long":

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONFIG
+from helpers import CONFIG, losses, tiny_config
+from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
@@ -21,11 +22,12 @@ from qwen3vl_jax.parallel.context import (
     load_balanced_positions,
     to_load_balanced,
 )
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, make_mesh, param_shardings
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, make_mesh, param_shardings, row_groups
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.loss import token_weights
 from qwen3vl_jax.training.train_step import _objective
+from qwen3vl_jax.training.trainer import Trainer
 
 SHARDS = 8  # the batch's patch buffers are laid out for 8 context shards (hence also for 4 and 2)
 
@@ -210,3 +212,30 @@ def test_train_step_gradients_over_the_context_axis_equal_single_device(context_
 
     errors = jax.tree_util.tree_map(relative_error, grads, jax.device_get(expected_grads))
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5, errors
+
+
+def test_trainer_on_a_context_mesh(tmp_path):
+    """The default config's run on `context 4 x fsdp 2`: the pipeline lays the patches out for 4 shards (else
+    global_batch would refuse the batch), every row of 384 tokens is split over 4 chips, and the loss is finite."""
+    config = tiny_config()
+    config.steps = 2
+    config.eval.update(sets={}, every=0)
+    config.data.batch_size = 4
+    config.mesh = ConfigDict(dict(data=1, fsdp=2, context=4, tensor=1, expert=1))
+    trainer = Trainer(config, str(tmp_path / "work"))
+    assert trainer.data_config.context_shards == 4
+    trainer.run()
+    assert int(trainer.state.step) == 2
+    assert trainer.state.params["decoder"]["layers"]["q_proj"]["kernel"].sharding.spec[1] == ("fsdp", "context")
+    logged = losses(str(tmp_path / "work"))
+    assert logged and all(np.isfinite(list(logged.values()))), logged
+    trainer.checkpointer.close()
+    trainer.writer.close()
+
+
+@pytest.mark.parametrize("sizes, groups", [({"fsdp": 2, "context": 4}, 2), ({"context": 8}, 1), ({"fsdp": 8}, 2)])
+def test_hosts_that_split_a_row_read_the_same_data(sizes, groups):
+    """Two hosts of 4 devices: with the context axis inside a host each host reads its own rows; with `context 8`
+    both hold parts of every row, so both must read the same rows (one group)."""
+    index, count = row_groups(make_mesh(sizes), process_of=lambda device: device.id // 4)
+    assert (index, count) == (0, groups)

@@ -1,7 +1,7 @@
-"""One sharded train step on 8 fake CPU devices (data x fsdp x tensor), with the chunked loss and the vocabulary
-over `tensor`, equals the unchunked single-device step, and gradient accumulation equals the whole batch at
-once. The fixtures batch, optimizer and single_device_step are in conftest.py (shared with the trainer and
-splash tests)."""
+"""One sharded train step on 8 fake CPU devices (data x fsdp x tensor), with the chunked loss, equals the
+unchunked single-device step; gradient accumulation equals the whole batch at once; every remat policy gives
+the same gradients. The fixtures batch, optimizer and single_device_step are in conftest.py (shared with the
+trainer and splash tests)."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,9 @@ import numpy as np
 from helpers import CONFIG, initial_state
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.config.model import REMAT_POLICIES
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
+from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
@@ -59,3 +61,26 @@ def test_gradient_accumulation_equals_whole_batch(batch, optimizer, single_devic
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6), accumulated.params, whole.params
     )
+
+
+def test_every_remat_policy_gives_the_same_gradients(batch):
+    """The policies "full", "dots" and "offload" (layer inputs kept in host memory) recompute what "none" keeps,
+    and so does the MLP over 4 sequence slices (mlp_chunks): the same gradients, on a packed batch with images,
+    videos and DeepStack."""
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    inputs = ModelInputs.from_batch(batch)
+    variants = {remat: dict(remat=remat) for remat in REMAT_POLICIES}
+    variants["offload, mlp_chunks=4"] = dict(remat="offload", mlp_chunks=4)
+
+    def loss(params, variant):
+        model = Qwen3VL(CONFIG.replace(**variants[variant]))
+        cross_entropy, _, _ = model.apply({"params": params}, inputs, batch["targets"], method=Qwen3VL.token_losses)
+        return (cross_entropy * batch["loss_mask"]).sum()
+
+    grads = {variant: jax.jit(jax.grad(loss), static_argnums=1)(params, variant) for variant in variants}
+    for variant in variants:
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max()),
+            grads[variant],
+            grads["none"],
+        )

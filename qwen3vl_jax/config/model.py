@@ -26,7 +26,7 @@ MROPE_LAYOUTS = ("interleaved", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "splash")
 ROPE_TYPES = ("default", "yarn")
-REMAT_POLICIES = ("none", "full", "dots")  # see modeling/remat.py
+REMAT_POLICIES = ("none", "full", "dots", "offload")  # see modeling/remat.py
 MOE_BACKENDS = ("megablox", "ragged_dot", "dense")  # see modeling/moe.py
 
 
@@ -185,9 +185,13 @@ class ModelConfig:
     moe_backend: str = "ragged_dot"
     moe_tiling: tuple[int, int, int] = (512, 1024, 1024)  # (m, k, n) tiles of the megablox grouped matmul
     remat: str = "none"
+    # the dense MLP runs this many strided slices of the sequence one after the other, each rematerialised
+    # (1: the whole sequence at once); divides the (B, L, intermediate) buffers of a layer's backward pass
+    mlp_chunks: int = 1
 
     def __post_init__(self):
         _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        _check(self.mlp_chunks >= 1, f"mlp_chunks {self.mlp_chunks} must be >= 1")
         object.__setattr__(self, "splash_block_sizes", tuple(self.splash_block_sizes))
         object.__setattr__(self, "moe_tiling", tuple(self.moe_tiling))
         _check(self.moe_backend in MOE_BACKENDS, f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")

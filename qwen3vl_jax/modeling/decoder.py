@@ -22,7 +22,7 @@ from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, RMSNorm
 from qwen3vl_jax.modeling.moe import MoeBlock
 from qwen3vl_jax.modeling.mrope import text_mrope_tables
-from qwen3vl_jax.modeling.remat import maybe_remat
+from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
 from qwen3vl_jax.modeling.rotary import apply_rotary
 
 
@@ -51,6 +51,33 @@ class SwiGLU(nn.Module):
         gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+
+
+def _swiglu(h, *, chunks: int, intermediate_size: int, dtype, param_dtype):
+    """The dense MLP on h (B, L, H), over `chunks` strided slices of the sequence one at a time, each recomputed in
+    the backward pass: the (B, L, intermediate) activations exist a slice at a time. Strided (slice c holds
+    positions c, c + chunks, ...), so a length split over the mesh stays split."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    batch, length, hidden = h.shape
+    if chunks == 1 or length % chunks:
+        return SwiGLU(intermediate_size, name="mlp", **kw)(h)
+    sliced = nn.scan(
+        nn.remat(_SwiGLUSlice, prevent_cse=False),
+        variable_broadcast="params",
+        split_rngs={"params": False},
+        in_axes=2,
+        out_axes=2,
+        length=chunks,
+    )
+    _, out = sliced(intermediate_size, name="mlp", **kw)(None, h.reshape(batch, length // chunks, chunks, hidden))
+    return out.reshape(batch, length, hidden)
+
+
+class _SwiGLUSlice(SwiGLU):
+    """SwiGLU as an nn.scan body over sequence slices (same parameters)."""
+
+    def __call__(self, carry, x):
+        return carry, super().__call__(x)
 
 
 def layer_runs(text: TextConfig) -> list[tuple[int, int, bool]]:
@@ -87,7 +114,7 @@ class DecoderLayer(nn.Module):
         (B, S, Hkv, D)."""
         layer, kv = layer_and_kv
         text, kw = self.config.text, self.config.dense_kwargs
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
 
         def norm(name, axis="embed"):
             return RMSNorm(text.rms_norm_eps, axis_name=axis, param_dtype=kw["param_dtype"], name=name)
@@ -136,7 +163,7 @@ class DecoderLayer(nn.Module):
             dispatch = dict(backend=self.config.moe_backend, tiling=self.config.moe_tiling)
             h, router_logits = MoeBlock(text, **dispatch, name="mlp", **kw)(h)
         else:
-            h = SwiGLU(text.intermediate_size, name="mlp", **kw)(h)
+            h = _swiglu(h, chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size, **kw)
         x = x + h
         if context.deepstack is not None:
             x = add_deepstack(x, features=context.deepstack, visual_index=context.visual_index, layer=layer)

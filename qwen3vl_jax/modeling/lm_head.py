@@ -41,17 +41,26 @@ def project(x: jax.Array, head_weight: jax.Array) -> jax.Array:
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """(B, L) cross-entropy in float32 of logits (B, L, V) against integer targets (B, L)."""
+    return cross_entropy_and_hits(logits, targets)[0]
+
+
+def cross_entropy_and_hits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits (B, L, V), integer targets (B, L) -> float32 cross-entropy (B, L) and whether the target has the
+    highest logit (B, L) (argmax == target, ties counted as hits). The target logit is a masked sum and the hit a
+    comparison with the max, not a gather and an argmax: both fuse into reductions over the vocabulary, where an
+    argmax or a gather over a split vocabulary keeps int32 buffers as large as the logits."""
     logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logits
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logits, target_logits >= jnp.max(logits, axis=-1)
 
 
 def chunked_cross_entropy(
     hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
     """hidden (B, L, H) final-norm states, head_weight (H, V) in the compute dtype, targets (B, L) ->
-    (cross-entropy (B, L) float32, argmax == target (B, L) bool), `chunk` positions at a time (L is padded up to
-    a multiple of it). The backward pass recomputes each chunk's logits.
+    (cross-entropy (B, L) float32, target has the highest logit (B, L) bool), `chunk` positions at a time (L is
+    padded up to a multiple of it). The backward pass recomputes each chunk's logits.
 
     The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...): when the length is split
     over a mesh axis (context parallelism), every device has its share of every chunk."""
@@ -65,13 +74,18 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(batch, chunk, chunks, hidden_size)
     targets = targets.reshape(batch, chunk, chunks)
 
+    # vocabulary-parallel: the head weight (and so its gradient, accumulated over the chunks) stays split over the
+    # devices by vocabulary; each chunk's hidden states (a few MB) are gathered instead
+    head_weight = nn.with_logical_constraint(head_weight, (None, "loss_vocab"))
+
     @jax.checkpoint
     def one_chunk(carry, c):
         x = jax.lax.dynamic_index_in_dim(hidden, c, axis=2, keepdims=False)
+        x = nn.with_logical_constraint(x, ("loss_batch", None, None))
         chunk_targets = jax.lax.dynamic_index_in_dim(targets, c, axis=2, keepdims=False)
-        logits = nn.with_logical_constraint(project(x, head_weight), ("batch", "length", "vocab"))
-        cross_entropy = token_cross_entropy(logits, chunk_targets)
-        return carry, (cross_entropy, jnp.argmax(logits, axis=-1) == chunk_targets)
+        chunk_targets = nn.with_logical_constraint(chunk_targets, ("loss_batch", None))
+        logits = nn.with_logical_constraint(project(x, head_weight), ("loss_batch", None, "loss_vocab"))
+        return carry, cross_entropy_and_hits(logits, chunk_targets)
 
     _, (cross_entropy, correct) = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
 

@@ -12,7 +12,7 @@ from qwen3vl_jax.modeling.decoder import Decoder
 from qwen3vl_jax.modeling.deepstack import gather_visual
 from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Embed
-from qwen3vl_jax.modeling.lm_head import LMHead, chunked_cross_entropy, token_cross_entropy
+from qwen3vl_jax.modeling.lm_head import LMHead, chunked_cross_entropy, cross_entropy_and_hits
 from qwen3vl_jax.modeling.vision import VisionTower
 from qwen3vl_jax.parallel.context import context_shards, from_load_balanced, to_load_balanced
 
@@ -41,7 +41,7 @@ class Qwen3VL(nn.Module):
 
         Under a mesh with a `context` axis (and no cache) the decoder runs in the load-balanced layout of
         parallel/context.py: the token inputs are reordered on entry, the outputs restored on exit."""
-        parallel = cache is None and context_shards() > 1
+        parallel = cache is None and context_shards() > 1 and not self.is_initializing()
         tokens = dict(
             input_ids=inputs.input_ids,
             segment_ids=inputs.segment_ids,
@@ -84,15 +84,15 @@ class Qwen3VL(nn.Module):
         return self._head(x), router_logits
 
     def token_losses(self, inputs: ModelInputs, targets: jax.Array, *, chunk: int = 0):
-        """Per token: cross-entropy against `targets` (B, L) in float32, and whether the argmax is the target;
-        plus the MoE router logits (None for a dense model). chunk > 0: the head and the loss run `chunk`
+        """Per token: cross-entropy against `targets` (B, L) in float32 and whether the target has the highest
+        logit; plus the MoE router logits (None for a dense model). chunk > 0: the head and the loss run `chunk`
         positions at a time, so the whole logits never exist (modeling.lm_head)."""
         x, _, router_logits = self.hidden_states(inputs)
         if chunk:
             cross_entropy, correct = chunked_cross_entropy(x, self._head_weight(), targets, chunk=chunk)
         else:
             logits = self._head(x)
-            cross_entropy, correct = token_cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets
+            cross_entropy, correct = cross_entropy_and_hits(logits, targets)
         return cross_entropy, correct, router_logits
 
     def prefill(self, inputs: ModelInputs, cache: KVCache):

@@ -22,7 +22,7 @@ from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.deepstack import block_stacks
 from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
 from qwen3vl_jax.modeling.merger import PatchMerger
-from qwen3vl_jax.modeling.remat import maybe_remat
+from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
 from qwen3vl_jax.modeling.rotary import apply_rotary, inverse_frequencies
 from qwen3vl_jax.parallel.context import context_shards
 
@@ -60,7 +60,7 @@ class VisionBlock(nn.Module):
     def __call__(self, x, context: VisionContext):
         """x (B, P, D). Returns (x, None) for nn.scan."""
         c, kw = self.config.vision, self.config.dense_kwargs
-        x = nn.with_logical_constraint(x, ("batch", "patches", "vision_embed"))
+        x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "patches", "vision_embed")))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
         qkv = Dense(
             (3, c.num_heads, c.head_dim),
@@ -132,7 +132,7 @@ class VisionTower(nn.Module):
             x = x + pos.astype(x.dtype)
             cos, sin = vision_rotary_tables(inputs.patch_rowcol, head_dim=vision.head_dim, theta=vision.rope_theta)
         # each context shard runs the ViT on its own images (parallel/context.py's `align_patches`)
-        split = "local" if context_shards() > 1 else None
+        split = "local" if context_shards() > 1 and not self.is_initializing() else None
         context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin, context=split)
 
         taps = vision.deepstack_visual_indexes[: self.config.num_deepstack]

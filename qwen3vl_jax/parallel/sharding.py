@@ -56,6 +56,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("qkv", None),
     ("length", "context"),
     ("patches", "context"),
+    # the chunked loss (modeling/lm_head.py): each chunk's rows on every device of a data replica, the vocabulary
+    # over all the others, so that the head weight and its gradient stay split
+    ("loss_batch", "data"),
+    ("loss_vocab", ("tensor", *WEIGHT_AXES)),
 )
 
 
@@ -148,13 +152,46 @@ def batch_shardings(mesh: Mesh, names=tuple(SEQUENCE_AXIS)) -> dict[str, NamedSh
     return {name: batch_sharding(mesh, name) for name in names}
 
 
+def row_groups(mesh: Mesh, *, process_of=lambda device: device.process_index) -> tuple[int, int]:
+    """(index, count): which of the `count` distinct sets of batch rows this process's devices hold. Each group
+    of processes holding the same rows (a context axis across hosts splits rows between them) reads the same
+    shard of the data; without a context axis across hosts every process is a group of its own."""
+    sharding = batch_sharding(mesh, "input_ids")
+    rows = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    ranges = _process_ranges(sharding.devices_indices_map((rows, 2 * mesh.shape["context"])), 0, process_of)
+    distinct = sorted(set(ranges.values()))
+    return distinct.index(ranges[process_of(jax.local_devices()[0])]), len(distinct)
+
+
+def _process_ranges(index_map, axis: int, process_of) -> dict[int, tuple[int, int]]:
+    """{process: (start, stop)} of the part of `axis` that its devices hold (index_map: device -> slices)."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for device, index in index_map.items():
+        start, stop, _ = index[axis].indices(10**12)
+        old = ranges.get(process_of(device), (start, stop))
+        ranges[process_of(device)] = (min(old[0], start), max(old[1], stop))
+    return ranges
+
+
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each host's local batch into global arrays sharded like `batch_sharding` (multi-host safe).
+    """Assembles each host's local batch (whole rows: those of its row group, `row_groups`) into global arrays
+    sharded like `batch_sharding` (multi-host safe; a host passes on the part of the sequence its devices hold).
     With a context axis, a ViT segment must not cross a context shard's slot of the patch buffer
     (parallel.context.check_patch_layout)."""
     if "patch_segment_ids" in batch:
         check_patch_layout(np.asarray(batch["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, k), np.asarray(v)) for k, v in batch.items()}
+    _, groups = row_groups(mesh)
+    arrays = {}
+    for name, value in batch.items():
+        value, sharding = np.asarray(value), batch_sharding(mesh, name)
+        global_shape = (value.shape[0] * groups, *value.shape[1:])
+        axis = SEQUENCE_AXIS.get(name)
+        if axis is not None and jax.process_count() > groups:  # the sequence is split between hosts
+            index_map = sharding.devices_indices_map(global_shape)
+            start, stop = _process_ranges(index_map, axis, lambda d: d.process_index)[jax.process_index()]
+            value = np.take(value, np.arange(start, stop), axis=axis)
+        arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return arrays
 
 
 def attention_specs(mesh, *, batch: int, heads: int, kv_heads: int, context: bool) -> tuple:

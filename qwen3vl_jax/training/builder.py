@@ -71,6 +71,7 @@ class StepBuilder:
             loss_normalization=config.loss_normalization,
             grad_accum_steps=config.grad_accum_steps,
             loss_chunk=config.loss_chunk,
+            freeze=tuple(config.optimizer.freeze),
         )
         batch = batch_shardings(mesh)
         self.train_step = jax.jit(

@@ -30,6 +30,16 @@ def part_of(path: tuple[str, ...]) -> str:
     return "mergers" if path[1] == "merger" or path[1].startswith("deepstack_merger") else "vision"
 
 
+def stop_frozen_gradients(params: Any, freeze: Sequence[str]) -> Any:
+    """params with jax.lax.stop_gradient on the frozen parts: no backward pass runs into a frozen ViT (nor are
+    its activations kept for one), and the frozen parameters' gradients are zero."""
+    if not freeze:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.lax.stop_gradient(p) if part_of(tuple(k.key for k in path)) in freeze else p, params
+    )
+
+
 def make_optimizer(
     config: Any, *, total_steps: int, params: Any
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -15,6 +15,7 @@ from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
 from qwen3vl_jax.training.loss import example_totals, token_weights
+from qwen3vl_jax.training.optimizer import stop_frozen_gradients
 
 
 @flax.struct.dataclass
@@ -26,7 +27,7 @@ class TrainState:
 
 
 def _token_losses(model: Qwen3VL, params, batch: dict, *, loss_chunk: int):
-    """Per-token cross-entropy (B, L), argmax == target (B, L) and the router logits of a batch."""
+    """Per-token cross-entropy (B, L), target has the highest logit (B, L) and the router logits of a batch."""
     inputs = ModelInputs.from_batch(batch)
     return model.apply({"params": params}, inputs, batch["targets"], chunk=loss_chunk, method=Qwen3VL.token_losses)
 
@@ -71,13 +72,15 @@ def make_train_step(
     loss_normalization: str,
     grad_accum_steps: int = 1,
     loss_chunk: int = 0,
+    freeze: Sequence[str] = (),
 ) -> Callable:
     """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
     (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
     z-loss). The batch's rows are split into `grad_accum_steps` microbatches (row i goes to microbatch
     i % steps) whose gradients add up to the whole batch's cross-entropy gradient exactly; the router losses
     are averaged over the microbatches (each computed on its own tokens, as with a smaller batch).
-    loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head)."""
+    loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head). The
+    `freeze` parts (training/optimizer.py) get no backward pass."""
     model = Qwen3VL(config)
 
     def train_step(state: TrainState, batch: dict):
@@ -85,7 +88,11 @@ def make_train_step(
         total = jnp.maximum(weights.sum(), 1e-9)
         objective_args = dict(model=model, total_weight=total, normalization=loss_normalization)
         objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
-        grad_fn = jax.value_and_grad(lambda params, rows: _objective(params, rows, **objective_args), has_aux=True)
+
+        def objective(params, rows):
+            return _objective(stop_frozen_gradients(params, freeze), rows, **objective_args)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         if grad_accum_steps == 1:
             (loss, counters), grads = grad_fn(state.params, batch)
         else:

@@ -19,7 +19,7 @@ from qwen3vl_jax.checkpoints.storage import local_dir, write_json
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.modeling.model import init_params
-from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh
+from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
 from qwen3vl_jax.training.train_step import TrainState
@@ -40,6 +40,7 @@ class Trainer(StepBuilder):
         self.workdir, self.config_name = workdir, config_name
         report(f"workdir: {workdir}")
         self.processor = processor_from(config)
+        self.row_group, self.row_group_count = row_groups(self.mesh)  # hosts holding the same rows read the same data
         self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
@@ -48,11 +49,12 @@ class Trainer(StepBuilder):
         self._stop = False
 
     def _data_config(self, data: Any, global_batch_size: int) -> DataConfig:
-        if global_batch_size % jax.process_count():
-            raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} hosts")
+        if global_batch_size % self.row_group_count:
+            groups = self.row_group_count
+            raise ValueError(f"batch_size {global_batch_size} is not divisible by {groups} groups of hosts")
         values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
         values.pop("rows_per_device", None)
-        values.update(batch_size=global_batch_size // jax.process_count(), context_shards=self.mesh.shape["context"])
+        values.update(batch_size=global_batch_size // self.row_group_count, context_shards=self.mesh.shape["context"])
         return DataConfig.from_dict(values)
 
     def dataset(self, data_config: DataConfig):
@@ -60,8 +62,8 @@ class Trainer(StepBuilder):
             data_config,
             self.processor,
             model_config=self.model_config,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            shard_index=self.row_group,
+            shard_count=self.row_group_count,
         )
 
     def initial_state(self) -> TrainState:
@@ -94,7 +96,7 @@ class Trainer(StepBuilder):
         peak = config.peak_flops_per_device or device_peak_flops()
         flops = train_flops(
             self.model_config,
-            batch=self.data_config.batch_size * jax.process_count(),
+            batch=self.data_config.batch_size * self.row_group_count,
             seq_len=self.data_config.seq_len,
             patches=self.data_config.max_patches,
         )
@@ -105,7 +107,7 @@ class Trainer(StepBuilder):
             while step < config.steps and not self._stop:
                 batch = next(iterator)
                 window["dropped"] += int(batch.pop("num_dropped").sum())
-                window["tokens"] += int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+                window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
                 state, metrics = self.train_step(state, global_batch(batch, self.mesh))
                 step += 1
                 window["steps"] += 1
