@@ -18,7 +18,13 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen3vl_jax.kernels import interpret_kernels
-from qwen3vl_jax.parallel.context import CONTEXT, check_length, context_shards, load_balanced_positions
+from qwen3vl_jax.parallel.context import (
+    CONTEXT,
+    check_length,
+    context_shards,
+    gather_in_sequence_order,
+    load_balanced_positions,
+)
 from qwen3vl_jax.parallel.sharding import attention_specs
 
 LANES = 128
@@ -82,17 +88,13 @@ def load_balanced_splash(q, k, v, *, segment_ids, block_sizes: tuple[int, int]) 
     length, shards = q.shape[1], context_shards()
     check_length(length, shards, multiple=LANES)
     positions = load_balanced_positions(length, shards)
-    in_sequence_order = np.argsort(positions)
     heads, segments = attention_specs(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], context=True)
     local_heads = q.shape[2] // (mesh.shape["tensor"] if heads[2] else 1)
     kernel = _kernel(LoadBalancedCausalMask(positions), heads=local_heads, block_sizes=block_sizes, q_seq_shards=shards)
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, CONTEXT)))
 
     def attend(kernel, q, k, v, q_segment_ids, kv_segment_ids):
-        k, v, kv_segment_ids = (
-            jnp.take(jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True), in_sequence_order, axis=1)
-            for x in (k, v, kv_segment_ids)
-        )
+        k, v, kv_segment_ids = gather_in_sequence_order((k, v, kv_segment_ids), length=length, shards=shards)
         q = (q * q.shape[3] ** -0.5).astype(q.dtype)
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, L, D)
         out = jax.vmap(kernel, in_axes=(0, 0, 0, 0))(q, k, v, kernel_lib.SegmentIds(q_segment_ids, kv_segment_ids))

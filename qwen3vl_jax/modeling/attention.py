@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qwen3vl_jax.kernels.splash import load_balanced_splash, splash_attention
-from qwen3vl_jax.parallel.context import CONTEXT, check_length, context_shards, load_balanced_positions
+from qwen3vl_jax.parallel.context import (
+    CONTEXT,
+    check_length,
+    context_shards,
+    gather_in_sequence_order,
+    load_balanced_positions,
+)
 from qwen3vl_jax.parallel.sharding import attention_specs
 
 CAUSAL_BLOCK = 128  # causal self-attention runs per query block over the keys up to that block
@@ -100,13 +105,9 @@ def _load_balanced_xla(q, k, v, *, segment_ids, block_sizes):
     length, shards = q.shape[1], context_shards()
     check_length(length, shards)
     positions = load_balanced_positions(length, shards)
-    in_sequence_order = np.argsort(positions)
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
-        k, v, kv_segment_ids = (
-            jnp.take(jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True), in_sequence_order, axis=1)
-            for x in (k, v, kv_segment_ids)
-        )
+        k, v, kv_segment_ids = gather_in_sequence_order((k, v, kv_segment_ids), length=length, shards=shards)
         local = q.shape[1]
         q_positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(positions), jax.lax.axis_index(CONTEXT) * local, local)
         return _attend(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions)

@@ -52,6 +52,15 @@ def load_balanced_positions(length: int, shards: int) -> np.ndarray:
     return (chunks[:, None] * chunk + np.arange(chunk)).reshape(-1).astype(np.int32)
 
 
+def gather_in_sequence_order(arrays, *, length: int, shards: int) -> tuple:
+    """Inside a shard_map over `context`: each of `arrays` (B, L / shards, ...) is this shard's part of a sequence in
+    the load-balanced layout; returns the whole sequences (B, L, ...) in sequence order (attention's keys/values)."""
+    in_sequence_order = np.argsort(load_balanced_positions(length, shards))
+    return tuple(
+        jnp.take(jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True), in_sequence_order, axis=1) for x in arrays
+    )
+
+
 def to_load_balanced(x: jax.Array, *, axis: int) -> jax.Array:
     """x in sequence order along `axis` (split over `context`) -> the load-balanced order."""
     return _reorder(x, axis=axis, forward=True)
