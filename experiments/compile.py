@@ -4,7 +4,9 @@
     python -m experiments.compile --config=configs/qwen3_vl_8b.py --topology=v5p:4x4x4
 
 Prints the per-chip memory of the compiled step (arguments, outputs, temporaries; donated state is counted
-once) against the chip's HBM and says `fits` or `does not fit`; exits 0 only when it fits. Topology names are
+once) against the chip's HBM and says `fits` or `does not fit`; exits 0 only when it fits. Then the matmul
+FLOPs the compiled program runs per token (loops counted as often as they run), against the model's: their
+ratio is what rematerialisation recomputes. Topology names are
 `<generation>:<chip grid>` (v5p grids are 3-D; a v5p-N slice has N/2 chips, e.g. v5p:4x4x4 = v5p-128).
 """
 
@@ -23,6 +25,8 @@ from ml_collections import config_flags
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 from qwen3vl_jax.parallel.sharding import batch_sharding, make_mesh
 from qwen3vl_jax.training.builder import StepBuilder
+from qwen3vl_jax.training.hlo_flops import count_flops
+from qwen3vl_jax.training.metrics import forward_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 or v6e:16x16.")
@@ -62,6 +66,44 @@ def abstract_batch(builder: StepBuilder) -> dict:
     }
 
 
+def model_flops_outside_kernels(builder: StepBuilder) -> float:
+    """The step's model matmul FLOPs that XLA runs itself (not inside a Pallas kernel): 3 x forward for a
+    trained part, 2 x for a frozen part whose input gradient a trained part before it needs, 1 x otherwise."""
+    config, mc = builder.config, builder.model_config
+    data = config.data
+    forward = forward_flops(mc, batch=builder.global_batch_size(data), seq_len=data.seq_len, patches=data.max_patches)
+    splash, megablox = mc.attention_impl == "splash", mc.moe_backend == "megablox"
+    frozen = set(config.optimizer.freeze)
+    total, trained_before = 0.0, False
+    for part, flops in (
+        ("vision", forward.vit + (not splash) * forward.vit_attention),
+        ("mergers", forward.mergers),
+        ("llm", forward.text_dense + (not megablox) * forward.text_experts + (not splash) * forward.text_attention),
+    ):
+        trained = part not in frozen
+        total += flops * (3 if trained else 2 if trained_before else 1)
+        trained_before |= trained
+    return total
+
+
+def print_flops(builder: StepBuilder, hlo: str, chips: int) -> None:
+    program = count_flops(hlo)
+    tokens = builder.global_batch_size(builder.config.data) * builder.config.data.seq_len
+    executed, model = program.matmul_flops * chips / tokens, model_flops_outside_kernels(builder) / tokens
+    print(
+        f"  matmul FLOPs per token outside Pallas kernels: {executed / 1e9:.4g} GFLOP run by XLA (loops x trip "
+        f"count), {model / 1e9:.4g} GFLOP in the model -> {executed / model:.2f}x (rematerialisation)"
+    )
+    if program.unknown_trip_counts:
+        loops = program.unknown_trip_counts
+        print(
+            f"  warning: {len(loops)} loops ({', '.join(loops[:3])}, ...) have trip counts this cannot read; their bodies are counted once"
+        )
+    if program.kernel_calls:
+        calls = ", ".join(f"{name} {count}" for name, count in sorted(program.kernel_calls.items()))
+        print(f"  Pallas kernel calls per step per chip: {calls}")
+
+
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -94,7 +136,8 @@ def main(argv):
         + memory.temp_size_in_bytes
         + memory.generated_code_size_in_bytes
     )
-    kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    hlo = compiled.as_text()
+    kernels = hlo.count('custom_call_target="tpu_custom_call"')
     print(f"  compiled in {time.perf_counter() - start:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
     for name, value in (
         ("arguments", memory.argument_size_in_bytes),
@@ -107,6 +150,7 @@ def main(argv):
         print(f"  {name:18s} {value / GIB:8.2f} GiB per chip")
     fits = total <= hbm
     print(f"  {'HBM':18s} {hbm / GIB:8.2f} GiB per chip -> {'fits' if fits else 'does not fit'}")
+    print_flops(builder, hlo, chips=len(devices))
     sys.exit(0 if fits else 1)
 
 

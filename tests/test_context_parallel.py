@@ -74,18 +74,31 @@ def test_align_patches_keeps_segments_within_shards_and_follows_the_visual_token
     with pytest.raises(ValueError, match="crosses the boundary at patch 8 between context shards 0 and 1"):
         check_patch_layout(row["patch_segment_ids"][None], shards=4)
     aligned = align_patches(row, shards=4)
-    check_patch_layout(aligned["patch_segment_ids"][None], shards=4)
-    expected = [1] * 4 + [0] * 4 + [2] * 8 + [3] * 4 + [0] * 4 + [4] * 8
+    expected = [1] * 4 + [0] * 4 + [2] * 8 + [3] * 4 + [0] * 4 + [4] * 8  # in order, where that fits
     np.testing.assert_array_equal(aligned["patch_segment_ids"], expected)
-    # every visual token still reads the same pixels (merged token m = patches 4m .. 4m+3)
+    _assert_aligned(row, aligned, shards=4)
+    # one after the other they would need 36 of 32 patches; placed largest first they fit
+    row = _row([4, 8, 4, 8, 4], patches=32)
+    aligned = align_patches(row, shards=4)
+    np.testing.assert_array_equal(
+        aligned["patch_segment_ids"], [2] * 8 + [4] * 8 + [1] * 4 + [3] * 4 + [5] * 4 + [0] * 4
+    )
+    _assert_aligned(row, aligned, shards=4)
+    # 40 patches would fit in 48, but 4 slots of 12 hold one 8-patch segment each
+    with pytest.raises(ValueError, match=r"40 patches in ViT segments of \[8, 8, 8, 8, 8\] patches do not fit in 4"):
+        align_patches(_row([8] * 5, patches=48), shards=4)
+
+
+def _assert_aligned(row, aligned, *, shards):
+    """No segment crosses a shard's slot, and every visual token still reads the same pixels (merged token m =
+    patches 4m .. 4m+3)."""
+    check_patch_layout(aligned["patch_segment_ids"][None], shards=shards)
     for old, new in zip(row["visual_index"], aligned["visual_index"]):
         assert (old < 0) == (new < 0)
         if old >= 0:
             np.testing.assert_array_equal(
                 aligned["pixel_patches"][4 * new : 4 * new + 4], row["pixel_patches"][4 * old : 4 * old + 4]
             )
-    with pytest.raises(ValueError, match="28 patches need 36 once no image or temporal group crosses"):
-        align_patches(_row([4, 8, 4, 8, 4], patches=32), shards=4)
 
 
 def _attention_inputs():

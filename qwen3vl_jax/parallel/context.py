@@ -102,12 +102,33 @@ def _reorder(x: jax.Array, *, axis: int, forward: bool) -> jax.Array:
     return jax.shard_map(exchange, mesh=mesh, in_specs=spec, out_specs=spec, axis_names={CONTEXT})(x)
 
 
+def _place_in_slots(lengths: list[int], *, slot: int, shards: int) -> list[int] | None:
+    """Start of each segment in a buffer of `shards` slots of `slot` patches such that none crosses a slot
+    boundary: one after the other where that fits (each segment that would cross moves to the next slot), else
+    first-fit decreasing into the slots; None when neither fits."""
+    starts, cursor = [], 0
+    for length in lengths:
+        if cursor // slot != (cursor + length - 1) // slot:
+            cursor = (cursor // slot + 1) * slot
+        starts.append(cursor)
+        cursor += length
+    if cursor <= slot * shards:
+        return starts
+    fill = [0] * shards
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        free = next((s for s in range(shards) if fill[s] + lengths[i] <= slot), None)
+        if free is None:
+            return None
+        starts[i] = free * slot + fill[free]
+        fill[free] += lengths[i]
+    return starts
+
+
 def align_patches(row: dict[str, np.ndarray], *, shards: int) -> dict[str, np.ndarray]:
     """One packed row (no batch axis) with its patch buffer re-laid out so that no ViT segment (image or video
-    temporal group) crosses the boundary between two context shards' slots of P / shards patches: a segment
-    that would is moved to the start of the next slot (the gap is padding), and `visual_index` follows the
-    merged tokens it points at. Raises ValueError when a segment is longer than a slot or the aligned segments
-    do not fit in the buffer."""
+    temporal group) crosses the boundary between two context shards' slots of P / shards patches (`_place_in_slots`;
+    gaps are padding), and `visual_index` follows the merged tokens it points at. Raises ValueError when a
+    segment is longer than a slot or the segments cannot be placed in the slots."""
     segments = row["patch_segment_ids"]
     patches = len(segments)
     if shards == 1 or not (segments > 0).any():
@@ -117,25 +138,21 @@ def align_patches(row: dict[str, np.ndarray], *, shards: int) -> dict[str, np.nd
     slot = patches // shards
     starts = np.flatnonzero(np.diff(segments, prepend=-1) != 0)
     ends = np.append(starts[1:], patches)
-    moves, cursor = [], 0  # (old start, new start, length) of each real segment
-    for start, end in zip(starts, ends):
-        if segments[start] == 0:
-            continue
-        length = end - start
+    real = [(int(start), int(end - start)) for start, end in zip(starts, ends) if segments[start] != 0]
+    for _, length in real:
         if length > slot:
             raise ValueError(
                 f"a ViT segment of {length} patches (image or video temporal group) is longer than a context "
                 f"shard's slot of {slot} patches (max_patches {patches} / {shards} shards); raise max_patches"
             )
-        if cursor // slot != (cursor + length - 1) // slot:
-            cursor = (cursor // slot + 1) * slot
-        moves.append((start, cursor, length))
-        cursor += length
-    if cursor > patches:
+    lengths = [length for _, length in real]
+    new_starts = _place_in_slots(lengths, slot=slot, shards=shards)
+    if new_starts is None:
         raise ValueError(
-            f"the row's {sum(m[2] for m in moves)} patches need {cursor} once no image or temporal group crosses a "
-            f"context shard's slot of {slot} patches, more than max_patches {patches}; raise max_patches"
+            f"the row's {sum(lengths)} patches in ViT segments of {sorted(lengths, reverse=True)} patches do not fit "
+            f"in {shards} context shards' slots of {slot} patches without one crossing a slot; raise max_patches"
         )
+    moves = [(old, new, length) for (old, length), new in zip(real, new_starts)]  # (old start, new start, length)
     aligned = dict(row)
     merged_rows = np.arange(patches // 4)  # old merged-token row -> new one
     for name in (*PATCH_FIELDS, "patch_segment_ids"):

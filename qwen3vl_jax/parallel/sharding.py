@@ -173,14 +173,16 @@ def _process_ranges(index_map, axis: int, process_of) -> dict[int, tuple[int, in
     return ranges
 
 
-def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, *, row_group_count: int | None = None
+) -> dict[str, jax.Array]:
     """Assembles each host's local batch (whole rows: those of its row group, `row_groups`) into global arrays
     sharded like `batch_sharding` (multi-host safe; a host passes on the part of the sequence its devices hold).
     With a context axis, a ViT segment must not cross a context shard's slot of the patch buffer
-    (parallel.context.check_patch_layout)."""
+    (parallel.context.check_patch_layout). `row_group_count`: `row_groups(mesh)[1]`, when the caller knows it."""
     if "patch_segment_ids" in batch:
         check_patch_layout(np.asarray(batch["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
-    _, groups = row_groups(mesh)
+    groups = row_groups(mesh)[1] if row_group_count is None else row_group_count
     arrays = {}
     for name, value in batch.items():
         value, sharding = np.asarray(value), batch_sharding(mesh, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,30 +17,45 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 
 
-def train_flops(config: ModelConfig, *, batch: int, seq_len: int, patches: int) -> float:
-    """Matmul FLOPs of one forward + backward pass (3 x forward) over the padded shapes that are computed:
-    2 FLOPs per multiply-add with every weight matrix for each token / patch (MoE: the weights it is routed
-    through), plus the attention score and
-    value matmuls over the full (masked) L x L and P x P blocks."""
+@dataclasses.dataclass(frozen=True)
+class ForwardFlops:
+    """Matmul FLOPs of one forward pass over the padded shapes that are computed, by where they run: 2 FLOPs
+    per multiply-add with every weight matrix for each token / patch (MoE: the weights it is routed through),
+    and the attention score and value matmuls over the full (masked) L x L and P x P blocks."""
+
+    text_dense: float  # attention projections, dense MLPs, routers and the LM head
+    text_experts: float  # the routed experts of MoE layers
+    text_attention: float
+    vit: float  # patch embedding and blocks
+    vit_attention: float
+    mergers: float  # the merger and the DeepStack mergers
+
+
+def forward_flops(config: ModelConfig, *, batch: int, seq_len: int, patches: int) -> ForwardFlops:
     vision, text = config.vision, config.text
     d_attn = text.num_attention_heads * text.head_dim
     d_kv = text.num_key_value_heads * text.head_dim
-    # MoE layers: the router and the k experts each token is routed to (the active weights)
-    mlp = [
-        text.num_experts + 3 * text.num_experts_per_tok * text.moe_intermediate_size
-        if text.is_sparse_layer(layer)
-        else 3 * text.intermediate_size
-        for layer in range(text.num_hidden_layers)
-    ]
-    text_weights = text.hidden_size * (text.num_hidden_layers * (2 * d_attn + 2 * d_kv) + sum(mlp))
-    text_flops = 2 * batch * seq_len * (text_weights + text.hidden_size * text.vocab_size)
-    text_flops += 4 * batch * seq_len**2 * d_attn * text.num_hidden_layers
+    sparse = [text.is_sparse_layer(layer) for layer in range(text.num_hidden_layers)]
+    dense_mlp = sum(text.num_experts if is_sparse else 3 * text.intermediate_size for is_sparse in sparse)
+    experts = sum(sparse) * 3 * text.num_experts_per_tok * text.moe_intermediate_size
+    projections = text.num_hidden_layers * (2 * d_attn + 2 * d_kv)
+    tokens = batch * seq_len
     vit_block = 4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size
-    vit_weights = vision.patch_dim * vision.hidden_size + vision.depth * vit_block
     mergers = (1 + config.num_deepstack) * (vision.merged_dim**2 + vision.merged_dim * vision.out_hidden_size)
-    vision_flops = 2 * batch * (patches * vit_weights + patches // vision.spatial_merge_size**2 * mergers)
-    vision_flops += 4 * batch * patches**2 * vision.hidden_size * vision.depth
-    return 3.0 * (text_flops + vision_flops * (patches > 0))
+    images = patches > 0
+    return ForwardFlops(
+        text_dense=2 * tokens * text.hidden_size * (projections + dense_mlp + text.vocab_size),
+        text_experts=2 * tokens * text.hidden_size * experts,
+        text_attention=4 * batch * seq_len**2 * d_attn * text.num_hidden_layers,
+        vit=images * 2 * batch * patches * (vision.patch_dim * vision.hidden_size + vision.depth * vit_block),
+        vit_attention=images * 4 * batch * patches**2 * vision.hidden_size * vision.depth,
+        mergers=images * 2 * batch * patches // vision.spatial_merge_size**2 * mergers,
+    )
+
+
+def train_flops(config: ModelConfig, *, batch: int, seq_len: int, patches: int) -> float:
+    """Matmul FLOPs of one forward + backward pass (3 x forward, `forward_flops`)."""
+    return 3.0 * sum(dataclasses.astuple(forward_flops(config, batch=batch, seq_len=seq_len, patches=patches)))
 
 
 @functools.cache

@@ -108,7 +108,9 @@ class Trainer(StepBuilder):
                 batch = next(iterator)
                 window["dropped"] += int(batch.pop("num_dropped").sum())
                 window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
-                state, metrics = self.train_step(state, global_batch(batch, self.mesh))
+                state, metrics = self.train_step(
+                    state, global_batch(batch, self.mesh, row_group_count=self.row_group_count)
+                )
                 step += 1
                 window["steps"] += 1
                 if step % config.log_every == 0 or step == config.steps:
@@ -147,7 +149,9 @@ class Trainer(StepBuilder):
             totals = dict(token_ce=0.0, tokens=0.0, examples=0.0, exact=0.0)
             for batch in self.dataset(data):
                 batch.pop("num_dropped")
-                sums = jax.device_get(self.eval_step(params, global_batch(batch, self.mesh)))
+                sums = jax.device_get(
+                    self.eval_step(params, global_batch(batch, self.mesh, row_group_count=self.row_group_count))
+                )
                 totals = {k: totals[k] + float(sums[k]) for k in totals}
                 if totals["examples"] >= eval_set.num_examples:
                     break
