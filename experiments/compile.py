@@ -97,7 +97,8 @@ def print_flops(builder: StepBuilder, hlo: str, chips: int) -> None:
     if program.unknown_trip_counts:
         loops = program.unknown_trip_counts
         print(
-            f"  warning: {len(loops)} loops ({', '.join(loops[:3])}, ...) have trip counts this cannot read; their bodies are counted once"
+            f"  warning: {len(loops)} loops ({', '.join(loops[:3])}, ...) have trip counts this cannot read; "
+            "their bodies are counted once"
         )
     if program.kernel_calls:
         calls = ", ".join(f"{name} {count}" for name, count in sorted(program.kernel_calls.items()))

@@ -4,6 +4,9 @@
     python -m experiments.eval --config=configs/tiny.py --workdir=/tmp/qwen3vl_tiny           # newest orbax step
     python -m experiments.eval --checkpoint=/path/hf_dir --jsonl=qa.jsonl [--jsonl=more.jsonl]
 
+With --config the model runs sharded over the config's mesh (`config.mesh`, e.g. --config.mesh.fsdp=4
+--config.mesh.tensor=2): each device reads its shard of an HF checkpoint, or restores it from the workdir.
+
 Metrics: exact match for every set; IoU >= 0.5 accuracy for grounding; absolute timestamp error (seconds) for
 the video-temporal task; character accuracy for OCR. Writes summary.json, predictions.jsonl and report.md to
 --output (default: <checkpoint or workdir>/eval).
@@ -33,10 +36,17 @@ _LIMIT = flags.DEFINE_integer("num_examples", 0, "Examples per eval set (0: the 
 
 
 def load_model():
-    """(model, processor) from --checkpoint or from the newest checkpoint in --workdir."""
-    if _CHECKPOINT.value:
-        return qwen3vl_jax.load_pretrained(_CHECKPOINT.value), qwen3vl_jax.load_processor(_CHECKPOINT.value)
+    """(model, processor) from --checkpoint or from the newest checkpoint in --workdir; sharded over the
+    config's mesh when there is a --config."""
     config = _CONFIG.value
+    if _CHECKPOINT.value:
+        processor = qwen3vl_jax.load_processor(_CHECKPOINT.value)
+        if config is None:
+            return qwen3vl_jax.load_pretrained(_CHECKPOINT.value), processor
+        builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))
+        logging.info("evaluating %s sharded over the mesh %s", _CHECKPOINT.value, dict(builder.mesh.shape))
+        model = qwen3vl_jax.load_pretrained(_CHECKPOINT.value, mesh=builder.mesh, rules=builder.rules)
+        return model, processor
     builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))
     checkpointer = Checkpointer(os.path.join(_WORKDIR.value, "checkpoints"), keep=1, every=1)
     step = checkpointer.latest_step()
@@ -45,7 +55,8 @@ def load_model():
     params = checkpointer.restore_state(step, builder.abstract_state()).params
     checkpointer.close()
     logging.info("evaluating step %d of %s", step, _WORKDIR.value)
-    return qwen3vl_jax.Qwen3VLModel(builder.model_config, params), processor_from(config)
+    model = qwen3vl_jax.Qwen3VLModel(builder.model_config, params, mesh=builder.mesh, rules=builder.rules)
+    return model, processor_from(config)
 
 
 def eval_sets():

@@ -11,14 +11,17 @@ sizes reuse one compiled function.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.storage import write_json
@@ -35,8 +38,9 @@ from qwen3vl_jax.inputs.model_inputs import (
     patch_features,
 )
 from qwen3vl_jax.inputs.positions import IMAGE, visual_blocks
-from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, param_shardings, spec_for
 
 
 class Default(enum.Enum):
@@ -46,11 +50,22 @@ class Default(enum.Enum):
 
 
 class Qwen3VLModel:
-    """A config, its parameters and jitted entry points."""
+    """A config, its parameters and jitted entry points. With a `mesh`, the parameters live sharded on it (as
+    `param_shardings(..., rules=rules)` lays them out: FSDP and / or tensor parallel), every call runs under it
+    with the batch split over the batch axes, and generation's KV cache is split by batch and key/value heads."""
 
-    def __init__(self, config: ModelConfig, params: Any, *, generation_config: dict | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        *,
+        generation_config: dict | None = None,
+        mesh: Mesh | None = None,
+        rules: Any = DEFAULT_RULES,
+    ):
         self.config = config
         self.params = params
+        self.mesh, self.rules = mesh, rules
         self.generation_config = generation_config or {}  # eos_token_id / pad_token_id, as in HF's file
         self.module = Qwen3VL(config)
         self.forward = jax.jit(lambda params, inputs: self.module.apply({"params": params}, inputs))
@@ -70,6 +85,26 @@ class Qwen3VLModel:
         """A randomly initialised model."""
         return cls(config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed)))
 
+    @contextlib.contextmanager
+    def _on_mesh(self):
+        """The mesh and logical axis rules the calls run under (nothing without a mesh)."""
+        if self.mesh is None:
+            yield
+            return
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def _batch_split(self, inputs: ModelInputs) -> ModelInputs:
+        """`inputs` with their batch dimension split over the mesh's batch axes (where they divide it)."""
+        if self.mesh is None:
+            return inputs
+
+        def put(x):
+            spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh=self.mesh, rules=self.rules)
+            return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+        return jax.tree_util.tree_map(put, inputs)
+
     def prepare(
         self, input_ids, *, seq_len: int | None = None, max_patches: int | None = None, **processor_outputs
     ) -> tuple[ModelInputs, np.ndarray]:
@@ -84,7 +119,8 @@ class Qwen3VLModel:
     ) -> np.ndarray:
         """Logits (B, L, vocab) as float32 numpy for HF processor outputs (numpy or torch tensors)."""
         inputs, _ = self.prepare(input_ids, seq_len=seq_len, max_patches=max_patches, **processor_outputs)
-        logits = self.forward(self.params, inputs)
+        with self._on_mesh():
+            logits = self.forward(self.params, self._batch_split(inputs))
         return np.asarray(logits[:, : np.shape(input_ids)[1]], np.float32)
 
     def router_aux_loss(self, input_ids, **processor_outputs) -> float:
@@ -92,7 +128,8 @@ class Qwen3VLModel:
         if not self.config.text.is_moe:
             raise ValueError("router_aux_loss needs an MoE model")
         inputs, _ = self.prepare(input_ids, **processor_outputs)
-        return float(self.aux_loss(self.params, inputs))
+        with self._on_mesh():
+            return float(self.aux_loss(self.params, self._batch_split(inputs)))
 
     def generate(
         self,
@@ -115,16 +152,17 @@ class Qwen3VLModel:
         eos = self.generation_config.get("eos_token_id") if eos_token_ids is Default.FROM_CHECKPOINT else eos_token_ids
         pad = self.generation_config.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        tokens = generate(
-            self.params,
-            inputs,
-            rng=jax.random.PRNGKey(seed),
-            eos_ids=eos_array(eos),
-            pad_id=jnp.int32(pad or 0),
-            config=self.config,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-        )
+        with self._on_mesh():
+            tokens = generate(
+                self.params,
+                self._batch_split(inputs),
+                rng=jax.random.PRNGKey(seed),
+                eos_ids=eos_array(eos),
+                pad_id=jnp.int32(pad or 0),
+                config=self.config,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+            )
         return np.asarray(tokens)
 
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: int | None = None):
@@ -144,7 +182,8 @@ class Qwen3VLModel:
         for name in PATCH_FIELDS:
             fields[name][0, :n] = features[name]
         fields["patch_segment_ids"][0, :n] = features["patch_group"]
-        merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
+        with self._on_mesh():
+            merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
         tokens = n // vision.spatial_merge_size**2
 
         def as_numpy(x):
@@ -170,12 +209,26 @@ class Qwen3VLModel:
 
 
 def load_pretrained(
-    path: str, dtype: str | None = None, param_dtype: str | None = None, **overrides: Any
+    path: str,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: Any = DEFAULT_RULES,
+    **overrides: Any,
 ) -> Qwen3VLModel:
-    """Loads an HF Qwen3-VL checkpoint directory. `dtype` (compute) and `param_dtype` (storage) default to
-    the checkpoint's dtype; other ModelConfig fields (e.g. mrope_layout) may be overridden."""
+    """Loads an HF Qwen3-VL checkpoint directory (local or gs://). `dtype` (compute) and `param_dtype` (storage)
+    default to the checkpoint's dtype; other ModelConfig fields (e.g. mrope_layout) may be overridden. With a
+    `mesh` (e.g. `make_mesh({"fsdp": 4, "tensor": 2})`) each device reads its shard of every parameter straight
+    from the files and the model runs sharded (`Qwen3VLModel`); without, the model is on one device."""
     config = hf_io.load_config(path, **overrides)
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
-    params = jax.device_put(hf_io.load_params(path, config))
-    return Qwen3VLModel(config, params, generation_config=hf_io.load_generation_config(path))
+    generation_config = hf_io.load_generation_config(path)
+    if mesh is None:
+        return Qwen3VLModel(
+            config, jax.device_put(hf_io.load_params(path, config)), generation_config=generation_config
+        )
+    shardings = param_shardings(abstract_params(config, boxed=True), mesh, rules=rules)
+    params = hf_io.load_params(path, config, shardings)
+    return Qwen3VLModel(config, params, generation_config=generation_config, mesh=mesh, rules=rules)

@@ -40,11 +40,11 @@ def test_metrics():
     assert score("qa", " red ", reference="red", meta={}) == {"exact_match": 1.0}
 
 
-def run_eval(args, tmp_path):
+def run_eval(args, tmp_path, *, env=ENV):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.eval", f"--output={tmp_path / 'report'}", "--max_new_tokens=4", *args],
         cwd=ROOT,
-        env=ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -56,7 +56,9 @@ def run_eval(args, tmp_path):
     return summary, predictions
 
 
-def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tiny, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval_inputs")
     checkpoint = tmp_path / "hf"
     shutil.copytree(tiny.path, checkpoint)
     Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(checkpoint))
@@ -83,10 +85,34 @@ def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(tiny, tmp_path):
         }
     )
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    summary, predictions = run_eval([f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2"], tmp_path)
+    return checkpoint, data
+
+
+@pytest.fixture(scope="module")
+def single_device_eval(checkpoint_and_data, tmp_path_factory):
+    checkpoint, data = checkpoint_and_data
+    args = [f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2"]
+    return run_eval(args, tmp_path_factory.mktemp("single"))
+
+
+def test_eval_binary_on_an_hf_checkpoint_and_a_jsonl_dataset(single_device_eval):
+    summary, predictions = single_device_eval
     assert summary["qa.jsonl"]["examples"] == 4
     assert [("error" in p) for p in predictions] == [False, False, False, True]
     assert "missing.png does not exist" in predictions[3]["error"]
+
+
+def test_eval_binary_sharded_over_the_config_mesh(checkpoint_and_data, single_device_eval, tmp_path):
+    """With --config the checkpoint is loaded and evaluated sharded over 4 devices (fsdp 2 x tensor 2): the
+    same answers as on one device."""
+    checkpoint, data = checkpoint_and_data
+    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    args = [f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2", "--config=configs/tiny.py", *mesh]
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    _, predictions = run_eval([*args, "--num_examples=3"], tmp_path, env=env)  # the first 3 of each set
+    sharded = [p for p in predictions if p["set"] == "qa.jsonl"]
+    assert len(sharded) == 3
+    assert sharded == [p for p in single_device_eval[1] if p["set"] == "qa.jsonl"][:3]
 
 
 def test_eval_binary_on_a_training_workdir(tmp_path):

@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax.checkpoints.safetensors_slices import SafetensorsFile, SafetensorsFormatError
 from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.modeling.decoder import layer_runs, run_names
@@ -33,6 +36,7 @@ GENERATION_CONFIG = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 LINEAR, COPY, EXPERTS = "linear", "copy", "experts"
 EXPERT_LAYOUTS = ("hub", "transposed")
+EXPERT_LAYOUT_KEY = "qwen3vl_jax.expert_layout"  # safetensors metadata: the layout of the fused expert tensors
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -195,28 +199,61 @@ def load_config(path: str, **overrides: Any) -> ModelConfig:
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
+    """Tensor name -> safetensors file, from the index when the checkpoint is sharded (local or gs://)."""
     index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
+    if storage.path(index).exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'")
         files = {key: os.path.join(path, name) for key, name in weight_map.items()}
         for file in sorted(set(files.values())):
-            if not os.path.exists(file):
+            if not storage.path(file).exists():
                 raise CheckpointError(f"{index} lists shard {os.path.basename(file)}, which does not exist")
         return files
     single = os.path.join(path, SINGLE_FILE)
-    if not os.path.exists(single):
+    if not storage.path(single).exists():
         raise CheckpointError(f"{path} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
     with _open(single) as f:
-        return {key: single for key in f.keys()}
+        return {key: single for key in f.tensors}
 
 
-def load_params(path: str, config: ModelConfig) -> dict:
-    """Parameters (nested dict of numpy arrays in config.param_dtype) from the HF checkpoint at `path`."""
+def load_params(path: str, config: ModelConfig, shardings: Any = None, *, opener=None) -> dict:
+    """Parameters in config.param_dtype from the HF checkpoint at `path` (local or gs://).
+
+    shardings: None gives a nested dict of numpy arrays. A tree of `jax.sharding.Sharding`s shaped like the
+    parameters gives jax.Arrays built shard by shard: each addressable device's shard is read straight from
+    the files (only the bytes of that box, `safetensors_slices`) and converted to our layout on its own, so a
+    process reads only what its devices hold and the host holds little beyond the shards of one tensor.
+    opener: opens a file for reading (default: `etils.epath`), e.g. to observe what is read."""
     files = checkpoint_files(path)
     rules = hf_rules(config)
+    _check_names(path, files, rules, config)
+    readers: dict[str, SafetensorsFile] = {}
+    try:
+        for file in sorted(set(files.values())):
+            readers[file] = _open(file, opener=opener)
+        source = _Source(files=files, readers=readers, layouts=_expert_layouts(path, rules, files, readers))
+        dtype = np.dtype(_NUMPY_DTYPES[config.param_dtype])
+        by_path: dict[tuple[str, ...], list[Rule]] = {}
+        for rule in rules:
+            by_path.setdefault(rule.path, []).append(rule)
+        flat_shardings = None if shardings is None else flatten_dict(shardings)
+        flat = {}
+        for name, shape in _flat_shapes(config).items():
+            read = _ParamReader(by_path[name], shape=shape, dtype=dtype, source=source)
+            if flat_shardings is None:
+                flat[name] = read((slice(None),) * len(shape))
+            else:
+                flat[name] = jax.make_array_from_callback(shape, flat_shardings[name], read, dtype=dtype)
+        if config.tie_word_embeddings and "lm_head.weight" in files:
+            _check_tied_head(source, embedding=flat[("embed_tokens", "embedding")], dtype=dtype)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    return unflatten_dict(flat)
+
+
+def _check_names(path: str, files: dict[str, str], rules: list[Rule], config: ModelConfig) -> None:
     expected = {r.hf for r in rules}
     missing = sorted(expected - files.keys())
     if missing:
@@ -233,35 +270,116 @@ def load_params(path: str, config: ModelConfig) -> dict:
             f"{path}: checkpoint has {len(unexpected)} tensor(s) this config does not use, e.g. {unexpected[:5]}"
         )
 
-    dtype = _NUMPY_DTYPES[config.param_dtype]
-    shapes = _flat_shapes(config)
-    flat = {p: np.zeros(shape, dtype) for p, shape in shapes.items()}
-    for file in sorted(set(files[r.hf] for r in rules)):
-        with _open(file) as f:
-            for rule in (r for r in rules if files[r.hf] == file):
-                tensor = _get_tensor(f, rule.hf, file=file)
-                if rule.kind == EXPERTS and rule.hf_shape == rule.transposed_shape:
-                    raise CheckpointError(
-                        f"{file}: cannot tell the layout of {rule.hf} from its square shape {rule.hf_shape}"
-                    )
-                if not rule.accepts(tuple(tensor.shape)):
-                    raise CheckpointError(
-                        f"{file}: tensor {rule.hf} has shape {tuple(tensor.shape)}, but the "
-                        f"config needs {rule.hf_shape}"
-                    )
-                target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
-                target[...] = rule.to_ours(tensor, target.shape).astype(dtype)
-    if config.tie_word_embeddings and "lm_head.weight" in files:
-        with _open(files["lm_head.weight"]) as f:
-            head = _get_tensor(f, "lm_head.weight", file=files["lm_head.weight"])
-        if head.shape != flat[("embed_tokens", "embedding")].shape or not np.array_equal(
-            head.astype(dtype), flat[("embed_tokens", "embedding")]
-        ):
-            log.warning(
-                "tie_word_embeddings=True: ignoring lm_head.weight, which differs from the embedding "
-                "(transformers ties them the same way)"
+
+def _expert_layouts(
+    path: str, rules: list[Rule], files: dict[str, str], readers: dict[str, SafetensorsFile]
+) -> dict[str, str]:
+    """Checks every tensor's shape (from the file headers) and returns the layout of each fused expert tensor:
+    told by its shape, or, when it is square (hidden = 2 x moe_intermediate_size), by what wrote the file: our
+    marker in the safetensors metadata, else config.json's `transformers_version` (the released checkpoints,
+    4.x: "hub"; transformers 5.x writes its in-memory "transposed" layout). Refused when neither says."""
+    layouts = {}
+    for rule in rules:
+        file = files[rule.hf]
+        shape = readers[file].tensors[rule.hf].shape
+        if not rule.accepts(shape):
+            raise CheckpointError(f"{file}: tensor {rule.hf} has shape {shape}, but the config needs {rule.hf_shape}")
+        if rule.kind != EXPERTS:
+            continue
+        if rule.hf_shape != rule.transposed_shape:
+            layouts[rule.hf] = "hub" if shape == rule.hf_shape else "transposed"
+            continue
+        marked = readers[file].metadata.get(EXPERT_LAYOUT_KEY)
+        version = _transformers_version(path)
+        if marked in EXPERT_LAYOUTS:
+            layouts[rule.hf] = marked
+        elif version is not None:
+            layouts[rule.hf] = "transposed" if version >= 5 else "hub"
+        else:
+            raise CheckpointError(
+                f"{file}: cannot tell the layout of {rule.hf} from its square shape {shape}: the file's metadata has "
+                f"no {EXPERT_LAYOUT_KEY!r} and {path}/config.json no 'transformers_version'"
             )
-    return unflatten_dict(flat)
+    return layouts
+
+
+def _transformers_version(path: str) -> int | None:
+    """The major version of transformers that wrote `path` (config.json's transformers_version), if it says."""
+    file = os.path.join(path, "config.json")
+    version = _read_json(file).get("transformers_version") if storage.path(file).exists() else None
+    try:
+        return int(str(version).split(".")[0]) if version else None
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    files: dict[str, str]  # tensor -> file
+    readers: dict[str, SafetensorsFile]  # file -> open reader
+    layouts: dict[str, str]  # fused expert tensor -> "hub" | "transposed"
+
+    def read(self, key: str, box: tuple[slice, ...] | None = None, *, as_shape=None) -> np.ndarray:
+        file = self.files[key]
+        try:
+            return self.readers[file].read(key, box, as_shape=as_shape)
+        except (SafetensorsFormatError, OSError) as e:
+            raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
+
+
+class _ParamReader:
+    """The callback that reads one box of a parameter (in our layout) from the HF tensors its rules name: a
+    scanned stack reads the box's layers from their own tensors. Boxes asked for again (devices holding the
+    same shard) are read once."""
+
+    def __init__(self, rules: list[Rule], *, shape: tuple[int, ...], dtype: np.dtype, source: _Source):
+        self.shape, self.dtype, self.source = shape, dtype, source
+        self.stacked = rules[0].index is not None
+        self.rules = {r.index: r for r in rules} if self.stacked else {None: rules[0]}
+        if self.stacked and sorted(self.rules) != list(range(shape[0])):
+            raise CheckpointError(f"{'/'.join(rules[0].path)}: rules do not cover the {shape[0]} stacked layers")
+        self.cache: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, box: tuple[slice, ...]) -> np.ndarray:
+        ranges = tuple(s.indices(n)[:2] for s, n in zip(box, self.shape))
+        if ranges not in self.cache:
+            box = tuple(slice(*r) for r in ranges)
+            if self.stacked:
+                layers = [self._read(self.rules[i], box[1:], self.shape[1:]) for i in range(*ranges[0])]
+                value = np.stack(layers) if layers else np.zeros((0, *self.shape[1:]), self.dtype)
+            else:
+                value = self._read(self.rules[None], box, self.shape)
+            self.cache[ranges] = value.astype(self.dtype, copy=False)
+        return self.cache[ranges]
+
+    def _read(self, rule: Rule, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """The box `box` of the (one-layer) parameter of shape `shape` that `rule` maps from its HF tensor."""
+        if rule.kind == EXPERTS:
+            if self.source.layouts[rule.hf] == "hub":
+                return self.source.read(rule.hf, box)
+            return self.source.read(rule.hf, (box[0], box[2], box[1])).swapaxes(1, 2)
+        if rule.kind == COPY:  # the same elements in another shape
+            return self.source.read(rule.hf, box, as_shape=shape)
+        # LINEAR: HF (out, *in) holds, row-major, the elements of (*out_dims, *in_dims) when ours is
+        # (*in_dims, *out_dims): read the box in that order and move the in dimensions first
+        split = next(
+            k
+            for k in range(1, len(shape))
+            if math.prod(shape[:k]) == math.prod(rule.hf_shape[1:]) and math.prod(shape[k:]) == rule.hf_shape[0]
+        )
+        outs = len(shape) - split
+        x = self.source.read(rule.hf, (*box[split:], *box[:split]), as_shape=(*shape[split:], *shape[:split]))
+        return x.transpose(*range(outs, len(shape)), *range(outs))
+
+
+def _check_tied_head(source: _Source, *, embedding: Any, dtype: np.dtype) -> None:
+    head = source.read("lm_head.weight")
+    embedding = np.asarray(jax.device_get(embedding))
+    if head.shape != embedding.shape or not np.array_equal(head.astype(dtype), embedding):
+        log.warning(
+            "tie_word_embeddings=True: ignoring lm_head.weight, which differs from the embedding "
+            "(transformers ties them the same way)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,17 +419,26 @@ def save_params(
     hf_config["dtype"] = dtype
     write_json(os.path.join(path, "config.json"), hf_config)
 
+    metadata = {"format": "pt"}
+    if config.text.is_moe:
+        metadata[EXPERT_LAYOUT_KEY] = expert_layout
+        if expert_layout == "hub" and config.text.hidden_size == 2 * config.text.moe_intermediate_size:
+            log.warning(
+                "square fused expert tensors written in the hub layout: this package reads them by the file's "
+                "metadata, but transformers >= 5 decides by shape and will take them as transposed; write "
+                "expert_layout='transposed' for transformers 5"
+            )
     shards = _shard(tensors, max_shard_bytes)
     for stale in (SINGLE_FILE, INDEX_FILE):
         if os.path.exists(os.path.join(path, stale)):
             os.remove(os.path.join(path, stale))
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+        save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        save_file(shard, os.path.join(path, name), metadata=metadata)
         weight_map.update({key: name for key in shard})
     total = sum(x.nbytes for x in tensors.values())
     write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -341,18 +468,11 @@ def _read_json(file: str) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
 
 
-def _open(file: str):
+def _open(file: str, *, opener=None) -> SafetensorsFile:
     try:
-        return safe_open(file, framework="numpy")
-    except (SafetensorError, OSError) as e:
+        return SafetensorsFile(file, opener=opener)
+    except (SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"cannot read safetensors file {file}: {e}") from None
-
-
-def _get_tensor(reader, key: str, *, file: str) -> np.ndarray:
-    try:
-        return reader.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
 
 
 def _flat_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

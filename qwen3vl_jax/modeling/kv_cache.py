@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.parallel.sharding import split_by_names
 
 
 @flax.struct.dataclass
@@ -21,8 +22,10 @@ class KVCache:
 
 
 def init_cache(config: ModelConfig, *, batch: int, length: int) -> KVCache:
-    """An empty cache of `length` slots."""
+    """An empty cache of `length` slots; under a mesh split by batch (the batch axes) and key/value heads
+    (`tensor`), as the attention that reads it is."""
     t = config.text
     zeros = jnp.zeros((batch, length, t.num_key_value_heads, t.head_dim), jnp.dtype(config.dtype))
-    layers = (zeros,) * t.num_hidden_layers
-    return KVCache(k=layers, v=layers, segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.int32(0))
+    layers = (split_by_names(zeros, ("batch", None, "kv_heads", None)),) * t.num_hidden_layers
+    segment_ids = split_by_names(jnp.zeros((batch, length), jnp.int32), ("batch", None))
+    return KVCache(k=layers, v=layers, segment_ids=segment_ids, index=jnp.int32(0))

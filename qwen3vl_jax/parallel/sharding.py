@@ -118,6 +118,16 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], *, mesh: Mesh, r
     return PartitionSpec(*spec)
 
 
+def split_by_names(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the layout its logical axis `names` have under the current mesh and flax logical axis
+    rules (mesh axes that do not divide a dimension are dropped, as `spec_for` does); `x` itself without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+    return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh=mesh, rules=rules))
+
+
 def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. `abstract_params(config, boxed=True)`
     or an optimizer state built from them); unannotated leaves are replicated."""

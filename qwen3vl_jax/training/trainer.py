@@ -69,7 +69,8 @@ class Trainer(StepBuilder):
     def initial_state(self) -> TrainState:
         mc, shardings = self.model_config, self.shardings
         if self.config.model.init_from:
-            params = jax.device_put(hf_io.load_params(self.config.model.init_from, mc), shardings.params)
+            # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
+            params = hf_io.load_params(self.config.model.init_from, mc, shardings.params)
         else:
             init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
             params = init(mc, jax.random.PRNGKey(self.config.seed))
