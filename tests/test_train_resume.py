@@ -1,7 +1,9 @@
 """The train binary survives kill -9: the same command resumes from the newest complete checkpoint and
 reproduces the uninterrupted loss sequence exactly, also when the kill lands in the middle of a save."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -89,6 +91,52 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path, 
     output = run(tmp_path, steps=16, every=1)
     assert f"resumed from the checkpoint of step {finished[-1]}" in output
     assert losses(tmp_path) == reference
+
+
+def flip_bytes_in_newest_checkpoint(workdir) -> int:
+    """Flips bytes inside the largest data file of the newest checkpoint (what a bad disk or copy does)."""
+    newest = checkpoint_dirs(workdir)[0][-1]
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(workdir, "checkpoints", str(newest)))
+        for name in names
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "rb") as f:
+        data = bytearray(f.read())
+    for i in range(100, len(data), 997):
+        data[i] ^= 0xFF
+    with open(largest, "wb") as f:
+        f.write(data)
+    return newest
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_or_stops_naming_it(tmp_path, reference):
+    run(tmp_path / "run", steps=12, every=4)
+    damaged = flip_bytes_in_newest_checkpoint(tmp_path / "run")
+    assert damaged == 12
+    shutil.copytree(tmp_path / "run", tmp_path / "strict")
+    # checkpoint.on_corrupt="error": the run stops and names the step
+    strict = subprocess.run(
+        [*command(tmp_path / "strict", steps=16, every=4), "--config.checkpoint.on_corrupt=error"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert strict.returncode != 0
+    assert "the checkpoint of step 12 in" in strict.stderr and "is damaged: " in strict.stderr
+    assert "Data corruption detected" in strict.stderr.split("is damaged: ")[1].splitlines()[0]
+    # the default ("previous"): said loudly, the damaged checkpoint kept aside, resumed from step 8
+    output = run(tmp_path / "run", steps=16, every=4)
+    assert "WARNING: the checkpoint of step 12 is damaged" in output
+    assert "resumed from the checkpoint of step 8" in output
+    assert os.path.isdir(tmp_path / "run" / "checkpoints_damaged" / "12")
+    assert losses(tmp_path / "run") == reference  # steps 9-16 run again, bit-identical
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert {"step": 8, "split": "checkpoint", "damaged_checkpoint_step": 12} in records
 
 
 def test_default_workdir_is_named_after_the_config_and_another_model_is_not_resumed_there(tmp_path):

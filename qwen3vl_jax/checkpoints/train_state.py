@@ -9,6 +9,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 
 from qwen3vl_jax.checkpoints import storage
@@ -17,6 +18,23 @@ from qwen3vl_jax.modeling.model import abstract_params
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"  # in the workdir: which config and model its checkpoints belong to
+ON_CORRUPT = ("previous", "error")  # config.checkpoint.on_corrupt
+DAMAGED_SUFFIX = "_damaged"  # `<checkpoints>_damaged/<step>`: where damaged checkpoints are moved, kept for inspection
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint that cannot be read back (names its step, directory and what failed)."""
+
+
+def describe_restore_error(error: BaseException) -> str:
+    """The line of a restore error (or of what caused it) that says what could not be read, e.g. TensorStore's
+    `Error reading "params.decoder...kernel/0.0.0" in OCDBT database ...: ZSTD_decompressStream() failed`."""
+    lines, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        lines += [line.strip() for line in str(error).splitlines() if line.strip()]
+        error = error.__cause__ or error.__context__
+    return next((line for line in lines if "Error reading" in line), lines[-1] if lines else "unknown error")
 
 
 class Checkpointer:
@@ -26,10 +44,11 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, every: int):
         self.every = every
-        options = ocp.CheckpointManagerOptions(
+        self.directory = storage.absolute(directory)
+        self.options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True, enable_async_checkpointing=True
         )
-        self.manager = ocp.CheckpointManager(storage.absolute(directory), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -51,6 +70,50 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         log.info("restored step %d from %s", step, self.manager.directory)
         return restored.state
+
+    def restore_newest_intact(
+        self, abstract_state: Any, *, make_iterator, on_corrupt: str = "previous"
+    ) -> tuple[int, Any, grain.DatasetIterator, list[dict]]:
+        """(step, state, iterator, damaged) from the newest checkpoint that reads back whole. A checkpoint that
+        does not (flipped bytes, a truncated file) raises DamagedCheckpoint naming its step and what failed under
+        on_corrupt="error"; under "previous" it is logged, moved to `<directory>_damaged/<step>` (kept, out of
+        the way of the next save of that step) and the one before it is tried. `damaged`: one record per
+        checkpoint passed over. `make_iterator()`: a fresh data iterator for each try."""
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"checkpoint.on_corrupt {on_corrupt!r} not in {ON_CORRUPT}")
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            iterator = make_iterator()
+            try:
+                return step, self.restore(step, abstract_state, iterator=iterator), iterator, damaged
+            except Exception as e:  # whatever the storage layers raise for data that does not read back
+                detail = describe_restore_error(e)
+                message = f"the checkpoint of step {step} in {self.directory} is damaged: {detail}"
+                if on_corrupt == "error":
+                    raise DamagedCheckpoint(
+                        f"{message}\nResume from the one before it with checkpoint.on_corrupt='previous', or move "
+                        f"{os.path.join(self.directory, str(step))} away."
+                    ) from e
+                moved = self._move_aside(step)
+                log.error("%s; moved it to %s and trying the checkpoint before it", message, moved)
+                damaged.append(dict(step=step, error=detail, moved_to=moved))
+        raise DamagedCheckpoint(
+            f"no checkpoint in {self.directory} reads back whole ({len(damaged)} damaged, moved to "
+            f"{self.directory + DAMAGED_SUFFIX}); delete the workdir's checkpoints to start over"
+        )
+
+    def _move_aside(self, step: int) -> str:
+        """Moves the step's directory to `<directory>_damaged/<step>` (process 0) and re-reads the remaining steps."""
+        target = storage.path(self.directory + DAMAGED_SUFFIX) / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target.rename(target.parent / f"{step}.{len(list(target.parent.iterdir()))}")
+            (storage.path(self.directory) / str(step)).rename(target)
+        jax.experimental.multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        return str(target)
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Only the train state saved at `step` (no data iterator), e.g. for evaluation."""

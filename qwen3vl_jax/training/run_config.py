@@ -40,7 +40,9 @@ def run_config() -> ConfigDict:
     # logits and their gradient never exist whole (qwen3vl_jax.modeling.lm_head)
     c.loss_chunk = 0
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
-    c.checkpoint = ConfigDict(dict(every=500, keep=3))
+    # on_corrupt: a newest checkpoint that does not read back is moved aside and the run resumes from the one
+    # before it ("previous"), or the run stops naming it ("error")
+    c.checkpoint = ConfigDict(dict(every=500, keep=3, on_corrupt="previous"))
     return c
 
 

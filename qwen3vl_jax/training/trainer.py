@@ -84,14 +84,22 @@ class Trainer(StepBuilder):
         """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics; the
         final train state stays in `self.state`."""
         config = self.config
-        iterator = iter(self.dataset(self.data_config))
-        step = self.checkpointer.latest_step()
-        if step is None:
+        if self.checkpointer.latest_step() is None:
             record_run(self.workdir, self.model_config, config_name=self.config_name)
-            step, state = 0, self.initial_state()
+            step, state, iterator = 0, self.initial_state(), iter(self.dataset(self.data_config))
         else:
             check_resumable(self.workdir, self.model_config, config_name=self.config_name)
-            state = self.checkpointer.restore(step, self.abstract_state(), iterator=iterator)
+            step, state, iterator, damaged = self.checkpointer.restore_newest_intact(
+                self.abstract_state(),
+                make_iterator=lambda: iter(self.dataset(self.data_config)),
+                on_corrupt=config.checkpoint.get("on_corrupt", "previous"),
+            )
+            for record in damaged:
+                report(
+                    f"WARNING: the checkpoint of step {record['step']} is damaged ({record['error']}); it was moved "
+                    f"to {record['moved_to']} and this run resumes from an earlier one"
+                )
+                self.writer.write(step, dict(damaged_checkpoint_step=record["step"]), prefix="checkpoint")
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
         signal.signal(signal.SIGTERM, self._on_sigterm)
         peak = config.peak_flops_per_device or device_peak_flops()
