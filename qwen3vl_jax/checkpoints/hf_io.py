@@ -16,13 +16,13 @@ import os
 from typing import Any
 
 import jax
+import jax.experimental.multihost_utils
 import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.numpy import save_file
 
 from qwen3vl_jax.checkpoints import storage
-from qwen3vl_jax.checkpoints.safetensors_slices import SafetensorsFile, SafetensorsFormatError
+from qwen3vl_jax.checkpoints.safetensors_slices import SafetensorsFile, SafetensorsFormatError, write_streamed
 from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.modeling.decoder import layer_runs, run_names
@@ -397,7 +397,11 @@ def save_params(
 ) -> None:
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with an index when
     larger than `max_shard_bytes`) that transformers' `from_pretrained` loads. MoE experts are written in the
-    released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes."""
+    released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes.
+
+    `params` may be numpy arrays or jax.Arrays sharded over a mesh (of several processes too): the tensors are
+    gathered one at a time, in checkpoint order, and streamed into the files, so the host never holds more than
+    one tensor. Every process must call this; process 0 writes (to a local path or gs://)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
     if not config.vision_positions:
@@ -406,53 +410,67 @@ def save_params(
             "embedding and rotary that this model was trained without"
         )
     dtype = dtype or config.param_dtype
-    np_dtype = _NUMPY_DTYPES[dtype]
-    flat = {p: np.asarray(x) for p, x in flatten_dict(params).items()}
-    tensors = {}
-    for rule in hf_rules(config):
+    np_dtype = np.dtype(_NUMPY_DTYPES[dtype])
+    flat = flatten_dict(params)
+    rules = hf_rules(config)
+    for rule in rules:
         if rule.path not in flat:
             raise CheckpointError(f"params lack {'/'.join(rule.path)} (needed for {rule.hf})")
-        x = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
-        tensors[rule.hf] = rule.to_hf(x.astype(np_dtype), expert_layout)
-    os.makedirs(path, exist_ok=True)
-    hf_config = to_hf(config)
-    hf_config["dtype"] = dtype
-    write_json(os.path.join(path, "config.json"), hf_config)
-
+    writer = jax.process_index() == 0
     metadata = {"format": "pt"}
     if config.text.is_moe:
         metadata[EXPERT_LAYOUT_KEY] = expert_layout
-        if expert_layout == "hub" and config.text.hidden_size == 2 * config.text.moe_intermediate_size:
+        if expert_layout == "hub" and config.text.hidden_size == 2 * config.text.moe_intermediate_size and writer:
             log.warning(
                 "square fused expert tensors written in the hub layout: this package reads them by the file's "
                 "metadata, but transformers >= 5 decides by shape and will take them as transposed; write "
                 "expert_layout='transposed' for transformers 5"
             )
-    shards = _shard(tensors, max_shard_bytes)
-    for stale in (SINGLE_FILE, INDEX_FILE):
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(x.nbytes for x in tensors.values())
-    write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
+    def shape_of(rule: Rule) -> tuple[int, ...]:
+        return rule.transposed_shape if rule.kind == EXPERTS and expert_layout == "transposed" else rule.hf_shape
 
-def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards, size = [{}], 0
-    for key, x in tensors.items():
-        if shards[-1] and size + x.nbytes > max_bytes:
-            shards.append({})
+    def tensor(rule: Rule) -> np.ndarray:
+        x = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
+        return rule.to_hf(np.asarray(x).astype(np_dtype), expert_layout)
+
+    shards, size = [[]], 0
+    for rule in rules:
+        nbytes = math.prod(rule.hf_shape) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][key] = x
-        size += x.nbytes
-    return shards
+        shards[-1].append(rule)
+        size += nbytes
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    if writer:
+        storage.path(path).mkdir(parents=True, exist_ok=True)
+        hf_config = to_hf(config)
+        hf_config["dtype"] = dtype
+        write_json(os.path.join(path, "config.json"), hf_config)
+        for stale in (SINGLE_FILE, INDEX_FILE):
+            if storage.path(os.path.join(path, stale)).exists():
+                storage.path(os.path.join(path, stale)).unlink()
+    for name, shard in zip(names, shards):
+        by_name = {rule.hf: rule for rule in shard}
+        if writer:
+            specs = [(rule.hf, np_dtype, shape_of(rule)) for rule in shard]
+            write_streamed(
+                os.path.join(path, name), specs, lambda key, by_name=by_name: tensor(by_name[key]), metadata=metadata
+            )
+        else:  # the other processes take part in the gathers, in the same order
+            for rule in shard:
+                tensor(rule)
+    if writer and len(shards) > 1:
+        total = sum(math.prod(rule.hf_shape) * np_dtype.itemsize for rule in rules)
+        weight_map = {rule.hf: name for name, shard in zip(names, shards) for rule in shard}
+        write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,3 +151,25 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_streamed(location: str, tensors: list[tuple[str, np.dtype, tuple[int, ...]]], produce, *, metadata=None):
+    """Writes a safetensors file of `tensors` (name, dtype, shape), asking `produce(name)` for each tensor's
+    values one at a time, in order, so that only one tensor is in memory while writing (local or gs://)."""
+    codes = {np.dtype(dtype): code for code, dtype in DTYPES.items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for name, dtype, shape in tensors:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = dict(dtype=codes[np.dtype(dtype)], shape=list(shape), data_offsets=[offset, offset + size])
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the safetensors library writes
+    with storage.path(location).open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, dtype, shape in tensors:
+            value = np.ascontiguousarray(produce(name), dtype=dtype)
+            if value.shape != tuple(shape):
+                raise ValueError(f"{location}: tensor {name} has shape {value.shape}, the header says {tuple(shape)}")
+            f.write(value.tobytes())

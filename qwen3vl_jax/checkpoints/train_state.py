@@ -3,6 +3,7 @@ continues exactly (same params, optimizer, step, RNG and next batch)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -154,11 +155,14 @@ def parameter_shapes(config: ModelConfig) -> dict[str, list[int]]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape) for path, leaf in leaves}
 
 
-def record_run(workdir: str, config: ModelConfig, *, config_name: str) -> None:
-    """Writes the workdir's run record (process 0): the config's name, the model and its parameter shapes."""
+def record_run(workdir: str, config: ModelConfig, *, config_name: str, run_config: Any = None) -> None:
+    """Writes the workdir's run record (process 0): the config's name, the model and its parameter shapes, and
+    the whole run config (a ConfigDict, as JSON) that experiments.export rebuilds the model from."""
     if jax.process_index() == 0:
         storage.path(workdir).mkdir(parents=True, exist_ok=True)
         record = dict(config=config_name, model=describe(config), parameter_shapes=parameter_shapes(config))
+        if run_config is not None:
+            record["run_config"] = json.loads(run_config.to_json_best_effort())
         storage.write_json(os.path.join(workdir, RUN_RECORD), record)
 
 

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from qwen3vl_jax.checkpoints import hf_io
-from qwen3vl_jax.checkpoints.storage import local_dir, write_json
+from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.modeling.model import init_params
@@ -85,7 +85,7 @@ class Trainer(StepBuilder):
         final train state stays in `self.state`."""
         config = self.config
         if self.checkpointer.latest_step() is None:
-            record_run(self.workdir, self.model_config, config_name=self.config_name)
+            record_run(self.workdir, self.model_config, config_name=self.config_name, run_config=config)
             step, state, iterator = 0, self.initial_state(), iter(self.dataset(self.data_config))
         else:
             check_resumable(self.workdir, self.model_config, config_name=self.config_name)
@@ -178,17 +178,9 @@ class Trainer(StepBuilder):
         return results
 
     def export(self, params: Any, path: str) -> None:
-        """The trained model and its processor as an HF checkpoint directory (process 0 writes)."""
-        params = jax.device_get(params)
-        if jax.process_index() == 0:
-            with local_dir(path) as local:
-                hf_io.save_params(local, params, config=self.model_config)
-                self.processor.save_pretrained(local)
-                write_json(
-                    os.path.join(local, hf_io.GENERATION_CONFIG),
-                    dict(eos_token_id=list(self.processor.eos_token_ids), pad_token_id=self.processor.pad_token_id),
-                )
-            report(f"exported the model and its processor to {path}")
+        """The trained model and its processor as an HF checkpoint directory (`export_hf`)."""
+        export_hf(path, params, config=self.model_config, processor=self.processor)
+        report(f"exported the model and its processor to {path}")
 
     def _on_sigterm(self, signum, frame) -> None:
         report("SIGTERM: saving a checkpoint and stopping after this step")
