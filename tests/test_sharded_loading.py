@@ -187,6 +187,9 @@ def test_sharded_model_gives_the_single_device_logits_and_tokens(tiny, sizes):
     np.testing.assert_allclose(model(**inputs), tiny.ours(**inputs), atol=1e-5, rtol=0)
     greedy = dict(max_new_tokens=6, eos_token_ids=None)
     np.testing.assert_array_equal(model.generate(**inputs, **greedy), tiny.ours.generate(**inputs, **greedy))
+    pixels, grid = prompts[0].images[0]
+    for ours, single in zip(model.encode_vision(pixels, [grid]), tiny.ours.encode_vision(pixels, [grid])):
+        np.testing.assert_allclose(ours, single, atol=1e-5, rtol=0)
     # generation's KV cache is split by batch (data) and key/value heads (tensor, where it divides them)
     with model._on_mesh():
         cache = jax.jit(lambda: init_cache(tiny.config, batch=4, length=32))()
