@@ -4,6 +4,7 @@ per-expert loop), and the per-chip memory of one Qwen3-VL-235B-A22B MoE layer co
 megablox kernels (AOT with libtpu).
 
     python benchmarks/moe_layer.py
+    python benchmarks/moe_layer.py --tiles    # the blocked backend's tile rows; blocked vs dense at 8 experts
 
 CPU part: one MoE block (hidden 512, 32 experts, top-8, expert width 256: 30B-A3B proportions scaled down),
 2048 tokens, fp32, loss = sum(y^2); median of 5 timed steps after a warm-up. megablox runs in Pallas interpret
@@ -13,6 +14,7 @@ mode off TPU (correct, not a speed path). TPU part: hidden 4096, 128 experts, to
 
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
 
 from qwen3vl_jax.config import TextConfig
+from qwen3vl_jax.modeling import moe
 from qwen3vl_jax.modeling.moe import MoeBlock
 from qwen3vl_jax.parallel.sharding import BATCH_AXES, DEFAULT_RULES, make_mesh, param_shardings
 
@@ -59,14 +62,14 @@ def median_seconds(step, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def ours(backend: str, *, params, x):
-    module = MoeBlock(moe_text(**CPU_SHAPE), backend=backend, tiling=TILING, dtype=jnp.float32, param_dtype=jnp.float32)
+def ours(backend: str, *, params, x, shape=CPU_SHAPE):
+    module = MoeBlock(moe_text(**shape), backend=backend, tiling=TILING, dtype=jnp.float32, param_dtype=jnp.float32)
     grad = jax.jit(jax.value_and_grad(lambda p, x: (module.apply(p, x)[0] ** 2).sum(), argnums=(0, 1)))
     return median_seconds(lambda: jax.block_until_ready(grad(params, x))), float(grad(params, x)[0])
 
 
-def transformers_block(implementation: str, *, params, x):
-    c = CPU_SHAPE
+def transformers_block(implementation: str, *, params, x, shape=CPU_SHAPE):
+    c = shape
     config = transformers.Qwen3VLMoeTextConfig(
         hidden_size=c["hidden"], num_experts=c["experts"], num_experts_per_tok=8, moe_intermediate_size=c["inter"]
     )
@@ -96,7 +99,8 @@ def cpu_table():
     params = jax.tree_util.tree_map(lambda a: a * 4, params)  # spread the router logits: uneven expert loads
     weights = dict(params=params, x=x)
     rows = [(f"transformers {impl}", *transformers_block(impl, **weights)) for impl in ("grouped_mm", "eager")]
-    rows += [(f"qwen3vl_jax {backend}", *ours(backend, **weights)) for backend in ("ragged_dot", "megablox", "dense")]
+    backends = ("blocked", "ragged_dot", "megablox", "dense")
+    rows += [(f"qwen3vl_jax {backend}", *ours(backend, **weights)) for backend in backends]
     baseline = rows[0][1]
     print(
         f"CPU ({os.cpu_count()} cores), one MoE block (hidden {CPU_SHAPE['hidden']}, {CPU_SHAPE['experts']} "
@@ -144,7 +148,26 @@ def tpu_table():
         )
 
 
+def tile_table():
+    """The blocked backend's tile rows against transformers' grouped_mm, and blocked vs dense at 8 experts."""
+    for shape in (CPU_SHAPE, dict(CPU_SHAPE, experts=8)):
+        module = MoeBlock(moe_text(**shape), backend="dense", tiling=TILING, dtype=jnp.float32, param_dtype=jnp.float32)
+        x = jax.random.normal(jax.random.PRNGKey(0), (1, TOKENS, shape["hidden"]))
+        params = jax.tree_util.tree_map(lambda a: a * 4, nn.meta.unbox(module.init(jax.random.PRNGKey(1), x)))
+        rows = [("transformers grouped_mm", *transformers_block("grouped_mm", params=params, x=x, shape=shape))]
+        rows.append(("qwen3vl_jax dense", *ours("dense", params=params, x=x, shape=shape)))
+        for tile in (32, 64, 128, 256, 512):
+            moe.BLOCKED_TILE_ROWS = tile
+            rows.append((f"qwen3vl_jax blocked {tile}", *ours("blocked", params=params, x=x, shape=shape)))
+        print(f"{shape['experts']} experts, {TOKENS} tokens, fp32, forward + backward:")
+        for name, seconds, _ in rows:
+            print(f"  {name:26s} {seconds:8.3f} s {TOKENS / seconds:9.0f} tokens/s {rows[0][1] / seconds:6.2f}x")
+
+
 def main():
+    if "--tiles" in sys.argv:
+        tile_table()
+        return
     cpu_table()
     tpu_table()
 

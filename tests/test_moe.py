@@ -26,7 +26,7 @@ from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
-BACKENDS = ("dense", "ragged_dot", "megablox")
+BACKENDS = ("dense", "ragged_dot", "megablox", "blocked")
 PROMPTS = {
     "image_and_text": [[("text", 4), ("image", (6, 8)), ("text", 9)], [("text", 11)]],
     "video": [[("text", 3), ("video", (2, 4, 6)), ("text", 5)]],

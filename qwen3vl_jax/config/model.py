@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "splash")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "offload")  # see modeling/remat.py
-MOE_BACKENDS = ("megablox", "ragged_dot", "dense")  # see modeling/moe.py
+MOE_BACKENDS = ("megablox", "ragged_dot", "dense", "blocked")  # see modeling/moe.py
 
 
 def _check(condition: bool, message: str) -> None:
@@ -182,7 +182,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     splash_block_sizes: tuple[int, int] = (512, 512)  # (q, kv) blocks of the splash kernels; v5p default
-    moe_backend: str = "ragged_dot"
+    moe_backend: str = "blocked"  # plain XLA, fast off TPU; the released configs use megablox on TPU
     moe_tiling: tuple[int, int, int] = (512, 1024, 1024)  # (m, k, n) tiles of the megablox grouped matmul
     remat: str = "none"
     # the dense MLP runs this many strided slices of the sequence one after the other, each rematerialised

@@ -4,8 +4,9 @@ loss as transformers computes it.
 
 Dispatch: the (token, slot) assignments are sorted by expert, the experts' SwiGLU runs as two grouped
 matmuls over the sorted rows, and the rows are unsorted and summed with the routing weights. Backends:
-"megablox" (Pallas grouped matmul, interpret mode off TPU), "ragged_dot" (jax.lax.ragged_dot) and "dense"
-(every expert on every token: the test reference). With an `expert` mesh axis > 1 the block runs expert-
+"megablox" (Pallas grouped matmul, interpret mode off TPU), "blocked" (tiles of one expert's rows in one batched
+matmul, plain XLA: `blocked_matmul`), "ragged_dot" (jax.lax.ragged_dot) and "dense" (every expert on every
+token: the test reference). With an `expert` mesh axis > 1 the block runs expert-
 parallel (see `_expert_parallel`).
 """
 
@@ -93,6 +94,34 @@ def experts_grouped(
     return jnp.einsum("tk,tkh->th", jnp.where(mine, weights, 0), out)
 
 
+BLOCKED_TILE_ROWS = 128  # benchmarks/moe_layer.py --tiles: the fastest of 32 .. 512 on CPU
+
+
+def blocked_matmul(lhs: jax.Array, rhs: jax.Array, *, group_sizes: jax.Array, tile_rows: int) -> jax.Array:
+    """A grouped matmul in plain XLA: lhs (m, k) rows sorted by group (group_sizes (G,); rows past their sum
+    belong to no group and give zeros), rhs (G, k, n) -> (m, n).
+
+    Each group's rows are moved to a buffer where the group starts on a tile boundary and fills whole tiles of
+    `tile_rows` rows (zero rows pad it), so that no tile straddles two groups; then one batched matmul runs
+    every tile against its group's weights. Static shapes: ceil(m / tile) + G tiles bound the padded groups.
+    Plain gathers, scatters and an einsum, so the gradients are XLA's own."""
+    m, k = lhs.shape
+    groups, n = rhs.shape[0], rhs.shape[2]
+    tiles = -(-m // tile_rows) + groups
+    padded_sizes = -(-group_sizes // tile_rows) * tile_rows
+    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes)
+    rows = jnp.arange(m)
+    group = jnp.searchsorted(ends, rows, side="right")  # G for rows past every group
+    g = jnp.minimum(group, groups - 1)
+    shift = (padded_ends[g] - padded_sizes[g]) - (ends[g] - group_sizes[g])  # padded start - packed start
+    slot = jnp.where(group < groups, rows + shift, tiles * tile_rows)  # past the buffer: dropped
+    buffer = jnp.zeros((tiles * tile_rows, k), lhs.dtype).at[slot].set(lhs, mode="drop")
+    tile_group = jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile_rows, side="right")
+    tile_group = jnp.minimum(tile_group, groups - 1)  # tiles past the last group hold zero rows
+    out = jnp.einsum("jtk,jkn->jtn", buffer.reshape(tiles, tile_rows, k), rhs[tile_group])
+    return out.reshape(tiles * tile_rows, n).at[slot].get(mode="fill", fill_value=0)
+
+
 def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
     """lhs (m, k) rows grouped by group_sizes, rhs (groups, k, n) -> (m, n); rows past sum(group_sizes) (those
     of no local expert) are zero. megablox leaves garbage there, in its output and in the lhs gradient of its
@@ -101,6 +130,8 @@ def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
     lhs = jnp.where(valid, lhs, 0)
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    elif backend == "blocked":
+        out = blocked_matmul(lhs, rhs, group_sizes=group_sizes, tile_rows=BLOCKED_TILE_ROWS)
     else:
         out = megablox_matmul(lhs, rhs, group_sizes=group_sizes, tiling=tiling)
     return jnp.where(valid, out, 0)
@@ -149,7 +180,8 @@ class MoeBlock(nn.Module):
         )
         tokens = tokens.astype(self.dtype)
         mesh = jax.sharding.get_abstract_mesh()
-        if self.backend == "dense":
+        # blocked with every expert on every token (top-k = E): the dense product is the same work, unpermuted
+        if self.backend == "dense" or (self.backend == "blocked" and text.num_experts_per_tok == text.num_experts):
             y = experts_dense(tokens, **routed)
         elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
             y = _expert_parallel(tokens, **routed, mesh=mesh, backend=self.backend, tiling=self.tiling)
