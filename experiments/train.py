@@ -14,7 +14,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qwen3vl_jax.checkpoints.train_state import WorkdirMismatch
+from qwen3vl_jax.checkpoints.train_state import DamagedCheckpoint, WorkdirMismatch
 from qwen3vl_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
@@ -38,7 +38,7 @@ def main(argv):
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
         Trainer(_CONFIG.value, _WORKDIR.value or default_workdir(config_file), config_name=config_file).run()
-    except WorkdirMismatch as e:
+    except (WorkdirMismatch, DamagedCheckpoint) as e:
         sys.exit(f"error: {e}")
 
 

@@ -278,7 +278,7 @@ def _expert_layouts(
     told by its shape, or, when it is square (hidden = 2 x moe_intermediate_size), by what wrote the file: our
     marker in the safetensors metadata, else config.json's `transformers_version` (the released checkpoints,
     4.x: "hub"; transformers 5.x writes its in-memory "transposed" layout). Refused when neither says."""
-    layouts = {}
+    layouts, version = {}, _transformers_version(path)
     for rule in rules:
         file = files[rule.hf]
         shape = readers[file].tensors[rule.hf].shape
@@ -290,7 +290,6 @@ def _expert_layouts(
             layouts[rule.hf] = "hub" if shape == rule.hf_shape else "transposed"
             continue
         marked = readers[file].metadata.get(EXPERT_LAYOUT_KEY)
-        version = _transformers_version(path)
         if marked in EXPERT_LAYOUTS:
             layouts[rule.hf] = marked
         elif version is not None:
