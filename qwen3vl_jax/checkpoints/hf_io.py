@@ -429,11 +429,15 @@ def save_params(
     def shape_of(rule: Rule) -> tuple[int, ...]:
         return rule.transposed_shape if rule.kind == EXPERTS and expert_layout == "transposed" else rule.hf_shape
 
-    def tensor(rule: Rule) -> np.ndarray:
+    def gathered(rule: Rule) -> Any:
+        """The rule's parameter (or layer), whole; every process takes part when it is split across hosts."""
         x = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
-        return rule.to_hf(np.asarray(x).astype(np_dtype), expert_layout)
+        return x
+
+    def tensor(rule: Rule) -> np.ndarray:
+        return rule.to_hf(np.asarray(gathered(rule)).astype(np_dtype), expert_layout)
 
     shards, size = [[]], 0
     for rule in rules:
@@ -465,7 +469,7 @@ def save_params(
             )
         else:  # the other processes take part in the gathers, in the same order
             for rule in shard:
-                tensor(rule)
+                gathered(rule)
     if writer and len(shards) > 1:
         total = sum(math.prod(rule.hf_shape) * np_dtype.itemsize for rule in rules)
         weight_map = {rule.hf: name for name, shard in zip(names, shards) for rule in shard}

@@ -228,23 +228,29 @@ def _trip_count(
 def count_flops(hlo_text: str) -> ProgramFlops:
     """The matmul FLOPs and Pallas kernel calls of one run of the program in `hlo_text` (optimised HLO)."""
     computations, entry, roots = parse_computations(hlo_text)
-    unknown: list[str] = []
-    kernel_calls: collections.Counter[str] = collections.Counter()
 
-    def visit(name: str, times: int) -> float:
-        flops = 0.0
+    def visit(name: str, times: int) -> tuple[float, collections.Counter[str], list[str]]:
+        """(matmul FLOPs, kernel calls, loops of unknown trip count) of computation `name` run `times` times."""
+        flops, calls, unknown = 0.0, collections.Counter(), []
+
+        def add(part: tuple[float, collections.Counter[str], list[str]]) -> None:
+            nonlocal flops
+            flops += part[0]
+            calls.update(part[1])
+            unknown.extend(part[2])
+
         instructions = computations[name]
         for instruction in instructions.values():
             if instruction.opcode in ("dot", "convolution"):
                 flops += times * _matmul_flops(instruction, instructions)
             elif instruction.opcode == "custom-call" and '"tpu_custom_call"' in instruction.attributes:
-                kernel_calls[re.sub(r"(\.\d+)+$", "", instruction.name)] += times
+                calls[re.sub(r"(\.\d+)+$", "", instruction.name)] += times
             elif instruction.opcode == "while":
                 trips = _trip_count(instruction, instructions, computations, roots)
                 if trips is None:
                     unknown.append(instruction.name)
                     trips = 1
-                flops += visit(_attribute(instruction.attributes, "body"), times * trips)
+                add(visit(_attribute(instruction.attributes, "body"), times * trips))
             elif instruction.opcode == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
                 names = (
@@ -252,13 +258,13 @@ def count_flops(hlo_text: str) -> ProgramFlops:
                     if branches
                     else [_attribute(instruction.attributes, key) for key in ("true_computation", "false_computation")]
                 )
-                # one branch runs: count the most expensive
-                flops += max(visit(branch, times) for branch in names)
+                # one branch runs: count the most expensive (its kernel calls and loops only)
+                add(max((visit(branch, times) for branch in names), key=lambda part: part[0]))
             elif instruction.opcode in ("fusion", "call", "async-start"):
                 callee = _attribute(instruction.attributes, "calls") or _attribute(instruction.attributes, "to_apply")
                 if callee in computations:
-                    flops += visit(callee, times)
-        return flops
+                    add(visit(callee, times))
+        return flops, calls, unknown
 
-    total = visit(entry, 1)
-    return ProgramFlops(matmul_flops=total, kernel_calls=dict(kernel_calls), unknown_trip_counts=unknown)
+    flops, calls, unknown = visit(entry, 1)
+    return ProgramFlops(matmul_flops=flops, kernel_calls=dict(calls), unknown_trip_counts=unknown)
