@@ -106,13 +106,17 @@ def test_eval_binary_sharded_over_the_config_mesh(checkpoint_and_data, single_de
     """With --config the checkpoint is loaded and evaluated sharded over 4 devices (fsdp 2 x tensor 2): the
     same answers as on one device."""
     checkpoint, data = checkpoint_and_data
+    config = tmp_path / "tiny_without_eval_sets.py"  # the tiny config's mesh fields, only the JSONL set evaluated
+    config.write_text(
+        "from configs.tiny import get_config as tiny\n\n\ndef get_config():\n"
+        "    config = tiny()\n    config.eval.sets = {}\n    return config\n"
+    )
     mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-    args = [f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2", "--config=configs/tiny.py", *mesh]
+    args = [f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2", f"--config={config}", *mesh]
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    _, predictions = run_eval([*args, "--num_examples=3"], tmp_path, env=env)  # the first 3 of each set
-    sharded = [p for p in predictions if p["set"] == "qa.jsonl"]
-    assert len(sharded) == 3
-    assert sharded == [p for p in single_device_eval[1] if p["set"] == "qa.jsonl"][:3]
+    _, predictions = run_eval([*args, "--num_examples=3"], tmp_path, env=env)  # the first 3
+    assert [p["set"] for p in predictions] == ["qa.jsonl"] * 3
+    assert predictions == single_device_eval[1][:3]
 
 
 def test_eval_binary_on_a_training_workdir(tmp_path):

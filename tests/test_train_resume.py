@@ -63,12 +63,18 @@ def tensorboard_scalars(workdir) -> dict[str, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory):
+    """The workdir of a 16-step run checkpointed every 4 steps (the newest two kept: 12 and 16)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     run(workdir, steps=16, every=4)
     assert sorted(losses(workdir)) == list(range(1, 17))
     assert tensorboard_scalars(workdir)["train/loss"] == pytest.approx([losses(workdir)[s] for s in range(1, 17)])
-    return losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    return losses(uninterrupted)
 
 
 def test_kill_9_then_rerun_resumes_with_identical_losses(tmp_path, reference):
@@ -111,10 +117,10 @@ def flip_bytes_in_newest_checkpoint(workdir) -> int:
     return newest
 
 
-def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_or_stops_naming_it(tmp_path, reference):
-    run(tmp_path / "run", steps=12, every=4)
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_or_stops_naming_it(tmp_path, uninterrupted, reference):
+    shutil.copytree(uninterrupted, tmp_path / "run")
     damaged = flip_bytes_in_newest_checkpoint(tmp_path / "run")
-    assert damaged == 12
+    assert damaged == 16
     shutil.copytree(tmp_path / "run", tmp_path / "strict")
     # checkpoint.on_corrupt="error": the run stops and names the step
     strict = subprocess.run(
@@ -126,17 +132,19 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_or_stops_naming
         timeout=600,
     )
     assert strict.returncode != 0
-    assert "the checkpoint of step 12 in" in strict.stderr and "is damaged: " in strict.stderr
+    assert "the checkpoint of step 16 in" in strict.stderr and "is damaged: " in strict.stderr
     assert "Data corruption detected" in strict.stderr.split("is damaged: ")[1].splitlines()[0]
-    # the default ("previous"): said loudly, the damaged checkpoint kept aside, resumed from step 8
+    # the default ("previous"): said loudly, the damaged checkpoint kept aside, resumed from step 12
     output = run(tmp_path / "run", steps=16, every=4)
-    assert "WARNING: the checkpoint of step 12 is damaged" in output
-    assert "resumed from the checkpoint of step 8" in output
-    assert os.path.isdir(tmp_path / "run" / "checkpoints_damaged" / "12")
-    assert losses(tmp_path / "run") == reference  # steps 9-16 run again, bit-identical
+    assert "WARNING: the checkpoint of step 16 is damaged" in output
+    assert "resumed from the checkpoint of step 12" in output
+    assert os.path.isdir(tmp_path / "run" / "checkpoints_damaged" / "16")
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert {"step": 8, "split": "checkpoint", "damaged_checkpoint_step": 12} in records
+    trained = [r["step"] for r in records if r.get("split") == "train"]
+    assert trained == [*range(1, 17), *range(13, 17)]  # steps 13-16 run again ...
+    assert losses(tmp_path / "run") == reference  # ... bit-identical
+    assert {"step": 12, "split": "checkpoint", "damaged_checkpoint_step": 16} in records
 
 
 def test_default_workdir_is_named_after_the_config_and_another_model_is_not_resumed_there(tmp_path):
