@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from qwen3vl_jax.modeling.model import Qwen3VL
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def generate(
+def _prefill_and_decode(
     params: Any,
     inputs: ModelInputs,
     *,
@@ -36,31 +37,6 @@ def generate(
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
     max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
     `Qwen3VLModel.compute_3d_position_ids`). Compiled once per config, length and sampling setting."""
-    compiled = _generate_on_cpu if jax.default_backend() == "cpu" else _generate
-    return compiled(
-        params,
-        inputs,
-        rng=rng,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        config=config,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-    )
-
-
-def _prefill_and_decode(
-    params: Any,
-    inputs: ModelInputs,
-    *,
-    rng: jax.Array,
-    eos_ids: jax.Array,
-    pad_id: jax.Array,
-    config: ModelConfig,
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-) -> jax.Array:
-    """`generate`, to be compiled: the prompt pass, then the decode loop as one `lax.while_loop`."""
     batch, length = inputs.input_ids.shape
     cache = init_cache(config, batch=batch, length=length + max_new_tokens)
     logits, cache = Qwen3VL(config).apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
@@ -93,6 +69,12 @@ def _prefill_and_decode(
 _STATIC = ("config", "max_new_tokens", "sampling")
 _generate = jax.jit(_prefill_and_decode, static_argnames=_STATIC)
 _generate_on_cpu = jax.jit(_prefill_and_decode, static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
+
+
+@functools.wraps(_prefill_and_decode)
+def generate(*args, **kwargs) -> jax.Array:
+    compiled = _generate_on_cpu if jax.default_backend() == "cpu" else _generate
+    return compiled(*args, **kwargs)
 
 
 def eos_array(eos_token_ids: Sequence[int] | int | None) -> jax.Array:
