@@ -184,6 +184,7 @@ def _examples(batch, config):
 
 
 def _loss_and_grads(config, batch, params, *, mesh=None, loss_chunk=0):
+    """The loss and gradients, and the step's FLOPs (XLA's cost analysis) summed over the mesh's devices."""
     model = Qwen3VL(config)
 
     def loss(params, batch):
@@ -191,12 +192,18 @@ def _loss_and_grads(config, batch, params, *, mesh=None, loss_chunk=0):
         args = dict(model=model, total_weight=weights.sum(), normalization="sqrt", microbatches=1)
         return _objective(params, batch, **args, loss_chunk=loss_chunk)[0]
 
+    def run(step, params, batch):
+        compiled = step.lower(params, batch).compile()
+        cost = compiled.cost_analysis()
+        flops = (cost[0] if isinstance(cost, list) else cost)["flops"] * (1 if mesh is None else mesh.size)
+        return *compiled(params, batch), flops
+
     if mesh is None:
-        return jax.jit(jax.value_and_grad(loss))(params, batch)
+        return run(jax.jit(jax.value_and_grad(loss)), params, batch)
     shardings = param_shardings(abstract_params(config, boxed=True), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         step = jax.jit(jax.value_and_grad(loss), in_shardings=(shardings, batch_shardings(mesh)))
-        return step(jax.device_put(params, shardings), jax.device_put(batch, batch_shardings(mesh)))
+        return run(step, jax.device_put(params, shardings), jax.device_put(batch, batch_shardings(mesh)))
 
 
 @pytest.mark.parametrize(
@@ -215,10 +222,14 @@ def test_train_step_gradients_over_the_context_axis_equal_single_device(context_
     assert any(kind == config.video_token_id and groups > 1 for kind, groups in examples)
     assert (None, 0) in examples  # text only
     params = init_params(config, jax.random.PRNGKey(0))
-    expected_loss, expected_grads = _loss_and_grads(config, context_batch, params)
+    expected_loss, expected_grads, expected_flops = _loss_and_grads(config, context_batch, params)
     # the chunked loss too: 4 strided chunks of 32 positions, each spread over every context shard
-    loss, grads = _loss_and_grads(config, context_batch, params, mesh=make_mesh(sizes), loss_chunk=32)
+    loss, grads, flops = _loss_and_grads(config, context_batch, params, mesh=make_mesh(sizes), loss_chunk=32)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    # no work repeated on several devices: a (B, L) -> (B * L) flattening of rows split over `context` would make
+    # XLA gather whole sequences onto every device, and attending every key from every shard doubles the causal
+    # attention's work
+    assert flops <= 1.02 * expected_flops, (flops, expected_flops)
 
     def relative_error(grad, expected):
         return float(np.abs(np.asarray(grad) - expected).max() / np.abs(expected).max())

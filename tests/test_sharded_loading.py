@@ -195,5 +195,5 @@ def test_sharded_model_gives_the_single_device_logits_and_tokens(tiny, sizes):
         cache = jax.jit(lambda: init_cache(tiny.config, batch=4, length=32))()
     kv_heads, head_dim = tiny.config.text.num_key_value_heads, tiny.config.text.head_dim
     heads_split = sizes["tensor"] if kv_heads % sizes["tensor"] == 0 else 1
-    expected = (4 // sizes.get("data", 1), 32, kv_heads // heads_split, head_dim)
+    expected = (4 // sizes.get("data", 1), kv_heads // heads_split, 32, head_dim)
     assert cache.k[0].sharding.shard_shape(cache.k[0].shape) == expected

@@ -17,7 +17,6 @@ from qwen3vl_jax.parallel.context import (
     check_length,
     context_shards,
     gather_in_sequence_order,
-    load_balanced_positions,
 )
 from qwen3vl_jax.parallel.sharding import attention_specs
 
@@ -37,11 +36,12 @@ def attention(
     impl: str = "xla",
     block_sizes: tuple[int, int] = (512, 512),
     context: str | None = None,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
-    """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
-    h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
-    Scale D^-0.5; softmax in float32. When causal, query i sits at key position q_offset + i (a KV cache)
-    and sees keys up to there.
+    """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D), or (B, Hkv, Lk, D) with kv_heads_first (a KV cache's layout), with
+    Hq a multiple of Hkv (query head h uses kv head h // (Hq/Hkv), as transformers' repeat_kv); segment ids
+    (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D). Scale D^-0.5; softmax in float32. When causal, query i sits at
+    key position q_offset + i (a KV cache) and sees keys up to there.
 
     impl "xla": causal self-attention skips the key blocks after each query block (half the work of the full
     L x L product). impl "splash": the Pallas splash kernels (kernels/splash.py, `block_sizes` = (q, kv)
@@ -54,6 +54,10 @@ def attention(
     if impl not in ("xla", "splash"):
         raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
     length = q.shape[1]
+    if kv_heads_first:  # a KV cache: the XLA path, which reads it in this layout as it is
+        segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_heads_first=True)
+        q_positions = jnp.arange(length) + q_offset if causal else None
+        return _attend(q, k, v, **segments, q_positions=q_positions)
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
     segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     if context is not None and self_attention and context_shards() > 1:
@@ -99,33 +103,87 @@ def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, *, context: bool):
 
 
 def _load_balanced_xla(q, k, v, *, segment_ids, block_sizes):
-    """Causal self-attention on tokens in the load-balanced layout, split over `context`: each shard's queries
-    attend every key (all-gathered, back in sequence order), masked by the queries' sequence positions."""
+    """Causal self-attention on tokens in the load-balanced layout, split over `context`. Shard s of n holds
+    query chunks s and 2n-1-s (each of L / 2n positions); with the keys / values all-gathered back in sequence
+    order, its early chunk attends key chunks 0..s and its late chunk key chunks 0..2n-1-s: 2n+1 (query chunk,
+    key chunk) pairs on every shard, which is all that causal attention needs and the same on every shard. The
+    pairs run as one batched product whose partial softmaxes are combined per query chunk (as in flash
+    attention), so the work is that of the unsplit causal attention, not of the full L x L product."""
     del block_sizes
     length, shards = q.shape[1], context_shards()
     check_length(length, shards)
-    positions = load_balanced_positions(length, shards)
+    chunk = length // (2 * shards)
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
         k, v, kv_segment_ids = gather_in_sequence_order((k, v, kv_segment_ids), length=length, shards=shards)
-        local = q.shape[1]
-        q_positions = jax.lax.dynamic_slice_in_dim(jnp.asarray(positions), jax.lax.axis_index(CONTEXT) * local, local)
-        return _attend(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions)
+        shard = jax.lax.axis_index(CONTEXT)
+        pair = jnp.arange(2 * shards + 1)
+        early = pair <= shard  # pairs 0..s: the early query chunk with key chunks 0..s; then the late one
+        query_side = jnp.where(early, 0, 1)  # which of this shard's two query chunks
+        query_chunk = jnp.where(early, shard, 2 * shards - 1 - shard)
+        key_chunk = jnp.where(early, pair, pair - shard - 1)
+
+        def chunks(x, index):  # (B, m * chunk, ...) -> (B, pairs, chunk, ...): chunk index[p] for pair p
+            return jnp.take(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), index, axis=1)
+
+        query_positions = query_chunk[:, None] * chunk + jnp.arange(chunk)  # (pairs, chunk) sequence positions
+        key_positions = key_chunk[:, None] * chunk + jnp.arange(chunk)
+        out = _attend_chunk_pairs(
+            chunks(q, query_side),
+            chunks(k, key_chunk),
+            chunks(v, key_chunk),
+            q_segment_ids=chunks(q_segment_ids, query_side),
+            kv_segment_ids=chunks(kv_segment_ids, key_chunk),
+            causal=query_positions[:, :, None] >= key_positions[:, None, :],
+            query_side=query_side,
+        )
+        return out.reshape(q.shape)
 
     return _per_device(attend, q, k, v, segment_ids, segment_ids, context=True)
 
 
-def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None):
+def _attend_chunk_pairs(q, k, v, *, q_segment_ids, kv_segment_ids, causal, query_side):
+    """Attention of two query chunks, each spread over several (query chunk, key chunk) pairs. q (B, P, C, Hq, D)
+    holds pair p's query chunk (one of two: query_side[p] in {0, 1}); k, v (B, P, C, Hkv, D) its key chunk;
+    segment ids (B, P, C); causal (P, C, C) whether each query position may see each key position. Returns
+    (B, 2, C, Hq, D): the two query chunks' outputs, each a softmax over the keys of all its pairs."""
+    b, pairs, c, hq, d = q.shape
+    hkv = k.shape[3]
+    rep = hq // hkv
+    # one batched matmul per (pair, kv head), its query heads stacked, as in _attend
+    q = q.reshape(b, pairs, c, hkv, rep, d).transpose(0, 1, 3, 4, 2, 5).reshape(b * pairs * hkv, rep * c, d)
+    k = k.transpose(0, 1, 3, 2, 4).reshape(b * pairs * hkv, c, d)
+    v = v.transpose(0, 1, 3, 2, 4).reshape(b * pairs * hkv, c, d)
+    scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d**-0.5)
+    mask = (q_segment_ids[:, :, :, None] == kv_segment_ids[:, :, None, :]) & causal[None]
+    scores = jnp.where(mask[:, :, None], scores.reshape(b, pairs, hq, c, c), jnp.finfo(jnp.float32).min)
+    # each query row's maximum over all the pairs of its chunk (every row sees its own position in the diagonal
+    # pair, so the maximum is finite); the partial sums then share one reference and simply add up
+    member = (query_side[:, None] == jnp.arange(2)).astype(jnp.float32)  # (P, 2)
+    row_max = jax.lax.stop_gradient(scores.max(axis=-1))  # (B, P, Hq, C)
+    side_max = jnp.where(member.T[None, :, :, None, None] > 0, row_max[:, None], jnp.finfo(jnp.float32).min).max(2)
+    weights = jnp.exp(scores - jnp.take(side_max, query_side, axis=1)[..., None])
+    totals = jnp.einsum("bphc,ps->bshc", weights.sum(axis=-1), member)
+    values = jnp.matmul(weights.astype(v.dtype).reshape(b * pairs * hkv, rep * c, c), v)
+    values = jnp.einsum("bphcd,ps->bshcd", values.reshape(b, pairs, hq, c, d).astype(jnp.float32), member)
+    out = values / totals[..., None]
+    return out.transpose(0, 1, 3, 2, 4).astype(v.dtype)
+
+
+def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None, kv_heads_first=False):
     """Attention of queries at sequence positions q_positions (Lq,) to the keys at positions 0 .. Lk-1 that are
-    not after them (every key when q_positions is None)."""
+    not after them (every key when q_positions is None). k, v (B, Lk, Hkv, D), or (B, Hkv, Lk, D) with
+    kv_heads_first."""
     b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    if not kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    hkv, lk = k.shape[1], k.shape[2]
     rep = hq // hkv
     # (B * Hkv, rep * Lq, D) x (B * Hkv, Lk, D): one batched matmul per kv head with its query heads stacked
     # (XLA:CPU runs this layout much faster than a 5-D einsum).
     q = q.reshape(b, lq, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b * hkv, rep * lq, d)
-    k = k.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
-    v = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
+    k = k.reshape(b * hkv, lk, d)
+    v = v.reshape(b * hkv, lk, d)
     scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d**-0.5)
     mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if q_positions is not None:

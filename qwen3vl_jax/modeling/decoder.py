@@ -111,7 +111,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, layer_and_kv, context: DecoderContext):
         """x (B, L, H); layer_and_kv: the layer index and, when generating, this layer's cache (k, v), each
-        (B, S, Hkv, D)."""
+        (B, Hkv, S, D)."""
         layer, kv = layer_and_kv
         text, kw = self.config.text, self.config.dense_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
@@ -136,7 +136,9 @@ class DecoderLayer(nn.Module):
             o = attention(q, k, v, **segments, causal=True, context=context.context, **impl)
         else:
             kv = tuple(
-                jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), context.cache_index, axis=1)
+                jax.lax.dynamic_update_slice_in_dim(
+                    cached, new.swapaxes(1, 2).astype(cached.dtype), context.cache_index, axis=2
+                )
                 for cached, new in zip(kv, (k, v))
             )
             o = attention(
@@ -146,6 +148,7 @@ class DecoderLayer(nn.Module):
                 kv_segment_ids=context.kv_segment_ids,
                 causal=True,
                 q_offset=context.cache_index,
+                kv_heads_first=True,
                 **impl,
             )
         o_proj = Dense(

@@ -15,8 +15,10 @@ class KVCache:
     """Per decoder layer, keys and values of the filled slots; one array per layer, so that a decode step
     updates each layer's cache in place instead of slicing a stacked one."""
 
-    k: tuple[jax.Array, ...]  # per layer (B, S, Hkv, D) in the compute dtype
-    v: tuple[jax.Array, ...]  # per layer (B, S, Hkv, D)
+    # per layer (B, Hkv, S, D) in the compute dtype: heads first, so that a decode step's attention reads each kv
+    # head's keys as one contiguous (S, D) matrix (no per-step transpose of the cache)
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]  # per layer (B, Hkv, S, D)
     segment_ids: jax.Array  # (B, S) int32: the segment of each filled slot; 0 = empty or padding
     index: jax.Array  # int32 scalar: the slot the next tokens are written to
 
@@ -25,7 +27,7 @@ def init_cache(config: ModelConfig, *, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots; under a mesh split by batch (the batch axes) and key/value heads
     (`tensor`), as the attention that reads it is."""
     t = config.text
-    zeros = jnp.zeros((batch, length, t.num_key_value_heads, t.head_dim), jnp.dtype(config.dtype))
-    layers = (split_by_names(zeros, ("batch", None, "kv_heads", None)),) * t.num_hidden_layers
+    zeros = jnp.zeros((batch, t.num_key_value_heads, length, t.head_dim), jnp.dtype(config.dtype))
+    layers = (split_by_names(zeros, ("batch", "kv_heads", None, None)),) * t.num_hidden_layers
     segment_ids = split_by_names(jnp.zeros((batch, length), jnp.int32), ("batch", None))
     return KVCache(k=layers, v=layers, segment_ids=segment_ids, index=jnp.int32(0))

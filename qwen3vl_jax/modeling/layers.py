@@ -13,6 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen3vl_jax.parallel.context import context_shards
+from qwen3vl_jax.parallel.sharding import gathered_for_matmul
+
 Initializer = Callable[..., jax.Array]
 default_init = nn.initializers.normal(stddev=0.02)  # transformers' initializer_range
 
@@ -45,9 +48,19 @@ class Dense(nn.Module):
             self, "kernel", init=self.kernel_init, shape=in_shape + features, dtype=self.param_dtype, axes=self.axes
         )
         # One 2-D matmul (free reshapes): XLA:CPU runs multi-dimensional dot_generals, and their gradients,
-        # far slower than the equivalent matrix product.
-        x2 = x.astype(self.dtype).reshape(math.prod(batch_shape), math.prod(in_shape))
-        y = (x2 @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)).reshape(batch_shape + features)
+        # far slower than the equivalent matrix product. x (B, L, ...) with L split over `context` is flattened
+        # context-chunk-major, (C, B, L / C), so that each device's rows stay one block of the flattened rows; in
+        # (B, L) order they would not be, and XLA would gather the whole sequence on every device.
+        x = x.astype(self.dtype)
+        shards = context_shards()
+        by_chunk = len(batch_shape) == 2 and shards > 1 and batch_shape[1] % shards == 0
+        if by_chunk:
+            x = x.reshape(batch_shape[0], shards, batch_shape[1] // shards, *in_shape).swapaxes(0, 1)
+        kernel = gathered_for_matmul(kernel.astype(self.dtype), self.axes)
+        y = x.reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+        if by_chunk:
+            y = y.reshape(shards, batch_shape[0], batch_shape[1] // shards, *features).swapaxes(0, 1)
+        y = y.reshape(batch_shape + features)
         if self.use_bias:
             bias_axes = self.axes[self.contract :]
             bias = param(

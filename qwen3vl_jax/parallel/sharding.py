@@ -128,6 +128,23 @@ def split_by_names(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh=mesh, rules=rules))
 
 
+def gathered_for_matmul(kernel: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """ZeRO-3 made explicit: a weight with logical axis `names` as its matmul uses it, gathered over the mesh axes
+    that split the weights only for storage (WEIGHT_AXES: fsdp, context, expert) and still split over the others
+    (tensor). Left to itself, XLA may instead move the activations into the weight's layout: with a sequence split
+    over `context` and the weights' model dimension split over `context` too, it split the activations' hidden
+    dimension over `context` (every device holding every token) and exchanged them around every matmul."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel
+    spec = spec_for(names, kernel.shape, mesh=mesh, rules=nn.get_logical_axis_rules() or DEFAULT_RULES)
+    gathered = []
+    for axes in spec:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in WEIGHT_AXES)
+        gathered.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return jax.lax.with_sharding_constraint(kernel, PartitionSpec(*gathered))
+
+
 def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of nn.LogicallyPartitioned leaves (e.g. `abstract_params(config, boxed=True)`
     or an optimizer state built from them); unannotated leaves are replicated."""
