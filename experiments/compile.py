@@ -152,6 +152,12 @@ def main(argv):
     fits = total <= hbm
     print(f"  {'HBM':18s} {hbm / GIB:8.2f} GiB per chip -> {'fits' if fits else 'does not fit'}")
     print_flops(builder, hlo, chips=len(devices))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(
+        f"  XLA cost analysis per chip and step (each loop body counted once, so below what runs): "
+        f"{cost.get('flops', 0) / 1e12:.4g} TFLOP, {cost.get('bytes accessed', 0) / GIB:.4g} GiB accessed"
+    )
     sys.exit(0 if fits else 1)
 
 

@@ -16,3 +16,6 @@ def test_tiny_train_step_compiles_for_v5p_and_fits():
     ratio = float(flops.split("->")[1].split("x")[0])
     assert 0.95 < ratio <= 1.0, flops
     assert "splash_mha_fwd" in out
+    # and XLA's own cost analysis beside it (loop bodies once, so it may only be smaller than what runs)
+    cost = next(line for line in out.splitlines() if "XLA cost analysis" in line)
+    assert 0 < float(cost.split(": ")[1].split(" TFLOP")[0]), cost

@@ -36,12 +36,11 @@ def attention(
     impl: str = "xla",
     block_sizes: tuple[int, int] = (512, 512),
     context: str | None = None,
-    kv_heads_first: bool = False,
 ) -> jax.Array:
-    """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D), or (B, Hkv, Lk, D) with kv_heads_first (a KV cache's layout), with
-    Hq a multiple of Hkv (query head h uses kv head h // (Hq/Hkv), as transformers' repeat_kv); segment ids
-    (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D). Scale D^-0.5; softmax in float32. When causal, query i sits at
-    key position q_offset + i (a KV cache) and sees keys up to there.
+    """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
+    h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
+    Scale D^-0.5; softmax in float32. When causal, query i sits at key position q_offset + i and sees keys up
+    to there.
 
     impl "xla": causal self-attention skips the key blocks after each query block (half the work of the full
     L x L product). impl "splash": the Pallas splash kernels (kernels/splash.py, `block_sizes` = (q, kv)
@@ -54,10 +53,6 @@ def attention(
     if impl not in ("xla", "splash"):
         raise ValueError(f"attention impl {impl!r} is not available; use 'xla' or 'splash'")
     length = q.shape[1]
-    if kv_heads_first:  # a KV cache: the XLA path, which reads it in this layout as it is
-        segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_heads_first=True)
-        q_positions = jnp.arange(length) + q_offset if causal else None
-        return _attend(q, k, v, **segments, q_positions=q_positions)
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
     segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     if context is not None and self_attention and context_shards() > 1:
@@ -170,20 +165,39 @@ def _attend_chunk_pairs(q, k, v, *, q_segment_ids, kv_segment_ids, causal, query
     return out.transpose(0, 1, 3, 2, 4).astype(v.dtype)
 
 
-def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None, kv_heads_first=False):
-    """Attention of queries at sequence positions q_positions (Lq,) to the keys at positions 0 .. Lk-1 that are
-    not after them (every key when q_positions is None). k, v (B, Lk, Hkv, D), or (B, Hkv, Lk, D) with
-    kv_heads_first."""
+def cached_attention(q, *, cache_k, cache_v, q_segment_ids, kv_segment_ids, cache_index):
+    """Causal attention of new tokens at cache slots cache_index .. cache_index + L - 1 over a KV cache that
+    already holds them: q (B, L, Hq, D); cache_k, cache_v (B, Hkv, S, D) with segment ids kv_segment_ids (B, S);
+    q_segment_ids (B, L). Query i sees the slots up to cache_index + i of its segment. Returns (B, L, Hq, D).
+
+    The products are 4-D (batch and kv head as batch dimensions) on the cache as it is: reshaping the updated
+    cache to (B * Hkv, S, D) first made XLA:CPU fuse the cache update into that reshape too, copying every
+    layer's cache twice per decode step."""
     b, lq, hq, d = q.shape
-    if not kv_heads_first:
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv, slots = cache_k.shape[1], cache_k.shape[2]
+    rep = hq // hkv
+    q = q.reshape(b, lq, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rep * lq, d)
+    scores = jnp.einsum("bhqd,bhsd->bhqs", q, cache_k, preferred_element_type=jnp.float32) * (d**-0.5)
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (
+        (jnp.arange(lq) + cache_index)[:, None] >= jnp.arange(slots)[None, :]
+    )
+    scores = jnp.where(mask[:, None], scores.reshape(b, hq, lq, slots), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype).reshape(b, hkv, rep * lq, slots)
+    out = jnp.einsum("bhqs,bhsd->bhqd", probs, cache_v)
+    return out.reshape(b, hkv, rep, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+
+
+def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None):
+    """Attention of queries at sequence positions q_positions (Lq,) to the keys at positions 0 .. Lk-1 that are
+    not after them (every key when q_positions is None)."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
     rep = hq // hkv
     # (B * Hkv, rep * Lq, D) x (B * Hkv, Lk, D): one batched matmul per kv head with its query heads stacked
     # (XLA:CPU runs this layout much faster than a 5-D einsum).
     q = q.reshape(b, lq, hkv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b * hkv, rep * lq, d)
-    k = k.reshape(b * hkv, lk, d)
-    v = v.reshape(b * hkv, lk, d)
+    k = k.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
+    v = v.transpose(0, 2, 1, 3).reshape(b * hkv, lk, d)
     scores = jnp.matmul(q, k.transpose(0, 2, 1), preferred_element_type=jnp.float32) * (d**-0.5)
     mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if q_positions is not None:

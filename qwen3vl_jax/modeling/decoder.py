@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig, TextConfig
-from qwen3vl_jax.modeling.attention import attention
+from qwen3vl_jax.modeling.attention import attention, cached_attention
 from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, RMSNorm
@@ -141,15 +141,13 @@ class DecoderLayer(nn.Module):
                 )
                 for cached, new in zip(kv, (k, v))
             )
-            o = attention(
+            o = cached_attention(
                 q,
-                *kv,
+                cache_k=kv[0],
+                cache_v=kv[1],
                 q_segment_ids=context.segment_ids,
                 kv_segment_ids=context.kv_segment_ids,
-                causal=True,
-                q_offset=context.cache_index,
-                kv_heads_first=True,
-                **impl,
+                cache_index=context.cache_index,
             )
         o_proj = Dense(
             text.hidden_size,

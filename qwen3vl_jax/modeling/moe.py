@@ -65,6 +65,25 @@ def experts_dense(x, *, experts, weights, gate_up, down):
     return jnp.einsum("te,eth->th", combine, y)
 
 
+@jax.custom_vjp
+def _move_rows(x: jax.Array, source: jax.Array, destination: jax.Array) -> jax.Array:
+    """x[source] (rows; an index past the end gives a zero row), for a `source` that takes each row of x at most
+    once: destination[r] is where row r lands (past the end when nowhere). The gradient is then the inverse move,
+    a gather too, where XLA's own gradient of a gather is a scatter-add (far slower on CPU)."""
+    return jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+
+
+def _move_rows_forward(x, source, destination):
+    return _move_rows(x, source, destination), destination
+
+
+def _move_rows_backward(destination, cotangent):
+    return jnp.take(cotangent, destination, axis=0, mode="fill", fill_value=0), None, None
+
+
+_move_rows.defvjp(_move_rows_forward, _move_rows_backward)
+
+
 def experts_grouped(
     x,
     *,
@@ -85,12 +104,14 @@ def experts_grouped(
     groups = jnp.where(mine, local, local_experts).reshape(-1)  # other experts: a last group, not computed
     order = jnp.argsort(groups, stable=True)
     group_sizes = jnp.bincount(groups, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    rows = x[order // top_k]
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))  # sorted slot of each assignment
+    # each token repeated for its k assignments (whose gradient is a sum), then sorted: moves of rows both ways
+    rows = _move_rows(jnp.repeat(x, top_k, axis=0), order, position)
     grouping = dict(group_sizes=group_sizes, backend=backend, tiling=tiling)
     h = _grouped_matmul(rows, gate_up, **grouping)
     h = jax.nn.silu(h[:, :inter]) * h[:, inter:]
     out = _grouped_matmul(h, down, **grouping)
-    out = jnp.zeros_like(out).at[order].set(out).reshape(tokens, top_k, -1)
+    out = _move_rows(out, position, order).reshape(tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", jnp.where(mine, weights, 0), out)
 
 
@@ -104,22 +125,27 @@ def blocked_matmul(lhs: jax.Array, rhs: jax.Array, *, group_sizes: jax.Array, ti
     Each group's rows are moved to a buffer where the group starts on a tile boundary and fills whole tiles of
     `tile_rows` rows (zero rows pad it), so that no tile straddles two groups; then one batched matmul runs
     every tile against its group's weights. Static shapes: ceil(m / tile) + G tiles bound the padded groups.
-    Plain gathers, scatters and an einsum, so the gradients are XLA's own."""
+    The row moves are gathers both ways (`_move_rows`); the weights' gradient is XLA's."""
     m, k = lhs.shape
     groups, n = rhs.shape[0], rhs.shape[2]
     tiles = -(-m // tile_rows) + groups
     padded_sizes = -(-group_sizes // tile_rows) * tile_rows
     ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes)
+    starts, padded_starts = ends - group_sizes, padded_ends - padded_sizes
+    # row r of lhs -> its slot in the buffer (past the buffer for rows of no group)
     rows = jnp.arange(m)
     group = jnp.searchsorted(ends, rows, side="right")  # G for rows past every group
     g = jnp.minimum(group, groups - 1)
-    shift = (padded_ends[g] - padded_sizes[g]) - (ends[g] - group_sizes[g])  # padded start - packed start
-    slot = jnp.where(group < groups, rows + shift, tiles * tile_rows)  # past the buffer: dropped
-    buffer = jnp.zeros((tiles * tile_rows, k), lhs.dtype).at[slot].set(lhs, mode="drop")
-    tile_group = jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile_rows, side="right")
-    tile_group = jnp.minimum(tile_group, groups - 1)  # tiles past the last group hold zero rows
+    slot = jnp.where(group < groups, rows - starts[g] + padded_starts[g], tiles * tile_rows)
+    # slot s of the buffer -> the row it holds (m, past lhs, for padding)
+    slots = jnp.arange(tiles * tile_rows)
+    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, slots[::tile_rows], side="right"), groups - 1)
+    slot_group = jnp.repeat(tile_group, tile_rows, total_repeat_length=tiles * tile_rows)
+    offset = slots - padded_starts[slot_group]
+    source = jnp.where(offset < group_sizes[slot_group], starts[slot_group] + offset, m)
+    buffer = _move_rows(lhs, source, slot)
     out = jnp.einsum("jtk,jkn->jtn", buffer.reshape(tiles, tile_rows, k), rhs[tile_group])
-    return out.reshape(tiles * tile_rows, n).at[slot].get(mode="fill", fill_value=0)
+    return _move_rows(out.reshape(tiles * tile_rows, n), slot, source)
 
 
 def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
