@@ -129,7 +129,11 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        # the table gathered over its storage split (as a Dense kernel is): a lookup in a table split along
+        # `embed` gives rows split along `embed`, which XLA could only turn into the activations' (batch,
+        # length) split by replicating them whole on every device
+        table = gathered_for_matmul(self.embedding.astype(self.dtype), ("vocab", "embed"))
+        return jnp.take(table, ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...h,vh->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
