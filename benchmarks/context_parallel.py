@@ -42,10 +42,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
-from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.parallel.sharding import batch_shardings, make_mesh
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
-from qwen3vl_jax.training.train_step import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"unsharded (1 device)": {}, "context 8": {"context": 8}, "context 4 x fsdp 2": {"context": 4, "fsdp": 2}}
@@ -155,12 +153,7 @@ def measure(name: str, sizes: dict, config: ConfigDict, steps: int) -> dict:
     builder = StepBuilder(config, mesh)
     batch = one_batch(config, builder)
     with jax.set_mesh(mesh), nn.logical_axis_rules(builder.rules):
-        params = jax.jit(init_params, static_argnums=0, out_shardings=builder.shardings.params)(
-            builder.model_config, jax.random.PRNGKey(0)
-        )
-        opt_state = jax.jit(builder.optimizer.init, out_shardings=builder.shardings.opt_state)(params)
-        initial = TrainState(step=np.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(1))
-        state = [jax.device_put(initial, builder.shardings)]
+        state = [builder.initial_state()]  # config.seed 0
         arrays = jax.device_put(batch, batch_shardings(mesh))
         losses = []
 

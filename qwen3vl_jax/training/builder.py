@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.train_state import abstract_like
 from qwen3vl_jax.config import ModelConfig, preset
-from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.modeling.model import abstract_params, init_params
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_shardings
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
@@ -82,6 +82,22 @@ class StepBuilder:
             in_shardings=(self.shardings.params, batch),
             out_shardings=replicated,
         )
+
+    def initial_state(self) -> TrainState:
+        """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
+        state, laid out on the mesh."""
+        mc, shardings = self.model_config, self.shardings
+        if self.config.model.init_from:
+            # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
+            params = hf_io.load_params(self.config.model.init_from, mc, shardings.params)
+        else:
+            init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
+            params = init(mc, jax.random.PRNGKey(self.config.seed))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(
+            step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
+        )
+        return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (restore and compile target)."""

@@ -10,19 +10,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
-from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
-from qwen3vl_jax.training.train_step import TrainState
 
 
 def report(message: str) -> None:
@@ -65,20 +61,6 @@ class Trainer(StepBuilder):
             shard_index=self.row_group,
             shard_count=self.row_group_count,
         )
-
-    def initial_state(self) -> TrainState:
-        mc, shardings = self.model_config, self.shardings
-        if self.config.model.init_from:
-            # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
-            params = hf_io.load_params(self.config.model.init_from, mc, shardings.params)
-        else:
-            init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
-            params = init(mc, jax.random.PRNGKey(self.config.seed))
-        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
-        state = TrainState(
-            step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
-        )
-        return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
 
     def run(self) -> dict[str, float]:
         """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics; the
