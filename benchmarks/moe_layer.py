@@ -156,7 +156,7 @@ def tile_table():
         params = jax.tree_util.tree_map(lambda a: a * 4, nn.meta.unbox(module.init(jax.random.PRNGKey(1), x)))
         rows = [("transformers grouped_mm", *transformers_block("grouped_mm", params=params, x=x, shape=shape))]
         rows.append(("qwen3vl_jax dense", *ours("dense", params=params, x=x, shape=shape)))
-        for tile in (32, 64, 128, 256, 512):
+        for tile in (64, 128, 256, 512):
             moe.BLOCKED_TILE_ROWS = tile
             rows.append((f"qwen3vl_jax blocked {tile}", *ours("blocked", params=params, x=x, shape=shape)))
         print(f"{shape['experts']} experts, {TOKENS} tokens, fp32, forward + backward:")

@@ -72,9 +72,11 @@ def routing_case(tokens=40, hidden=64, experts=8, inter=48, top_k=2):
 
 
 @pytest.mark.parametrize("first, count", [(0, 8), (2, 4)], ids=["all_experts", "experts_2_to_5"])
-def test_uneven_loads_and_gradients_of_grouped_backends_equal_dense(first, count):
+def test_uneven_loads_and_gradients_of_grouped_backends_equal_dense(first, count, monkeypatch):
     """Values and gradients of the sorted dispatch equal every-expert-on-every-token, also when only a slice of
-    the experts is local (as on one device of an expert-parallel mesh: the other experts' rows are left out)."""
+    the experts is local (as on one device of an expert-parallel mesh: the other experts' rows are left out).
+    blocked runs with windows of 4 rows (several per expert, most ending in the next expert's rows) and of 256
+    (one window per expert, running past every later expert's rows)."""
     x, chosen, weights, gate_up, down = routing_case()
     loads = np.bincount(np.asarray(chosen).ravel(), minlength=8)
     assert loads.max() >= 2 * max(loads.min(), 1)  # uneven expert loads, some experts nearly idle
@@ -96,11 +98,12 @@ def test_uneven_loads_and_gradients_of_grouped_backends_equal_dense(first, count
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
 
     value, reference = grads("dense")
-    for backend in ("ragged_dot", "megablox"):
+    for backend, tile_rows in (("ragged_dot", None), ("megablox", None), ("blocked", 4), ("blocked", 256)):
+        monkeypatch.setattr("qwen3vl_jax.modeling.moe.BLOCKED_TILE_ROWS", tile_rows)
         got_value, got = grads(backend)
         np.testing.assert_allclose(got_value, value, rtol=1e-6)
         for g, r in zip(got, reference):
-            assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), backend
+            assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), (backend, tile_rows)
 
 
 @pytest.mark.parametrize("tokens", [16, 3], ids=["split_tokens", "replicated_tokens"])

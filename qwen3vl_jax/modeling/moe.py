@@ -4,15 +4,17 @@ loss as transformers computes it.
 
 Dispatch: the (token, slot) assignments are sorted by expert, the experts' SwiGLU runs as two grouped
 matmuls over the sorted rows, and the rows are unsorted and summed with the routing weights. Backends:
-"megablox" (Pallas grouped matmul, interpret mode off TPU), "blocked" (tiles of one expert's rows in one batched
-matmul, plain XLA: `blocked_matmul`), "ragged_dot" (jax.lax.ragged_dot) and "dense" (every expert on every
-token: the test reference). With an `expert` mesh axis > 1 the block runs expert-
-parallel (see `_expert_parallel`).
+"megablox" (Pallas grouped matmul, interpret mode off TPU), "blocked" (loops of dense tiles of one expert's rows
+that gather their tokens and scatter-add their weighted outputs, plain XLA with its own gradient:
+`blocked_experts`; the fast one off TPU), "ragged_dot" (jax.lax.ragged_dot) and "dense" (every expert on every
+token: the test reference). With an `expert` mesh axis > 1 the block runs expert-parallel (see
+`_expert_parallel`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -104,6 +106,17 @@ def experts_grouped(
     groups = jnp.where(mine, local, local_experts).reshape(-1)  # other experts: a last group, not computed
     order = jnp.argsort(groups, stable=True)
     group_sizes = jnp.bincount(groups, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    if backend == "blocked":
+        sorted_weights = jnp.take(jnp.where(mine, weights, 0).reshape(-1), order)
+        return blocked_experts(
+            x,
+            sorted_weights=sorted_weights,
+            sorted_tokens=order // top_k,
+            group_sizes=group_sizes,
+            gate_up=gate_up,
+            down=down,
+            tile_rows=BLOCKED_TILE_ROWS,
+        )
     position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))  # sorted slot of each assignment
     # each token repeated for its k assignments (whose gradient is a sum), then sorted: moves of rows both ways
     rows = _move_rows(jnp.repeat(x, top_k, axis=0), order, position)
@@ -115,37 +128,117 @@ def experts_grouped(
     return jnp.einsum("tk,tkh->th", jnp.where(mine, weights, 0), out)
 
 
-BLOCKED_TILE_ROWS = 128  # benchmarks/moe_layer.py --tiles: the fastest of 32 .. 512 on CPU
+BLOCKED_TILE_ROWS = 256  # benchmarks/moe_layer.py --tiles: the fastest of 64 .. 512 on CPU
 
 
-def blocked_matmul(lhs: jax.Array, rhs: jax.Array, *, group_sizes: jax.Array, tile_rows: int) -> jax.Array:
-    """A grouped matmul in plain XLA: lhs (m, k) rows sorted by group (group_sizes (G,); rows past their sum
-    belong to no group and give zeros), rhs (G, k, n) -> (m, n).
+def blocked_experts(x, *, sorted_weights, sorted_tokens, group_sizes, gate_up, down, tile_rows: int):
+    """The experts' SwiGLU on expert-sorted assignments, in plain XLA loops of dense tiles: x (T, H) tokens;
+    assignment r (sorted by expert, group_sizes (G,) rows per expert; rows past their sum belong to no expert and
+    are skipped) is token sorted_tokens[r] with routing weight sorted_weights[r]; gate_up (G, H, 2I), down
+    (G, I, H) -> (T, H), the weighted sum over each token's assignments.
 
-    Each group's rows are moved to a buffer where the group starts on a tile boundary and fills whole tiles of
-    `tile_rows` rows (zero rows pad it), so that no tile straddles two groups; then one batched matmul runs
-    every tile against its group's weights. Static shapes: ceil(m / tile) + G tiles bound the padded groups.
-    The row moves are gathers both ways (`_move_rows`); the weights' gradient is XLA's."""
-    m, k = lhs.shape
-    groups, n = rhs.shape[0], rhs.shape[2]
-    tiles = -(-m // tile_rows) + groups
-    padded_sizes = -(-group_sizes // tile_rows) * tile_rows
-    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes)
-    starts, padded_starts = ends - group_sizes, padded_ends - padded_sizes
-    # row r of lhs -> its slot in the buffer (past the buffer for rows of no group)
-    rows = jnp.arange(m)
-    group = jnp.searchsorted(ends, rows, side="right")  # G for rows past every group
-    g = jnp.minimum(group, groups - 1)
-    slot = jnp.where(group < groups, rows - starts[g] + padded_starts[g], tiles * tile_rows)
-    # slot s of the buffer -> the row it holds (m, past lhs, for padding)
-    slots = jnp.arange(tiles * tile_rows)
-    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, slots[::tile_rows], side="right"), groups - 1)
-    slot_group = jnp.repeat(tile_group, tile_rows, total_repeat_length=tiles * tile_rows)
-    offset = slots - padded_starts[slot_group]
-    source = jnp.where(offset < group_sizes[slot_group], starts[slot_group] + offset, m)
-    buffer = _move_rows(lhs, source, slot)
-    out = jnp.einsum("jtk,jkn->jtn", buffer.reshape(tiles, tile_rows, k), rhs[tile_group])
-    return _move_rows(out.reshape(tiles * tile_rows, n), slot, source)
+    For each expert g (a loop), for each window of `tile_rows` rows starting at its first row (an inner loop of
+    ceil(size_g / tile_rows) steps: exactly the work the group needs, no empty tiles): gather the window's token
+    rows, run them through g's SwiGLU with two dense matmuls, and scatter-add the weighted rows into their
+    tokens. The last window of a group runs past it into the next group's rows: those rows are masked here (their
+    token index is set past the last token: zero input, output dropped) and computed in their own window. The
+    sorted (T k, H) activations are never built. Custom gradient: the same loops backwards, with the pre-activations
+    (T k, 2I) kept from the forward pass and each expert's weight gradient summed in float32 in the loop."""
+    return _blocked_experts(x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, tile_rows)
+
+
+def _window_tokens(padded_tokens, *, group_sizes, group, window, tile_rows, tokens):
+    """(first row of one window, its tokens (tile_rows,)): T (past every token: gathers zeros, scatters nothing)
+    on rows that are not the group's. padded_tokens: the sorted tokens and tile_rows more rows."""
+    start = jnp.cumsum(group_sizes)[group] - group_sizes[group] + window * tile_rows
+    in_group = jnp.arange(tile_rows) < group_sizes[group] - window * tile_rows
+    return start, jnp.where(in_group, jax.lax.dynamic_slice_in_dim(padded_tokens, start, tile_rows), tokens)
+
+
+def _pad_rows(a, tile_rows, value=0):
+    return jnp.pad(a, [(0, tile_rows)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+
+
+def _expert_windows(group_sizes, *, tile_rows, body, carry):
+    """body(group, window, carry) -> carry over every expert's windows, in row order."""
+
+    def expert(group, carry):
+        windows = -(-group_sizes[group] // tile_rows)
+        return jax.lax.fori_loop(0, windows, lambda window, c: body(group, window, c), carry)
+
+    return jax.lax.fori_loop(0, group_sizes.shape[0], expert, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blocked_experts(x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, tile_rows):
+    return _blocked_experts_forward(x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, tile_rows)[0]
+
+
+def _blocked_experts_forward(x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, tile_rows):
+    tokens, hidden = x.shape
+    rows, inter = sorted_tokens.shape[0], down.shape[1]
+    padded_tokens = _pad_rows(sorted_tokens, tile_rows, value=tokens)
+    padded_weights = _pad_rows(sorted_weights, tile_rows)
+
+    def window_step(group, window, carry):
+        out, pre_activations = carry
+        start, window_tokens = _window_tokens(
+            padded_tokens, group_sizes=group_sizes, group=group, window=window, tile_rows=tile_rows, tokens=tokens
+        )
+        h = jnp.take(x, window_tokens, axis=0, mode="fill", fill_value=0) @ gate_up[group]
+        y = (jax.nn.silu(h[:, :inter]) * h[:, inter:]) @ down[group]
+        y = y * jax.lax.dynamic_slice_in_dim(padded_weights, start, tile_rows)[:, None]
+        out = out.at[window_tokens].add(y.astype(jnp.float32), mode="drop")
+        return out, jax.lax.dynamic_update_slice_in_dim(pre_activations, h, start, axis=0)
+
+    carry = (jnp.zeros((tokens, hidden), jnp.float32), jnp.zeros((rows + tile_rows, 2 * inter), x.dtype))
+    out, pre_activations = _expert_windows(group_sizes, tile_rows=tile_rows, body=window_step, carry=carry)
+    return out.astype(x.dtype), (x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, pre_activations)
+
+
+def _blocked_experts_backward(tile_rows, residuals, d_out):
+    x, sorted_weights, sorted_tokens, group_sizes, gate_up, down, pre_activations = residuals
+    tokens = x.shape[0]
+    rows, inter = sorted_tokens.shape[0], down.shape[1]
+    padded_tokens = _pad_rows(sorted_tokens, tile_rows, value=tokens)
+    padded_weights = _pad_rows(sorted_weights, tile_rows)
+    f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+
+    def window_step(group, window, carry):
+        d_x, d_weights, d_gate_up, d_down = carry
+        start, window_tokens = _window_tokens(
+            padded_tokens, group_sizes=group_sizes, group=group, window=window, tile_rows=tile_rows, tokens=tokens
+        )
+        x_rows = jnp.take(x, window_tokens, axis=0, mode="fill", fill_value=0)
+        d_y = jnp.take(d_out, window_tokens, axis=0, mode="fill", fill_value=0)  # zero on other groups' rows
+        weight = jax.lax.dynamic_slice_in_dim(padded_weights, start, tile_rows)[:, None]
+        h = jax.lax.dynamic_slice_in_dim(pre_activations, start, tile_rows)
+        gate, up = h[:, :inter], h[:, inter:]
+        sigmoid = jax.nn.sigmoid(gate)
+        silu = gate * sigmoid
+        activation = silu * up
+        d_activation = d_y @ down[group].T  # of the unweighted expert output: d routing weight = its dot
+        d_weights = jax.lax.dynamic_update_slice_in_dim(d_weights, (activation * d_activation).sum(-1), start, 0)
+        d_activation = d_activation * weight
+        d_down = d_down.at[group].add(f32(activation.T, d_y * weight))
+        d_silu_d_gate = sigmoid * (1 + gate * (1 - sigmoid))
+        d_h = jnp.concatenate([d_activation * up * d_silu_d_gate, d_activation * silu], axis=1)
+        d_gate_up = d_gate_up.at[group].add(f32(x_rows.T, d_h))
+        d_x = d_x.at[window_tokens].add(f32(d_h, gate_up[group].T), mode="drop")
+        return d_x, d_weights, d_gate_up, d_down
+
+    carry = (
+        jnp.zeros(x.shape, jnp.float32),
+        jnp.zeros((rows + tile_rows,), sorted_weights.dtype),
+        jnp.zeros(gate_up.shape, jnp.float32),
+        jnp.zeros(down.shape, jnp.float32),
+    )
+    d_x, d_weights, d_gate_up, d_down = _expert_windows(group_sizes, tile_rows=tile_rows, body=window_step, carry=carry)
+    d_weights = jnp.where(jnp.arange(rows) < group_sizes.sum(), d_weights[:rows], 0)
+    return d_x.astype(x.dtype), d_weights, None, None, d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype)
+
+
+_blocked_experts.defvjp(_blocked_experts_forward, _blocked_experts_backward)
 
 
 def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
@@ -156,8 +249,6 @@ def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
     lhs = jnp.where(valid, lhs, 0)
     if backend == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
-    elif backend == "blocked":
-        out = blocked_matmul(lhs, rhs, group_sizes=group_sizes, tile_rows=BLOCKED_TILE_ROWS)
     else:
         out = megablox_matmul(lhs, rhs, group_sizes=group_sizes, tiling=tiling)
     return jnp.where(valid, out, 0)
