@@ -42,11 +42,13 @@ def sweep_config(
     eval_sets: dict,
     columns: list,
     max_new_tokens: int,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    paired: tuple[tuple[str, str], ...] = (),
 ) -> ConfigDict:
-    """A sweep (qwen3vl_jax.ablation.sweep): `variants` (in report order) x seeds 0, 1, 2, each run evaluated by
+    """A sweep (qwen3vl_jax.ablation.sweep): `variants` (in report order) x `seeds`, each run evaluated by
     greedy generation on `eval_sets` {name: (num_examples, [source specs])}; `columns`: the report's
-    (eval set, metric) pairs."""
-    c = ConfigDict(dict(name=name, description=description, base=base, seeds=(0, 1, 2), columns=columns))
+    (eval set, metric) pairs; `paired`: (variant a, variant b) pairs tested seed by seed."""
+    c = ConfigDict(dict(name=name, description=description, base=base, seeds=seeds, columns=columns, paired=paired))
     c.variants = ConfigDict(variants, sort_keys=False)
     sets = {set_name: dict(num_examples=n, sources=sources) for set_name, (n, sources) in eval_sets.items()}
     c.eval = ConfigDict(dict(batch_size=16, max_new_tokens=max_new_tokens, sets=sets))

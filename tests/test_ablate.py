@@ -1,17 +1,20 @@
 """The ablation sweep: confidence intervals, overrides, and the binary end to end on a tiny sweep (two variants x
 two seeds): table and plot written, finished runs skipped, an interrupted run resumed from its checkpoint."""
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from helpers import ENV, ROOT
 from ml_collections import ConfigDict
+from scipy import stats
 
-from qwen3vl_jax.ablation.report import aggregate, markdown_table, mean_and_ci
+from qwen3vl_jax.ablation.report import aggregate, markdown_table, mean_and_ci, paired_table, paired_test
 from qwen3vl_jax.ablation.sweep import Run, merge, run_config, run_dir, runs_of
 
 SWEEP = textwrap.dedent("""
@@ -40,6 +43,31 @@ def test_mean_and_ci():
     assert mean_and_ci([0.5])[0] == 0.5 and mean_and_ci([0.5])[1] != mean_and_ci([0.5])[1]  # nan: one seed
 
 
+def test_paired_test_by_hand():
+    """a - b over the common seeds: the t-test from its formula, the sign-flip p by enumerating all 2^n signs."""
+    a = {0: 0.72, 1: 0.17, 2: 0.69, 3: 0.75, 4: 0.66, 5: 0.81, 9: 0.5}
+    b = {0: 0.17, 1: 0.09, 2: 0.19, 3: 0.12, 4: 0.16, 5: 0.17}
+    test = paired_test(a, b)
+    d = np.array([a[s] - b[s] for s in range(6)])
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(6))
+    assert test.seeds == (0, 1, 2, 3, 4, 5) and test.mean_difference == pytest.approx(d.mean())
+    assert test.t_pvalue == pytest.approx(2 * stats.t.sf(abs(t), 5), rel=1e-9)
+    signs = np.array(list(itertools.product((1, -1), repeat=6)))
+    assert test.permutation_pvalue == pytest.approx(np.mean(np.abs((signs * d).mean(1)) >= d.mean() - 1e-12))
+    assert test.permutation_pvalue == pytest.approx(2 / 64)  # every difference positive: only +all and -all
+    constant = paired_test({0: 0.2, 1: 0.4}, {0: 0.1, 1: 0.3})  # equal differences: no variance, no t-test
+    assert np.isnan(constant.t_pvalue) and constant.permutation_pvalue == 0.5  # ++ and -- of 4 sign patterns
+    with pytest.raises(ValueError, match="at least two common seeds"):
+        paired_test({0: 1.0, 1: 1.0}, {1: 0.0, 2: 0.0})
+    per_seed = {
+        "x": {s: {"grid": {"acc": v}} for s, v in a.items()},
+        "y": {s: {"grid": {"acc": v}} for s, v in b.items()},
+    }
+    table = paired_table(per_seed, pairs=[("x", "y"), ("y", "x")], columns=[("grid", "acc"), ("grid", "other")])
+    assert f"| x - y | grid acc | 0, 1, 2, 3, 4, 5 | {d.mean():+.3f} ± " in table and "| y - x | grid acc |" in table
+    assert "| x - y | grid other | – | fewer than two common seeds |" in table
+
+
 def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
     columns = [("video", "exact_match"), ("video", "abs_error_seconds")]
     runs = [
@@ -64,6 +92,8 @@ def test_overrides_must_name_existing_fields():
         merge(ConfigDict(base.to_dict()), dict(model=dict(overrides=dict(mrope_layot="chunked"))))
     with pytest.raises(ValueError, match="variant name"):
         runs_of(ConfigDict(dict(variants={"a/b": {}}, seeds=(0,))))
+    with pytest.raises(ValueError, match=r"paired \('a', 'c'\).*unknown: \['c'\]"):
+        runs_of(ConfigDict(dict(variants={"a": {}, "b": {}}, seeds=(0,), paired=(("a", "c"),))))
 
 
 def ablate(config, workdir, *, flags=()):

@@ -1,8 +1,9 @@
-"""Aggregating a sweep: mean and 95% confidence interval over seeds per (variant, eval set, metric), a markdown
-table and a PNG plot."""
+"""Aggregating a sweep: mean and 95% confidence interval over seeds per (variant, eval set, metric), paired
+tests between variants over their common seeds, a markdown table and a PNG plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -20,6 +21,73 @@ def mean_and_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[floa
         return float(values.mean()), math.nan
     sem = values.std(ddof=1) / math.sqrt(len(values))
     return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTest:
+    """variant a - variant b on one metric over the seeds both finished: the same seed means the same data order
+    and initialisation, so the per-seed differences are the paired samples."""
+
+    seeds: tuple[int, ...]
+    mean_difference: float
+    ci: float  # half-width of the 95% Student-t interval of the mean difference
+    t_pvalue: float  # two-sided paired t-test (nan when every difference is the same)
+    permutation_pvalue: float  # two-sided exact sign-flip test of the mean difference (all 2^n sign patterns)
+
+
+def paired_test(a: Mapping[int, float], b: Mapping[int, float]) -> PairedTest:
+    """a, b: {seed: value}. Differences a - b over the common seeds (at least two)."""
+    seeds = tuple(sorted(set(a) & set(b)))
+    if len(seeds) < 2:
+        raise ValueError(f"a paired test needs at least two common seeds, got {list(seeds)}")
+    first = np.array([a[s] for s in seeds], np.float64)
+    second = np.array([b[s] for s in seeds], np.float64)
+    difference = first - second
+    mean, ci = mean_and_ci(difference)
+    t_pvalue = float(stats.ttest_rel(first, second).pvalue) if np.ptp(difference) > 1e-9 else math.nan
+    permutation = stats.permutation_test(
+        (first, second),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        permutation_type="samples",
+        n_resamples=np.inf,
+        alternative="two-sided",
+        vectorized=True,
+    )
+    return PairedTest(seeds, mean, ci, t_pvalue, float(permutation.pvalue))
+
+
+def paired_table(
+    per_seed: Mapping[str, Mapping[int, RunResults]],
+    *,
+    pairs: Sequence[tuple[str, str]],
+    columns: Sequence[tuple[str, str]],
+) -> str:
+    """Markdown: for each (variant a, variant b) and column, the paired test of a - b. per_seed: {variant:
+    {seed: run results}}; pairs or columns without two common seeds with the metric are listed as such."""
+    lines = [
+        "| a - b | metric | seeds | mean difference ± 95% CI | paired t-test p | exact sign-flip p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for first, second in pairs:
+        for eval_set, metric in columns:
+            values = [
+                {
+                    seed: run[eval_set][metric]
+                    for seed, run in per_seed.get(v, {}).items()
+                    if metric in run.get(eval_set, {})
+                }
+                for v in (first, second)
+            ]
+            name = f"| {first} - {second} | {eval_set} {metric} |"
+            if len(set(values[0]) & set(values[1])) < 2:
+                lines.append(f"{name} – | fewer than two common seeds | – | – |")
+                continue
+            test = paired_test(*values)
+            lines.append(
+                f"{name} {', '.join(map(str, test.seeds))} | {test.mean_difference:+.3f} ± {test.ci:.3f} | "
+                f"{test.t_pvalue:.4f} | {test.permutation_pvalue:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def aggregate(results: Mapping[str, Sequence[RunResults]], columns: Sequence[tuple[str, str]]) -> dict:

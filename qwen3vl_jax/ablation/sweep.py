@@ -12,6 +12,8 @@ Sweep config (an ml_collections ConfigDict, see configs/ablate_*.py):
     seeds               the seeds (each sets base.seed and base.data.seed)
     eval                batch_size, max_new_tokens, sets={name: {num_examples, sources: [source specs]}}
     columns             [(eval set, metric), ...] of the report table and plot
+    paired              optional [(variant a, variant b), ...]: paired tests of a - b on every column over the
+                        seeds both finished (report.paired_table)
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def runs_of(sweep: ConfigDict) -> list[Run]:
     for variant in sweep.variants:
         if not _NAME.match(variant):
             raise ValueError(f"variant name {variant!r} may only use letters, digits, '_', '.', '-'")
+    for pair in sweep.get("paired", ()):
+        unknown = [v for v in pair if v not in sweep.variants]
+        if len(pair) != 2 or unknown:
+            raise ValueError(f"paired {tuple(pair)}: not two variants of the sweep (unknown: {unknown})")
     return [Run(variant, int(seed)) for variant in sweep.variants for seed in sweep.seeds]
 
 
@@ -116,6 +122,7 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
     finished runs; unfinished runs are listed, not guessed. Returns the markdown."""
     finished: dict[str, list] = {}
     seeds: dict[str, list] = {}
+    per_seed: dict[str, dict] = {}
     missing = []
     for run in runs_of(sweep):
         results = load_results(workdir, run)
@@ -124,6 +131,7 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
             continue
         finished.setdefault(run.variant, []).append(results)
         seeds.setdefault(run.variant, []).append(run.seed)
+        per_seed.setdefault(run.variant, {})[run.seed] = results
     columns = [tuple(column) for column in sweep.columns]
     table = report.aggregate(finished, columns)
     text = (
@@ -132,6 +140,11 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
         + f"\nEach cell: mean ± half-width of the 95% confidence interval (Student t) over the seeds; "
         f"{sweep.eval.max_new_tokens} greedy tokens per answer.\n"
     )
+    pairs = [tuple(pair) for pair in sweep.get("paired", ())]
+    if pairs:
+        text += "\nPaired by seed (same data order and initialisation):\n\n" + report.paired_table(
+            per_seed, pairs=pairs, columns=columns
+        )
     if missing:
         text += f"\nNot finished yet: {', '.join(missing)}.\n"
     with storage.local_dir(workdir) as local:
