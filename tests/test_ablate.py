@@ -81,12 +81,14 @@ def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
 
 
 def test_overrides_must_name_existing_fields():
-    base = ConfigDict(dict(model=dict(overrides=dict(mrope_layout="interleaved")), seed=0, data=dict(seed=0)))
+    model = dict(init_from="/stage1/runs/coarse/seed_{seed}/hf", overrides=dict(mrope_layout="interleaved"))
+    base = ConfigDict(dict(model=model, seed=0, data=dict(seed=0)))
     sweep = ConfigDict(
         dict(base=base, variants=dict(c=dict(model=dict(overrides=dict(mrope_layout="chunked")))), seeds=(3,))
     )
     config = run_config(sweep, Run("c", 3))
     assert config.model.overrides.mrope_layout == "chunked" and config.seed == config.data.seed == 3
+    assert config.model.init_from == "/stage1/runs/coarse/seed_3/hf"  # a second stage starts from seed 3's run
     assert base.model.overrides.mrope_layout == "interleaved"  # the base is not modified
     with pytest.raises(KeyError, match=r"model\.overrides\.mrope_layot"):
         merge(ConfigDict(base.to_dict()), dict(model=dict(overrides=dict(mrope_layot="chunked"))))

@@ -197,3 +197,26 @@ def test_sharded_model_gives_the_single_device_logits_and_tokens(tiny, sizes):
     heads_split = sizes["tensor"] if kv_heads % sizes["tensor"] == 0 else 1
     expected = (4 // sizes.get("data", 1), kv_heads // heads_split, 32, head_dim)
     assert cache.k[0].sharding.shard_shape(cache.k[0].shape) == expected
+
+
+def test_fresh_parts_are_not_read_and_may_be_missing(tmp_path):
+    """A model pretrained without DeepStack (its export has no DeepStack mergers) loads into one with them when
+    those parameters are named fresh: everything else is read, the fresh parts are left to the caller."""
+    without = preset("tiny").replace(deepstack=False)
+    model = qwen3vl_jax.Qwen3VLModel.from_config(without, seed=3)
+    model.save_pretrained(str(tmp_path))
+    with_deepstack = preset("tiny")
+    with pytest.raises(CheckpointError, match=r"lacks 12 tensor.*deepstack_merger_list"):
+        hf_io.load_params(str(tmp_path), with_deepstack)
+    loaded = flatten_dict(hf_io.load_params(str(tmp_path), with_deepstack, fresh=("visual/deepstack_merger",)))
+    wanted = flatten_dict(abstract_params(with_deepstack))
+    fresh = {name for name in wanted if name[1].startswith("deepstack_merger")}
+    assert fresh and loaded.keys() == wanted.keys() - fresh
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for rule in hf_io.hf_rules(with_deepstack):  # every other tensor read as the file has it
+        if rule.path not in fresh:
+            value = loaded[rule.path] if rule.index is None else loaded[rule.path][rule.index]
+            np.testing.assert_array_equal(value, rule.to_ours(tensors[rule.hf], value.shape), err_msg=rule.hf)
+    # a checkpoint that has the fresh parts: they are ignored, not an error
+    qwen3vl_jax.Qwen3VLModel.from_config(with_deepstack, seed=4).save_pretrained(str(tmp_path / "with"))
+    assert hf_io.load_params(str(tmp_path / "with"), with_deepstack, fresh=("visual/deepstack_merger",)).keys()

@@ -8,7 +8,9 @@ Sweep config (an ml_collections ConfigDict, see configs/ablate_*.py):
     name, description   a title and one paragraph for the report
     base                a training config (as for experiments.train)
     variants            {name: nested overrides of base}, e.g. {"chunked": {"model": {"overrides":
-                        {"mrope_layout": "chunked"}}}}; every overridden key must exist in base (typos fail)
+                        {"mrope_layout": "chunked"}}}}; every overridden key must exist in base (typos fail).
+                        `{seed}` in model.init_from is the run's seed: a two-stage sweep starts every run of
+                        seed s from seed s of a first sweep (`<first workdir>/runs/<variant>/seed_{seed}/hf`)
     seeds               the seeds (each sets base.seed and base.data.seed)
     eval                batch_size, max_new_tokens, sets={name: {num_examples, sources: [source specs]}}
     columns             [(eval set, metric), ...] of the report table and plot
@@ -77,6 +79,9 @@ def run_config(sweep: ConfigDict, run: Run) -> ConfigDict:
     config = ConfigDict(sweep.base.to_dict())
     merge(config, sweep.variants[run.variant].to_dict())
     config.seed, config.data.seed = run.seed, run.seed
+    # a second-stage sweep starts each seed from that seed's run of a first one: ".../seed_{seed}/hf"
+    if config.model.get("init_from"):
+        config.model.init_from = config.model.init_from.format(seed=run.seed)
     return config
 
 

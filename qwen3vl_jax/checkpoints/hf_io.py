@@ -9,10 +9,12 @@ unexpected or mis-shaped tensor is an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -217,8 +219,14 @@ def checkpoint_files(path: str) -> dict[str, str]:
         return {key: single for key in f.tensors}
 
 
-def load_params(path: str, config: ModelConfig, shardings: Any = None, *, opener=None) -> dict:
+def load_params(
+    path: str, config: ModelConfig, shardings: Any = None, *, opener=None, fresh: Sequence[str] = ()
+) -> dict:
     """Parameters in config.param_dtype from the HF checkpoint at `path` (local or gs://).
+
+    fresh: prefixes of parameter paths ("visual/deepstack_merger") that are not read: they are left out of the
+    returned tree (the caller initialises them), and the checkpoint may lack them (e.g. DeepStack mergers added
+    to a model pretrained without them) or have them (ignored).
 
     shardings: None gives a nested dict of numpy arrays. A tree of `jax.sharding.Sharding`s shaped like the
     parameters gives jax.Arrays built shard by shard: each addressable device's shard is read straight from
@@ -227,7 +235,10 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None, *, opener
     opener: opens a file for reading (default: `etils.epath`), e.g. to observe what is read."""
     files = checkpoint_files(path)
     rules = hf_rules(config)
-    _check_names(path, files, rules, config)
+    is_fresh = functools.partial(_is_fresh, prefixes=tuple(fresh))
+    skipped = {r.hf for r in rules if is_fresh(r.path)}
+    rules = [r for r in rules if not is_fresh(r.path)]
+    _check_names(path, {k: v for k, v in files.items() if k not in skipped}, rules, config)
     readers: dict[str, SafetensorsFile] = {}
     try:
         for file in sorted(set(files.values())):
@@ -240,6 +251,8 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None, *, opener
         flat_shardings = None if shardings is None else flatten_dict(shardings)
         flat = {}
         for name, shape in _flat_shapes(config).items():
+            if is_fresh(name):
+                continue
             read = _ParamReader(by_path[name], shape=shape, dtype=dtype, source=source)
             if flat_shardings is None:
                 flat[name] = read((slice(None),) * len(shape))
@@ -251,6 +264,10 @@ def load_params(path: str, config: ModelConfig, shardings: Any = None, *, opener
         for reader in readers.values():
             reader.close()
     return unflatten_dict(flat)
+
+
+def _is_fresh(name: tuple[str, ...], *, prefixes: tuple[str, ...]) -> bool:
+    return "/".join(name).startswith(prefixes) if prefixes else False
 
 
 def _check_names(path: str, files: dict[str, str], rules: list[Rule], config: ModelConfig) -> None:

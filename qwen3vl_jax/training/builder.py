@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -87,11 +88,15 @@ class StepBuilder:
         """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
         state, laid out on the mesh."""
         mc, shardings = self.model_config, self.shardings
+        init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
         if self.config.model.init_from:
             # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
-            params = hf_io.load_params(self.config.model.init_from, mc, shardings.params)
+            fresh = tuple(self.config.model.get("init_fresh", ()))
+            params = hf_io.load_params(self.config.model.init_from, mc, shardings.params, fresh=fresh)
+            if fresh:  # the parts not read start from random weights (config.seed)
+                params = {**flatten_dict(init(mc, jax.random.PRNGKey(self.config.seed))), **flatten_dict(params)}
+                params = unflatten_dict(params)
         else:
-            init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
             params = init(mc, jax.random.PRNGKey(self.config.seed))
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
         state = TrainState(

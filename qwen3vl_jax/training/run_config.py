@@ -19,8 +19,10 @@ def run_config() -> ConfigDict:
     c.export_hf = True  # the final model and its processor as an HF checkpoint in <workdir>/hf
     c.peak_flops_per_device = 0.0  # for MFU; 0: the chip's public figure on TPU, else a matmul rate measured here
 
-    # a preset (qwen3vl_jax.config.presets) or an HF checkpoint to start from; ModelConfig field overrides
-    c.model = ConfigDict(dict(preset="tiny", init_from="", overrides={}))
+    # a preset (qwen3vl_jax.config.presets) or an HF checkpoint to start from; ModelConfig field overrides;
+    # init_fresh: parameter path prefixes ("visual/deepstack_merger") initialised randomly instead of read from
+    # init_from (parts the checkpoint lacks, e.g. DeepStack mergers added to a model trained without them)
+    c.model = ConfigDict(dict(preset="tiny", init_from="", init_fresh=(), overrides={}))
     c.processing = ConfigDict()  # VisionProcessingConfig fields (pixel limits, fps)
 
     # sources: {name: source spec (qwen3vl_jax.data.sources)}; packed rows of seq_len tokens and max_patches
@@ -50,4 +52,4 @@ def model_settings(preset_name: str, **changes) -> ConfigDict:
     """`config.model` for a preset: every ModelConfig field of preset(preset_name, **changes) under `overrides`,
     so that any of them can be set on the command line (--config.model.overrides.text.hidden_size=256)."""
     fields = dataclasses.asdict(preset(preset_name, **changes))
-    return ConfigDict(dict(preset=preset_name, init_from="", overrides=fields))
+    return ConfigDict(dict(preset=preset_name, init_from="", init_fresh=(), overrides=fields))
