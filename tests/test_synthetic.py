@@ -315,6 +315,21 @@ def test_digits_source(sklearn_digits):
 # ---------------------------------------------------------------- probe tasks of the ablations
 
 
+def test_small_object_counting_counts_the_squares_and_marks_say_where_they_are():
+    counts = set()
+    for index in range(N_CHECK):
+        record = make_record("small_object_counting", index, seed=2, grid_sizes=(6,))
+        image, meta = _image(record), record["meta"]
+        _labels, count = ndimage.label(~np.all(image == BACKGROUND, axis=-1))
+        assert record["answer"] == str(count) == str(len(meta["marks"]))
+        counts.add(count)
+        for row, col, colour in meta["marks"]:  # each listed square: 8 x 8 pixels of its colour in its cell
+            cell = image[row * CELL_PX : (row + 1) * CELL_PX, col * CELL_PX : (col + 1) * CELL_PX]
+            assert _mask(cell, colour).sum() == SMALL_MARK_PX**2
+        assert meta["marks"][0] == [meta["row"], meta["col"], meta["colour"]]
+    assert counts == {2, 3, 4}
+
+
 @pytest.mark.parametrize("task", ["grid_grounding", "small_object_grounding"])
 def test_grid_tasks_answer_the_target_cell(task):
     grids = set()

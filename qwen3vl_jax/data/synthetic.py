@@ -33,7 +33,10 @@ Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size
   G is drawn from ``grid_sizes``, so larger grids than in training test extrapolation. meta ``{"box", "row",
   "col", "grid", "colour"}``.
 - ``small_object_grounding``: the same grid with 8 px squares: the target in its cell plus 1..3 distractors of
-  other colours in other cells (a fine-grained task); the answer is the target's cell box. Same meta.
+  other colours in other cells (a fine-grained task); the answer is the target's cell box. Same meta, plus
+  ``marks``: [row, col, colour] of every square (the target first).
+- ``small_object_counting``: images drawn like ``small_object_grounding``'s (2..4 squares); asks how many squares
+  there are, a coarse question that needs no square's place or colour. Same meta; the answer is the count.
 - ``text_reverse``: text only; reverse a string of 8..20 letters. meta ``{"text"}``.
 """
 
@@ -48,7 +51,7 @@ from PIL import Image, ImageDraw, ImageFont
 from qwen3vl_jax.processing.boxes import format_box
 
 TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
-PROBE_TASKS: tuple[str, ...] = ("grid_grounding", "small_object_grounding", "text_reverse")
+PROBE_TASKS: tuple[str, ...] = ("grid_grounding", "small_object_grounding", "text_reverse", "small_object_counting")
 ALL_TASKS = TASKS + PROBE_TASKS
 CELL_PX = 32  # one LLM visual token: a 16 px patch merged 2 x 2
 SMALL_MARK_PX = 8
@@ -90,6 +93,7 @@ _OCR_QUESTIONS = ("What does the text say?", "Read the text in the image.", "Wha
 _VIDEO_QUESTIONS = ("When does the square turn red?", "At what time does the square change from blue to red?")
 _CELL_QUESTIONS = ("Where is the {colour} cell?", "Locate the {colour} cell.")
 _MARK_QUESTIONS = ("Where is the small {colour} square?", "Locate the small {colour} square.")
+_MARK_COUNT_QUESTIONS = ("How many small squares are there?", "Count the small squares.")
 _REVERSE_QUESTIONS = ("Reverse the letters: {text}", "Write backwards: {text}")
 
 
@@ -204,31 +208,34 @@ def _grounding(rng, image_size):
     return _image_message(image, question=question, answer=answer), answer, meta
 
 
-def _grid_grounding(rng, grid_sizes, *, small: bool):
+def _grid_grounding(rng, grid_sizes, *, small: bool, count: bool = False):
     grid = int(_choice(rng, grid_sizes))
     row, col = (int(v) for v in rng.integers(grid, size=2))
     colour = _choice(rng, _COLOURS)
     image = _canvas(grid * CELL_PX)
     draw = ImageDraw.Draw(image)
+    box = [round(1000 * v / grid) for v in (col, row, col + 1, row + 1)]
+    meta = {"box": box, "row": row, "col": col, "grid": grid, "colour": colour}
     if small:
         others = [c for c in _COLOURS if c != colour]
         empty = [i for i in range(grid * grid) if i != row * grid + col]
         distractors = rng.choice(empty, size=min(int(rng.integers(1, 4)), len(empty)), replace=False)
         cells = [(row, col)] + [divmod(int(i), grid) for i in distractors]
+        meta["marks"] = []
         for k, (cell_row, cell_col) in enumerate(cells):
             x, y = (int(v) for v in rng.integers(0, CELL_PX - SMALL_MARK_PX + 1, size=2))
             x0, y0 = cell_col * CELL_PX + x, cell_row * CELL_PX + y
             fill = colour if k == 0 else _choice(rng, others)
             _draw_shape(draw, "square", box=(x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), colour=fill)
-        question = _choice(rng, _MARK_QUESTIONS)
+            meta["marks"].append([cell_row, cell_col, fill])
+        question = _choice(rng, _MARK_COUNT_QUESTIONS if count else _MARK_QUESTIONS)
     else:
         x0, y0 = col * CELL_PX, row * CELL_PX
         _draw_shape(draw, "square", box=(x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour=colour)
         question = _choice(rng, _CELL_QUESTIONS)
-    box = [round(1000 * v / grid) for v in (col, row, col + 1, row + 1)]
-    meta = {"box": box, "row": row, "col": col, "grid": grid, "colour": colour}
-    message = _image_message(image, question=question.format(colour=colour), answer=format_box(box))
-    return message, format_box(box), meta
+    answer = str(len(meta["marks"])) if count else format_box(box)
+    message = _image_message(image, question=question.format(colour=colour), answer=answer)
+    return message, answer, meta
 
 
 def _text_reverse(rng):
@@ -305,8 +312,9 @@ def make_record(
     if not grid_sizes or min(grid_sizes) < 2:
         raise ValueError(f"grid_sizes must be sizes >= 2, got {grid_sizes}")
     rng = np.random.default_rng([seed, ALL_TASKS.index(task), index])
-    if task in ("grid_grounding", "small_object_grounding"):
-        messages, answer, meta = _grid_grounding(rng, grid_sizes, small=task == "small_object_grounding")
+    if task in ("grid_grounding", "small_object_grounding", "small_object_counting"):
+        small, count = task != "grid_grounding", task == "small_object_counting"
+        messages, answer, meta = _grid_grounding(rng, grid_sizes, small=small, count=count)
     elif task == "text_reverse":
         messages, answer, meta = _text_reverse(rng)
     elif task == "video_timestamp":
