@@ -1,9 +1,21 @@
-"""DeepStack on vs off on fine-grained tasks: small-object grounding (8 px squares on a 6 x 6 grid of 32 px
-cells, with distractors of other colours) and OCR of 3-8 small characters. 2 variants x 3 seeds.
+"""DeepStack on vs off in the paper's setting: a pretrained ViT, frozen, under an LLM trained on a fine-grained task.
 
-    python -m experiments.ablate --config=configs/ablate_deepstack.py --workdir=/tmp/ablate_deepstack
+    # stage 1: ViT + LLM (no DeepStack) on a coarse task; exports each seed's model
+    python -m experiments.ablate --config=configs/ablate_deepstack.py:pretrain --workdir=/tmp/ablate_deepstack_stage1
+    # the linear probe on every ViT layer of the stage-1 models
+    python -m experiments.probe_vit --checkpoint='/tmp/ablate_deepstack_stage1/runs/coarse/seed_{seed}/hf' \
+        --seeds=0,1,2 --output=/tmp/ablate_deepstack_stage1/probe.md
+    # stage 2: each seed from its stage-1 model, ViT frozen, mergers + LLM trained; DeepStack on vs off
+    python -m experiments.ablate --config=configs/ablate_deepstack.py:finetune,/tmp/ablate_deepstack_stage1 \
+        --workdir=/tmp/ablate_deepstack_stage2
 
-README: the measured table and the time it took.
+Stage 1 asks how many small squares a 6 x 6 grid of 32 px cells holds (2-4 squares of 8 px, one visual token per
+cell): a coarse question, so the ViT's last layer is free to keep only what counting needs. Stage 2 asks where the
+small square of a given colour is (small-object grounding on the same kind of images): which cell holds which
+colour, the fine detail. Both variants of a seed start from the same stage-1 weights; `on` adds DeepStack mergers
+(fresh weights) after ViT blocks 0 and 1 of 4 and injects them into decoder layers 0 and 1, `off` reads the last
+layer only. Chance: 1/6 per axis. `end_to_end`: the same model and fine task without stage 1 (ViT, mergers and
+LLM trained together from random weights). README: the measured tables and the time they took.
 """
 
 from ml_collections import ConfigDict
@@ -11,21 +23,55 @@ from ml_collections import ConfigDict
 from configs.ablation_base import base_config, sweep_config, synthetic
 from qwen3vl_jax.data.synthetic import EVAL_SEED
 
+MODES = ("pretrain", "finetune", "end_to_end")
+VIT = dict(depth=4, deepstack_visual_indexes=(0, 1))  # taps after blocks 0 and 1; the last layer is block 3
+OBJECT_COLUMNS = [("objects", m) for m in ("box_hit", "x_accuracy", "y_accuracy")]
 
-def get_config() -> ConfigDict:
-    objects, ocr = synthetic(("small_object_grounding",), grid_sizes=(6,)), synthetic(("ocr",))
-    base = base_config(
-        dict(objects=dict(objects, weight=2.0), ocr=dict(ocr, weight=1.0)), steps=1200, seq_len=120, max_patches=144
-    )
+
+def get_config(arg: str = "pretrain") -> ConfigDict:
+    mode, *rest = arg.split(",")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} not in {MODES}")
+    if mode == "finetune" and len(rest) != 1:
+        raise ValueError("finetune needs the stage-1 workdir: configs/ablate_deepstack.py:finetune,<stage-1 workdir>")
+    grids = dict(grid_sizes=(6,))
+    objects, counting = synthetic(("small_object_grounding",), **grids), synthetic(("small_object_counting",), **grids)
+    if mode == "pretrain":
+        base = base_config(dict(counting=dict(counting, weight=1.0)), steps=1200, seq_len=120, max_patches=144)
+        base.model.overrides.vision.update(VIT)
+        base.model.overrides.deepstack = False  # a ViT pretrained on its own, as released ViTs are
+        base.export_hf = True  # stage 2 starts from <workdir>/runs/coarse/seed_<s>/hf
+        return sweep_config(
+            name="DeepStack stage 1: ViT + LLM pretrained on counting small squares",
+            description="6 x 6 grids of 32 px cells with 2-4 squares of 8 px; asked how many squares there are. "
+            "No DeepStack. Evaluated on held-out grids (exact match of the count; chance 1/3).",
+            base=base,
+            variants={"coarse": {}},
+            eval_sets=dict(counting=(64, [dict(counting, seed=EVAL_SEED)])),
+            columns=[("counting", "exact_match")],
+            max_new_tokens=8,
+        )
+    base = base_config(dict(objects=dict(objects, weight=1.0)), steps=1200, seq_len=120, max_patches=144)
+    base.model.overrides.vision.update(VIT)
+    variants = {"on": {}, "off": dict(model=dict(overrides=dict(deepstack=False)))}
+    if mode == "finetune":
+        base.model.init_from = rest[0].rstrip("/") + "/runs/coarse/seed_{seed}/hf"
+        base.model.init_fresh = ("visual/deepstack_merger",)  # stage 1 had none
+        base.optimizer.freeze = ("vision",)
     return sweep_config(
-        name="DeepStack on vs off",
-        description="Trained on small-object grounding (6 x 6 grid, 8 px target square among 1-3 distractors of "
-        "other colours) and OCR (3-8 characters rendered small in a 64 px image); evaluated on held-out "
-        "examples. `off`: no DeepStack mergers and no injection into the decoder.",
+        name="DeepStack on vs off"
+        + (" over a frozen pretrained ViT (stage 2)" if mode == "finetune" else ", trained end to end"),
+        description="Small-object grounding: where is the small square of a given colour (6 x 6 grid of 32 px "
+        "cells, 8 px target among 1-3 distractors of other colours); evaluated on held-out grids. "
+        + (
+            "Each seed starts from its stage-1 model (counting), the ViT frozen; DeepStack mergers start fresh."
+            if mode == "finetune"
+            else "ViT, mergers and LLM trained together from random weights."
+        ),
         base=base,
-        variants={"on": {}, "off": dict(model=dict(overrides=dict(deepstack=False)))},
-        eval_sets=dict(objects=(64, [dict(objects, seed=EVAL_SEED)]), ocr=(48, [dict(ocr, seed=EVAL_SEED)])),
-        columns=[("objects", m) for m in ("box_hit", "x_accuracy", "y_accuracy")]
-        + [("ocr", m) for m in ("char_accuracy", "exact_match")],
+        variants=variants,
+        eval_sets=dict(objects=(64, [dict(objects, seed=EVAL_SEED)])),
+        columns=OBJECT_COLUMNS,
         max_new_tokens=24,
+        paired=(("on", "off"),),
     )

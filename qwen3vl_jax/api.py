@@ -72,6 +72,9 @@ class Qwen3VLModel:
         self.vision_forward = jax.jit(
             lambda params, inputs: self.module.apply({"params": params}, inputs, method=Qwen3VL.encode_vision)
         )
+        self.vision_hidden_forward = jax.jit(
+            lambda params, inputs: self.module.apply({"params": params}, inputs, method=Qwen3VL.vision_hidden_states)
+        )
         self.aux_loss = jax.jit(
             lambda params, inputs: load_balancing_loss(
                 self.module.apply({"params": params}, inputs, method=Qwen3VL.logits_and_router_logits)[1],
@@ -168,6 +171,27 @@ class Qwen3VLModel:
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: int | None = None):
         """The ViT alone, like transformers' `model.visual(pixel_values, grid_thw)`: merged visual tokens
         (N / m^2, out_hidden) and the list of DeepStack features of the same shape, float32 numpy."""
+        inputs, n = self._vision_inputs(pixel_values, grid_thw, max_patches=max_patches)
+        with self._on_mesh():
+            merged, deepstack = self.vision_forward(self.params, inputs)
+        tokens = n // self.config.vision.spatial_merge_size**2
+
+        def as_numpy(x):
+            return np.asarray(x[0, :tokens], np.float32)
+
+        return as_numpy(merged), [as_numpy(x) for x in deepstack]
+
+    def vision_hidden_states(self, pixel_values, grid_thw, *, max_patches: int | None = None) -> list[np.ndarray]:
+        """The ViT's patch features (N, hidden) before its first block and after each of its blocks (depth + 1
+        arrays, float32 numpy), in the processor's patch order (each merged token's m^2 patches consecutive):
+        what layer probes read."""
+        inputs, n = self._vision_inputs(pixel_values, grid_thw, max_patches=max_patches)
+        with self._on_mesh():
+            hidden_states = self.vision_hidden_forward(self.params, inputs)
+        return [np.asarray(x[0, :n], np.float32) for x in hidden_states]
+
+    def _vision_inputs(self, pixel_values, grid_thw, *, max_patches: int | None) -> tuple[ModelInputs, int]:
+        """One row of patch fields for the images / videos of grid_thw, and their number of patches."""
         vision = self.config.vision
         blocks, _ = visual_blocks(grid_thw, None, merge=vision.spatial_merge_size)
         n = sum(block.num_patches for block in blocks)
@@ -182,14 +206,7 @@ class Qwen3VLModel:
         for name in PATCH_FIELDS:
             fields[name][0, :n] = features[name]
         fields["patch_segment_ids"][0, :n] = features["patch_group"]
-        with self._on_mesh():
-            merged, deepstack = self.vision_forward(self.params, ModelInputs(**fields))
-        tokens = n // vision.spatial_merge_size**2
-
-        def as_numpy(x):
-            return np.asarray(x[0, :tokens], np.float32)
-
-        return as_numpy(merged), [as_numpy(x) for x in deepstack]
+        return ModelInputs(**fields), n
 
     def save_pretrained(
         self, path: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, expert_layout: str = "hub"

@@ -139,3 +139,35 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
     assert stamps == {
         r.name: os.path.getmtime(os.path.join(run_dir(str(workdir), r), "results.json")) for r in runs_of(sweep)
     }
+
+
+def test_vit_probe_cells_and_scores():
+    """Each grid cell is one merged token whose label is its square's colour (or empty); a probe scores 1.0 on
+    a layer that holds the labels and about chance on one that holds noise."""
+    from qwen3vl_jax.ablation.vit_probe import CLASSES, CellData, cell_data, image_records, probe_layers
+    from qwen3vl_jax.api import Qwen3VLModel
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
+    from qwen3vl_jax.processing.chat import load_chat_template
+
+    config = preset("tiny")
+    model = Qwen3VLModel.from_config(config, seed=0)
+    processor = Processor(
+        byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(image_min_pixels=32 * 32)
+    )
+    records = image_records(3, seed=5, grid=4)
+    data = cell_data(model, processor, records)
+    assert len(data.features) == config.vision.depth + 1
+    assert all(f.shape == (3 * 16, 4 * config.vision.hidden_size) for f in data.features)
+    for i, record in enumerate(records):
+        labels = data.labels[16 * i : 16 * (i + 1)]
+        marks = {(row * 4 + col): CLASSES.index(colour) for row, col, colour in record["meta"]["marks"]}
+        assert {cell: label for cell, label in enumerate(labels) if label} == marks
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(CLASSES), 700)
+    informative = np.eye(len(CLASSES))[labels] + 0.1 * rng.standard_normal((700, len(CLASSES)))
+    noise = rng.standard_normal((700, 8))
+    train, test = (CellData([informative[s], noise[s]], labels[s]) for s in (slice(0, 500), slice(500, None)))
+    scores = probe_layers(train, test).balanced_accuracy
+    assert scores[0] == 1.0 and scores[1] < 0.35  # chance 1/7

@@ -25,6 +25,26 @@ def test_vit_and_every_deepstack_feature_equal_transformers(tiny, rng):
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+def test_hidden_states_after_every_block_equal_transformers(tiny, rng):
+    """The probe features: what forward hooks see on transformers' ViT (patch embedding + position embedding,
+    the input of blocks[0]; then each block's output), in the same patch order."""
+    pixels = rng.standard_normal((int(GRIDS.prod(-1).sum()), tiny.config.vision.patch_dim)).astype(np.float32)
+    visual, seen = tiny.hf.model.visual, []
+    hooks = [
+        visual.blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]), with_kwargs=True)
+    ]
+    hooks += [block.register_forward_hook(lambda module, args, output: seen.append(output)) for block in visual.blocks]
+    try:
+        hf_visual(tiny, pixels, grids=GRIDS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hidden_states = tiny.ours.vision_hidden_states(pixels, GRIDS)
+    assert len(hidden_states) == len(seen) == tiny.config.vision.depth + 1
+    for ours, ref in zip(hidden_states, seen):
+        np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5, rtol=0)
+
+
 def test_padding_and_neighbours_do_not_change_an_image(tiny, rng):
     """An image's tokens are the same alone, in a larger (padded) buffer, and packed after other images."""
     dim = tiny.config.vision.patch_dim

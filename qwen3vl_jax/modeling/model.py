@@ -35,6 +35,10 @@ class Qwen3VL(nn.Module):
         """Merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
         return self.visual(inputs)
 
+    def vision_hidden_states(self, inputs: ModelInputs) -> list[jax.Array]:
+        """The ViT's patch features before its first block and after each block: depth + 1 arrays (B, P, D)."""
+        return self.visual(inputs, return_hidden_states=True)[2]
+
     def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
         """Final-norm hidden states (B, L, H), the cache updated with these tokens (None without one) and the
         router logits of the MoE layers (layers, B*L, E) (None for a dense model).

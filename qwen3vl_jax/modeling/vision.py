@@ -55,10 +55,11 @@ class VisionBlock(nn.Module):
     """Pre-norm ViT block (`Qwen3VLVisionBlock`): x + Attn(LN1 x), then + MLP(LN2 x) with tanh-GELU."""
 
     config: ModelConfig
+    keep_output: bool = False  # also return x as the scan's per-block output (VisionTower's hidden states)
 
     @nn.compact
     def __call__(self, x, context: VisionContext):
-        """x (B, P, D). Returns (x, None) for nn.scan."""
+        """x (B, P, D). Returns (x, None) for nn.scan, or (x, x) with keep_output."""
         c, kw = self.config.vision, self.config.dense_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "patches", "vision_embed")))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
@@ -95,7 +96,7 @@ class VisionBlock(nn.Module):
         h = Dense(c.intermediate_size, ("vision_embed", "vision_mlp"), use_bias=True, name="mlp_fc1", **kw)(h)
         h = jax.nn.gelu(h, approximate=True)
         x = x + Dense(c.hidden_size, ("vision_mlp", "vision_embed"), use_bias=True, name="mlp_fc2", **kw)(h)
-        return x, None
+        return x, (x if self.keep_output else None)
 
 
 class VisionTower(nn.Module):
@@ -104,12 +105,15 @@ class VisionTower(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs: ModelInputs):
+    def __call__(self, inputs: ModelInputs, *, return_hidden_states: bool = False):
         """The patch fields of `inputs`: pixel_patches (B, P, C*Tp*P*P); patch_segment_ids (B, P), 0 = padding;
         pos_embed_index / pos_embed_weight (B, P, 4) bilinear taps into the pos-embed table; patch_rowcol (B, P, 2).
 
         Returns merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of `num_deepstack`
-        arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`)."""
+        arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`);
+        with return_hidden_states also the patch features before the first block and after each block, a list of
+        depth + 1 arrays (B, P, hidden) (what forward hooks on transformers' `patch_embed` (+ position
+        embedding) and `blocks[i]` see)."""
         vision, kw = self.config.vision, self.config.dense_kwargs
         x = Dense(vision.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(
             inputs.pixel_patches
@@ -136,7 +140,7 @@ class VisionTower(nn.Module):
         context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin, context=split)
 
         taps = vision.deepstack_visual_indexes[: self.config.num_deepstack]
-        deepstack = []
+        deepstack, hidden_states = [], [x]
         for stack, (start, end) in enumerate(block_stacks(vision.depth, taps)):
             blocks = nn.scan(
                 maybe_remat(VisionBlock, self.config.remat),
@@ -146,8 +150,11 @@ class VisionTower(nn.Module):
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = blocks(self.config, name=f"blocks_{stack}")(x, context)
+            x, outputs = blocks(self.config, keep_output=return_hidden_states, name=f"blocks_{stack}")(x, context)
+            if return_hidden_states:
+                hidden_states += list(outputs)  # (blocks of this stack, B, P, hidden)
             if end - 1 in taps:
                 merger = PatchMerger(self.config, postshuffle_norm=True, name=f"deepstack_merger_{len(deepstack)}")
                 deepstack.append(merger(x))
-        return PatchMerger(self.config, postshuffle_norm=False, name="merger")(x), deepstack
+        merged = PatchMerger(self.config, postshuffle_norm=False, name="merger")(x)
+        return (merged, deepstack, hidden_states) if return_hidden_states else (merged, deepstack)
