@@ -12,7 +12,8 @@ from configs import tiny
 
 
 def synthetic(tasks, seed: int = 0, **options) -> dict:
-    return dict(kind="synthetic", tasks=tuple(tasks), size=1_000_000, seed=seed, image_size=64, num_frames=8, **options)
+    defaults = dict(kind="synthetic", tasks=tuple(tasks), size=1_000_000, seed=seed, image_size=64, num_frames=8)
+    return {**defaults, **options}
 
 
 def base_config(

@@ -2,6 +2,7 @@
 real camera clip and on clips encoded here, and the real Qwen3 tokenizer applied to the rendered chat template."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -255,3 +256,23 @@ def test_placeholder_and_media_counts_must_match(proc):
     ]
     with pytest.raises(DataError, match="more image placeholders than images"):
         proc.encode_conversation(messages)
+
+
+def test_video_timestamps_switch_leaves_out_only_the_time_text():
+    """video_timestamps=False (an ablation switch): the same tokens without each group's `<t seconds>`."""
+    from qwen3vl_jax.data.synthetic import make_record
+
+    record = make_record("video_timestamp", 2, num_frames=8)
+    messages = record["messages"][:1]
+    (item,) = [c for c in messages[0]["content"] if c["type"] == "video"]
+    texts = {}
+    for on in (True, False):
+        config = VisionProcessingConfig(video_min_pixels=0, video_max_pixels=8 * 64 * 64, video_timestamps=on)
+        proc = Processor(byte_tokenizer(), load_chat_template(None), config=config)
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        batch = proc(text=[text], videos=[item["video"]], video_fps=item["fps"])
+        texts[on] = proc.decode(batch["input_ids"][0], skip_special_tokens=False)
+    groups = re.findall(r"<(\d+\.\d) seconds>", texts[True])
+    assert groups == ["0.2", "1.2", "2.2", "3.2"]  # 8 frames at 2 fps in pairs
+    assert "seconds>" not in texts[False] and texts[False].count("<|vision_start|>") == 4
+    assert re.sub(r"<\d+\.\d seconds>", "", texts[True]) == texts[False]

@@ -225,6 +225,21 @@ def test_video_timestamp(num_frames):
 # ---------------------------------------------------------------- box helpers
 
 
+def test_video_timestamp_mixed_lengths():
+    """A tuple of frame counts: each example draws its own; a single count keeps every record as it was."""
+    counts = set()
+    for index in range(N_CHECK):
+        record = make_record("video_timestamp", index, num_frames=[4, 8, 12])
+        (video,) = [c["video"] for c in _user(record) if c["type"] == "video"]
+        meta = record["meta"]
+        assert len(video) == meta["num_frames"] and 0 < meta["frame"] < meta["num_frames"]
+        counts.add(meta["num_frames"])
+    assert counts == {4, 8, 12}
+    assert make_record("video_timestamp", 3, num_frames=(8,))["meta"]["num_frames"] == 8
+    with pytest.raises(ValueError, match="even frame counts >= 4"):
+        make_record("video_timestamp", 0, num_frames=(4, 7))
+
+
 def test_parse_box():
     assert parse_box("<|box_start|>(1,2),(30,400)<|box_end|>") == (1, 2, 30, 400)
     assert parse_box("it is at <|box_start|>(1, 2), (30, 400)<|box_end|> I think") == (1, 2, 30, 400)

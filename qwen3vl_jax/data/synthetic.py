@@ -21,10 +21,11 @@ Tasks (all images are ``image_size`` x ``image_size`` RGB):
   normalised to 0..1000, Qwen style ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``. meta ``{"box", "colour", "shape"}``.
 - ``ocr``: a random 3..8 character string of [A-Z0-9] in black on a light grey background, rendered with Pillow's
   scalable default font; asks what the text says. meta ``{"text"}``.
-- ``video_timestamp``: ``num_frames`` frames at 2 fps of a square that is blue in frames [0, 2k) and red in
+- ``video_timestamp``: ``num_frames`` frames (or, for a tuple, a count drawn from it per example) at 2 fps of a
+  square that is blue in frames [0, 2k) and red in
   [2k, num_frames). The model sees frames merged in pairs, each pair (i0, i1) preceded by ``<t seconds>`` with
   t = (i0 + i1) / 2 / fps, so the answer is the timestamp of pair k, ``f"{t:.1f} seconds"``.
-  meta ``{"seconds", "frame"}`` (``frame`` = 2k, the first red frame).
+  meta ``{"seconds", "frame", "num_frames"}`` (``frame`` = 2k, the first red frame).
 
 Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size``):
 
@@ -272,8 +273,11 @@ def _ocr(rng, image_size):
 
 
 def _video_timestamp(rng, *, image_size, num_frames):
-    if num_frames < 4 or num_frames % 2:
-        raise ValueError(f"video_timestamp needs an even num_frames >= 4, got {num_frames}")
+    choices = num_frames if isinstance(num_frames, tuple) else (num_frames,)
+    if not choices or any(n < 4 or n % 2 for n in choices):
+        raise ValueError(f"video_timestamp needs even frame counts >= 4, got num_frames={num_frames}")
+    if isinstance(num_frames, tuple):  # mixed lengths: this example's count (an int keeps its records unchanged)
+        num_frames = int(_choice(rng, num_frames))
     k = int(rng.integers(1, num_frames // 2))
     (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.2, hi=0.5), image_size=image_size)
     frames = {}
@@ -293,7 +297,7 @@ def _video_timestamp(rng, *, image_size, num_frames):
         },
         {"role": "assistant", "content": answer},
     ]
-    return messages, answer, {"seconds": seconds, "frame": 2 * k}
+    return messages, answer, {"seconds": seconds, "frame": 2 * k, "num_frames": num_frames}
 
 
 def make_record(
@@ -302,7 +306,7 @@ def make_record(
     *,
     seed: int = 0,
     image_size: int = 64,
-    num_frames: int = 8,
+    num_frames: int | tuple[int, ...] = 8,
     grid_sizes: tuple[int, ...] = (8,),
 ) -> dict:
     """Returns example ``index`` of ``task`` as a record dict (see module docstring); deterministic in all arguments."""
@@ -318,7 +322,8 @@ def make_record(
     elif task == "text_reverse":
         messages, answer, meta = _text_reverse(rng)
     elif task == "video_timestamp":
-        messages, answer, meta = _video_timestamp(rng, image_size=image_size, num_frames=num_frames)
+        frames = num_frames if isinstance(num_frames, int) else tuple(num_frames)
+        messages, answer, meta = _video_timestamp(rng, image_size=image_size, num_frames=frames)
     else:
         messages, answer, meta = {"shapes": _shapes, "counting": _counting, "grounding": _grounding, "ocr": _ocr}[task](
             rng, image_size
@@ -337,7 +342,7 @@ class SyntheticSource:
         size: int = 100_000,
         seed: int = 0,
         image_size: int = 64,
-        num_frames: int = 8,
+        num_frames: int | tuple[int, ...] = 8,
         grid_sizes: tuple[int, ...] = (8,),
     ):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
@@ -348,7 +353,8 @@ class SyntheticSource:
         if size <= 0:
             raise ValueError(f"size must be > 0, got {size}")
         self.tasks, self.size, self.seed = tasks, int(size), int(seed)
-        self.image_size, self.num_frames = int(image_size), int(num_frames)
+        self.image_size = int(image_size)
+        self.num_frames = int(num_frames) if isinstance(num_frames, int) else tuple(int(n) for n in num_frames)
         self.grid_sizes = tuple(int(g) for g in grid_sizes)
 
     def __len__(self) -> int:

@@ -58,6 +58,9 @@ class VisionProcessingConfig:
     max_frames: int = 768
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # an ablation switch, not an HF setting (never saved): False leaves out the `<t seconds>` text before each
+    # video frame group, so a model can tell time only from the groups' order
+    video_timestamps: bool = True
 
     @property
     def factor(self) -> int:
@@ -228,7 +231,10 @@ class Processor:
                 raise DataError(f"{where}: more video placeholders than videos")
             _, h, w = item.grid
             return "".join(
-                f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (h * w // merge) + "<|vision_end|>"
+                (f"<{t:.1f} seconds>" if self.config.video_timestamps else "")
+                + "<|vision_start|>"
+                + "<|video_pad|>" * (h * w // merge)
+                + "<|vision_end|>"
                 for t in item.timestamps
             )
 
