@@ -29,6 +29,7 @@ from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.modeling.decoder import layer_runs, run_names
 from qwen3vl_jax.modeling.deepstack import block_stacks
+from qwen3vl_jax.modeling.layers import is_lora
 from qwen3vl_jax.modeling.model import abstract_params
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def load_params(
 
     fresh: prefixes of parameter paths ("visual/deepstack_merger") that are not read: they are left out of the
     returned tree (the caller initialises them), and the checkpoint may lack them (e.g. DeepStack mergers added
-    to a model pretrained without them) or have them (ignored).
+    to a model pretrained without them) or have them (ignored). LoRA adapters (config.lora) are left out too.
 
     shardings: None gives a nested dict of numpy arrays. A tree of `jax.sharding.Sharding`s shaped like the
     parameters gives jax.Arrays built shard by shard: each addressable device's shard is read straight from
@@ -251,7 +252,7 @@ def load_params(
         flat_shardings = None if shardings is None else flatten_dict(shardings)
         flat = {}
         for name, shape in _flat_shapes(config).items():
-            if is_fresh(name):
+            if is_fresh(name) or is_lora(name):  # LoRA adapters live in PEFT files (checkpoints/peft.py)
                 continue
             read = _ParamReader(by_path[name], shape=shape, dtype=dtype, source=source)
             if flat_shardings is None:
@@ -420,6 +421,11 @@ def save_params(
     one tensor. Every process must call this; process 0 writes (to a local path or gs://)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
+    if config.lora.rank:
+        raise ValueError(
+            "this model has LoRA adapters, which an HF checkpoint cannot hold: save them with "
+            "checkpoints.peft.save_adapters (next to the base checkpoint), or merge them first (peft.merge_lora)"
+        )
     if not config.vision_positions:
         log.warning(
             "vision_positions=False has no transformers counterpart: transformers will add the ViT position "

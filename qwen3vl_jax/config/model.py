@@ -164,6 +164,34 @@ class TextConfig:
         return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
 
+LORA_TARGETS = (
+    # decoder (transformers' module names)
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    # ViT blocks (ours: transformers' attn.qkv, attn.proj, mlp.linear_fc1, mlp.linear_fc2) and the patch mergers
+    "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "linear_fc1", "linear_fc2",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the named linear layers: y = x W + (alpha / rank) x A B with
+    A (in, rank), B (rank, out) in float32 (B starts at zero), W frozen. rank 0: no adapters. The MoE experts are
+    never adapted (they are not among the targets)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        _check(self.rank >= 0, f"lora rank {self.rank} must be >= 0")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        _check(not unknown, f"lora targets {unknown} are not adaptable layers; known: {LORA_TARGETS}")
+
+    def adapts(self, layer_name: str) -> bool:
+        return self.rank > 0 and layer_name in self.targets
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The whole Qwen3-VL model plus the switches that select what runs."""
@@ -188,10 +216,13 @@ class ModelConfig:
     # the dense MLP runs this many strided slices of the sequence one after the other, each rematerialised
     # (1: the whole sequence at once); divides the (B, L, intermediate) buffers of a layer's backward pass
     mlp_chunks: int = 1
+    lora: LoraConfig = LoraConfig()  # not part of an HF config.json: adapters are saved in the PEFT format
 
     def __post_init__(self):
         _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
         _check(self.mlp_chunks >= 1, f"mlp_chunks {self.mlp_chunks} must be >= 1")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         object.__setattr__(self, "splash_block_sizes", tuple(self.splash_block_sizes))
         object.__setattr__(self, "moe_tiling", tuple(self.moe_tiling))
         _check(self.moe_backend in MOE_BACKENDS, f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
@@ -229,6 +260,11 @@ class ModelConfig:
         return dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
 
     @property
+    def linear_kwargs(self) -> dict:
+        """dense_kwargs plus the LoRA config, for the `Dense` layers that may carry adapters."""
+        return dict(self.dense_kwargs, lora=self.lora if self.lora.rank else None)
+
+    @property
     def num_deepstack(self) -> int:
         """Number of DeepStack levels that actually run (0 when the ablation switch is off)."""
         return len(self.vision.deepstack_visual_indexes) if self.deepstack else 0
@@ -238,8 +274,8 @@ class ModelConfig:
         return "qwen3_vl_moe" if self.text.is_moe else "qwen3_vl"
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """`dataclasses.replace`, also accepting dicts for `vision=` / `text=` (partial overrides)."""
-        for name in ("vision", "text"):
+        """`dataclasses.replace`, also accepting dicts for `vision=` / `text=` / `lora=` (partial overrides)."""
+        for name in ("vision", "text", "lora"):
             if isinstance(changes.get(name), dict):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)

@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from qwen3vl_jax.config import ModelConfig, TextConfig
+from qwen3vl_jax.config import LoraConfig, ModelConfig, TextConfig
 from qwen3vl_jax.modeling.attention import attention, cached_attention
 from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.kv_cache import KVCache
@@ -44,20 +44,21 @@ class SwiGLU(nn.Module):
     intermediate_size: int
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
 
 
-def _swiglu(h, *, chunks: int, intermediate_size: int, dtype, param_dtype):
+def _swiglu(h, *, chunks: int, intermediate_size: int, dtype, param_dtype, lora):
     """The dense MLP on h (B, L, H), over `chunks` strided slices of the sequence one at a time, each recomputed in
     the backward pass: the (B, L, intermediate) activations exist a slice at a time. Strided (slice c holds
     positions c, c + chunks, ...), so a length split over the mesh stays split."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
     batch, length, hidden = h.shape
     if chunks == 1 or length % chunks:
         return SwiGLU(intermediate_size, name="mlp", **kw)(h)
@@ -113,7 +114,7 @@ class DecoderLayer(nn.Module):
         """x (B, L, H); layer_and_kv: the layer index and, when generating, this layer's cache (k, v), each
         (B, Hkv, S, D)."""
         layer, kv = layer_and_kv
-        text, kw = self.config.text, self.config.dense_kwargs
+        text, kw, linear = self.config.text, self.config.dense_kwargs, self.config.linear_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
 
         def norm(name, axis="embed"):
@@ -121,7 +122,7 @@ class DecoderLayer(nn.Module):
 
         def projection(heads, *, axis, name):
             return Dense(
-                (heads, text.head_dim), ("embed", axis, "head_dim"), use_bias=text.attention_bias, name=name, **kw
+                (heads, text.head_dim), ("embed", axis, "head_dim"), use_bias=text.attention_bias, name=name, **linear
             )
 
         h = norm("input_layernorm")(x)
@@ -155,7 +156,7 @@ class DecoderLayer(nn.Module):
             contract=2,
             use_bias=text.attention_bias,
             name="o_proj",
-            **kw,
+            **linear,
         )
         x = x + o_proj(o)
         h = norm("post_attention_layernorm")(x)
@@ -164,7 +165,7 @@ class DecoderLayer(nn.Module):
             dispatch = dict(backend=self.config.moe_backend, tiling=self.config.moe_tiling)
             h, router_logits = MoeBlock(text, **dispatch, name="mlp", **kw)(h)
         else:
-            h = _swiglu(h, chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size, **kw)
+            h = _swiglu(h, chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size, **linear)
         x = x + h
         if context.deepstack is not None:
             x = add_deepstack(x, features=context.deepstack, visual_index=context.visual_index, layer=layer)

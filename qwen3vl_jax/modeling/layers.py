@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen3vl_jax.config import LoraConfig
 from qwen3vl_jax.parallel.context import context_shards
 from qwen3vl_jax.parallel.sharding import gathered_for_matmul
 
@@ -24,6 +25,11 @@ def param(module: nn.Module, name: str, *, init: Initializer, shape: Sequence[in
     """A parameter annotated with logical axis names (one per dim)."""
     assert len(axes) == len(shape), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def is_lora(path: tuple[str, ...]) -> bool:
+    """A LoRA adapter parameter of a `Dense` layer (never part of an HF base checkpoint)."""
+    return path[-1] in ("lora_a", "lora_b")
 
 
 class Dense(nn.Module):
@@ -39,6 +45,7 @@ class Dense(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_init
+    lora: LoraConfig | None = None  # adapters when lora.adapts(this layer's name)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,7 +58,7 @@ class Dense(nn.Module):
         # far slower than the equivalent matrix product. x (B, L, ...) with L split over `context` is flattened
         # context-chunk-major, (C, B, L / C), so that each device's rows stay one block of the flattened rows; in
         # (B, L) order they would not be, and XLA would gather the whole sequence on every device.
-        x = x.astype(self.dtype)
+        x = inputs = x.astype(self.dtype)
         shards = context_shards()
         by_chunk = len(batch_shape) == 2 and shards > 1 and batch_shape[1] % shards == 0
         if by_chunk:
@@ -61,6 +68,8 @@ class Dense(nn.Module):
         if by_chunk:
             y = y.reshape(shards, batch_shape[0], batch_shape[1] // shards, *features).swapaxes(0, 1)
         y = y.reshape(batch_shape + features)
+        if self.lora is not None and self.lora.adapts(self.name):
+            y = y + self._lora_delta(inputs, in_shape=in_shape, features=features)
         if self.use_bias:
             bias_axes = self.axes[self.contract :]
             bias = param(
@@ -68,6 +77,33 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+    def _lora_delta(self, x: jax.Array, *, in_shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array:
+        """(alpha / rank) x A B: A (*in, rank) with peft's default init (kaiming-uniform, a = sqrt(5), i.e.
+        U(+-1/sqrt(in))), B (rank, *features) zeros; float32 parameters, computed in the layer's dtype."""
+        rank, fan_in = self.lora.rank, math.prod(in_shape)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = param(
+            self,
+            "lora_a",
+            init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+            shape=(*in_shape, rank),
+            dtype=jnp.float32,
+            axes=(*self.axes[: self.contract], "lora_rank"),
+        )
+        b = param(
+            self,
+            "lora_b",
+            init=nn.initializers.zeros,
+            shape=(rank, *features),
+            dtype=jnp.float32,
+            axes=("lora_rank", *self.axes[self.contract :]),
+        )
+        rows = x.reshape(-1, fan_in)
+        delta = (rows @ a.astype(self.dtype).reshape(fan_in, rank)) @ b.astype(self.dtype).reshape(rank, -1)
+        return (
+            (delta * (self.lora.alpha / rank)).astype(self.dtype).reshape(x.shape[: x.ndim - self.contract] + features)
+        )
 
 
 class _Norm(nn.Module):

@@ -32,6 +32,7 @@ class PatchMerger(nn.Module):
         x = x.reshape(x.shape[0], x.shape[1] // c.spatial_merge_size**2, c.merged_dim)
         if self.postshuffle_norm:
             x = norm(x)
-        x = Dense(c.merged_dim, ("vision_merged", "vision_merged_out"), use_bias=True, name="linear_fc1", **kw)(x)
+        linear = dict(use_bias=True, **self.config.linear_kwargs)
+        x = Dense(c.merged_dim, ("vision_merged", "vision_merged_out"), name="linear_fc1", **linear)(x)
         x = jax.nn.gelu(x, approximate=False)
-        return Dense(c.out_hidden_size, ("vision_merged", "embed"), use_bias=True, name="linear_fc2", **kw)(x)
+        return Dense(c.out_hidden_size, ("vision_merged", "embed"), name="linear_fc2", **linear)(x)

@@ -60,7 +60,7 @@ class VisionBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context: VisionContext):
         """x (B, P, D). Returns (x, None) for nn.scan, or (x, x) with keep_output."""
-        c, kw = self.config.vision, self.config.dense_kwargs
+        c, kw = self.config.vision, self.config.linear_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "patches", "vision_embed")))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
         qkv = Dense(

@@ -54,6 +54,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("head_dim", None),
     ("qkv", None),
+    ("lora_rank", None),  # the adapters are sharded like the weight they adapt on its other dims
     ("length", "context"),
     ("patches", "context"),
     # the chunked loss (modeling/lm_head.py): each chunk's rows on every device of a data replica, the vocabulary

@@ -27,6 +27,8 @@ from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_tra
 def model_config_from(config: ConfigDict) -> ModelConfig:
     """An HF checkpoint's config (config.model.init_from) or a preset, with config.model.overrides."""
     overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
+    if config.get("lora"):  # --config.lora.rank=16 on any train config
+        overrides["lora"] = config.lora.to_dict()
     if config.model.init_from:
         return hf_io.load_config(config.model.init_from, **overrides)
     return preset(config.model.preset, **overrides)
@@ -56,7 +58,10 @@ class StepBuilder:
         self.model_config = model_config_from(config)
         boxed = abstract_params(self.model_config, boxed=True)
         self.optimizer, self.schedule = make_optimizer(
-            config.optimizer, total_steps=config.steps, params=nn.meta.unbox(boxed)
+            config.optimizer,
+            total_steps=config.steps,
+            params=nn.meta.unbox(boxed),
+            lora=self.model_config.lora.rank > 0,
         )
         replicated = NamedSharding(mesh, PartitionSpec())
         self.shardings = TrainState(
@@ -93,7 +98,7 @@ class StepBuilder:
             # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
             fresh = tuple(self.config.model.get("init_fresh", ()))
             params = hf_io.load_params(self.config.model.init_from, mc, shardings.params, fresh=fresh)
-            if fresh:  # the parts not read start from random weights (config.seed)
+            if fresh or mc.lora.rank:  # the parts not read (and LoRA adapters) start from random weights
                 params = {**flatten_dict(init(mc, jax.random.PRNGKey(self.config.seed))), **flatten_dict(params)}
                 params = unflatten_dict(params)
         else:

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import optax
 
+from qwen3vl_jax.modeling.layers import is_lora
+
 FREEZABLE = ("vision", "mergers", "llm")
 
 
@@ -30,22 +32,31 @@ def part_of(path: tuple[str, ...]) -> str:
     return "mergers" if path[1] == "merger" or path[1].startswith("deepstack_merger") else "vision"
 
 
-def stop_frozen_gradients(params: Any, freeze: Sequence[str]) -> Any:
+def is_frozen(path: tuple[str, ...], *, freeze: Sequence[str], lora: bool) -> bool:
+    """A parameter of a frozen part, or, when training LoRA adapters, any parameter that is not an adapter."""
+    return part_of(path) in freeze or (lora and not is_lora(path))
+
+
+def stop_frozen_gradients(params: Any, freeze: Sequence[str], *, lora: bool = False) -> Any:
     """params with jax.lax.stop_gradient on the frozen parts: no backward pass runs into a frozen ViT (nor are
-    its activations kept for one), and the frozen parameters' gradients are zero."""
-    if not freeze:
+    its activations kept for one), and the frozen parameters' gradients are zero. lora: every parameter but the
+    adapters is frozen (their weight gradients are never computed)."""
+    if not freeze and not lora:
         return params
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: jax.lax.stop_gradient(p) if part_of(tuple(k.key for k in path)) in freeze else p, params
+        lambda path, p: (
+            jax.lax.stop_gradient(p) if is_frozen(tuple(k.key for k in path), freeze=freeze, lora=lora) else p
+        ),
+        params,
     )
 
 
 def make_optimizer(
-    config: Any, *, total_steps: int, params: Any
+    config: Any, *, total_steps: int, params: Any, lora: bool = False
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """config: lr, warmup_steps, final_lr_ratio, b1, b2, eps, weight_decay, clip_norm, freeze (subset of
     FREEZABLE). Weight decay applies to matrices only (not norms or biases). Frozen parameters get zero updates
-    and no optimizer state."""
+    and no optimizer state; with lora, everything but the LoRA adapters is frozen."""
     freeze: Sequence[str] = tuple(config.freeze)
     unknown = set(freeze) - set(FREEZABLE)
     if unknown:
@@ -60,9 +71,10 @@ def make_optimizer(
             schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
         ),
     )
-    if not freeze:
+    if not freeze and not lora:
         return adamw, schedule
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if part_of(tuple(k.key for k in path)) in freeze else "trained", params
+        lambda path, _: "frozen" if is_frozen(tuple(k.key for k in path), freeze=freeze, lora=lora) else "trained",
+        params,
     )
     return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels), schedule

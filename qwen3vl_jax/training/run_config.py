@@ -37,6 +37,12 @@ def run_config() -> ConfigDict:
     c.optimizer = ConfigDict(dict(lr=3e-4, warmup_steps=100, final_lr_ratio=0.1, clip_norm=1.0, freeze=()))
     c.optimizer.update(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     c.loss_normalization = "sqrt"  # qwen3vl_jax.training.loss: "sqrt" | "token" | "sample"
+    # LoRA adapters (config.model.LoraConfig) on a frozen base: rank 0 trains the whole model; with rank > 0 only
+    # the adapters train and carry optimizer state, and the run exports them in the PEFT format (<workdir>/lora)
+    # beside the merged model (<workdir>/hf)
+    c.lora = ConfigDict(
+        dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    )
     c.grad_accum_steps = 1
     # the LM head and the loss run this many positions at a time (0: the whole row), so that the (tokens, vocab)
     # logits and their gradient never exist whole (qwen3vl_jax.modeling.lm_head)

@@ -80,8 +80,10 @@ def make_train_step(
     i % steps) whose gradients add up to the whole batch's cross-entropy gradient exactly; the router losses
     are averaged over the microbatches (each computed on its own tokens, as with a smaller batch).
     loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head). The
-    `freeze` parts (training/optimizer.py) get no backward pass."""
+    `freeze` parts (training/optimizer.py) get no backward pass, nor, with LoRA adapters (config.lora), any weight
+    but the adapters."""
     model = Qwen3VL(config)
+    lora = config.lora.rank > 0
 
     def train_step(state: TrainState, batch: dict):
         weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=loss_normalization)
@@ -90,7 +92,7 @@ def make_train_step(
         objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
 
         def objective(params, rows):
-            return _objective(stop_frozen_gradients(params, freeze), rows, **objective_args)
+            return _objective(stop_frozen_gradients(params, freeze, lora=lora), rows, **objective_args)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if grad_accum_steps == 1:

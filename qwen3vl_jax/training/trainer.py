@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from qwen3vl_jax.checkpoints.hf_export import export_hf
+from qwen3vl_jax.checkpoints.peft import merge_lora, save_adapters
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh, row_groups
@@ -160,8 +161,16 @@ class Trainer(StepBuilder):
         return results
 
     def export(self, params: Any, path: str) -> None:
-        """The trained model and its processor as an HF checkpoint directory (`export_hf`)."""
-        export_hf(path, params, config=self.model_config, processor=self.processor)
+        """The trained model and its processor as an HF checkpoint directory (`export_hf`); a LoRA run also writes
+        its adapters in the PEFT format to <workdir>/lora and exports the model with them merged."""
+        config = self.model_config
+        if config.lora.rank:
+            adapters = os.path.join(self.workdir, "lora")
+            if jax.process_index() == 0:
+                save_adapters(adapters, params, config, base_model=self.config.model.init_from)
+            report(f"saved the LoRA adapters (PEFT format) to {adapters}")
+            params, config = merge_lora(params, config)
+        export_hf(path, params, config=config, processor=self.processor)
         report(f"exported the model and its processor to {path}")
 
     def _on_sigterm(self, signum, frame) -> None:
