@@ -60,36 +60,44 @@ def chunked_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """hidden (B, L, H) final-norm states, head_weight (H, V) in the compute dtype, targets (B, L) ->
     (cross-entropy (B, L) float32, target has the highest logit (B, L) bool), `chunk` positions at a time (L is
-    padded up to a multiple of it). The backward pass recomputes each chunk's logits.
-
-    The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...): when the length is split
-    over a mesh axis (context parallelism), every device has its share of every chunk."""
-    batch, length, hidden_size = hidden.shape
-    pad = -length % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    chunks = (length + pad) // chunk
-    # (B, chunk, chunks, H): chunk c is [:, :, c]; read in place (a transposed copy would be one more (L, H) buffer)
-    hidden = hidden.reshape(batch, chunk, chunks, hidden_size)
-    targets = targets.reshape(batch, chunk, chunks)
-
+    padded up to a multiple of it). The backward pass recomputes each chunk's logits."""
     # vocabulary-parallel: the head weight (and so its gradient, accumulated over the chunks) stays split over the
     # devices by vocabulary; each chunk's hidden states (a few MB) are gathered instead
     head_weight = nn.with_logical_constraint(head_weight, (None, "loss_vocab"))
 
+    def one_chunk(x, chunk_targets):
+        return cross_entropy_and_hits(chunk_logits(x, head_weight), chunk_targets)
+
+    return over_position_chunks(one_chunk, (hidden, targets), chunk=chunk)
+
+
+def chunk_logits(x: jax.Array, head_weight: jax.Array) -> jax.Array:
+    """One chunk's logits (B, chunk, V), laid out vocabulary-parallel (rows on each data replica)."""
+    x = nn.with_logical_constraint(x, ("loss_batch", None, None))
+    return nn.with_logical_constraint(project(x, head_weight), ("loss_batch", None, "loss_vocab"))
+
+
+def over_position_chunks(per_chunk, arrays: tuple[jax.Array, ...], *, chunk: int):
+    """per_chunk(*chunk_arrays) -> outputs (each (B, chunk)), over `chunk` positions of `arrays` (each (B, L, ...))
+    at a time in a rematerialised scan; returns the outputs as (B, L) arrays. L is padded up to a multiple of
+    `chunk`. The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...): when the length
+    is split over a mesh axis (context parallelism), every device has its share of every chunk."""
+    batch, length = arrays[0].shape[:2]
+    pad = -length % chunk
+    chunks = (length + pad) // chunk
+    # (B, chunk, chunks, ...): chunk c is [:, :, c]; read in place (a transposed copy would be one more buffer)
+    arrays = tuple(
+        jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(batch, chunk, chunks, *a.shape[2:])
+        for a in arrays
+    )
+
     @jax.checkpoint
     def one_chunk(carry, c):
-        x = jax.lax.dynamic_index_in_dim(hidden, c, axis=2, keepdims=False)
-        x = nn.with_logical_constraint(x, ("loss_batch", None, None))
-        chunk_targets = jax.lax.dynamic_index_in_dim(targets, c, axis=2, keepdims=False)
-        chunk_targets = nn.with_logical_constraint(chunk_targets, ("loss_batch", None))
-        logits = nn.with_logical_constraint(project(x, head_weight), ("loss_batch", None, "loss_vocab"))
-        return carry, cross_entropy_and_hits(logits, chunk_targets)
+        return carry, per_chunk(*(jax.lax.dynamic_index_in_dim(a, c, axis=2, keepdims=False) for a in arrays))
 
-    _, (cross_entropy, correct) = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
+    _, outputs = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
 
     def unchunk(values):  # (chunks, B, chunk) -> (B, L)
         return jnp.moveaxis(values, 0, 2).reshape(batch, chunks * chunk)[:, :length]
 
-    return unchunk(cross_entropy), unchunk(correct)
+    return jax.tree_util.tree_map(unchunk, outputs)

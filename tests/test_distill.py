@@ -1,0 +1,82 @@
+"""Distillation: the chunked KL_T(teacher || student) and cross-entropy equal a hand-written torch reference on
+whole logits, values and gradients (student hidden states and head; nothing flows into the teacher)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_jax.training.distill import chunked_distillation, distillation_loss
+
+B, L, HS, HT, V = 2, 13, 16, 24, 40
+
+
+def case():
+    rng = np.random.default_rng(0)
+    return dict(
+        student_hidden=rng.standard_normal((B, L, HS)).astype(np.float32),
+        student_head=(rng.standard_normal((HS, V)) / 3).astype(np.float32),
+        teacher_hidden=rng.standard_normal((B, L, HT)).astype(np.float32),
+        teacher_head=(rng.standard_normal((HT, V)) / 2).astype(np.float32),
+        targets=rng.integers(0, V, (B, L)).astype(np.int32),
+        weights=(rng.random((B, L)) * (rng.random((B, L)) > 0.3)).astype(np.float32),
+    )
+
+
+def torch_reference(c, *, temperature, alpha):
+    """Whole logits, torch's own log_softmax / kl_div / cross_entropy; loss and grads of the student's inputs."""
+    student_hidden = torch.tensor(c["student_hidden"], requires_grad=True)
+    student_head = torch.tensor(c["student_head"], requires_grad=True)
+    student = student_hidden @ student_head
+    teacher = torch.tensor(c["teacher_hidden"]) @ torch.tensor(c["teacher_head"])
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(student / temperature, -1),
+        torch.log_softmax(teacher / temperature, -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1) * (temperature**2)
+    ce = torch.nn.functional.cross_entropy(
+        student.reshape(-1, V), torch.tensor(c["targets"], dtype=torch.long).reshape(-1), reduction="none"
+    ).reshape(B, L)
+    w = torch.tensor(c["weights"])
+    loss = alpha * (w * kl).sum() / w.sum() + (1 - alpha) * (w * ce).sum() / w.sum()
+    loss.backward()
+    return kl.detach().numpy(), ce.detach().numpy(), float(loss.detach()), student_hidden.grad.numpy(), student_head.grad.numpy()
+
+
+@pytest.mark.parametrize("temperature, alpha, chunk", [(1.0, 0.5, 4), (2.0, 0.9, 13), (0.7, 1.0, 5)])
+def test_chunked_distillation_equals_torch_on_whole_logits(temperature, alpha, chunk):
+    c = case()
+    ref_kl, ref_ce, ref_loss, ref_grad_hidden, ref_grad_head = torch_reference(c, temperature=temperature, alpha=alpha)
+
+    def loss(student_hidden, student_head, teacher_hidden, teacher_head):
+        ce, kl, _ = chunked_distillation(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            jnp.asarray(c["targets"]),
+            temperature=temperature,
+            chunk=chunk,
+        )
+        return distillation_loss(ce, kl, jnp.asarray(c["weights"]), alpha=alpha), (ce, kl)
+
+    args = [jnp.asarray(c[k]) for k in ("student_hidden", "student_head", "teacher_hidden", "teacher_head")]
+    (value, (ce, kl)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    np.testing.assert_allclose(kl, ref_kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grads[0], ref_grad_hidden, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads[1], ref_grad_head, rtol=1e-4, atol=1e-6)
+    assert not np.any(grads[2]) and not np.any(grads[3])  # the teacher is frozen
+
+
+def test_kl_is_zero_for_the_teacher_itself_and_vocabularies_must_match():
+    c = case()
+    head = jnp.asarray(c["teacher_head"])
+    hidden = jnp.asarray(c["teacher_hidden"])
+    _, kl, _ = chunked_distillation(hidden, head, hidden, head, jnp.asarray(c["targets"]), temperature=2.0, chunk=4)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="student vocabulary 40 != teacher vocabulary 39"):
+        chunked_distillation(hidden, head, hidden, head[:, :39], jnp.asarray(c["targets"]), temperature=1.0, chunk=4)
