@@ -123,7 +123,8 @@ def main(argv):
     start = time.perf_counter()
     try:
         with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules):
-            compiled = builder.train_step.lower(builder.abstract_state(), abstract_batch(builder)).compile()
+            arguments = (builder.abstract_state(), abstract_batch(builder), *builder.abstract_teacher())
+            compiled = builder.train_step.lower(*arguments).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

@@ -42,7 +42,13 @@ def torch_reference(c, *, temperature, alpha):
     w = torch.tensor(c["weights"])
     loss = alpha * (w * kl).sum() / w.sum() + (1 - alpha) * (w * ce).sum() / w.sum()
     loss.backward()
-    return kl.detach().numpy(), ce.detach().numpy(), float(loss.detach()), student_hidden.grad.numpy(), student_head.grad.numpy()
+    return (
+        kl.detach().numpy(),
+        ce.detach().numpy(),
+        float(loss.detach()),
+        student_hidden.grad.numpy(),
+        student_head.grad.numpy(),
+    )
 
 
 @pytest.mark.parametrize("temperature, alpha, chunk", [(1.0, 0.5, 4), (2.0, 0.9, 13), (0.7, 1.0, 5)])
@@ -80,3 +86,54 @@ def test_kl_is_zero_for_the_teacher_itself_and_vocabularies_must_match():
     np.testing.assert_allclose(kl, 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="student vocabulary 40 != teacher vocabulary 39"):
         chunked_distillation(hidden, head, hidden, head[:, :39], jnp.asarray(c["targets"]), temperature=1.0, chunk=4)
+
+
+@pytest.mark.parametrize("all_text_tokens", [False, True], ids=["supervised_tokens", "all_text_tokens"])
+def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text_tokens):
+    """One train step of the tiny student with a deeper, wider teacher on the same packed batch: its loss is
+    alpha * KL_T + (1 - alpha) * CE over the batch, recomputed here from the two models' whole logits."""
+    from helpers import OPTIMIZER
+
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.inputs.model_inputs import ModelInputs
+    from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+    from qwen3vl_jax.training.loss import token_weights
+    from qwen3vl_jax.training.optimizer import make_optimizer
+    from qwen3vl_jax.training.train_step import Distillation, TrainState, make_train_step
+
+    student = preset("tiny")
+    teacher = preset("tiny", text=dict(num_hidden_layers=4, intermediate_size=192))
+    params, teacher_params = init_params(student, jax.random.PRNGKey(0)), init_params(teacher, jax.random.PRNGKey(9))
+    distill = Distillation(teacher, alpha=0.7, temperature=2.0, all_text_tokens=all_text_tokens)
+    optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=params)
+    step = make_train_step(
+        student, optimizer=optimizer, schedule=schedule, loss_normalization="sqrt", loss_chunk=32, distill=distill
+    )
+    state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+    _, metrics = jax.jit(step)(state, batch, teacher_params)
+
+    inputs = ModelInputs.from_batch(batch)
+    logits = np.asarray(Qwen3VL(student).apply({"params": params}, inputs), np.float64)
+    teacher_logits = np.asarray(Qwen3VL(teacher).apply({"params": teacher_params}, inputs), np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(teacher_logits / 2.0), log_softmax(logits / 2.0)
+    kl = 4.0 * (np.exp(p) * (p - q)).sum(-1)
+    ce = -np.take_along_axis(log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+    w = np.asarray(token_weights(batch["loss_mask"], batch["segment_ids"], normalization="sqrt"))
+    if all_text_tokens:
+        ids, segments = batch["input_ids"], batch["segment_ids"]
+        visual = (ids == student.image_token_id) | (ids == student.video_token_id)
+        has_next = np.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (0, 1)))
+        text = (segments > 0) & ~visual & has_next
+        assert text.sum() > (batch["loss_mask"] > 0).sum()  # the prompts count too
+        kl_w = np.asarray(token_weights(text, segments, normalization="sqrt"))
+    else:
+        kl_w = w
+    expected_kl, expected_ce = (kl_w * kl).sum() / kl_w.sum(), (w * ce).sum() / w.sum()
+    np.testing.assert_allclose(metrics["kl"], expected_kl, rtol=2e-5)
+    np.testing.assert_allclose(metrics["ce_loss"], expected_ce, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss"], 0.7 * expected_kl + 0.3 * expected_ce, rtol=2e-5)

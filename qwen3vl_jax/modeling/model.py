@@ -99,6 +99,12 @@ class Qwen3VL(nn.Module):
             cross_entropy, correct = cross_entropy_and_hits(logits, targets)
         return cross_entropy, correct, router_logits
 
+    def hidden_states_and_head(self, inputs: ModelInputs):
+        """Final-norm hidden states (B, L, H), the output head as an (H, vocab) matrix in the compute dtype, and
+        the MoE router logits (None for a dense model): what a loss computed in chunks needs."""
+        x, _, router_logits = self.hidden_states(inputs)
+        return x, self._head_weight(), router_logits
+
     def prefill(self, inputs: ModelInputs, cache: KVCache):
         """Runs the prompt through the model, filling the cache from cache.index on. Returns the logits
         (B, vocab) after each row's last real token, and the cache."""

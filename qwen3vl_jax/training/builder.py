@@ -21,7 +21,7 @@ from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.optimizer import make_optimizer
-from qwen3vl_jax.training.train_step import TrainState, make_eval_step, make_train_step
+from qwen3vl_jax.training.train_step import Distillation, TrainState, make_eval_step, make_train_step
 
 
 def model_config_from(config: ConfigDict) -> ModelConfig:
@@ -41,6 +41,26 @@ def processor_from(config: ConfigDict) -> Processor:
     if config.model.init_from:
         return load_processor(config.model.init_from, **settings)
     return Processor(byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(**settings))
+
+
+def distillation_from(config: ConfigDict, student: ModelConfig) -> Distillation | None:
+    """config.distill (teacher: an HF checkpoint directory; empty: no distillation) for `student`: the teacher
+    runs in the student's compute and parameter dtypes and attention implementation."""
+    settings = config.get("distill")
+    if not settings or not settings.teacher:
+        return None
+    if not 0.0 <= settings.alpha <= 1.0 or settings.temperature <= 0:
+        raise ValueError(f"distill.alpha must be in [0, 1] and distill.temperature > 0, got {settings}")
+    same = dict(dtype=student.dtype, param_dtype=student.param_dtype, attention_impl=student.attention_impl)
+    teacher = hf_io.load_config(settings.teacher, **same)
+    if teacher.text.vocab_size != student.text.vocab_size:
+        raise ValueError(
+            f"teacher {settings.teacher} has a vocabulary of {teacher.text.vocab_size}, the student "
+            f"{student.text.vocab_size}: distillation needs the same tokenizer"
+        )
+    return Distillation(
+        teacher, alpha=settings.alpha, temperature=settings.temperature, all_text_tokens=settings.all_text_tokens
+    )
 
 
 class StepBuilder:
@@ -70,6 +90,7 @@ class StepBuilder:
             opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, rules=self.rules),
             rng=replicated,
         )
+        self.distillation = distillation_from(config, self.model_config)
         step_fn = make_train_step(
             self.model_config,
             optimizer=self.optimizer,
@@ -78,16 +99,30 @@ class StepBuilder:
             grad_accum_steps=config.grad_accum_steps,
             loss_chunk=config.loss_chunk,
             freeze=tuple(config.optimizer.freeze),
+            distill=self.distillation,
         )
         batch = batch_shardings(mesh)
+        in_shardings = (self.shardings, batch)
+        if self.distillation:  # the teacher on the same mesh, sharded by the same rules
+            teacher = abstract_params(self.distillation.teacher, boxed=True)
+            self.teacher_shardings = param_shardings(teacher, mesh, rules=self.rules)
+            in_shardings += (self.teacher_shardings,)
         self.train_step = jax.jit(
-            step_fn, in_shardings=(self.shardings, batch), out_shardings=(self.shardings, replicated), donate_argnums=0
+            step_fn, in_shardings=in_shardings, out_shardings=(self.shardings, replicated), donate_argnums=0
         )
         self.eval_step = jax.jit(
             make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
             in_shardings=(self.shardings.params, batch),
             out_shardings=replicated,
         )
+
+    def teacher_params(self) -> tuple:
+        """() without distillation, else (the teacher's parameters,), each device's shard read from the
+        checkpoint files: the train step's arguments after (state, batch)."""
+        if not self.distillation:
+            return ()
+        path = self.config.distill.teacher
+        return (hf_io.load_params(path, self.distillation.teacher, self.teacher_shardings),)
 
     def initial_state(self) -> TrainState:
         """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
@@ -108,6 +143,12 @@ class StepBuilder:
             step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
         )
         return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
+
+    def abstract_teacher(self) -> tuple:
+        """teacher_params()'s shapes, dtypes and shardings (compile target)."""
+        if not self.distillation:
+            return ()
+        return (abstract_like(nn.meta.unbox(abstract_params(self.distillation.teacher)), self.teacher_shardings),)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (restore and compile target)."""

@@ -43,6 +43,10 @@ def run_config() -> ConfigDict:
     c.lora = ConfigDict(
         dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     )
+    # strong-to-weak distillation (training/distill.py): teacher = an HF checkpoint directory of the same family
+    # (empty: off); loss = alpha KL_T(teacher || student) T^2 + (1 - alpha) CE, the KL over the supervised tokens
+    # or, with all_text_tokens, every text token
+    c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=1.0, all_text_tokens=False))
     c.grad_accum_steps = 1
     # the LM head and the loss run this many positions at a time (0: the whole row), so that the (tokens, vocab)
     # logits and their gradient never exist whole (qwen3vl_jax.modeling.lm_head)

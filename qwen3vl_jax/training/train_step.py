@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,8 +15,20 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
+from qwen3vl_jax.training.distill import chunked_distillation
 from qwen3vl_jax.training.loss import example_totals, token_weights
 from qwen3vl_jax.training.optimizer import stop_frozen_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A frozen teacher (any size of the family, same vocabulary) on the same batch: the loss is alpha * KL_T +
+    (1 - alpha) * CE (training/distill.py); KL over the supervised tokens, or every text token."""
+
+    teacher: ModelConfig
+    alpha: float = 0.5
+    temperature: float = 1.0
+    all_text_tokens: bool = False
 
 
 @flax.struct.dataclass
@@ -41,12 +54,21 @@ def _objective(
     normalization: str,
     microbatches: int,
     loss_chunk: int,
+    teacher_params=None,
+    distill: Distillation | None = None,
+    kl_total_weight: jax.Array | None = None,
 ):
-    """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight, plus its
-    MoE router losses divided by the number of microbatches; and the counters for the metrics."""
+    """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight (mixed with
+    the distillation KL when there is a teacher), plus its MoE router losses divided by the number of
+    microbatches; and the counters for the metrics."""
     text = model.config.text
-    ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk)
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=normalization)
+    if distill is None:
+        ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk)
+    else:
+        ce, kl, correct, router_logits = _distillation_losses(
+            model, params, teacher_params, batch, distill=distill, loss_chunk=loss_chunk
+        )
     mask = batch["loss_mask"] > 0
     correct = correct & mask
     counters = dict(
@@ -56,12 +78,51 @@ def _objective(
         token_ce=jnp.where(mask, ce, 0.0).sum(),
     )
     objective = counters["ce"]
+    if distill is not None:
+        kl_weights = _kl_weights(
+            batch, all_text_tokens=distill.all_text_tokens, config=model.config, normalization=normalization
+        )
+        counters["kl"] = (kl_weights * kl).sum() / kl_total_weight
+        objective = distill.alpha * counters["kl"] + (1 - distill.alpha) * counters["ce"]
     if router_logits is not None:
         real = batch["segment_ids"].reshape(-1) > 0
         counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
         counters["z_loss"] = router_z_loss(router_logits, real) / microbatches
         objective += text.router_aux_loss_coef * counters["aux_loss"] + text.router_z_loss_coef * counters["z_loss"]
     return objective, counters
+
+
+def _kl_weights(batch: dict, *, all_text_tokens: bool, config: ModelConfig, normalization: str) -> jax.Array:
+    """The distillation term's token weights: the supervised tokens' (as the CE's), or those of every text token
+    that has a next token in its example (not a visual token, not padding), normalised the same way."""
+    if not all_text_tokens:
+        return token_weights(batch["loss_mask"], batch["segment_ids"], normalization=normalization)
+    visual = (batch["input_ids"] == config.image_token_id) | (batch["input_ids"] == config.video_token_id)
+    same_example_next = jnp.pad(batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1], ((0, 0), (0, 1)))
+    text = (batch["segment_ids"] > 0) & ~visual & same_example_next
+    return token_weights(text, batch["segment_ids"], normalization=normalization)
+
+
+def _distillation_losses(model: Qwen3VL, params, teacher_params, batch: dict, *, distill: Distillation, loss_chunk):
+    """Per token: the student's CE, KL_T(teacher || student) and hit, and the student's router logits."""
+    inputs = ModelInputs.from_batch(batch)
+    student_hidden, student_head, router_logits = model.apply(
+        {"params": params}, inputs, method=Qwen3VL.hidden_states_and_head
+    )
+    teacher = Qwen3VL(distill.teacher)
+    teacher_hidden, teacher_head, _ = teacher.apply(
+        {"params": jax.lax.stop_gradient(teacher_params)}, inputs, method=Qwen3VL.hidden_states_and_head
+    )
+    ce, kl, correct = chunked_distillation(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        batch["targets"],
+        temperature=distill.temperature,
+        chunk=loss_chunk or student_hidden.shape[1],
+    )
+    return ce, kl, correct, router_logits
 
 
 def make_train_step(
@@ -73,6 +134,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     loss_chunk: int = 0,
     freeze: Sequence[str] = (),
+    distill: Distillation | None = None,
 ) -> Callable:
     """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
     (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
@@ -81,15 +143,22 @@ def make_train_step(
     are averaged over the microbatches (each computed on its own tokens, as with a smaller batch).
     loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head). The
     `freeze` parts (training/optimizer.py) get no backward pass, nor, with LoRA adapters (config.lora), any weight
-    but the adapters."""
+    but the adapters. With `distill`, the step is (state, batch, teacher_params) -> (state, metrics) and the loss
+    mixes the teacher's KL in (Distillation)."""
     model = Qwen3VL(config)
     lora = config.lora.rank > 0
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, teacher_params=None):
         weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=loss_normalization)
         total = jnp.maximum(weights.sum(), 1e-9)
         objective_args = dict(model=model, total_weight=total, normalization=loss_normalization)
         objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
+        if distill is not None:
+            kl_weights = _kl_weights(
+                batch, all_text_tokens=distill.all_text_tokens, config=config, normalization=loss_normalization
+            )
+            kl_total = jnp.maximum(kl_weights.sum(), 1e-9)
+            objective_args.update(teacher_params=teacher_params, distill=distill, kl_total_weight=kl_total)
 
         def objective(params, rows):
             return _objective(stop_frozen_gradients(params, freeze, lora=lora), rows, **objective_args)
@@ -120,7 +189,7 @@ def make_train_step(
             token_accuracy=counters["correct"] / jnp.maximum(counters["tokens"], 1.0),
             token_ce=counters["token_ce"] / jnp.maximum(counters["tokens"], 1.0),
         )
-        metrics.update({k: counters[k] for k in ("aux_loss", "z_loss") if k in counters})
+        metrics.update({k: counters[k] for k in ("aux_loss", "z_loss", "kl") if k in counters})
         rng, _ = jax.random.split(state.rng)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 

@@ -95,13 +95,14 @@ class Trainer(StepBuilder):
         results: dict[str, float] = {}
         progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
+        teacher = self.teacher_params()  # () unless distilling: (the teacher's parameters,)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             while step < config.steps and not self._stop:
                 batch = next(iterator)
                 window["dropped"] += int(batch.pop("num_dropped").sum())
                 window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
                 state, metrics = self.train_step(
-                    state, global_batch(batch, self.mesh, row_group_count=self.row_group_count)
+                    state, global_batch(batch, self.mesh, row_group_count=self.row_group_count), *teacher
                 )
                 step += 1
                 window["steps"] += 1
