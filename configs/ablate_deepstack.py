@@ -37,7 +37,8 @@ def get_config(arg: str = "pretrain") -> ConfigDict:
     grids = dict(grid_sizes=(6,))
     objects, counting = synthetic(("small_object_grounding",), **grids), synthetic(("small_object_counting",), **grids)
     if mode == "pretrain":
-        base = base_config(dict(counting=dict(counting, weight=1.0)), steps=1200, seq_len=120, max_patches=144)
+        base = base_config(dict(counting=dict(counting, weight=1.0)), steps=2000, seq_len=120, max_patches=144)
+        base.optimizer.update(lr=1e-3, warmup_steps=200)  # at 3e-3 / 50 and 1200 steps no seed learned to count
         base.model.overrides.vision.update(VIT)
         base.model.overrides.deepstack = False  # a ViT pretrained on its own, as released ViTs are
         base.export_hf = True  # stage 2 starts from <workdir>/runs/coarse/seed_<s>/hf
@@ -52,6 +53,7 @@ def get_config(arg: str = "pretrain") -> ConfigDict:
             max_new_tokens=8,
         )
     base = base_config(dict(objects=dict(objects, weight=1.0)), steps=1200, seq_len=120, max_patches=144)
+    base.optimizer.update(lr=1e-3, warmup_steps=200)
     base.model.overrides.vision.update(VIT)
     variants = {"on": {}, "off": dict(model=dict(overrides=dict(deepstack=False)))}
     if mode == "finetune":
