@@ -3,7 +3,9 @@ base for an HF export; and a LoRA train step keeps optimizer state for the adapt
 
 import copy
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -105,7 +107,7 @@ def test_a_lora_run_trains_only_the_adapters_and_exports_them(tiny, tmp_path):
     Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(base))
     config = tiny_config()
     config.model.init_from, config.model.overrides = str(base), ConfigDict()
-    config.lora.update(rank=4, targets=("q_proj", "v_proj", "mlp_fc1"))
+    config.lora.update(rank=4, dropout=0.1, targets=("q_proj", "v_proj", "mlp_fc1"))
     config.update(steps=2, log_every=1)
     config.eval.every = 0
     config.data.update(seq_len=128, max_patches=64, batch_size=8)
@@ -126,3 +128,26 @@ def test_a_lora_run_trains_only_the_adapters_and_exports_them(tiny, tmp_path):
     exported = flatten_dict(load_params(str(tmp_path / "work" / "hf"), tiny.config))
     for name, value in flatten_dict(merged).items():
         np.testing.assert_array_equal(exported[name], value, err_msg="/".join(name))
+
+
+def test_lora_dropout_only_with_a_dropout_rng_and_unbiased():
+    """Dropout on the adapter's input: off without a "dropout" rng (eval, generation); with one, each draw
+    differs and the mean over draws is the dropout-free output (inverted dropout)."""
+    from qwen3vl_jax.config import LoraConfig
+    from qwen3vl_jax.modeling.layers import Dense
+
+    layer = Dense(
+        6, ("embed", "mlp"), lora=LoraConfig(rank=2, alpha=4.0, dropout=0.5, targets=("q_proj",)), name="q_proj"
+    )
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+    params = layer.init(jax.random.PRNGKey(1), x)
+    params = nn.meta.unbox(params)
+    params["params"]["lora_b"] = jnp.ones_like(params["params"]["lora_b"])  # B != 0: the adapter contributes
+    plain = Dense(6, ("embed", "mlp"), lora=LoraConfig(rank=2, alpha=4.0, targets=("q_proj",)), name="q_proj")
+    expected = plain.apply(params, x)
+    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-6)  # no rng: no dropout
+    draws = jax.vmap(lambda key: layer.apply(params, x, rngs={"dropout": key}))(
+        jax.random.split(jax.random.PRNGKey(2), 4000)
+    )
+    assert np.abs(draws[0] - draws[1]).max() > 1e-3
+    np.testing.assert_allclose(draws.mean(0), expected, atol=0.05 * np.abs(expected).max())

@@ -76,7 +76,7 @@ def save_adapters(path: str, params: dict, config: ModelConfig, *, base_model: s
             base_model_name_or_path=base_model,
             r=lora.rank,
             lora_alpha=lora.alpha,
-            lora_dropout=0.0,
+            lora_dropout=lora.dropout,
             bias="none",
             fan_in_fan_out=False,
             # every adapted module by its full name: our ViT MLP and the mergers share transformers' short

@@ -174,17 +174,20 @@ LORA_TARGETS = (
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """Low-rank adapters (LoRA, Hu et al. 2021) on the named linear layers: y = x W + (alpha / rank) x A B with
-    A (in, rank), B (rank, out) in float32 (B starts at zero), W frozen. rank 0: no adapters. The MoE experts are
-    never adapted (they are not among the targets)."""
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the named linear layers: y = x W + (alpha / rank) dropout(x) A B
+    with A (in, rank), B (rank, out) in float32 (B starts at zero), W frozen. rank 0: no adapters. The MoE experts
+    are never adapted (they are not among the targets). Dropout applies only when the model is applied with a
+    "dropout" rng (the train step; never in eval or generation)."""
 
     rank: int = 0
     alpha: float = 16.0
+    dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         _check(self.rank >= 0, f"lora rank {self.rank} must be >= 0")
+        _check(0.0 <= self.dropout < 1.0, f"lora dropout {self.dropout} must be in [0, 1)")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         _check(not unknown, f"lora targets {unknown} are not adaptable layers; known: {LORA_TARGETS}")
 

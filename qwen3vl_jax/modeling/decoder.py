@@ -232,7 +232,7 @@ class Decoder(nn.Module):
             layers = nn.scan(
                 maybe_remat(DecoderLayer, self.config.remat),
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},

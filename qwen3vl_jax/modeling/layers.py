@@ -79,7 +79,7 @@ class Dense(nn.Module):
         return y
 
     def _lora_delta(self, x: jax.Array, *, in_shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array:
-        """(alpha / rank) x A B: A (*in, rank) with peft's default init (kaiming-uniform, a = sqrt(5), i.e.
+        """(alpha / rank) dropout(x) A B: A (*in, rank) with peft's default init (kaiming-uniform, a = sqrt(5), i.e.
         U(+-1/sqrt(in))), B (rank, *features) zeros; float32 parameters, computed in the layer's dtype."""
         rank, fan_in = self.lora.rank, math.prod(in_shape)
         bound = 1.0 / math.sqrt(fan_in)
@@ -99,6 +99,8 @@ class Dense(nn.Module):
             dtype=jnp.float32,
             axes=("lora_rank", *self.axes[self.contract :]),
         )
+        if self.lora.dropout and self.has_rng("dropout"):
+            x = nn.Dropout(self.lora.dropout, deterministic=False, name="lora_dropout")(x)
         rows = x.reshape(-1, fan_in)
         delta = (rows @ a.astype(self.dtype).reshape(fan_in, rank)) @ b.astype(self.dtype).reshape(rank, -1)
         return (

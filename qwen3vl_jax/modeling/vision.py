@@ -145,7 +145,7 @@ class VisionTower(nn.Module):
             blocks = nn.scan(
                 maybe_remat(VisionBlock, self.config.remat),
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},

@@ -41,7 +41,12 @@ def run_config() -> ConfigDict:
     # the adapters train and carry optimizer state, and the run exports them in the PEFT format (<workdir>/lora)
     # beside the merged model (<workdir>/hf)
     c.lora = ConfigDict(
-        dict(rank=0, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        dict(
+            rank=0,
+            alpha=16.0,
+            dropout=0.0,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
     )
     # strong-to-weak distillation (training/distill.py): teacher = an HF checkpoint directory of the same family
     # (empty: off); loss = alpha KL_T(teacher || student) T^2 + (1 - alpha) CE, the KL over the supervised tokens

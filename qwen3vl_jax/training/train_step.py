@@ -39,10 +39,14 @@ class TrainState:
     rng: jax.Array  # uint32[2], split once per step
 
 
-def _token_losses(model: Qwen3VL, params, batch: dict, *, loss_chunk: int):
-    """Per-token cross-entropy (B, L), target has the highest logit (B, L) and the router logits of a batch."""
+def _token_losses(model: Qwen3VL, params, batch: dict, *, loss_chunk: int, dropout_rng: jax.Array | None = None):
+    """Per-token cross-entropy (B, L), target has the highest logit (B, L) and the router logits of a batch.
+    dropout_rng: LoRA dropout on (training), else off."""
     inputs = ModelInputs.from_batch(batch)
-    return model.apply({"params": params}, inputs, batch["targets"], chunk=loss_chunk, method=Qwen3VL.token_losses)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return model.apply(
+        {"params": params}, inputs, batch["targets"], chunk=loss_chunk, method=Qwen3VL.token_losses, rngs=rngs
+    )
 
 
 def _objective(
@@ -57,6 +61,7 @@ def _objective(
     teacher_params=None,
     distill: Distillation | None = None,
     kl_total_weight: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
 ):
     """One (micro)batch's part of the loss: its weighted CE sum over the whole batch's total weight (mixed with
     the distillation KL when there is a teacher), plus its MoE router losses divided by the number of
@@ -64,10 +69,10 @@ def _objective(
     text = model.config.text
     weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=normalization)
     if distill is None:
-        ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk)
+        ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk, dropout_rng=dropout_rng)
     else:
         ce, kl, correct, router_logits = _distillation_losses(
-            model, params, teacher_params, batch, distill=distill, loss_chunk=loss_chunk
+            model, params, teacher_params, batch, distill=distill, loss_chunk=loss_chunk, dropout_rng=dropout_rng
         )
     mask = batch["loss_mask"] > 0
     correct = correct & mask
@@ -103,11 +108,14 @@ def _kl_weights(batch: dict, *, all_text_tokens: bool, config: ModelConfig, norm
     return token_weights(text, batch["segment_ids"], normalization=normalization)
 
 
-def _distillation_losses(model: Qwen3VL, params, teacher_params, batch: dict, *, distill: Distillation, loss_chunk):
+def _distillation_losses(
+    model: Qwen3VL, params, teacher_params, batch: dict, *, distill: Distillation, loss_chunk, dropout_rng=None
+):
     """Per token: the student's CE, KL_T(teacher || student) and hit, and the student's router logits."""
     inputs = ModelInputs.from_batch(batch)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     student_hidden, student_head, router_logits = model.apply(
-        {"params": params}, inputs, method=Qwen3VL.hidden_states_and_head
+        {"params": params}, inputs, method=Qwen3VL.hidden_states_and_head, rngs=rngs
     )
     teacher = Qwen3VL(distill.teacher)
     teacher_hidden, teacher_head, _ = teacher.apply(
@@ -153,6 +161,8 @@ def make_train_step(
         total = jnp.maximum(weights.sum(), 1e-9)
         objective_args = dict(model=model, total_weight=total, normalization=loss_normalization)
         objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
+        if config.lora.rank and config.lora.dropout:  # a fresh dropout mask every step
+            objective_args.update(dropout_rng=jax.random.fold_in(state.rng, 1))
         if distill is not None:
             kl_weights = _kl_weights(
                 batch, all_text_tokens=distill.all_text_tokens, config=config, normalization=loss_normalization
