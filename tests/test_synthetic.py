@@ -389,3 +389,15 @@ def test_probe_tasks_are_appended_and_validated():
     assert [mixed[i]["id"] for i in range(4)] == ["shapes/0", "text_reverse/0", "shapes/1", "text_reverse/1"]
     with pytest.raises(ValueError, match="grid_sizes"):
         make_record("grid_grounding", 0, grid_sizes=(1,))
+
+
+def test_small_object_presence_asks_about_present_and_absent_colours():
+    answers = []
+    for index in range(N_CHECK):
+        record = make_record("small_object_presence", index, seed=3, grid_sizes=(6,))
+        image, meta = _image(record), record["meta"]
+        asked = meta["asked"]
+        assert asked in _user(record)[1]["text"]
+        assert record["answer"] == ("yes" if _mask(image, asked).sum() > 0 else "no")  # read from the pixels
+        answers.append(record["answer"])
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7

@@ -38,6 +38,9 @@ Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size
   ``marks``: [row, col, colour] of every square (the target first).
 - ``small_object_counting``: images drawn like ``small_object_grounding``'s (2..4 squares); asks how many squares
   there are, a coarse question that needs no square's place or colour. Same meta; the answer is the count.
+- ``small_object_presence``: the same images; asks whether there is a small square of a colour, present or absent
+  with equal odds; the answer is "yes" or "no" (a coarse question: which colours, not where). Same meta, plus
+  ``asked`` (the colour in the question).
 - ``text_reverse``: text only; reverse a string of 8..20 letters. meta ``{"text"}``.
 """
 
@@ -52,7 +55,13 @@ from PIL import Image, ImageDraw, ImageFont
 from qwen3vl_jax.processing.boxes import format_box
 
 TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
-PROBE_TASKS: tuple[str, ...] = ("grid_grounding", "small_object_grounding", "text_reverse", "small_object_counting")
+PROBE_TASKS: tuple[str, ...] = (
+    "grid_grounding",
+    "small_object_grounding",
+    "text_reverse",
+    "small_object_counting",
+    "small_object_presence",
+)
 ALL_TASKS = TASKS + PROBE_TASKS
 CELL_PX = 32  # one LLM visual token: a 16 px patch merged 2 x 2
 SMALL_MARK_PX = 8
@@ -95,6 +104,7 @@ _VIDEO_QUESTIONS = ("When does the square turn red?", "At what time does the squ
 _CELL_QUESTIONS = ("Where is the {colour} cell?", "Locate the {colour} cell.")
 _MARK_QUESTIONS = ("Where is the small {colour} square?", "Locate the small {colour} square.")
 _MARK_COUNT_QUESTIONS = ("How many small squares are there?", "Count the small squares.")
+_MARK_PRESENCE_QUESTIONS = ("Is there a small {colour} square?", "Does the grid hold a small {colour} square?")
 _REVERSE_QUESTIONS = ("Reverse the letters: {text}", "Write backwards: {text}")
 
 
@@ -239,6 +249,17 @@ def _grid_grounding(rng, grid_sizes, *, small: bool, count: bool = False):
     return message, answer, meta
 
 
+def _small_object_presence(rng, grid_sizes):
+    (image_item, _), _, meta = _grid_grounding(rng, grid_sizes, small=True)
+    image = image_item["content"][0]["image"]
+    present = sorted({colour for _, _, colour in meta["marks"]})
+    absent = [c for c in _COLOURS if c not in present]
+    asked = _choice(rng, present) if rng.random() < 0.5 or not absent else _choice(rng, absent)
+    answer = "yes" if asked in present else "no"
+    question = _choice(rng, _MARK_PRESENCE_QUESTIONS).format(colour=asked)
+    return _image_message(image, question=question, answer=answer), answer, {**meta, "asked": asked}
+
+
 def _text_reverse(rng):
     text = "".join(_choice(rng, string.ascii_uppercase) for _ in range(int(rng.integers(8, 21))))
     question = _choice(rng, _REVERSE_QUESTIONS).format(text=text)
@@ -319,6 +340,8 @@ def make_record(
     if task in ("grid_grounding", "small_object_grounding", "small_object_counting"):
         small, count = task != "grid_grounding", task == "small_object_counting"
         messages, answer, meta = _grid_grounding(rng, grid_sizes, small=small, count=count)
+    elif task == "small_object_presence":
+        messages, answer, meta = _small_object_presence(rng, grid_sizes)
     elif task == "text_reverse":
         messages, answer, meta = _text_reverse(rng)
     elif task == "video_timestamp":
