@@ -128,15 +128,25 @@ class StepBuilder:
         """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
         state, laid out on the mesh."""
         mc, shardings = self.model_config, self.shardings
-        init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
         if self.config.model.init_from:
             # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
             fresh = tuple(self.config.model.get("init_fresh", ()))
             params = hf_io.load_params(self.config.model.init_from, mc, shardings.params, fresh=fresh)
-            if fresh or mc.lora.rank:  # the parts not read (and LoRA adapters) start from random weights
-                params = {**flatten_dict(init(mc, jax.random.PRNGKey(self.config.seed))), **flatten_dict(params)}
-                params = unflatten_dict(params)
+            params = flatten_dict(params)
+            missing = sorted(set(flatten_dict(shardings.params)) - set(params))
+            if missing:  # the parts not read (init_fresh, LoRA adapters) start from random weights (config.seed)
+
+                def init_missing(key):  # XLA drops the initialisers of every other parameter
+                    flat = flatten_dict(init_params(mc, key))
+                    return {"/".join(name): flat[name] for name in missing}
+
+                flat_shardings = flatten_dict(shardings.params)
+                out = {"/".join(name): flat_shardings[name] for name in missing}
+                drawn = jax.jit(init_missing, out_shardings=out)(jax.random.PRNGKey(self.config.seed))
+                params.update({name: drawn["/".join(name)] for name in missing})
+            params = unflatten_dict(params)
         else:
+            init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
             params = init(mc, jax.random.PRNGKey(self.config.seed))
         opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
         state = TrainState(
