@@ -26,7 +26,6 @@ rows of `--seq-len` tokens, the patch buffers laid out for 8 context shards.
 import argparse
 import glob
 import gzip
-import importlib.util
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from ml_collections import ConfigDict
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.parallel.sharding import batch_shardings, make_mesh
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
+from qwen3vl_jax.training.run_config import config_from_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"unsharded (1 device)": {}, "context 8": {"context": 8}, "context 4 x fsdp 2": {"context": 4, "fsdp": 2}}
@@ -51,10 +51,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute
 
 
 def tiny_config(*, seq_len: int, rows: int) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_from_file(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.overrides.text.update(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, head_dim=64
     )

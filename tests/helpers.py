@@ -4,7 +4,6 @@ licences) with synthetic videos encoded by PyAV at chosen frame rates, sizes and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import lzma
 import os
@@ -20,6 +19,7 @@ from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.modeling.model import init_params
+from qwen3vl_jax.training.run_config import config_from_file
 from qwen3vl_jax.training.train_step import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -89,10 +89,7 @@ def initial_state(optimizer):
 
 def tiny_config() -> ConfigDict:
     """configs/tiny.py's get_config() (configs/ is not a package the tests import)."""
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_from_file(os.path.join(ROOT, "configs", "tiny.py"))
 
 
 # ------------------------------------------------------------------------------------------------ tests/data and videos

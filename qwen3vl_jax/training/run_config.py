@@ -5,6 +5,8 @@ file starts from `run_config()` and sets what it changes; any field can be overr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 from ml_collections import ConfigDict
 
@@ -61,6 +63,18 @@ def run_config() -> ConfigDict:
     # before it ("previous"), or the run stops naming it ("error")
     c.checkpoint = ConfigDict(dict(every=500, keep=3, on_corrupt="previous"))
     return c
+
+
+def config_from_file(path: str, arg: str | None = None) -> ConfigDict:
+    """`get_config(arg)` (or `get_config()`) of a config file such as configs/tiny.py, as `--config=path[:arg]`
+    gives it to the experiments, for code that runs without absl flags (tests, benchmarks, notebooks)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"config_file_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def model_settings(preset_name: str, **changes) -> ConfigDict:
