@@ -137,3 +137,29 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
     np.testing.assert_allclose(metrics["kl"], expected_kl, rtol=2e-5)
     np.testing.assert_allclose(metrics["ce_loss"], expected_ce, rtol=2e-5)
     np.testing.assert_allclose(metrics["loss"], 0.7 * expected_kl + 0.3 * expected_ce, rtol=2e-5)
+
+
+def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
+    from ml_collections import ConfigDict
+
+    import qwen3vl_jax
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.training.builder import distillation_from
+
+    student = preset("tiny")
+    settings = ConfigDict(dict(distill=dict(teacher="", alpha=0.5, temperature=1.0, all_text_tokens=False)))
+    assert distillation_from(settings, student) is None
+    for name, teacher in {
+        "good": preset("tiny", text=dict(num_hidden_layers=4)),
+        "vocab": preset("tiny", text=dict(vocab_size=600)),
+        "vit": preset("tiny", vision=dict(num_position_embeddings=64)),
+    }.items():
+        qwen3vl_jax.Qwen3VLModel.from_config(teacher).save_pretrained(str(tmp_path / name))
+    settings.distill.teacher = str(tmp_path / "good")
+    assert distillation_from(settings, student).teacher.text.num_hidden_layers == 4
+    settings.distill.teacher = str(tmp_path / "vocab")
+    with pytest.raises(ValueError, match="vocabulary of 600, the student 512"):
+        distillation_from(settings, student)
+    settings.distill.teacher = str(tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"ViT differs from the student's in \['num_position_embeddings'\]"):
+        distillation_from(settings, student)

@@ -58,6 +58,11 @@ def distillation_from(config: ConfigDict, student: ModelConfig) -> Distillation 
             f"teacher {settings.teacher} has a vocabulary of {teacher.text.vocab_size}, the student "
             f"{student.text.vocab_size}: distillation needs the same tokenizer"
         )
+    # the batch's patch features (pixels, position-embedding taps, rotary ids) are computed for the student's ViT
+    geometry = ("patch_size", "temporal_patch_size", "spatial_merge_size", "num_position_embeddings", "in_channels")
+    differ = [f for f in geometry if getattr(teacher.vision, f) != getattr(student.vision, f)]
+    if differ:
+        raise ValueError(f"teacher {settings.teacher}: its ViT differs from the student's in {differ}")
     return Distillation(
         teacher, alpha=settings.alpha, temperature=settings.temperature, all_text_tokens=settings.all_text_tokens
     )
