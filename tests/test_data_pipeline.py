@@ -90,6 +90,67 @@ def test_packed_examples_equal_each_example_alone(processor):
         np.testing.assert_allclose(packed_loss[r][packed["segment_ids"][r] == s], alone_loss, atol=2e-5, rtol=0)
 
 
+def preference_records():
+    """Three preference pairs about shapes images: two from a prompt with images, one from messages."""
+    records = []
+    for i in range(3):
+        source = make_record("shapes", i)
+        (image,) = [c["image"] for c in source["messages"][0]["content"] if c["type"] == "image"]
+        right, wrong = source["answer"], "blue" if source["answer"] != "blue" else "red"
+        if i < 2:
+            records.append(
+                dict(id=f"pair{i}", prompt=f"What is shape {i}?", images=[image], chosen=right, rejected=wrong)
+            )
+        else:
+            records.append(dict(id=f"pair{i}", messages=source["messages"][:1], chosen=right, rejected=wrong))
+    return records
+
+
+def test_preference_pairs_pack_whole_with_isolated_halves(processor):
+    """A pair is one packed example whose halves get segments 2s - 1 (chosen) and 2s (rejected), their own
+    positions and their own copy of the image: each half's per-token loss in the packed row equals that of its
+    conversation alone as a plain example."""
+    from qwen3vl_jax.data.features import preference_conversations
+
+    records = preference_records()
+    features = [featurizer(processor)(r) for r in records]
+    packed = packed_rows(features, seq_len=256, max_patches=512, num_bins=2)
+    params = init_params(CONFIG, jax.random.key(0))
+    packed_loss = np.asarray(per_token_loss(params, packed))
+    found = 0
+    for record in records:
+        for half, messages in enumerate(preference_conversations(record)):
+            plain = featurizer(processor)({"id": "plain", "messages": messages})
+            alone = packed_rows([plain], seq_len=256, max_patches=512, num_bins=1)
+            alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(plain["tokens"])]
+            for r in range(2):
+                for s in range(1, packed["segment_ids"][r].max() + 1):
+                    here = packed["segment_ids"][r] == s
+                    if np.array_equal(packed["input_ids"][r][here], plain["tokens"]):
+                        assert s % 2 == (1 if half == 0 else 0)  # chosen odd, rejected even
+                        np.testing.assert_array_equal(packed["loss_mask"][r][here], plain["loss_mask"])
+                        np.testing.assert_allclose(packed_loss[r][here], alone_loss, atol=2e-5, rtol=0)
+                        found += 1
+    assert found == 6
+
+
+def test_a_preference_pair_that_does_not_fit_is_never_truncated(processor):
+    record = preference_records()[0]
+    record["chosen"] = "a long answer " * 20
+    dropped = featurizer(processor, seq_len=128, overflow="drop")(record)
+    assert "do not fit seq_len = 128 (one answer of a preference pair)" in dropped[DROPPED]
+    with pytest.raises(DataError, match=r"pair0: .*do not fit seq_len = 128"):
+        featurizer(processor, seq_len=128, overflow="truncate")(record)
+    with pytest.raises(DataError, match="pair1: a preference record needs a non-empty 'rejected' answer"):
+        featurizer(processor)(dict(preference_records()[1], rejected=""))
+    from qwen3vl_jax.data.features import preference_conversations
+
+    pair = preference_records()[0]  # each half fits a row alone, the two together do not
+    halves = [len(featurizer(processor)({"id": "h", "messages": m})["tokens"]) for m in preference_conversations(pair)]
+    dropped = featurizer(processor, seq_len=max(halves) + 8, overflow="drop")(pair)
+    assert f"the preference pair's {sum(halves)} tokens do not fit seq_len = {max(halves) + 8}" in dropped[DROPPED]
+
+
 def tiny_data(sources, **kw):
     return DataConfig(sources=tuple(sources), **{"seq_len": 192, "max_patches": 256, "batch_size": 2, **kw})
 

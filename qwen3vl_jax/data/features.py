@@ -2,6 +2,13 @@
 
 A record is a dict with an "id" and either "messages" (a conversation: assistant replies are supervised) or
 "document" (interleaved text/media: all text is supervised). Media paths are relative to record["base_dir"].
+
+A preference record (DPO, training/dpo.py) has "chosen" and "rejected" answers (a string, or an assistant
+message's content) after "messages" (the conversation so far, ending with a user turn) or after "prompt" (a
+string) with optional "images" / "videos" (shown before it). It becomes one example holding both conversations,
+chosen then rejected, each with its own positions and its own copy of the media; the token feature `pair_half`
+(1: chosen, 2: rejected) lets `packing.finalize` give the two halves their own segments, so a pair is never
+split across rows and the halves never attend each other.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from qwen3vl_jax.processing import DataError, Encoded, Processor
 
 log = logging.getLogger(__name__)
 
-TOKEN_FEATURES = ("tokens", "targets", "loss_mask", "positions")
+TOKEN_FEATURES = ("tokens", "targets", "loss_mask", "positions", "pair_half")
 PATCH_FEATURES = ("pixel_patches", "patch_group", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
 OVERFLOW_POLICIES = ("truncate", "drop")
 BAD_INPUT_POLICIES = ("error", "skip")
@@ -64,7 +71,45 @@ def example_features(
         raise DataError(str(e)) from None
     if next(image_iter, None) or next(video_iter, None):
         raise DataError(f"{where}: more images/videos than placeholder tokens")
-    return dict(features, tokens=ids.astype(np.int32), targets=targets, loss_mask=loss_mask.astype(np.int32))
+    return dict(
+        features,
+        tokens=ids.astype(np.int32),
+        targets=targets,
+        loss_mask=loss_mask.astype(np.int32),
+        pair_half=np.zeros(len(ids), np.int32),
+    )
+
+
+def preference_conversations(record: dict) -> tuple[list[dict], list[dict]]:
+    """The chosen and the rejected conversation of a preference record (see the module docstring)."""
+    if "messages" in record:
+        prompt = list(record["messages"])
+        if not prompt or prompt[-1].get("role") != "user":
+            raise DataError("a preference record's messages must end with a user turn (the answers follow it)")
+    elif "prompt" in record:
+        media = [{"type": "image", "image": x} for x in record.get("images", [])]
+        media += [{"type": "video", "video": x} for x in record.get("videos", [])]
+        prompt = [{"role": "user", "content": [*media, {"type": "text", "text": record["prompt"]}]}]
+    else:
+        raise DataError("a preference record needs 'messages' or 'prompt' before its answers")
+    answers = []
+    for key in ("chosen", "rejected"):
+        answer = record.get(key)
+        if not answer:
+            raise DataError(f"a preference record needs a non-empty {key!r} answer")
+        answers.append([*prompt, {"role": "assistant", "content": answer}])
+    return answers[0], answers[1]
+
+
+def pair_features(chosen: dict[str, np.ndarray], rejected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One example of both halves: token and patch features concatenated, chosen first; the rejected half's
+    patch groups numbered after the chosen half's (its images are separate images for the ViT)."""
+    rejected = dict(rejected, patch_group=rejected["patch_group"] + int(chosen["patch_group"].max(initial=0)))
+    pair = {name: np.concatenate([chosen[name], rejected[name]]) for name in chosen}
+    pair["pair_half"] = np.concatenate(
+        [np.full(len(chosen["tokens"]), 1, np.int32), np.full(len(rejected["tokens"]), 2, np.int32)]
+    )
+    return pair
 
 
 class Featurizer:
@@ -99,6 +144,8 @@ class Featurizer:
         try:
             if "error" in record:  # a source could not even read the record
                 raise DataError(record["error"])
+            if "chosen" in record or "rejected" in record:
+                return self.preference_pair(record, where=where)
             encoded = self.encode(record)
             return example_features(
                 encoded,
@@ -114,6 +161,35 @@ class Featurizer:
                 raise DataError(message) from None
             log.warning("skipping %s", message)
             return {DROPPED: message}
+
+    def preference_pair(self, record: dict, *, where: str) -> dict[str, np.ndarray]:
+        """Both answers of a preference record as one example; a pair that does not fit one row whole is too long
+        (dropped and counted under overflow="drop", else a bad input): truncating it would cut an answer."""
+        base_dir = record.get("base_dir", "")
+        too_long = TooLong if self.overflow == "drop" else DataError
+        try:
+            halves = [
+                example_features(
+                    self.processor.encode_conversation(messages, base_dir),
+                    self.config,
+                    seq_len=self.seq_len,
+                    max_patches=self.max_patches,
+                    overflow="drop",
+                    where=where,
+                )
+                for messages in preference_conversations(record)
+            ]
+        except TooLong as e:
+            raise too_long(f"{e} (one answer of a preference pair)") from None
+        pair = pair_features(*halves)
+        tokens, patches = len(pair["tokens"]), len(pair["pixel_patches"])
+        if patches > self.max_patches:
+            raise DataError(
+                f"{where}: the preference pair's {patches} patches do not fit max_patches = {self.max_patches}"
+            )
+        if tokens > self.seq_len:
+            raise too_long(f"{where}: the preference pair's {tokens} tokens do not fit seq_len = {self.seq_len}")
+        return pair
 
     def encode(self, record: dict) -> Encoded:
         base_dir = record.get("base_dir", "")

@@ -41,6 +41,9 @@ def finalize(row: dict, config: ModelConfig, *, context_shards: int = 1) -> dict
     examples dropped before the examples of this row. With context_shards > 1 the patch buffer is laid out for
     context parallelism (parallel.context.align_patches)."""
     segments = row["tokens_segment_ids"]
+    pair = row["pair_half"]
+    if pair.any():  # preference pairs (data.features): example s -> chosen half 2s - 1, rejected half 2s
+        segments = np.where(pair > 0, 2 * segments - (pair == 1), segments).astype(segments.dtype)
     patch_segments = row["pixel_patches_segment_ids"]
     finalized = dict(
         input_ids=row["tokens"],
