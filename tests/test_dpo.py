@@ -50,3 +50,63 @@ def test_answer_logps_sum_each_examples_supervised_tokens():
     assert sums[1] == -2 - 3 and sums[2] == -5 and sums[7 + 1] == -8 and sums[7 + 2] == -11 - 12
     with pytest.raises(ValueError, match="variant 'hinge' not in"):
         preference_losses(*[jnp.zeros(2)] * 4, beta=0.1, variant="hinge")
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "ipo"])
+def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
+    """One train step on packed preference pairs: its loss, reward margin and accuracy equal the formula applied
+    to each half's answer log-probability, summed here from the two models' whole logits."""
+    import grain
+    from helpers import OPTIMIZER
+
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.data.features import Featurizer
+    from qwen3vl_jax.data.packing import finalize, pack
+    from qwen3vl_jax.data.synthetic import make_record
+    from qwen3vl_jax.inputs.model_inputs import ModelInputs
+    from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+    from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
+    from qwen3vl_jax.processing.chat import load_chat_template
+    from qwen3vl_jax.training.optimizer import make_optimizer
+    from qwen3vl_jax.training.train_step import PreferenceTuning, TrainState, make_train_step
+
+    config = preset("tiny")
+    processor = Processor(
+        byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(image_min_pixels=32 * 32)
+    )
+    records = []
+    for i in range(5):
+        source = make_record("shapes", i)
+        (image,) = [c["image"] for c in source["messages"][0]["content"] if c["type"] == "image"]
+        records.append(dict(id=f"p{i}", prompt=f"Colour {i}?", images=[image], chosen=source["answer"], rejected="no"))
+    features = [Featurizer(processor, config, seq_len=256, max_patches=256)(r) for r in records]
+    rows = pack(grain.MapDataset.source(features).to_iter_dataset(), seq_len=256, max_patches=256, num_bins=2)
+    rows = [finalize(row, config) for row in rows]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k != "num_dropped"}
+    policy, reference = init_params(config, jax.random.PRNGKey(0)), init_params(config, jax.random.PRNGKey(1))
+    optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=policy)
+    step = make_train_step(
+        config,
+        optimizer=optimizer,
+        schedule=schedule,
+        loss_normalization="token",
+        preference=PreferenceTuning(beta=0.2, variant=variant),
+    )
+    state = TrainState(step=np.int32(0), params=policy, opt_state=optimizer.init(policy), rng=jax.random.PRNGKey(2))
+    _, metrics = jax.jit(step)(state, batch, reference)
+
+    def sequence_logps(params):  # (rows, segment) -> summed log-probability of the supervised targets
+        logits = np.asarray(Qwen3VL(config).apply({"params": params}, ModelInputs.from_batch(batch)), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        token = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * (batch["loss_mask"] > 0)
+        return {(r, s): token[r][batch["segment_ids"][r] == s].sum() for r in range(len(rows)) for s in range(1, 257)}
+
+    ours, ref = sequence_logps(policy), sequence_logps(reference)
+    pairs = [(r, s) for r in range(len(rows)) for s in range(1, 256, 2) if (batch["segment_ids"][r] == s).any()]
+    assert len(pairs) == 5
+    h = np.array([(ours[r, s] - ref[r, s]) - (ours[r, s + 1] - ref[r, s + 1]) for r, s in pairs])
+    loss = np.log1p(np.exp(-0.2 * h)) if variant == "sigmoid" else (h - 1 / (2 * 0.2)) ** 2
+    np.testing.assert_allclose(metrics["loss"], loss.mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["reward_margin"], 0.2 * h.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["preference_accuracy"], (h > 0).mean(), rtol=1e-6)

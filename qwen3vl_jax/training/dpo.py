@@ -47,6 +47,19 @@ def answer_logps(token_logps: jax.Array, loss_mask: jax.Array, segment_ids: jax.
     return example_totals(jnp.where(loss_mask > 0, token_logps, 0.0), segment_ids)[0]
 
 
+def pair_answer_logps(token_logps: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array):
+    """Packed preference pairs (data.features: segment 2k - 1 the chosen half, 2k the rejected): per row and pair
+    slot (B, L // 2), the chosen and the rejected answer's summed log-probabilities and whether the slot holds a
+    pair (both halves have supervised tokens)."""
+    batch, length = segment_ids.shape
+    sums = answer_logps(token_logps, loss_mask, segment_ids).reshape(batch, length + 1)
+    counts = example_totals(loss_mask > 0, segment_ids)[0].reshape(batch, length + 1)
+    pairs = length // 2
+    chosen, rejected = sums[:, 1 : 2 * pairs : 2], sums[:, 2 : 2 * pairs + 1 : 2]
+    valid = (counts[:, 1 : 2 * pairs : 2] > 0) & (counts[:, 2 : 2 * pairs + 1 : 2] > 0)
+    return chosen, rejected, valid
+
+
 def preference_losses(
     policy_chosen: jax.Array,
     policy_rejected: jax.Array,

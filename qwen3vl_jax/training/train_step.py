@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
 from qwen3vl_jax.training.distill import chunked_distillation
+from qwen3vl_jax.training.dpo import DPO_VARIANTS, pair_answer_logps, preference_losses
 from qwen3vl_jax.training.loss import example_totals, token_weights
 from qwen3vl_jax.training.optimizer import stop_frozen_gradients
 
@@ -29,6 +31,19 @@ class Distillation:
     alpha: float = 0.5
     temperature: float = 1.0
     all_text_tokens: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceTuning:
+    """DPO / IPO on packed preference pairs (training/dpo.py, data.features): the reference is the frozen
+    reference parameters given to the step, or, for a LoRA model, the same weights with the adapters off."""
+
+    beta: float = 0.1
+    variant: str = "sigmoid"
+
+    def __post_init__(self):
+        if self.variant not in DPO_VARIANTS or self.beta <= 0:
+            raise ValueError(f"dpo variant must be in {DPO_VARIANTS} and beta > 0, got {self}")
 
 
 @flax.struct.dataclass
@@ -133,6 +148,50 @@ def _distillation_losses(
     return ce, kl, correct, router_logits
 
 
+def _preference_objective(
+    params,
+    batch: dict,
+    *,
+    model: Qwen3VL,
+    reference_model: Qwen3VL,
+    reference_params,
+    preference: PreferenceTuning,
+    total_pairs: jax.Array,
+    microbatches: int,
+    loss_chunk: int,
+    dropout_rng: jax.Array | None = None,
+):
+    """One (micro)batch's part of the mean preference loss over the whole batch's pairs, plus its MoE router
+    losses; and the counters (the policy's token CE for the metrics, reward margins and hits summed over pairs)."""
+    ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk, dropout_rng=dropout_rng)
+    reference_ce, _, _ = _token_losses(
+        reference_model, jax.lax.stop_gradient(reference_params), batch, loss_chunk=loss_chunk
+    )
+    pair = dict(loss_mask=batch["loss_mask"], segment_ids=batch["segment_ids"])
+    chosen, rejected, valid = pair_answer_logps(-ce, **pair)
+    reference_chosen, reference_rejected, _ = pair_answer_logps(-reference_ce, **pair)
+    losses = preference_losses(
+        chosen, rejected, reference_chosen, reference_rejected, beta=preference.beta, variant=preference.variant
+    )
+    mask = batch["loss_mask"] > 0
+    counters = dict(
+        ce=jnp.where(mask, ce, 0.0).sum() / jnp.maximum(mask.sum(), 1),
+        tokens=mask.sum(dtype=jnp.float32),
+        correct=(correct & mask).sum(dtype=jnp.float32),
+        token_ce=jnp.where(mask, ce, 0.0).sum(),
+        dpo_loss=jnp.where(valid, losses.loss, 0.0).sum() / total_pairs,
+        reward_margin=jnp.where(valid, losses.margin, 0.0).sum() / total_pairs,
+        preference_accuracy=jnp.where(valid, losses.accuracy, 0.0).sum() / total_pairs,
+    )
+    objective = counters["dpo_loss"]
+    if router_logits is not None:
+        text = model.config.text
+        real = batch["segment_ids"].reshape(-1) > 0
+        counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
+        objective += text.router_aux_loss_coef * counters["aux_loss"]
+    return objective, counters
+
+
 def make_train_step(
     config: ModelConfig,
     *,
@@ -143,6 +202,7 @@ def make_train_step(
     loss_chunk: int = 0,
     freeze: Sequence[str] = (),
     distill: Distillation | None = None,
+    preference: PreferenceTuning | None = None,
 ) -> Callable:
     """(state, batch) -> (state, metrics). The loss is the weighted token cross-entropy over the whole batch
     (training/loss.py) plus, for MoE models, router_aux_loss_coef x the load-balancing loss (and the optional
@@ -152,15 +212,36 @@ def make_train_step(
     loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head). The
     `freeze` parts (training/optimizer.py) get no backward pass, nor, with LoRA adapters (config.lora), any weight
     but the adapters. With `distill`, the step is (state, batch, teacher_params) -> (state, metrics) and the loss
-    mixes the teacher's KL in (Distillation)."""
+    mixes the teacher's KL in (Distillation). With `preference`, the loss is DPO / IPO over the batch's packed
+    pairs (PreferenceTuning) and the step is (state, batch, reference_params), reference_params None for a LoRA
+    model (its base is the reference)."""
     model = Qwen3VL(config)
     lora = config.lora.rank > 0
+    if distill is not None and preference is not None:
+        raise ValueError("distillation and preference tuning are separate objectives: choose one")
 
     def train_step(state: TrainState, batch: dict, teacher_params=None):
         weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization=loss_normalization)
         total = jnp.maximum(weights.sum(), 1e-9)
         objective_args = dict(model=model, total_weight=total, normalization=loss_normalization)
         objective_args.update(microbatches=grad_accum_steps, loss_chunk=loss_chunk)
+        objective_fn = _objective
+        if preference is not None:  # teacher_params is the reference here
+            if teacher_params is None and not lora:
+                raise ValueError("preference tuning without LoRA needs the frozen reference parameters")
+            _, _, valid = pair_answer_logps(
+                jnp.zeros(batch["loss_mask"].shape), batch["loss_mask"], batch["segment_ids"]
+            )
+            objective_fn = functools.partial(
+                _preference_objective,
+                model=model,
+                reference_model=Qwen3VL(config.replace(lora=dict(rank=0))) if lora else model,
+                preference=preference,
+                total_pairs=jnp.maximum(valid.sum(), 1).astype(jnp.float32),
+                microbatches=grad_accum_steps,
+                loss_chunk=loss_chunk,
+            )
+            objective_args = {}
         if config.lora.rank and config.lora.dropout:  # a fresh dropout mask every step
             objective_args.update(dropout_rng=jax.random.fold_in(state.rng, 1))
         if distill is not None:
@@ -171,7 +252,11 @@ def make_train_step(
             objective_args.update(teacher_params=teacher_params, distill=distill, kl_total_weight=kl_total)
 
         def objective(params, rows):
-            return _objective(stop_frozen_gradients(params, freeze, lora=lora), rows, **objective_args)
+            trainable = stop_frozen_gradients(params, freeze, lora=lora)
+            if preference is not None:
+                reference = params if teacher_params is None else teacher_params
+                return objective_fn(trainable, rows, reference_params=reference, **objective_args)
+            return objective_fn(trainable, rows, **objective_args)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if grad_accum_steps == 1:
@@ -199,7 +284,8 @@ def make_train_step(
             token_accuracy=counters["correct"] / jnp.maximum(counters["tokens"], 1.0),
             token_ce=counters["token_ce"] / jnp.maximum(counters["tokens"], 1.0),
         )
-        metrics.update({k: counters[k] for k in ("aux_loss", "z_loss", "kl") if k in counters})
+        extra = ("aux_loss", "z_loss", "kl", "dpo_loss", "reward_margin", "preference_accuracy")
+        metrics.update({k: counters[k] for k in extra if k in counters})
         rng, _ = jax.random.split(state.rng)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
