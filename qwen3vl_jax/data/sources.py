@@ -38,6 +38,8 @@ def to_record(obj: Any, *, record_id: str, base_dir: str) -> dict:
     if not isinstance(obj, dict):
         return {"id": record_id, "error": f"expected a JSON object, got {type(obj).__name__}"}
     record = {"id": record_id, "base_dir": base_dir}
+    if "chosen" in obj or "rejected" in obj:  # a preference pair (data.features checks its fields)
+        return {**obj, **record}
     if "messages" in obj:
         return {**obj, **record}
     if "document" in obj:
@@ -47,7 +49,7 @@ def to_record(obj: Any, *, record_id: str, base_dir: str) -> dict:
             return {**obj, **record, "messages": llava_to_messages(obj)}
         except ValueError as e:
             return {"id": record_id, "error": str(e)}
-    return {"id": record_id, "error": "record has none of 'messages', 'conversations', 'document'"}
+    return {"id": record_id, "error": "record has none of 'messages', 'conversations', 'document', 'chosen'"}
 
 
 def llava_to_messages(obj: dict) -> list[dict]:

@@ -21,7 +21,15 @@ from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.optimizer import make_optimizer
-from qwen3vl_jax.training.train_step import Distillation, TrainState, make_eval_step, make_train_step
+from qwen3vl_jax.training.train_step import (
+    Distillation,
+    PreferenceTuning,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
+
+OBJECTIVES = ("sft", "dpo")
 
 
 def model_config_from(config: ConfigDict) -> ModelConfig:
@@ -68,6 +76,14 @@ def distillation_from(config: ConfigDict, student: ModelConfig) -> Distillation 
     )
 
 
+def preference_from(config: ConfigDict) -> PreferenceTuning | None:
+    """config.objective "dpo" -> config.dpo (beta, variant); "sft" (the default) -> None."""
+    objective = config.get("objective", "sft")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} not in {OBJECTIVES}")
+    return PreferenceTuning(beta=config.dpo.beta, variant=config.dpo.variant) if objective == "dpo" else None
+
+
 class StepBuilder:
     """The model, optimizer, state shardings and jitted train / eval steps of a config on a mesh. Shared by the
     trainer (real devices) and the TPU compile planner (devices of a topology description)."""
@@ -96,6 +112,9 @@ class StepBuilder:
             rng=replicated,
         )
         self.distillation = distillation_from(config, self.model_config)
+        self.preference = preference_from(config)
+        # DPO without LoRA: the frozen reference (the step-0 weights) is the step's third argument, like a teacher
+        self.needs_reference = self.preference is not None and not self.model_config.lora.rank
         step_fn = make_train_step(
             self.model_config,
             optimizer=self.optimizer,
@@ -105,6 +124,7 @@ class StepBuilder:
             loss_chunk=config.loss_chunk,
             freeze=tuple(config.optimizer.freeze),
             distill=self.distillation,
+            preference=self.preference,
         )
         batch = batch_shardings(mesh)
         in_shardings = (self.shardings, batch)
@@ -112,6 +132,8 @@ class StepBuilder:
             teacher = abstract_params(self.distillation.teacher, boxed=True)
             self.teacher_shardings = param_shardings(teacher, mesh, rules=self.rules)
             in_shardings += (self.teacher_shardings,)
+        elif self.needs_reference:
+            in_shardings += (self.shardings.params,)
         self.train_step = jax.jit(
             step_fn, in_shardings=in_shardings, out_shardings=(self.shardings, replicated), donate_argnums=0
         )
@@ -122,8 +144,10 @@ class StepBuilder:
         )
 
     def teacher_params(self) -> tuple:
-        """() without distillation, else (the teacher's parameters,), each device's shard read from the
-        checkpoint files: the train step's arguments after (state, batch)."""
+        """The train step's arguments after (state, batch): (the teacher's parameters,) when distilling, each
+        device's shard read from the checkpoint files; (the step-0 parameters,) as DPO's frozen reference; else ()."""
+        if self.needs_reference:
+            return (self.initial_params(),)
         if not self.distillation:
             return ()
         path = self.config.distill.teacher
@@ -132,6 +156,15 @@ class StepBuilder:
     def initial_state(self) -> TrainState:
         """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
         state, laid out on the mesh."""
+        params, shardings = self.initial_params(), self.shardings
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(
+            step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
+        )
+        return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
+
+    def initial_params(self) -> Any:
+        """The step-0 parameters (the same on every call: the checkpoint's, and random ones from config.seed)."""
         mc, shardings = self.model_config, self.shardings
         if self.config.model.init_from:
             # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
@@ -153,14 +186,12 @@ class StepBuilder:
         else:
             init = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)
             params = init(mc, jax.random.PRNGKey(self.config.seed))
-        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
-        state = TrainState(
-            step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(self.config.seed + 1)
-        )
-        return jax.device_put(state, shardings)  # laid out exactly as train_step returns it: no recompile
+        return params
 
     def abstract_teacher(self) -> tuple:
         """teacher_params()'s shapes, dtypes and shardings (compile target)."""
+        if self.needs_reference:
+            return (self.abstract_state().params,)
         if not self.distillation:
             return ()
         return (abstract_like(nn.meta.unbox(abstract_params(self.distillation.teacher)), self.teacher_shardings),)

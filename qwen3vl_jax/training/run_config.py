@@ -39,6 +39,10 @@ def run_config() -> ConfigDict:
     c.optimizer = ConfigDict(dict(lr=3e-4, warmup_steps=100, final_lr_ratio=0.1, clip_norm=1.0, freeze=()))
     c.optimizer.update(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     c.loss_normalization = "sqrt"  # qwen3vl_jax.training.loss: "sqrt" | "token" | "sample"
+    # "sft": the (weighted) cross-entropy; "dpo": preference tuning on preference records (data.features: "chosen" /
+    # "rejected" answers) against the step-0 weights, or a LoRA model's base (training/dpo.py)
+    c.objective = "sft"
+    c.dpo = ConfigDict(dict(beta=0.1, variant="sigmoid"))
     # LoRA adapters (config.model.LoraConfig) on a frozen base: rank 0 trains the whole model; with rank > 0 only
     # the adapters train and carry optimizer state, and the run exports them in the PEFT format (<workdir>/lora)
     # beside the merged model (<workdir>/hf)
