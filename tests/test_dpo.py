@@ -68,7 +68,12 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
     from qwen3vl_jax.processing.chat import load_chat_template
     from qwen3vl_jax.training.optimizer import make_optimizer
-    from qwen3vl_jax.training.train_step import PreferenceTuning, TrainState, make_train_step
+    from qwen3vl_jax.training.train_step import (
+        PreferenceTuning,
+        TrainState,
+        make_preference_eval_step,
+        make_train_step,
+    )
 
     config = preset("tiny")
     processor = Processor(
@@ -110,3 +115,10 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     np.testing.assert_allclose(metrics["loss"], loss.mean(), rtol=1e-4)
     np.testing.assert_allclose(metrics["reward_margin"], 0.2 * h.mean(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics["preference_accuracy"], (h > 0).mean(), rtol=1e-6)
+    # the held-out evaluation of the same pairs (the trainer's eval step under objective=dpo): sums over pairs
+    evaluate = make_preference_eval_step(config, PreferenceTuning(beta=0.2, variant=variant))
+    sums = jax.jit(evaluate)(policy, batch, reference)
+    assert float(sums["pairs"]) == 5
+    np.testing.assert_allclose(sums["loss"], loss.sum(), rtol=1e-4)
+    np.testing.assert_allclose(sums["margin"], 0.2 * h.sum(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums["correct"], (h > 0).sum(), rtol=1e-6)

@@ -401,3 +401,11 @@ def test_small_object_presence_asks_about_present_and_absent_colours():
         assert record["answer"] == ("yes" if _mask(image, asked).sum() > 0 else "no")  # read from the pixels
         answers.append(record["answer"])
     assert 0.3 < answers.count("yes") / len(answers) < 0.7
+
+
+def test_colour_preference_pairs_prefer_the_shapes_colour():
+    for index in range(N_CHECK):
+        record = make_record("colour_preference", index, seed=4)
+        image = _image(record)
+        assert record["messages"][-1]["role"] == "user" and record["chosen"] != record["rejected"]
+        assert _mask(image, record["chosen"]).sum() > 0 and _mask(image, record["rejected"]).sum() == 0

@@ -38,6 +38,9 @@ Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size
   ``marks``: [row, col, colour] of every square (the target first).
 - ``small_object_counting``: images drawn like ``small_object_grounding``'s (2..4 squares); asks how many squares
   there are, a coarse question that needs no square's place or colour. Same meta; the answer is the count.
+- ``colour_preference``: a preference pair (data.features): a ``shapes`` image asked its shape's colour; the
+  record has the user turn as ``messages`` and ``chosen`` (the colour) / ``rejected`` (another palette colour)
+  answers. meta ``{"colour", "shape", "rejected"}``.
 - ``small_object_presence``: the same images; asks whether there is a small square of a colour, present or absent
   with equal odds; the answer is "yes" or "no" (a coarse question: which colours, not where). Same meta, plus
   ``asked`` (the colour in the question).
@@ -61,6 +64,7 @@ PROBE_TASKS: tuple[str, ...] = (
     "text_reverse",
     "small_object_counting",
     "small_object_presence",
+    "colour_preference",
 )
 ALL_TASKS = TASKS + PROBE_TASKS
 CELL_PX = 32  # one LLM visual token: a 16 px patch merged 2 x 2
@@ -181,6 +185,16 @@ def _shapes(rng, image_size):
     else:
         question, answer = _choice(rng, _SHAPE_QUESTIONS), shape
     return _image_message(image, question=question, answer=answer), answer, {"colour": colour, "shape": shape}
+
+
+def _shapes_colour(rng, image_size):
+    """A shapes image asked the colour of its shape."""
+    colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
+    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.25, hi=0.6), image_size=image_size)
+    image = _canvas(image_size)
+    _draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
+    message = _image_message(image, question=_choice(rng, _COLOUR_QUESTIONS), answer=colour)
+    return message, colour, {"colour": colour, "shape": shape}
 
 
 def _counting(rng, image_size):
@@ -340,6 +354,12 @@ def make_record(
     if task in ("grid_grounding", "small_object_grounding", "small_object_counting"):
         small, count = task != "grid_grounding", task == "small_object_counting"
         messages, answer, meta = _grid_grounding(rng, grid_sizes, small=small, count=count)
+    elif task == "colour_preference":
+        (user, _), _, meta = _shapes_colour(rng, image_size)
+        rejected = _choice(rng, [c for c in _COLOURS if c != meta["colour"]])
+        meta = {**meta, "rejected": rejected}
+        record = {"id": f"{task}/{index}", "task": task, "messages": [user], "answer": meta["colour"], "meta": meta}
+        return {**record, "chosen": meta["colour"], "rejected": rejected}
     elif task == "small_object_presence":
         messages, answer, meta = _small_object_presence(rng, grid_sizes)
     elif task == "text_reverse":

@@ -26,6 +26,7 @@ from qwen3vl_jax.training.train_step import (
     PreferenceTuning,
     TrainState,
     make_eval_step,
+    make_preference_eval_step,
     make_train_step,
 )
 
@@ -137,11 +138,19 @@ class StepBuilder:
         self.train_step = jax.jit(
             step_fn, in_shardings=in_shardings, out_shardings=(self.shardings, replicated), donate_argnums=0
         )
-        self.eval_step = jax.jit(
-            make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
-            in_shardings=(self.shardings.params, batch),
-            out_shardings=replicated,
-        )
+        if self.preference is None:
+            self.eval_step = jax.jit(
+                make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
+                in_shardings=(self.shardings.params, batch),
+                out_shardings=replicated,
+            )
+        else:  # held-out pairs: preference accuracy and reward margin against the same reference
+            eval_shardings = (self.shardings.params, batch) + ((self.shardings.params,) if self.needs_reference else ())
+            self.eval_step = jax.jit(
+                make_preference_eval_step(self.model_config, self.preference, loss_chunk=config.loss_chunk),
+                in_shardings=eval_shardings,
+                out_shardings=replicated,
+            )
 
     def teacher_params(self) -> tuple:
         """The train step's arguments after (state, batch): (the teacher's parameters,) when distilling, each

@@ -311,3 +311,33 @@ def make_eval_step(config: ModelConfig, *, loss_chunk: int = 0) -> Callable:
         )
 
     return eval_step
+
+
+def make_preference_eval_step(config: ModelConfig, preference: PreferenceTuning, *, loss_chunk: int = 0) -> Callable:
+    """(params, batch, reference_params) -> sums over the batch's packed preference pairs: pairs, preference
+    loss, reward margin and pairs the policy prefers the right way (reward of chosen > rejected).
+    reference_params None: a LoRA model's base is the reference."""
+    model = Qwen3VL(config)
+    lora = config.lora.rank > 0
+    reference_model = Qwen3VL(config.replace(lora=dict(rank=0))) if lora else model
+
+    def eval_step(params, batch: dict, reference_params=None):
+        if reference_params is None and not lora:
+            raise ValueError("preference evaluation without LoRA needs the frozen reference parameters")
+        reference = params if reference_params is None else reference_params
+        ce, _, _ = _token_losses(model, params, batch, loss_chunk=loss_chunk)
+        reference_ce, _, _ = _token_losses(reference_model, reference, batch, loss_chunk=loss_chunk)
+        pair = dict(loss_mask=batch["loss_mask"], segment_ids=batch["segment_ids"])
+        chosen, rejected, valid = pair_answer_logps(-ce, **pair)
+        reference_chosen, reference_rejected, _ = pair_answer_logps(-reference_ce, **pair)
+        losses = preference_losses(
+            chosen, rejected, reference_chosen, reference_rejected, beta=preference.beta, variant=preference.variant
+        )
+        return dict(
+            pairs=valid.sum(dtype=jnp.float32),
+            loss=jnp.where(valid, losses.loss, 0.0).sum(),
+            margin=jnp.where(valid, losses.margin, 0.0).sum(),
+            correct=jnp.where(valid, losses.accuracy, 0.0).sum(),
+        )
+
+    return eval_step

@@ -95,7 +95,7 @@ class Trainer(StepBuilder):
         results: dict[str, float] = {}
         progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
-        teacher = self.teacher_params()  # () unless distilling: (the teacher's parameters,)
+        teacher = self._extra_arguments = self.teacher_params()  # (the teacher's / DPO reference's parameters,) or ()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             while step < config.steps and not self._stop:
                 batch = next(iterator)
@@ -136,28 +136,42 @@ class Trainer(StepBuilder):
         exactly what greedy decoding would answer) over its first num_examples examples, packed into the training
         data's row shapes."""
         results = {}
+        extra = getattr(self, "_extra_arguments", None)
+        if extra is None:
+            extra = self._extra_arguments = self.teacher_params()
         for name, eval_set in self.config.eval.sets.items():
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
             data = self._data_config(once, self.config.eval.batch_size)
-            totals = dict(token_ce=0.0, tokens=0.0, examples=0.0, exact=0.0)
+            totals: dict[str, float] = {}
             for batch in self.dataset(data):
                 batch.pop("num_dropped")
-                sums = jax.device_get(
-                    self.eval_step(params, global_batch(batch, self.mesh, row_group_count=self.row_group_count))
-                )
-                totals = {k: totals[k] + float(sums[k]) for k in totals}
-                if totals["examples"] >= eval_set.num_examples:
+                rows = global_batch(batch, self.mesh, row_group_count=self.row_group_count)
+                sums = jax.device_get(self.eval_step(params, rows, *extra))
+                totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+                if totals.get("examples", totals.get("pairs", 0.0)) >= eval_set.num_examples:
                     break
-            metrics = dict(
-                token_ce=totals["token_ce"] / max(totals["tokens"], 1),
-                exact_match=totals["exact"] / max(totals["examples"], 1),
-                examples=totals["examples"],
-            )
+            if self.preference is None:
+                metrics = dict(
+                    token_ce=totals.get("token_ce", 0.0) / max(totals.get("tokens", 0.0), 1),
+                    exact_match=totals.get("exact", 0.0) / max(totals.get("examples", 0.0), 1),
+                    examples=totals.get("examples", 0.0),
+                )
+                line = f"exact match {metrics['exact_match']:.3f}, token CE {metrics['token_ce']:.3f}"
+                count = metrics["examples"]
+            else:
+                pairs = max(totals.get("pairs", 0.0), 1)
+                metrics = dict(
+                    preference_accuracy=totals.get("correct", 0.0) / pairs,
+                    reward_margin=totals.get("margin", 0.0) / pairs,
+                    dpo_loss=totals.get("loss", 0.0) / pairs,
+                    pairs=totals.get("pairs", 0.0),
+                )
+                line = (
+                    f"preference accuracy {metrics['preference_accuracy']:.3f}, margin {metrics['reward_margin']:.3f}"
+                )
+                count = metrics["pairs"]
             self.writer.write(step, metrics, prefix=f"eval/{name}")
-            report(
-                f"step {step} eval {name}: exact match {metrics['exact_match']:.3f}, token CE "
-                f"{metrics['token_ce']:.3f} ({metrics['examples']:.0f} examples)"
-            )
+            report(f"step {step} eval {name}: {line} ({count:.0f} examples)")
             results.update({f"{name}/{k}": v for k, v in metrics.items()})
         return results
 
