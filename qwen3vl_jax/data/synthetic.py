@@ -175,26 +175,22 @@ def _image_message(image: Image.Image, *, question: str, answer: str) -> list:
     ]
 
 
-def _shapes(rng, image_size):
+def _one_shape(rng, image_size) -> tuple[Image.Image, str, str]:
+    """An image of one shape of a palette colour: (image, colour, shape)."""
     colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
     (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.25, hi=0.6), image_size=image_size)
     image = _canvas(image_size)
     _draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
+    return image, colour, shape
+
+
+def _shapes(rng, image_size):
+    image, colour, shape = _one_shape(rng, image_size)
     if rng.integers(2):
         question, answer = _choice(rng, _COLOUR_QUESTIONS), colour
     else:
         question, answer = _choice(rng, _SHAPE_QUESTIONS), shape
     return _image_message(image, question=question, answer=answer), answer, {"colour": colour, "shape": shape}
-
-
-def _shapes_colour(rng, image_size):
-    """A shapes image asked the colour of its shape."""
-    colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
-    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.25, hi=0.6), image_size=image_size)
-    image = _canvas(image_size)
-    _draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
-    message = _image_message(image, question=_choice(rng, _COLOUR_QUESTIONS), answer=colour)
-    return message, colour, {"colour": colour, "shape": shape}
 
 
 def _counting(rng, image_size):
@@ -355,11 +351,12 @@ def make_record(
         small, count = task != "grid_grounding", task == "small_object_counting"
         messages, answer, meta = _grid_grounding(rng, grid_sizes, small=small, count=count)
     elif task == "colour_preference":
-        (user, _), _, meta = _shapes_colour(rng, image_size)
-        rejected = _choice(rng, [c for c in _COLOURS if c != meta["colour"]])
-        meta = {**meta, "rejected": rejected}
-        record = {"id": f"{task}/{index}", "task": task, "messages": [user], "answer": meta["colour"], "meta": meta}
-        return {**record, "chosen": meta["colour"], "rejected": rejected}
+        image, colour, shape = _one_shape(rng, image_size)
+        (user, _) = _image_message(image, question=_choice(rng, _COLOUR_QUESTIONS), answer=colour)
+        rejected = _choice(rng, [c for c in _COLOURS if c != colour])
+        meta = {"colour": colour, "shape": shape, "rejected": rejected}
+        record = {"id": f"{task}/{index}", "task": task, "messages": [user], "answer": colour, "meta": meta}
+        return {**record, "chosen": colour, "rejected": rejected}
     elif task == "small_object_presence":
         messages, answer, meta = _small_object_presence(rng, grid_sizes)
     elif task == "text_reverse":
