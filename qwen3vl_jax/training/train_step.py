@@ -104,11 +104,18 @@ def _objective(
         )
         counters["kl"] = (kl_weights * kl).sum() / kl_total_weight
         objective = distill.alpha * counters["kl"] + (1 - distill.alpha) * counters["ce"]
-    if router_logits is not None:
-        real = batch["segment_ids"].reshape(-1) > 0
-        counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
-        counters["z_loss"] = router_z_loss(router_logits, real) / microbatches
-        objective += text.router_aux_loss_coef * counters["aux_loss"] + text.router_z_loss_coef * counters["z_loss"]
+    return _with_router_losses(objective, counters, router_logits, batch, text=text, microbatches=microbatches)
+
+
+def _with_router_losses(objective, counters: dict, router_logits, batch: dict, *, text, microbatches: int):
+    """objective plus, for an MoE model, its coefficients x the load-balancing and z losses of this (micro)batch
+    (each divided by the number of microbatches), which `counters` records."""
+    if router_logits is None:
+        return objective, counters
+    real = batch["segment_ids"].reshape(-1) > 0
+    counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
+    counters["z_loss"] = router_z_loss(router_logits, real) / microbatches
+    objective += text.router_aux_loss_coef * counters["aux_loss"] + text.router_z_loss_coef * counters["z_loss"]
     return objective, counters
 
 
@@ -163,15 +170,15 @@ def _preference_objective(
 ):
     """One (micro)batch's part of the mean preference loss over the whole batch's pairs, plus its MoE router
     losses; and the counters (the policy's token CE for the metrics, reward margins and hits summed over pairs)."""
-    ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk, dropout_rng=dropout_rng)
-    reference_ce, _, _ = _token_losses(
-        reference_model, jax.lax.stop_gradient(reference_params), batch, loss_chunk=loss_chunk
-    )
-    pair = dict(loss_mask=batch["loss_mask"], segment_ids=batch["segment_ids"])
-    chosen, rejected, valid = pair_answer_logps(-ce, **pair)
-    reference_chosen, reference_rejected, _ = pair_answer_logps(-reference_ce, **pair)
-    losses = preference_losses(
-        chosen, rejected, reference_chosen, reference_rejected, beta=preference.beta, variant=preference.variant
+    losses, valid, ce, correct, router_logits = _pair_losses(
+        model,
+        reference_model,
+        params,
+        jax.lax.stop_gradient(reference_params),
+        batch,
+        preference=preference,
+        loss_chunk=loss_chunk,
+        dropout_rng=dropout_rng,
     )
     mask = batch["loss_mask"] > 0
     counters = dict(
@@ -183,13 +190,26 @@ def _preference_objective(
         reward_margin=jnp.where(valid, losses.margin, 0.0).sum() / total_pairs,
         preference_accuracy=jnp.where(valid, losses.accuracy, 0.0).sum() / total_pairs,
     )
-    objective = counters["dpo_loss"]
-    if router_logits is not None:
-        text = model.config.text
-        real = batch["segment_ids"].reshape(-1) > 0
-        counters["aux_loss"] = load_balancing_loss(router_logits, real, top_k=text.num_experts_per_tok) / microbatches
-        objective += text.router_aux_loss_coef * counters["aux_loss"]
-    return objective, counters
+    text = model.config.text
+    return _with_router_losses(
+        counters["dpo_loss"], counters, router_logits, batch, text=text, microbatches=microbatches
+    )
+
+
+def _pair_losses(
+    model, reference_model, params, reference_params, batch: dict, *, preference, loss_chunk, dropout_rng=None
+):
+    """The batch's packed pairs scored by the policy and the reference: (PreferenceLosses, valid pair slots
+    (B, L // 2), the policy's token CE and hits, its router logits)."""
+    ce, correct, router_logits = _token_losses(model, params, batch, loss_chunk=loss_chunk, dropout_rng=dropout_rng)
+    reference_ce, _, _ = _token_losses(reference_model, reference_params, batch, loss_chunk=loss_chunk)
+    pair = dict(loss_mask=batch["loss_mask"], segment_ids=batch["segment_ids"])
+    chosen, rejected, valid = pair_answer_logps(-ce, **pair)
+    reference_chosen, reference_rejected, _ = pair_answer_logps(-reference_ce, **pair)
+    losses = preference_losses(
+        chosen, rejected, reference_chosen, reference_rejected, beta=preference.beta, variant=preference.variant
+    )
+    return losses, valid, ce, correct, router_logits
 
 
 def make_train_step(
@@ -325,13 +345,8 @@ def make_preference_eval_step(config: ModelConfig, preference: PreferenceTuning,
         if reference_params is None and not lora:
             raise ValueError("preference evaluation without LoRA needs the frozen reference parameters")
         reference = params if reference_params is None else reference_params
-        ce, _, _ = _token_losses(model, params, batch, loss_chunk=loss_chunk)
-        reference_ce, _, _ = _token_losses(reference_model, reference, batch, loss_chunk=loss_chunk)
-        pair = dict(loss_mask=batch["loss_mask"], segment_ids=batch["segment_ids"])
-        chosen, rejected, valid = pair_answer_logps(-ce, **pair)
-        reference_chosen, reference_rejected, _ = pair_answer_logps(-reference_ce, **pair)
-        losses = preference_losses(
-            chosen, rejected, reference_chosen, reference_rejected, beta=preference.beta, variant=preference.variant
+        losses, valid, *_ = _pair_losses(
+            model, reference_model, params, reference, batch, preference=preference, loss_chunk=loss_chunk
         )
         return dict(
             pairs=valid.sum(dtype=jnp.float32),
