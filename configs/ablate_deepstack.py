@@ -26,7 +26,8 @@ from configs.ablation_base import base_config, sweep_config, synthetic
 from qwen3vl_jax.data.synthetic import EVAL_SEED
 
 MODES = ("pretrain", "finetune", "end_to_end")
-VIT = dict(depth=4, deepstack_visual_indexes=(0, 1))  # taps after blocks 0 and 1; the last layer is block 3
+VIT = dict(depth=4, deepstack_visual_indexes=(0, 1))
+STAGE_1_IMAGE_PX = 96  # 9 visual tokens  # taps after blocks 0 and 1; the last layer is block 3
 OBJECT_COLUMNS = [("objects", m) for m in ("box_hit", "x_accuracy", "y_accuracy")]
 
 
@@ -36,22 +37,23 @@ def get_config(arg: str = "pretrain") -> ConfigDict:
         raise ValueError(f"mode {mode!r} not in {MODES}")
     if mode == "finetune" and len(rest) != 1:
         raise ValueError("finetune needs the stage-1 workdir: configs/ablate_deepstack.py:finetune,<stage-1 workdir>")
-    grids = dict(grid_sizes=(6,))
-    objects, presence = synthetic(("small_object_grounding",), **grids), synthetic(("small_object_presence",), **grids)
+    objects = synthetic(("small_object_grounding",), grid_sizes=(6,))
     if mode == "pretrain":
-        base = base_config(dict(presence=dict(presence, weight=1.0)), steps=1500, seq_len=120, max_patches=144)
+        shapes = synthetic(("shapes",), image_size=STAGE_1_IMAGE_PX)
+        base = base_config(dict(shapes=dict(shapes, weight=1.0)), steps=1500, seq_len=120, max_patches=144)
         base.optimizer.update(lr=1e-3, warmup_steps=200)
         base.model.overrides.vision.update(VIT)
         base.model.overrides.deepstack = False  # a ViT pretrained on its own, as released ViTs are
         base.export_hf = True  # stage 2 starts from <workdir>/runs/coarse/seed_<s>/hf
         return sweep_config(
-            name="DeepStack stage 1: ViT + LLM pretrained on which colours small squares have",
-            description="6 x 6 grids of 32 px cells with 2-4 squares of 8 px; asked whether there is a square of a "
-            "given colour (yes / no, even odds). No DeepStack. Evaluated on held-out grids (exact match; chance 0.5).",
+            name="DeepStack stage 1: ViT + LLM pretrained on the colour or kind of one large shape",
+            description=f"{STAGE_1_IMAGE_PX} px images of one shape (a quarter to 60% of the side) of 6 colours and "
+            "3 kinds; asked its colour or its kind. No DeepStack. Evaluated on held-out images (exact match; "
+            "chance 1/6 or 1/3).",
             base=base,
             variants={"coarse": {}},
-            eval_sets=dict(presence=(64, [dict(presence, seed=EVAL_SEED)])),
-            columns=[("presence", "exact_match")],
+            eval_sets=dict(shapes=(96, [dict(shapes, seed=EVAL_SEED)])),
+            columns=[("shapes", "exact_match")],
             max_new_tokens=8,
         )
     base = base_config(dict(objects=dict(objects, weight=1.0)), steps=1200, seq_len=120, max_patches=144)

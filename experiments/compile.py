@@ -57,7 +57,10 @@ def abstract_batch(builder: StepBuilder) -> dict:
         pos_embed_weight=(b, patches, 4),
         patch_rowcol=(b, patches, 2),
     )
-    floats = ("pixel_patches", "pos_embed_weight")
+    if builder.offline_distillation:  # the teacher's cached top-k logits come with the batch
+        shapes.update(teacher_top_logits=(b, length, builder.config.distill.top_k))
+        shapes.update(teacher_top_ids=(b, length, builder.config.distill.top_k))
+    floats = ("pixel_patches", "pos_embed_weight", "teacher_top_logits")
     return {
         k: jax.ShapeDtypeStruct(
             s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=batch_sharding(builder.mesh, k)

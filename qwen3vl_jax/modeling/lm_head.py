@@ -78,10 +78,10 @@ def chunk_logits(x: jax.Array, head_weight: jax.Array) -> jax.Array:
 
 
 def over_position_chunks(per_chunk, arrays: tuple[jax.Array, ...], *, chunk: int):
-    """per_chunk(*chunk_arrays) -> outputs (each (B, chunk)), over `chunk` positions of `arrays` (each (B, L, ...))
-    at a time in a rematerialised scan; returns the outputs as (B, L) arrays. L is padded up to a multiple of
-    `chunk`. The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...): when the length
-    is split over a mesh axis (context parallelism), every device has its share of every chunk."""
+    """per_chunk(*chunk_arrays) -> outputs (each (B, chunk, ...)), over `chunk` positions of `arrays` (each
+    (B, L, ...)) at a time in a rematerialised scan; returns the outputs as (B, L, ...) arrays. L is padded up to
+    a multiple of `chunk`. The chunks are strided (chunk c holds positions c, c + L/chunk, c + 2L/chunk, ...):
+    when the length is split over a mesh axis (context parallelism), every device has its share of every chunk."""
     batch, length = arrays[0].shape[:2]
     pad = -length % chunk
     chunks = (length + pad) // chunk
@@ -97,7 +97,7 @@ def over_position_chunks(per_chunk, arrays: tuple[jax.Array, ...], *, chunk: int
 
     _, outputs = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
 
-    def unchunk(values):  # (chunks, B, chunk) -> (B, L)
-        return jnp.moveaxis(values, 0, 2).reshape(batch, chunks * chunk)[:, :length]
+    def unchunk(values):  # (chunks, B, chunk, ...) -> (B, L, ...)
+        return jnp.moveaxis(values, 0, 2).reshape(batch, chunks * chunk, *values.shape[3:])[:, :length]
 
     return jax.tree_util.tree_map(unchunk, outputs)

@@ -159,11 +159,15 @@ def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> An
 
 
 # the sequence axis of the batch arrays that have one: token arrays (B, L), positions (B, 3, L), patches (B, P, ...)
+# offline distillation (training/teacher_cache.py): the teacher's k largest logits and their token ids, (B, L, k)
+TEACHER_TOP_K = ("teacher_top_logits", "teacher_top_ids")
 SEQUENCE_AXIS = {
     **dict.fromkeys(("input_ids", "segment_ids", "visual_index", "targets", "loss_mask"), 1),
     "positions": 2,
     **dict.fromkeys(("pixel_patches", "patch_segment_ids", "pos_embed_index", "pos_embed_weight", "patch_rowcol"), 1),
+    **dict.fromkeys(TEACHER_TOP_K, 1),
 }
+TRAINING_BATCH = tuple(name for name in SEQUENCE_AXIS if name not in TEACHER_TOP_K)
 
 
 def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
@@ -175,7 +179,7 @@ def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (axis - 1)), "context"))
 
 
-def batch_shardings(mesh: Mesh, names=tuple(SEQUENCE_AXIS)) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, names=TRAINING_BATCH) -> dict[str, NamedSharding]:
     """{name: batch_sharding(mesh, name)} for the arrays of a batch (default: a training batch's)."""
     return {name: batch_sharding(mesh, name) for name in names}
 

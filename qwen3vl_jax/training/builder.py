@@ -17,7 +17,13 @@ from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.train_state import abstract_like
 from qwen3vl_jax.config import ModelConfig, preset
 from qwen3vl_jax.modeling.model import abstract_params, init_params
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_shardings
+from qwen3vl_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    TEACHER_TOP_K,
+    TRAINING_BATCH,
+    batch_shardings,
+    param_shardings,
+)
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
 from qwen3vl_jax.training.optimizer import make_optimizer
@@ -53,13 +59,20 @@ def processor_from(config: ConfigDict) -> Processor:
 
 
 def distillation_from(config: ConfigDict, student: ModelConfig) -> Distillation | None:
-    """config.distill (teacher: an HF checkpoint directory; empty: no distillation) for `student`: the teacher
-    runs in the student's compute and parameter dtypes and attention implementation."""
+    """config.distill (teacher: an HF checkpoint directory, or teacher_cache: its cached top-k logits; both empty:
+    no distillation) for `student`: the teacher runs in the student's compute and parameter dtypes and attention
+    implementation."""
     settings = config.get("distill")
-    if not settings or not settings.teacher:
+    if not settings or not (settings.teacher or settings.get("teacher_cache")):
         return None
     if not 0.0 <= settings.alpha <= 1.0 or settings.temperature <= 0:
         raise ValueError(f"distill.alpha must be in [0, 1] and distill.temperature > 0, got {settings}")
+    if settings.get("teacher_cache"):
+        if settings.teacher:
+            raise ValueError("distill.teacher and distill.teacher_cache are both set: online or offline, choose one")
+        return Distillation(
+            None, alpha=settings.alpha, temperature=settings.temperature, all_text_tokens=settings.all_text_tokens
+        )
     same = dict(dtype=student.dtype, param_dtype=student.param_dtype, attention_impl=student.attention_impl)
     teacher = hf_io.load_config(settings.teacher, **same)
     if teacher.text.vocab_size != student.text.vocab_size:
@@ -127,9 +140,12 @@ class StepBuilder:
             distill=self.distillation,
             preference=self.preference,
         )
+        # offline distillation: the train batches carry the teacher's top-k logits
+        self.offline_distillation = self.distillation is not None and self.distillation.teacher is None
         batch = batch_shardings(mesh)
-        in_shardings = (self.shardings, batch)
-        if self.distillation:  # the teacher on the same mesh, sharded by the same rules
+        train_batch = batch_shardings(mesh, TRAINING_BATCH + TEACHER_TOP_K) if self.offline_distillation else batch
+        in_shardings = (self.shardings, train_batch)
+        if self.distillation and not self.offline_distillation:  # the teacher on the same mesh, same rules
             teacher = abstract_params(self.distillation.teacher, boxed=True)
             self.teacher_shardings = param_shardings(teacher, mesh, rules=self.rules)
             in_shardings += (self.teacher_shardings,)
@@ -157,7 +173,7 @@ class StepBuilder:
         device's shard read from the checkpoint files; (the step-0 parameters,) as DPO's frozen reference; else ()."""
         if self.needs_reference:
             return (self.initial_params(),)
-        if not self.distillation:
+        if not self.distillation or self.offline_distillation:
             return ()
         path = self.config.distill.teacher
         return (hf_io.load_params(path, self.distillation.teacher, self.teacher_shardings),)
@@ -201,7 +217,7 @@ class StepBuilder:
         """teacher_params()'s shapes, dtypes and shardings (compile target)."""
         if self.needs_reference:
             return (self.abstract_state().params,)
-        if not self.distillation:
+        if not self.distillation or self.offline_distillation:
             return ()
         return (abstract_like(nn.meta.unbox(abstract_params(self.distillation.teacher)), self.teacher_shardings),)
 

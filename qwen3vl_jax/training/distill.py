@@ -9,6 +9,10 @@ Per position, with temperature T, p = softmax(teacher logits / T) and q = softma
 cross-entropy on the targets, alpha * KL_T + (1 - alpha) * CE, each weighted and normalised per token as the
 plain loss is (training/loss.py). Both heads run `chunk` positions at a time, so neither model's (B, L, vocab)
 logits ever exist whole; the teacher's side gets no gradient.
+
+Offline distillation keeps only the teacher's k largest logits per position (computed once and cached on disk,
+training/teacher_cache.py): p is then the softmax over those k tokens, renormalised, and the KL sums over them
+(`top_k_kl_divergence`; with k = vocabulary it is the exact KL).
 """
 
 from __future__ import annotations
@@ -26,6 +30,19 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, *, tempe
     student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t, axis=-1)
     return t * t * jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+def top_k_kl_divergence(
+    student_logits: jax.Array, top_logits: jax.Array, top_ids: jax.Array, *, temperature: float
+) -> jax.Array:
+    """Student logits (..., V), the teacher's k largest logits (..., k) and their token ids (..., k) ->
+    T^2 * sum_j p_j (log p_j - log q_(id_j)) (...) in float32, p = softmax(top_logits / T) over the k tokens and
+    q = softmax(student_logits / T) over the whole vocabulary."""
+    t = jnp.float32(temperature)
+    student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(top_logits).astype(jnp.float32) / t, axis=-1)
+    student_at_teacher_ids = jnp.take_along_axis(student, top_ids, axis=-1)
+    return t * t * jnp.sum(jnp.exp(teacher) * (teacher - student_at_teacher_ids), axis=-1)
 
 
 def chunked_distillation(
@@ -57,6 +74,47 @@ def chunked_distillation(
         return cross_entropy, kl, hits
 
     return over_position_chunks(one_chunk, (student_hidden, teacher_hidden, targets), chunk=chunk)
+
+
+def chunked_top_k_distillation(
+    student_hidden: jax.Array,
+    student_head: jax.Array,
+    top_logits: jax.Array,
+    top_ids: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As chunked_distillation, with the teacher's k largest logits (B, L, k) and their ids (B, L, k) in place of
+    its hidden states and head (`top_k_kl_divergence`)."""
+    if top_ids.shape != top_logits.shape or top_ids.shape[:2] != targets.shape:
+        raise ValueError(f"teacher top-k logits {top_logits.shape} / ids {top_ids.shape} for targets {targets.shape}")
+    student_head = nn.with_logical_constraint(student_head, (None, "loss_vocab"))
+
+    def one_chunk(student_x, chunk_top_logits, chunk_top_ids, chunk_targets):
+        student_logits = chunk_logits(student_x, student_head)
+        cross_entropy, hits = cross_entropy_and_hits(student_logits, chunk_targets)
+        kl = top_k_kl_divergence(student_logits, chunk_top_logits, chunk_top_ids, temperature=temperature)
+        return cross_entropy, kl, hits
+
+    arrays = (student_hidden, jax.lax.stop_gradient(top_logits), top_ids, targets)
+    return over_position_chunks(one_chunk, arrays, chunk=chunk)
+
+
+def teacher_top_k(
+    teacher_hidden: jax.Array, teacher_head: jax.Array, *, k: int, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """The teacher's k largest logits (B, L, k) in float32 and their token ids (B, L, k) int32, `chunk` positions
+    at a time (what the offline cache stores)."""
+    if not 0 < k <= teacher_head.shape[-1]:
+        raise ValueError(f"top_k {k} must be in [1, vocabulary {teacher_head.shape[-1]}]")
+
+    def one_chunk(x):
+        values, ids = jax.lax.top_k(chunk_logits(x, teacher_head).astype(jnp.float32), k)
+        return values, ids.astype(jnp.int32)
+
+    return over_position_chunks(one_chunk, (teacher_hidden,), chunk=chunk)
 
 
 def distillation_loss(

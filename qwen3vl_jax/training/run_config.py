@@ -56,8 +56,10 @@ def run_config() -> ConfigDict:
     )
     # strong-to-weak distillation (training/distill.py): teacher = an HF checkpoint directory of the same family
     # (empty: off); loss = alpha KL_T(teacher || student) T^2 + (1 - alpha) CE, the KL over the supervised tokens
-    # or, with all_text_tokens, every text token
+    # or, with all_text_tokens, every text token. Offline: teacher_cache = a directory of the teacher's top_k
+    # logits written by experiments.cache_teacher for this run's batches (training/teacher_cache.py)
     c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=1.0, all_text_tokens=False))
+    c.distill.update(teacher_cache="", top_k=32)
     c.grad_accum_steps = 1
     # the LM head and the loss run this many positions at a time (0: the whole row), so that the (tokens, vocab)
     # logits and their gradient never exist whole (qwen3vl_jax.modeling.lm_head)

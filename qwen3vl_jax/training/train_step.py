@@ -16,7 +16,7 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
-from qwen3vl_jax.training.distill import chunked_distillation
+from qwen3vl_jax.training.distill import chunked_distillation, chunked_top_k_distillation
 from qwen3vl_jax.training.dpo import DPO_VARIANTS, pair_answer_logps, preference_losses
 from qwen3vl_jax.training.loss import example_totals, token_weights
 from qwen3vl_jax.training.optimizer import stop_frozen_gradients
@@ -25,9 +25,10 @@ from qwen3vl_jax.training.optimizer import stop_frozen_gradients
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """A frozen teacher (any size of the family, same vocabulary) on the same batch: the loss is alpha * KL_T +
-    (1 - alpha) * CE (training/distill.py); KL over the supervised tokens, or every text token."""
+    (1 - alpha) * CE (training/distill.py); KL over the supervised tokens, or every text token. teacher None:
+    offline, the teacher's top-k logits come with the batch (training/teacher_cache.py)."""
 
-    teacher: ModelConfig
+    teacher: ModelConfig | None
     alpha: float = 0.5
     temperature: float = 1.0
     all_text_tokens: bool = False
@@ -99,7 +100,7 @@ def _objective(
     )
     objective = counters["ce"]
     if distill is not None:
-        kl_weights = _kl_weights(
+        kl_weights = kl_token_weights(
             batch, all_text_tokens=distill.all_text_tokens, config=model.config, normalization=normalization
         )
         counters["kl"] = (kl_weights * kl).sum() / kl_total_weight
@@ -119,7 +120,7 @@ def _with_router_losses(objective, counters: dict, router_logits, batch: dict, *
     return objective, counters
 
 
-def _kl_weights(batch: dict, *, all_text_tokens: bool, config: ModelConfig, normalization: str) -> jax.Array:
+def kl_token_weights(batch: dict, *, all_text_tokens: bool, config: ModelConfig, normalization: str) -> jax.Array:
     """The distillation term's token weights: the supervised tokens' (as the CE's), or those of every text token
     that has a next token in its example (not a visual token, not padding), normalised the same way."""
     if not all_text_tokens:
@@ -139,6 +140,18 @@ def _distillation_losses(
     student_hidden, student_head, router_logits = model.apply(
         {"params": params}, inputs, method=Qwen3VL.hidden_states_and_head, rngs=rngs
     )
+    chunk = loss_chunk or student_hidden.shape[1]
+    if distill.teacher is None:  # offline: the cached top-k logits
+        ce, kl, correct = chunked_top_k_distillation(
+            student_hidden,
+            student_head,
+            batch["teacher_top_logits"],
+            batch["teacher_top_ids"],
+            batch["targets"],
+            temperature=distill.temperature,
+            chunk=chunk,
+        )
+        return ce, kl, correct, router_logits
     teacher = Qwen3VL(distill.teacher)
     teacher_hidden, teacher_head, _ = teacher.apply(
         {"params": jax.lax.stop_gradient(teacher_params)}, inputs, method=Qwen3VL.hidden_states_and_head
@@ -150,7 +163,7 @@ def _distillation_losses(
         teacher_head,
         batch["targets"],
         temperature=distill.temperature,
-        chunk=loss_chunk or student_hidden.shape[1],
+        chunk=chunk,
     )
     return ce, kl, correct, router_logits
 
@@ -232,7 +245,8 @@ def make_train_step(
     loss_chunk > 0: the head and the cross-entropy run that many positions at a time (modeling.lm_head). The
     `freeze` parts (training/optimizer.py) get no backward pass, nor, with LoRA adapters (config.lora), any weight
     but the adapters. With `distill`, the step is (state, batch, teacher_params) -> (state, metrics) and the loss
-    mixes the teacher's KL in (Distillation). With `preference`, the loss is DPO / IPO over the batch's packed
+    mixes the teacher's KL in (Distillation); offline (distill.teacher None) it stays (state, batch) and the batch
+    carries the teacher's top-k logits. With `preference`, the loss is DPO / IPO over the batch's packed
     pairs (PreferenceTuning) and the step is (state, batch, reference_params), reference_params None for a LoRA
     model (its base is the reference)."""
     model = Qwen3VL(config)
@@ -265,7 +279,7 @@ def make_train_step(
         if config.lora.rank and config.lora.dropout:  # a fresh dropout mask every step
             objective_args.update(dropout_rng=jax.random.fold_in(state.rng, 1))
         if distill is not None:
-            kl_weights = _kl_weights(
+            kl_weights = kl_token_weights(
                 batch, all_text_tokens=distill.all_text_tokens, config=config, normalization=loss_normalization
             )
             kl_total = jnp.maximum(kl_weights.sum(), 1e-9)

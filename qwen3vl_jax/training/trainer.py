@@ -3,6 +3,7 @@ checkpoints (resumed automatically), metrics, periodic eval and the final HF exp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -20,12 +21,23 @@ from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
+from qwen3vl_jax.training.teacher_cache import TeacherCache
 
 
 def report(message: str) -> None:
     """A line on the console of process 0 that does not break the progress bar."""
     if jax.process_index() == 0:
         tqdm.write(message)
+
+
+def host_data_config(data: Any, *, global_batch_size: int, row_group_count: int, context_shards: int) -> DataConfig:
+    """config.data (or an eval set's data dict) as this host's DataConfig: its row group's share of the batch."""
+    if global_batch_size % row_group_count:
+        raise ValueError(f"batch_size {global_batch_size} is not divisible by {row_group_count} groups of hosts")
+    values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+    values.pop("rows_per_device", None)
+    values.update(batch_size=global_batch_size // row_group_count, context_shards=context_shards)
+    return DataConfig.from_dict(values)
 
 
 class Trainer(StepBuilder):
@@ -44,15 +56,29 @@ class Trainer(StepBuilder):
         )
         self.writer = MetricWriter(workdir)
         self._stop = False
+        self.teacher_cache = self._open_teacher_cache() if self.offline_distillation else None
+
+    def _open_teacher_cache(self) -> TeacherCache:
+        """config.distill.teacher_cache, checked against this run's batches, KL tokens, length and vocabulary."""
+        if jax.process_count() > 1:
+            raise ValueError("offline distillation (distill.teacher_cache) runs on one host")
+        cache = TeacherCache(self.config.distill.teacher_cache)
+        cache.check(
+            data=dataclasses.asdict(self.data_config),
+            processing=self.config.processing.to_dict(),
+            all_text_tokens=self.config.distill.all_text_tokens,
+            steps=self.config.steps,
+            vocab_size=self.model_config.text.vocab_size,
+        )
+        return cache
 
     def _data_config(self, data: Any, global_batch_size: int) -> DataConfig:
-        if global_batch_size % self.row_group_count:
-            groups = self.row_group_count
-            raise ValueError(f"batch_size {global_batch_size} is not divisible by {groups} groups of hosts")
-        values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
-        values.pop("rows_per_device", None)
-        values.update(batch_size=global_batch_size // self.row_group_count, context_shards=self.mesh.shape["context"])
-        return DataConfig.from_dict(values)
+        return host_data_config(
+            data,
+            global_batch_size=global_batch_size,
+            row_group_count=self.row_group_count,
+            context_shards=self.mesh.shape["context"],
+        )
 
     def dataset(self, data_config: DataConfig):
         return build_dataset(
@@ -99,6 +125,8 @@ class Trainer(StepBuilder):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             while step < config.steps and not self._stop:
                 batch = next(iterator)
+                if self.teacher_cache is not None:
+                    batch = self.teacher_cache.add_to(batch, step)
                 window["dropped"] += int(batch.pop("num_dropped").sum())
                 window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
                 state, metrics = self.train_step(
@@ -136,9 +164,9 @@ class Trainer(StepBuilder):
         exactly what greedy decoding would answer) over its first num_examples examples, packed into the training
         data's row shapes."""
         results = {}
-        extra = getattr(self, "_extra_arguments", None)
-        if extra is None:
-            extra = self._extra_arguments = self.teacher_params()
+        extra = ()  # the DPO eval step scores against the frozen reference; the CE eval step takes no teacher
+        if self.needs_reference:
+            extra = getattr(self, "_extra_arguments", None) or self.teacher_params()
         for name, eval_set in self.config.eval.sets.items():
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
             data = self._data_config(once, self.config.eval.batch_size)

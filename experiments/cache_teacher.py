@@ -1,0 +1,120 @@
+"""Cache a teacher's top-k logits over a distillation run's batches, for offline distillation.
+
+    python -m experiments.cache_teacher --config=configs/tiny.py --config.distill.teacher=/path/to/teacher/hf \
+        --cache_dir=/tmp/teacher_cache [--config.distill.top_k=32]
+    python -m experiments.train --config=configs/tiny.py --config.distill.teacher_cache=/tmp/teacher_cache ...
+
+The config is the student's training config as for online distillation: its data (config and seed), vision
+processing, steps and distill.all_text_tokens decide which batches and positions are cached, and a student run
+reading the cache must have the same ones (qwen3vl_jax.training.teacher_cache). Run again on the same directory,
+it continues after the last step written.
+"""
+
+import dataclasses
+import itertools
+import os
+import sys
+
+import flax.linen as nn
+import jax
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+from tqdm import tqdm
+
+from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax.data.pipeline import build_dataset
+from qwen3vl_jax.parallel.sharding import batch_shardings, global_batch, make_mesh, row_groups
+from qwen3vl_jax.training.builder import StepBuilder, processor_from
+from qwen3vl_jax.training.teacher_cache import (
+    METADATA,
+    TeacherCacheError,
+    comparable_data,
+    make_top_k_step,
+    step_file,
+    write_metadata,
+    write_step,
+)
+from qwen3vl_jax.training.trainer import host_data_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The student's training config (with distill.teacher).")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the cache goes (local or gs://).", required=True)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config, directory = _CONFIG.value, _CACHE_DIR.value
+    if not config.distill.teacher:
+        sys.exit("error: set --config.distill.teacher to the teacher's HF checkpoint directory")
+    try:
+        write_cache(config, directory)
+    except TeacherCacheError as e:
+        sys.exit(f"error: {e}")
+    print(f"cached the teacher's top {config.distill.top_k} logits of {config.steps} steps in {directory}")
+
+
+def write_cache(config: ConfigDict, directory: str) -> None:
+    """The teacher's (config.distill.teacher) top-k logits for each of the config.steps batches of a training
+    run with `config`, from the first step not yet in `directory`."""
+    if jax.process_count() > 1:
+        raise TeacherCacheError("the teacher cache is written by one host")
+    builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))
+    teacher = builder.distillation.teacher
+    _, row_group_count = row_groups(builder.mesh)
+    data = host_data_config(
+        config.data,
+        global_batch_size=builder.global_batch_size(config.data),
+        row_group_count=row_group_count,
+        context_shards=builder.mesh.shape["context"],
+    )
+    metadata = dict(
+        teacher=config.distill.teacher,
+        top_k=config.distill.top_k,
+        vocab_size=teacher.text.vocab_size,
+        all_text_tokens=config.distill.all_text_tokens,
+        steps=config.steps,
+        data=comparable_data(dataclasses.asdict(data)),
+        processing=comparable_data(config.processing.to_dict()),
+    )
+    existing = os.path.join(directory, METADATA)
+    if storage.path(existing).exists():
+        previous = {k: v for k, v in storage.read_json(existing).items() if k != "format"}
+        if previous != metadata:
+            raise TeacherCacheError(f"{existing} was written for another run; use a new --cache_dir")
+    write_metadata(directory, **metadata)
+
+    top_k_step = jax.jit(
+        make_top_k_step(
+            teacher,
+            k=config.distill.top_k,
+            chunk=config.loss_chunk,
+            all_text_tokens=config.distill.all_text_tokens,
+        ),
+        in_shardings=(builder.teacher_shardings, batch_shardings(builder.mesh)),
+    )
+    (teacher_params,) = builder.teacher_params()
+    start = next(step for step in itertools.count() if not storage.path(step_file(directory, step)).exists())
+    processor = processor_from(config)
+    iterator = iter(build_dataset(data, processor, model_config=builder.model_config, shard_count=row_group_count))
+    with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules):
+        for step in tqdm(range(config.steps), desc="teacher top-k"):
+            batch = next(iterator)
+            if step < start:  # written by an earlier run: the stream is replayed to reach the first missing step
+                continue
+            batch.pop("num_dropped")
+            top_logits, top_ids, keep = jax.device_get(
+                top_k_step(teacher_params, global_batch(batch, builder.mesh, row_group_count=row_group_count))
+            )
+            write_step(
+                directory,
+                step,
+                input_ids=batch["input_ids"],
+                loss_mask=batch["loss_mask"],
+                keep=keep,
+                top_logits=top_logits,
+                top_ids=top_ids,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)

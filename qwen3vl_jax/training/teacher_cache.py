@@ -1,0 +1,154 @@
+"""Offline distillation: the teacher's k largest logits at every position the KL reads, computed once over a
+training run's batches (`python -m experiments.cache_teacher`) and read back by student runs instead of running
+the teacher (`--config.distill.teacher_cache=DIR`).
+
+The cache follows the run's batch stream: file `step_00000012.npz` holds what the teacher gave for the 13th batch
+(0-based step 12) of a run with that data config and data seed. Per file: the batch's input ids and loss mask (a
+student run whose batch differs is stopped, naming the step), the flat positions (B * L) that the KL reads and, at
+each, the k largest logits in float32 and their token ids. `cache.json` records the teacher, k, the KL's token set
+(all_text_tokens), the data config and the number of steps; a student run whose data config, token set or length
+does not match is refused before its first step. One host only (the writer and the reader see whole batches).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.inputs.model_inputs import ModelInputs
+from qwen3vl_jax.modeling.model import Qwen3VL
+from qwen3vl_jax.parallel.sharding import TEACHER_TOP_K
+from qwen3vl_jax.training.distill import teacher_top_k
+from qwen3vl_jax.training.train_step import kl_token_weights
+
+METADATA = "cache.json"
+FORMAT = 1
+# data fields that do not change which examples a step's batch holds
+_DATA_FIELDS_IGNORED = ("workers",)
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache that is missing, incomplete or made for other batches than the run's."""
+
+
+def step_file(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step_{step:08d}.npz")
+
+
+def comparable_data(data: dict[str, Any]) -> dict[str, Any]:
+    """The data config as JSON would give it back, without the fields that do not change the batches."""
+    return json.loads(json.dumps({k: v for k, v in data.items() if k not in _DATA_FIELDS_IGNORED}))
+
+
+def write_metadata(directory: str, **fields: Any) -> None:
+    storage.path(directory).mkdir(parents=True, exist_ok=True)
+    storage.write_json(os.path.join(directory, METADATA), dict(format=FORMAT, **fields))
+
+
+def write_step(
+    directory: str,
+    step: int,
+    *,
+    input_ids: np.ndarray,
+    loss_mask: np.ndarray,
+    keep: np.ndarray,
+    top_logits: np.ndarray,
+    top_ids: np.ndarray,
+) -> None:
+    """One batch: input_ids / loss_mask (B, L); keep (B, L) the positions the KL reads; top_logits / top_ids
+    (B, L, k) the teacher's. Written to a temporary name and renamed, so a file that exists is whole."""
+    positions = np.flatnonzero(keep).astype(np.int32)
+    k = top_logits.shape[-1]
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        input_ids=input_ids.astype(np.int32),
+        loss_mask=loss_mask.astype(np.float32),
+        positions=positions,
+        top_logits=top_logits.reshape(-1, k)[positions].astype(np.float32),
+        top_ids=top_ids.reshape(-1, k)[positions].astype(np.int32),
+    )
+    temporary = storage.path(step_file(directory, step) + ".tmp")
+    temporary.write_bytes(buffer.getvalue())
+    temporary.rename(step_file(directory, step))
+
+
+def make_top_k_step(teacher: ModelConfig, *, k: int, chunk: int, all_text_tokens: bool) -> Callable:
+    """(teacher_params, batch) -> the teacher's k largest logits (B, L, k) float32, their ids (B, L, k) int32 and
+    the positions the KL reads (B, L) bool (kl_token_weights > 0: the supervised tokens, or every text token)."""
+    model = Qwen3VL(teacher)
+
+    def top_k_step(teacher_params, batch: dict):
+        hidden, head, _ = model.apply(
+            {"params": teacher_params}, ModelInputs.from_batch(batch), method=Qwen3VL.hidden_states_and_head
+        )
+        top_logits, top_ids = teacher_top_k(hidden, head, k=k, chunk=chunk or hidden.shape[1])
+        weights = kl_token_weights(batch, all_text_tokens=all_text_tokens, config=teacher, normalization="token")
+        return top_logits, top_ids, weights > 0
+
+    return top_k_step
+
+
+class TeacherCache:
+    """A cache directory opened for a student run: `check` refuses a run it was not made for; `add_to` adds the
+    dense (B, L, k) top-k arrays of a step to its batch (zeros where the KL does not read)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        file = os.path.join(directory, METADATA)
+        if not storage.path(file).exists():
+            raise TeacherCacheError(
+                f"no teacher cache at {directory} (no {METADATA}): write one with python -m experiments.cache_teacher"
+            )
+        self.metadata = storage.read_json(file)
+        if self.metadata.get("format") != FORMAT:
+            raise TeacherCacheError(f"{file}: format {self.metadata.get('format')}, this version reads {FORMAT}")
+        self.top_k = int(self.metadata["top_k"])
+
+    def check(
+        self, *, data: dict[str, Any], processing: dict[str, Any], all_text_tokens: bool, steps: int, vocab_size: int
+    ) -> None:
+        """Refuses a student run whose batches (data config, vision processing), KL token set, length or
+        vocabulary the cache does not cover."""
+        meta, where = self.metadata, os.path.join(self.directory, METADATA)
+        if meta["vocab_size"] != vocab_size:
+            raise TeacherCacheError(f"{where}: teacher vocabulary {meta['vocab_size']}, the student's {vocab_size}")
+        if meta["all_text_tokens"] != all_text_tokens:
+            raise TeacherCacheError(
+                f"{where}: cached for all_text_tokens={meta['all_text_tokens']}, this run has {all_text_tokens}"
+            )
+        for name, mine in dict(data=comparable_data(data), processing=comparable_data(processing)).items():
+            cached = meta[name]
+            differ = sorted(k for k in set(mine) | set(cached) if mine.get(k) != cached.get(k))
+            if differ:
+                raise TeacherCacheError(
+                    f"{where}: cached for another {name} config (differs in {differ}): the batches would not match"
+                )
+        if meta["steps"] < steps:
+            raise TeacherCacheError(f"{where}: {meta['steps']} steps cached, this run trains {steps}")
+
+    def add_to(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        """The batch with the step's teacher_top_logits / teacher_top_ids (B, L, k) added."""
+        file = step_file(self.directory, step)
+        if not storage.path(file).exists():
+            raise TeacherCacheError(f"teacher cache {self.directory}: no file for step {step} ({file})")
+        with np.load(io.BytesIO(storage.path(file).read_bytes())) as cached:
+            for name in ("input_ids", "loss_mask"):
+                if cached[name].shape != batch[name].shape or not np.array_equal(cached[name], batch[name]):
+                    raise TeacherCacheError(
+                        f"{file}: the cached batch of step {step} differs from this run's ({name}): another data "
+                        "seed, data config or dataset version"
+                    )
+            positions, top_logits, top_ids = cached["positions"], cached["top_logits"], cached["top_ids"]
+        shape = (*batch["input_ids"].shape, self.top_k)
+        dense_logits, dense_ids = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
+        dense_logits.reshape(-1, self.top_k)[positions] = top_logits
+        dense_ids.reshape(-1, self.top_k)[positions] = top_ids
+        return {**batch, **dict(zip(TEACHER_TOP_K, (dense_logits, dense_ids)))}
