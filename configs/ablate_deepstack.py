@@ -9,14 +9,15 @@
     python -m experiments.ablate --config=configs/ablate_deepstack.py:finetune,/tmp/ablate_deepstack_stage1 \
         --workdir=/tmp/ablate_deepstack_stage2
 
-Stage 1 asks whether a 6 x 6 grid of 32 px cells (2-4 squares of 8 px, one visual token per cell) holds a small
-square of a given colour: a coarse question (which colours, not where), so the ViT's last layer is free to keep
-only what it needs. (Counting the squares instead was not learned at this size: exact match at chance, 1/3,
-after 1200 steps at 3e-3 and 0.39 for one seed after 2000 at 1e-3.) Stage 2 asks where the
-small square of a given colour is (small-object grounding on the same kind of images): which cell holds which
-colour, the fine detail. Both variants of a seed start from the same stage-1 weights; `on` adds DeepStack mergers
-(fresh weights) after ViT blocks 0 and 1 of 4 and injects them into decoder layers 0 and 1, `off` reads the last
-layer only. Chance: 1/6 per axis. `end_to_end`: the same model and fine task without stage 1 (ViT, mergers and
+Stage 1 asks the colour or the kind of one large shape in a 96 px image: a coarse question (what, not where), so
+the ViT's last layer is free to keep only what it needs. (Questions about the stage-2 grids themselves were not
+learned at this size: counting the small squares stayed at chance, 1/3, after 1200 steps at 3e-3 and reached 0.39
+for one seed after 2000 at 1e-3; "is there a small <colour> square?" 0.42 after 1500 at 1e-3, chance 0.5.) Stage
+2 asks where the small square of a given colour is (small-object grounding: 6 x 6 grids of 32 px cells, one
+visual token per cell, an 8 px target among 1-3 distractors of other colours): which cell holds which colour, the
+fine detail. Both variants of a seed start from the same stage-1 weights; `on` adds DeepStack mergers (fresh
+weights) after ViT blocks 0 and 1 of 4 and injects them into decoder layers 0 and 1, `off` reads the last layer
+only. Chance: 1/6 per axis. `end_to_end`: the same model and fine task without stage 1 (ViT, mergers and
 LLM trained together from random weights). README: the measured tables and the time they took.
 """
 
@@ -70,7 +71,8 @@ def get_config(arg: str = "pretrain") -> ConfigDict:
         description="Small-object grounding: where is the small square of a given colour (6 x 6 grid of 32 px "
         "cells, 8 px target among 1-3 distractors of other colours); evaluated on held-out grids. "
         + (
-            "Each seed starts from its stage-1 model (colour presence), the ViT frozen; DeepStack mergers start fresh."
+            "Each seed starts from its stage-1 model (colour or kind of a large shape), the ViT frozen; DeepStack "
+            "mergers start fresh."
             if mode == "finetune"
             else "ViT, mergers and LLM trained together from random weights."
         ),

@@ -66,6 +66,12 @@ def test_paired_test_by_hand():
     table = paired_table(per_seed, pairs=[("x", "y"), ("y", "x")], columns=[("grid", "acc"), ("grid", "other")])
     assert f"| x - y | grid acc | 0, 1, 2, 3, 4, 5 | {d.mean():+.3f} ± " in table and "| y - x | grid acc |" in table
     assert "| x - y | grid other | – | fewer than two common seeds |" in table
+    tied = {
+        "x": {0: {"grid": {"acc": 0.2}}, 1: {"grid": {"acc": 0.2}}},
+        "y": {0: {"grid": {"acc": 0.2}}, 1: {"grid": {"acc": 0.2}}},
+    }
+    table = paired_table(tied, pairs=[("x", "y")], columns=[("grid", "acc")])
+    assert "| x - y | grid acc | 0, 1 | +0.000 ± 0.000 | – (equal differences) | 1.0000 |" in table
 
 
 def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():

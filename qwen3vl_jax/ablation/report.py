@@ -83,9 +83,11 @@ def paired_table(
                 lines.append(f"{name} – | fewer than two common seeds | – | – |")
                 continue
             test = paired_test(*values)
+            # the t statistic is undefined when every seed's difference is the same
+            t_pvalue = "– (equal differences)" if math.isnan(test.t_pvalue) else f"{test.t_pvalue:.4f}"
             lines.append(
                 f"{name} {', '.join(map(str, test.seeds))} | {test.mean_difference:+.3f} ± {test.ci:.3f} | "
-                f"{test.t_pvalue:.4f} | {test.permutation_pvalue:.4f} |"
+                f"{t_pvalue} | {test.permutation_pvalue:.4f} |"
             )
     return "\n".join(lines) + "\n"
 
