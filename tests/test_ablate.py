@@ -86,6 +86,16 @@ def test_a_metric_missing_from_some_runs_says_over_how_many_seeds():
     assert "| a | 0, 1, 2 | 0.600 ± 0.248 | 1.500 ± 6.353 (2 of 3 seeds) |" in table
 
 
+def test_the_mean_of_the_eval_sets_weighs_each_set_the_same():
+    from qwen3vl_jax.ablation.sweep import with_mean_of_sets
+
+    results = {"a": {"examples": 96, "exact_match": 0.5, "error": 2.0}, "b": {"examples": 10, "exact_match": 1.0}}
+    mean = with_mean_of_sets(results)["mean_of_sets"]
+    assert mean == {"exact_match": 0.75, "error": 2.0}  # error: only set a has it
+    with pytest.raises(ValueError, match="may not be named 'mean_of_sets'"):
+        with_mean_of_sets({"mean_of_sets": {"exact_match": 1.0}})
+
+
 def test_overrides_must_name_existing_fields():
     model = dict(init_from="/stage1/runs/coarse/seed_{seed}/hf", overrides=dict(mrope_layout="interleaved"))
     base = ConfigDict(dict(model=model, seed=0, data=dict(seed=0)))

@@ -13,7 +13,8 @@ Sweep config (an ml_collections ConfigDict, see configs/ablate_*.py):
                         seed s from seed s of a first sweep (`<first workdir>/runs/<variant>/seed_{seed}/hf`)
     seeds               the seeds (each sets base.seed and base.data.seed)
     eval                batch_size, max_new_tokens, sets={name: {num_examples, sources: [source specs]}}
-    columns             [(eval set, metric), ...] of the report table and plot
+    columns             [(eval set, metric), ...] of the report table and plot; eval set "mean_of_sets": the
+                        metric averaged over the eval sets (each set weighs the same)
     paired              optional [(variant a, variant b), ...]: paired tests of a - b on every column over the
                         seeds both finished (report.paired_table)
 """
@@ -37,6 +38,7 @@ from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summa
 from qwen3vl_jax.training.trainer import Trainer
 
 RESULTS = "results.json"
+MEAN_OF_SETS = "mean_of_sets"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -95,6 +97,18 @@ def load_results(workdir: str, run: Run) -> dict | None:
     return read_json(file) if storage.path(file).exists() else None
 
 
+def with_mean_of_sets(results: dict) -> dict:
+    """results plus a pseudo eval set MEAN_OF_SETS: each metric averaged over the eval sets that have it (the
+    sets weigh equally), for a report column such as (MEAN_OF_SETS, "exact_match")."""
+    if MEAN_OF_SETS in results:
+        raise ValueError(f"an eval set may not be named {MEAN_OF_SETS!r}: the report's mean over the sets")
+    metrics = sorted({name for values in results.values() for name in values} - {"examples"})
+    mean = {
+        m: float(sum(v[m] for v in results.values() if m in v) / sum(m in v for v in results.values())) for m in metrics
+    }
+    return {**results, MEAN_OF_SETS: mean}
+
+
 def train_and_evaluate(sweep: ConfigDict, run: Run, *, workdir: str) -> dict:
     """Trains the run (resuming it from its newest checkpoint if it was interrupted), evaluates it on the
     sweep's eval sets and writes predictions.jsonl and then results.json; returns the results."""
@@ -134,6 +148,7 @@ def write_report(sweep: ConfigDict, workdir: str) -> str:
         if results is None:
             missing.append(run.name)
             continue
+        results = with_mean_of_sets(results)
         finished.setdefault(run.variant, []).append(results)
         seeds.setdefault(run.variant, []).append(run.seed)
         per_seed.setdefault(run.variant, {})[run.seed] = results
