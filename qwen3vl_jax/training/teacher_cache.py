@@ -5,9 +5,10 @@ the teacher (`--config.distill.teacher_cache=DIR`).
 The cache follows the run's batch stream: file `step_00000012.npz` holds what the teacher gave for the 13th batch
 (0-based step 12) of a run with that data config and data seed. Per file: the batch's input ids and loss mask (a
 student run whose batch differs is stopped, naming the step), the flat positions (B * L) that the KL reads and, at
-each, the k largest logits in float32 and their token ids. `cache.json` records the teacher, k, the KL's token set
-(all_text_tokens), the data config and the number of steps; a student run whose data config, token set or length
-does not match is refused before its first step. One host only (the writer and the reader see whole batches).
+each, the k largest logits in float32 and their token ids. `cache.json` records the teacher, k, its vocabulary, the
+KL's token set (all_text_tokens), the data and vision-processing configs and the number of steps; a student run
+that differs in any of them (or trains longer) is refused before its first step. One host only (the writer and
+the reader see whole batches).
 """
 
 from __future__ import annotations
