@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.ablation import report
@@ -103,9 +104,7 @@ def with_mean_of_sets(results: dict) -> dict:
     if MEAN_OF_SETS in results:
         raise ValueError(f"an eval set may not be named {MEAN_OF_SETS!r}: the report's mean over the sets")
     metrics = sorted({name for values in results.values() for name in values} - {"examples"})
-    mean = {
-        m: float(sum(v[m] for v in results.values() if m in v) / sum(m in v for v in results.values())) for m in metrics
-    }
+    mean = {m: float(np.mean([values[m] for values in results.values() if m in values])) for m in metrics}
     return {**results, MEAN_OF_SETS: mean}
 
 
