@@ -1,11 +1,14 @@
 """Distillation: the chunked KL_T(teacher || student) and cross-entropy equal a hand-written torch reference on
 whole logits, values and gradients (student hidden states and head; nothing flows into the teacher)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 from qwen3vl_jax.training.distill import chunked_distillation, distillation_loss
 
@@ -163,3 +166,20 @@ def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
     settings.distill.teacher = str(tmp_path / "vit")
     with pytest.raises(ValueError, match=r"ViT differs from the student's in \['num_position_embeddings'\]"):
         distillation_from(settings, student)
+
+
+def test_the_distillation_experiments_options_set_the_students_budget_width_and_data():
+    from qwen3vl_jax.training.run_config import config_from_file
+
+    path = os.path.join(ROOT, "configs", "distill_tiny.py")
+    default = config_from_file(path, "/teacher")
+    assert (default.base.steps, default.base.model.overrides.text.hidden_size) == (1500, 64)
+    assert default.base.data.sources.synthetic.size == 1_000_000
+    assert default.variants.distilled.distill.teacher == "/teacher"
+    changed = config_from_file(path, "/teacher,steps=400,hidden=32,examples=2000")
+    text = changed.base.model.overrides.text
+    assert (changed.base.steps, text.hidden_size, text.intermediate_size) == (400, 32, 96)
+    assert (changed.base.model.overrides.vision.out_hidden_size, changed.base.data.sources.synthetic.size) == (32, 2000)
+    for bad in ("/teacher,width=32", "/teacher,steps=many", ""):
+        with pytest.raises(ValueError, match=r"expected one of|teacher's HF directory"):
+            config_from_file(path, bad)
