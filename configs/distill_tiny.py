@@ -6,7 +6,7 @@ default run's model, 3 seeds each unless `--config.seeds` says otherwise.
     python -m experiments.ablate --config=configs/distill_tiny.py:/tmp/distill/teacher/hf --workdir=/tmp/distill/sweep
     # options after the teacher, comma-separated: steps=N (the students' budget, the schedule scaled to it),
     # hidden=W (the student's decoder width), examples=N (the students see only the first N synthetic examples;
-    # the teacher saw the whole stream)
+    # the teacher drew from the whole stream)
     python -m experiments.ablate --config=configs/distill_tiny.py:/tmp/distill/teacher/hf,steps=400 \
         --workdir=/tmp/distill/sweep_400
     # students that see 2,000 synthetic examples (the teacher drew from all 1,000,000), 6 seeds
