@@ -85,7 +85,9 @@ def hf_seconds_per_step(batch, steps):
     return time_steps(step, steps), sum(p.numel() for p in model.parameters())
 
 
-def jax_seconds_per_step(batch, steps, *, remat):
+def make_jax_step(batch, *, remat):
+    """Our jitted train step on `batch` as a no-argument callable that runs one step to completion, and the model
+    FLOPs per step."""
     config = from_hf({"model_type": "qwen3_vl", **HF_CONFIG}, remat=remat)
     outputs = ProcessorOutputs(
         **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
@@ -109,7 +111,11 @@ def jax_seconds_per_step(batch, steps, *, remat):
         state[0], metrics = train_step(state[0], arrays)
         jax.block_until_ready(metrics)
 
-    flops = train_flops(config, batch=BATCH, seq_len=LENGTH, patches=GRID[1] * GRID[2])
+    return step, train_flops(config, batch=BATCH, seq_len=LENGTH, patches=GRID[1] * GRID[2])
+
+
+def jax_seconds_per_step(batch, steps, *, remat):
+    step, flops = make_jax_step(batch, remat=remat)
     return time_steps(step, steps), flops
 
 
