@@ -31,7 +31,7 @@ def kind(operation: str) -> str:
     """The operation's kind: its name without the numeric suffix XLA adds; library matmul fusions as one kind."""
     if operation.startswith(("ynn_fusion", "xnn_fusion", "onednn")):
         return "matmul library (YNNPACK / XNNPACK / oneDNN fusions)"
-    if operation.startswith(("dot", "dot_general")):
+    if operation.startswith("dot"):  # dot and dot_general
         return "XLA dot"
     return re.sub(r"[._]\d+$", "", operation)
 

@@ -180,6 +180,8 @@ def test_the_distillation_experiments_options_set_the_students_budget_width_and_
     text = changed.base.model.overrides.text
     assert (changed.base.steps, text.hidden_size, text.intermediate_size) == (400, 32, 96)
     assert (changed.base.model.overrides.vision.out_hidden_size, changed.base.data.sources.synthetic.size) == (32, 2000)
-    for bad in ("/teacher,width=32", "/teacher,steps=many", ""):
-        with pytest.raises(ValueError, match=r"expected one of|teacher's HF directory"):
+    for bad in ("/teacher,width=32", "/teacher,steps=many"):
+        with pytest.raises(ValueError, match=f"option '{bad.split(',')[1]}': expected one of steps=N, hidden=N"):
             config_from_file(path, bad)
+    with pytest.raises(ValueError, match="give the teacher's HF directory"):
+        config_from_file(path, "")
