@@ -44,10 +44,7 @@ def xla_seconds(rows: int, *, ynn: bool) -> float:
 
         return jax.lax.fori_loop(0, STEPS, step, x)
 
-    options = {} if ynn else {"xla_cpu_experimental_ynn_fusion_type": ""}
-    run = jax.jit(chain, compiler_options=options)
-    jax.block_until_ready(run(x, up, down))
-    return min(_timed(lambda: jax.block_until_ready(run(x, up, down))) for _ in range(3)) / STEPS
+    return xla_seconds_per_step(chain, x, up, down, ynn=ynn)
 
 
 def torch_seconds(rows: int) -> float:
@@ -64,8 +61,7 @@ def torch_seconds(rows: int) -> float:
                     y = torch.tanh(torch.tanh(y @ a) @ b)
         return y
 
-    chain()
-    return min(_timed(chain) for _ in range(3)) / STEPS
+    return seconds_per_step(chain)
 
 
 # decode_vs_hf.py's model (train_step_vs_hf.HF_CONFIG): its decoder's and head's weight matrices
@@ -132,10 +128,7 @@ def xla_step_seconds(rows: int, *, ynn: bool, layout: str = "separate") -> float
 
         return jax.lax.fori_loop(0, STEPS, step, x)
 
-    options = {} if ynn else {"xla_cpu_experimental_ynn_fusion_type": ""}
-    run = jax.jit(steps, compiler_options=options)
-    jax.block_until_ready(run(x, layers, head))
-    return min(_timed(lambda: jax.block_until_ready(run(x, layers, head))) for _ in range(3)) / STEPS
+    return xla_seconds_per_step(steps, x, layers, head, ynn=ynn)
 
 
 def torch_step_seconds(rows: int) -> float:
@@ -153,8 +146,7 @@ def torch_step_seconds(rows: int) -> float:
                 y = decode_step(y, layers, head, silu=torch.nn.functional.silu, pad=pad)
         return y
 
-    steps()
-    return min(_timed(steps) for _ in range(3)) / STEPS
+    return seconds_per_step(steps)
 
 
 def read_seconds(num_bytes: int = WEIGHT_BYTES) -> float:
@@ -162,6 +154,19 @@ def read_seconds(num_bytes: int = WEIGHT_BYTES) -> float:
     total = jax.jit(jnp.sum)
     total(data).block_until_ready()
     return min(_timed(lambda: total(data).block_until_ready()) for _ in range(10))
+
+
+def seconds_per_step(run) -> float:
+    """run() once to warm up, then the best of 3 runs of STEPS steps, per step."""
+    run()
+    return min(_timed(run) for _ in range(3)) / STEPS
+
+
+def xla_seconds_per_step(fn, *args, ynn: bool) -> float:
+    """seconds_per_step of fn(*args) jitted, with or without XLA:CPU's YNNPACK matmuls."""
+    options = {} if ynn else {"xla_cpu_experimental_ynn_fusion_type": ""}
+    run = jax.jit(fn, compiler_options=options)
+    return seconds_per_step(lambda: jax.block_until_ready(run(*args)))
 
 
 def _timed(fn) -> float:
