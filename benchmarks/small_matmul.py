@@ -88,7 +88,8 @@ def decode_step(x, layers, head, *, silu, pad, matmul=operator.matmul):
             q, k, v = (matmul(x, w[name]) for name in ("q", "k", "v"))
         x = x + matmul(q + pad(k + v), w["o"])
         if "gate_up" in w:
-            gate, up = jnp.split(matmul(x, w["gate_up"]), 2, axis=1)
+            gate_up = matmul(x, w["gate_up"])
+            gate, up = gate_up[:, :MLP], gate_up[:, MLP:]
         else:
             gate, up = matmul(x, w["gate"]), matmul(x, w["up"])
         x = x + matmul(silu(gate) * up, w["down"])
