@@ -5,7 +5,10 @@
     python -m experiments.eval --checkpoint=/path/hf_dir --jsonl=qa.jsonl [--jsonl=more.jsonl]
 
 With --config the model runs sharded over the config's mesh (`config.mesh`, e.g. --config.mesh.fsdp=4
---config.mesh.tensor=2): each device reads its shard of an HF checkpoint, or restores it from the workdir.
+--config.mesh.tensor=2): each device reads its shard of an HF checkpoint, or restores it from the workdir. In a
+multi-process run (--coordinator_address ... or the JAX_* variables; experiments.launch_local) every process
+reads the same examples and takes part in every batch, whose rows are split over the mesh (without --config, a
+data-parallel mesh over all devices); process 0 writes the report.
 
 Metrics: exact match for every set; IoU >= 0.5 accuracy for grounding; absolute timestamp error (seconds) for
 the video-temporal task; character accuracy for OCR. Writes summary.json, predictions.jsonl and report.md to
@@ -14,10 +17,12 @@ the video-temporal task; character accuracy for OCR. Writes summary.json, predic
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import qwen3vl_jax
+from experiments.distributed_flags import join_run
 from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.checkpoints.train_state import Checkpointer
 from qwen3vl_jax.data.sources import JsonlSource
@@ -42,7 +47,8 @@ def load_model():
     if _CHECKPOINT.value:
         processor = qwen3vl_jax.load_processor(_CHECKPOINT.value)
         if config is None:
-            return qwen3vl_jax.load_pretrained(_CHECKPOINT.value), processor
+            mesh = make_mesh({"data": -1}) if jax.process_count() > 1 else None
+            return qwen3vl_jax.load_pretrained(_CHECKPOINT.value, mesh=mesh), processor
         builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))
         logging.info("evaluating %s sharded over the mesh %s", _CHECKPOINT.value, dict(builder.mesh.shape))
         model = qwen3vl_jax.load_pretrained(_CHECKPOINT.value, mesh=builder.mesh, rules=builder.rules)
@@ -77,6 +83,7 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint and --workdir")
     if _WORKDIR.value and _CONFIG.value is None:
         raise app.UsageError("--workdir needs --config")
+    join_run(_CONFIG.value)
     model, processor = load_model()
     results = []
     for name, records in eval_sets().items():
@@ -84,6 +91,8 @@ def main(argv):
             model, processor, records=records, set_name=name, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value
         )
     summary = summarize(results)
+    if jax.process_index() != 0:
+        return
     output = _OUTPUT.value or os.path.join(_CHECKPOINT.value or _WORKDIR.value, "eval")
     with storage.local_dir(output) as local:
         title = f"Evaluation of {_CHECKPOINT.value or _WORKDIR.value}"

@@ -14,10 +14,11 @@ import os
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from experiments.distributed_flags import join_run
 from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.train_state import RUN_RECORD, Checkpointer, check_resumable
-from qwen3vl_jax.parallel.sharding import initialize_distributed, make_mesh
+from qwen3vl_jax.parallel.sharding import make_mesh
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config (default: the one in <workdir>/run.json).")
@@ -44,7 +45,7 @@ def run_config(workdir: str) -> ConfigDict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    initialize_distributed()
+    join_run(_CONFIG.value)
     workdir, output = _WORKDIR.value, _OUTPUT.value
     config = run_config(workdir)
     builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))

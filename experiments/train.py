@@ -3,8 +3,12 @@
     python -m experiments.train --config=configs/tiny.py --workdir=/tmp/run [--config.optimizer.lr=1e-3 ...]
 
 Running the same command again resumes from the newest checkpoint in the workdir; a workdir whose checkpoints
-belong to a model of other shapes is refused. Without --workdir, the run goes to /tmp/qwen3vl_runs/<config name>
-(e.g. /tmp/qwen3vl_runs/qwen3_vl_8b_sft for --config=configs/qwen3_vl_8b.py:sft).
+belong to a model of other shapes, or that another run is training in, is refused. SIGTERM saves a checkpoint and
+stops. Without --workdir, the run goes to /tmp/qwen3vl_runs/<config name> (e.g. /tmp/qwen3vl_runs/qwen3_vl_8b_sft
+for --config=configs/qwen3_vl_8b.py:sft).
+
+This process is one of a multi-process run (a TPU pod slice, several machines, experiments.launch_local) when
+--coordinator_address, --num_processes and --process_id or their JAX_* environment variables say so (docs/multihost.md).
 """
 
 import os
@@ -14,7 +18,10 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.distributed_flags import join_run
 from qwen3vl_jax.checkpoints.train_state import DamagedCheckpoint, WorkdirMismatch
+from qwen3vl_jax.checkpoints.workdir_lock import WorkdirInUse
+from qwen3vl_jax.parallel.multihost import ConfigMismatch, DistributedSetupError
 from qwen3vl_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
@@ -37,8 +44,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the progress bar, eval lines and warnings; libraries stay quiet
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
+        join_run(_CONFIG.value)
         Trainer(_CONFIG.value, _WORKDIR.value or default_workdir(config_file), config_name=config_file).run()
-    except (WorkdirMismatch, DamagedCheckpoint) as e:
+    except (WorkdirMismatch, DamagedCheckpoint, WorkdirInUse, ConfigMismatch, DistributedSetupError) as e:
         sys.exit(f"error: {e}")
 
 

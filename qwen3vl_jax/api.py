@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from qwen3vl_jax.checkpoints import hf_io
@@ -41,6 +42,14 @@ from qwen3vl_jax.inputs.positions import IMAGE, visual_blocks
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, param_shardings, spec_for
+
+
+def to_numpy(x: jax.Array) -> np.ndarray:
+    """The whole of `x` on this host, also when its shards lie on several processes' devices (then every process
+    must call this: it gathers)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 class Default(enum.Enum):
@@ -98,13 +107,15 @@ class Qwen3VLModel:
             yield
 
     def _batch_split(self, inputs: ModelInputs) -> ModelInputs:
-        """`inputs` with their batch dimension split over the mesh's batch axes (where they divide it)."""
+        """`inputs` with their batch dimension split over the mesh's batch axes (where they divide it). On a mesh
+        of several processes each process passes the same whole inputs and places the rows its devices hold."""
         if self.mesh is None:
             return inputs
 
         def put(x):
+            x = np.asarray(x)
             spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh=self.mesh, rules=self.rules)
-            return jax.device_put(x, NamedSharding(self.mesh, spec))
+            return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])
 
         return jax.tree_util.tree_map(put, inputs)
 
@@ -124,7 +135,7 @@ class Qwen3VLModel:
         inputs, _ = self.prepare(input_ids, seq_len=seq_len, max_patches=max_patches, **processor_outputs)
         with self._on_mesh():
             logits = self.forward(self.params, self._batch_split(inputs))
-        return np.asarray(logits[:, : np.shape(input_ids)[1]], np.float32)
+        return to_numpy(logits[:, : np.shape(input_ids)[1]]).astype(np.float32)
 
     def router_aux_loss(self, input_ids, **processor_outputs) -> float:
         """The MoE load-balancing loss of these inputs over their real tokens, as transformers' `aux_loss`."""
@@ -132,7 +143,7 @@ class Qwen3VLModel:
             raise ValueError("router_aux_loss needs an MoE model")
         inputs, _ = self.prepare(input_ids, **processor_outputs)
         with self._on_mesh():
-            return float(self.aux_loss(self.params, self._batch_split(inputs)))
+            return float(to_numpy(self.aux_loss(self.params, self._batch_split(inputs))))
 
     def generate(
         self,
@@ -166,18 +177,18 @@ class Qwen3VLModel:
                 max_new_tokens=max_new_tokens,
                 sampling=sampling,
             )
-        return np.asarray(tokens)
+        return to_numpy(tokens)
 
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: int | None = None):
         """The ViT alone, like transformers' `model.visual(pixel_values, grid_thw)`: merged visual tokens
         (N / m^2, out_hidden) and the list of DeepStack features of the same shape, float32 numpy."""
         inputs, n = self._vision_inputs(pixel_values, grid_thw, max_patches=max_patches)
         with self._on_mesh():
-            merged, deepstack = self.vision_forward(self.params, inputs)
+            merged, deepstack = self.vision_forward(self.params, self._batch_split(inputs))
         tokens = n // self.config.vision.spatial_merge_size**2
 
         def as_numpy(x):
-            return np.asarray(x[0, :tokens], np.float32)
+            return to_numpy(x[0, :tokens]).astype(np.float32)
 
         return as_numpy(merged), [as_numpy(x) for x in deepstack]
 
@@ -187,8 +198,8 @@ class Qwen3VLModel:
         what layer probes read."""
         inputs, n = self._vision_inputs(pixel_values, grid_thw, max_patches=max_patches)
         with self._on_mesh():
-            hidden_states = self.vision_hidden_forward(self.params, inputs)
-        return [np.asarray(x[0, :n], np.float32) for x in hidden_states]
+            hidden_states = self.vision_hidden_forward(self.params, self._batch_split(inputs))
+        return [to_numpy(x[0, :n]).astype(np.float32) for x in hidden_states]
 
     def _vision_inputs(self, pixel_values, grid_thw, *, max_patches: int | None) -> tuple[ModelInputs, int]:
         """One row of patch fields for the images / videos of grid_thw, and their number of patches."""
@@ -212,16 +223,17 @@ class Qwen3VLModel:
         self, path: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, expert_layout: str = "hub"
     ):
         """Writes an HF checkpoint directory that transformers loads (`dtype` defaults to param_dtype; MoE
-        experts in the released "hub" layout or the "transposed" one of transformers 5.x)."""
+        experts in the released "hub" layout or the "transposed" one of transformers 5.x). On a mesh of several
+        processes every process calls this and process 0 writes."""
         hf_io.save_params(
             path,
-            jax.device_get(self.params),
+            self.params,  # gathered one tensor at a time (every process of a multi-process mesh calls this)
             config=self.config,
             dtype=dtype,
             max_shard_bytes=max_shard_bytes,
             expert_layout=expert_layout,
         )
-        if self.generation_config:
+        if self.generation_config and jax.process_index() == 0:
             write_json(os.path.join(path, hf_io.GENERATION_CONFIG), self.generation_config)
 
 

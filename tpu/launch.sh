@@ -51,8 +51,8 @@ fi
 train="$python -m experiments.train $(quote_all "--config=$config" "--workdir=$workdir" \
   ${train_args[@]+"${train_args[@]}"})"
 # JAX_PLATFORMS=tpu: fail rather than fall back to the CPU when the TPU cannot be opened; it also makes the
-# trainer call jax.distributed.initialize() (sharding.initialize_distributed), which finds the other workers
-# from the TPU VM metadata. PYTHONUNBUFFERED=1: stdout reaches the log file line by line.
+# trainer call jax.distributed.initialize() (qwen3vl_jax/parallel/multihost.py), which finds the other
+# workers from the TPU VM metadata. PYTHONUNBUFFERED=1: stdout reaches the log file line by line.
 start="cd qwen3vl_jax && { JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1 nohup $train >>train.log 2>&1 </dev/null & }"
 start+=" && echo \"\$(hostname): started pid \$!, log ~/qwen3vl_jax/train.log\""
 tpu_vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker=all --command="$start"

@@ -114,7 +114,7 @@ def train_and_evaluate(sweep: ConfigDict, run: Run, *, workdir: str) -> dict:
     directory = run_dir(workdir, run)
     trainer = Trainer(run_config(sweep, run), directory, config_name=f"sweep {sweep.name!r}, run {run.name}")
     trainer.run()
-    model = Qwen3VLModel(trainer.model_config, trainer.state.params)
+    model = Qwen3VLModel(trainer.model_config, trainer.state.params, mesh=trainer.mesh, rules=trainer.rules)
     predictions = []
     for name, eval_set in sweep.eval.sets.items():
         records = eval_records(eval_set.sources, eval_set.num_examples)

@@ -16,10 +16,12 @@ import orbax.checkpoint as ocp
 from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.parallel.multihost import gather_text
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"  # in the workdir: which config and model its checkpoints belong to
 ON_CORRUPT = ("previous", "error")  # config.checkpoint.on_corrupt
+STATE_ITEM, DATA_ITEM = "state", "data"  # a checkpoint's items: the train state and the data iterator's position
 DAMAGED_SUFFIX = "_damaged"  # `<checkpoints>_damaged/<step>`: where damaged checkpoints are moved, kept for inspection
 
 
@@ -59,18 +61,27 @@ class Checkpointer:
         already saved."""
         if step == self.latest_step() or (not force and step % self.every):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
+        args = ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: grain.checkpoint.CheckpointSave(iterator)}
+        )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_state: Any, *, iterator: grain.DatasetIterator) -> Any:
-        """The state saved at `step` (laid out as `abstract_state`: ShapeDtypeStructs with shardings); the
-        iterator is moved to the saved position."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)
+    def restore(self, step: int, abstract_state: Any, *, iterator: grain.DatasetIterator | None = None) -> Any:
+        """The state saved at `step` (laid out as `abstract_state`: ShapeDtypeStructs with shardings); `iterator`
+        (when given) is moved to the saved position. Each process reads its own devices' part of the state and its
+        own iterator position, through orbax's and grain's checkpoint handlers rather than the manager: the
+        manager ends a restore with a barrier across processes, which a process whose read failed never reaches
+        (the others would then meet it in their next collective and fail or hang)."""
+        directory = self.manager.directory / str(step)
+        state = ocp.StandardCheckpointHandler().restore(
+            directory / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state)
         )
-        restored = self.manager.restore(step, args=args)
+        if iterator is not None:
+            grain.checkpoint.CheckpointHandler().restore(
+                directory / DATA_ITEM, args=grain.checkpoint.CheckpointRestore(iterator)
+            )
         log.info("restored step %d from %s", step, self.manager.directory)
-        return restored.state
+        return state
 
     def restore_newest_intact(
         self, abstract_state: Any, *, make_iterator, on_corrupt: str = "previous"
@@ -84,20 +95,24 @@ class Checkpointer:
             raise ValueError(f"checkpoint.on_corrupt {on_corrupt!r} not in {ON_CORRUPT}")
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            iterator = make_iterator()
+            iterator, error, detail = make_iterator(), None, ""
             try:
-                return step, self.restore(step, abstract_state, iterator=iterator), iterator, damaged
+                state = self.restore(step, abstract_state, iterator=iterator)
             except Exception as e:  # whatever the storage layers raise for data that does not read back
-                detail = describe_restore_error(e)
-                message = f"the checkpoint of step {step} in {self.directory} is damaged: {detail}"
-                if on_corrupt == "error":
-                    raise DamagedCheckpoint(
-                        f"{message}\nResume from the one before it with checkpoint.on_corrupt='previous', or move "
-                        f"{os.path.join(self.directory, str(step))} away."
-                    ) from e
-                moved = self._move_aside(step)
-                log.error("%s; moved it to %s and trying the checkpoint before it", message, moved)
-                damaged.append(dict(step=step, error=detail, moved_to=moved))
+                error, detail = e, describe_restore_error(e)
+            # each process reads its own part of the checkpoint: all of them pass the step over when one cannot
+            detail = _failures(gather_text(detail))
+            if not detail:
+                return step, state, iterator, damaged
+            message = f"the checkpoint of step {step} in {self.directory} is damaged: {detail}"
+            if on_corrupt == "error":
+                raise DamagedCheckpoint(
+                    f"{message}\nResume from the one before it with checkpoint.on_corrupt='previous', or move "
+                    f"{os.path.join(self.directory, str(step))} away."
+                ) from error
+            moved = self._move_aside(step)
+            log.error("%s; moved it to %s and trying the checkpoint before it", message, moved)
+            damaged.append(dict(step=step, error=detail, moved_to=moved))
         raise DamagedCheckpoint(
             f"no checkpoint in {self.directory} reads back whole ({len(damaged)} damaged, moved to "
             f"{self.directory + DAMAGED_SUFFIX}); delete the workdir's checkpoints to start over"
@@ -117,15 +132,29 @@ class Checkpointer:
         return str(target)
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
-        """Only the train state saved at `step` (no data iterator), e.g. for evaluation."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self.manager.restore(step, args=args).state
+        """Only the train state saved at `step` (no data iterator), e.g. for evaluation; DamagedCheckpoint on every
+        process when any process cannot read its part."""
+        try:
+            state, detail = self.restore(step, abstract_state), ""
+        except Exception as e:  # whatever the storage layers raise for data that does not read back
+            detail = describe_restore_error(e)
+        failures = _failures(gather_text(detail))
+        if failures:
+            raise DamagedCheckpoint(f"the checkpoint of step {step} in {self.directory} is damaged: {failures}")
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _failures(details: list[str]) -> str:
+    """The processes' restore errors ("" for none) as one line; names the processes when there are several."""
+    if len(details) == 1:
+        return details[0]
+    return "; ".join(f"on process {index}: {text}" for index, text in enumerate(details) if text)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

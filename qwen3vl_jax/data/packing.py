@@ -73,6 +73,14 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
     return {k: np.concatenate([v, empty.get(k, np.zeros((missing, *v.shape[1:]), v.dtype))]) for k, v in batch.items()}
 
 
+def empty_batch(batch_size: int, *, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
+    """A batch of `batch_size` padding rows with the fields, shapes and dtypes of the pipeline's batches: what a
+    process or shard whose share of a finite dataset has ended contributes while the others still have data."""
+    empty = empty_inputs(batch_size, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    return dict(empty, targets=tokens, loss_mask=tokens.copy(), num_dropped=np.zeros(batch_size, np.int32))
+
+
 def _group_ids(example: np.ndarray, group: np.ndarray) -> np.ndarray:
     """1, 2, ... for each distinct consecutive (example, group) pair; 0 for padding."""
     real = example > 0

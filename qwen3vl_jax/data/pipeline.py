@@ -9,11 +9,12 @@ import functools
 from typing import Any
 
 import grain
+import numpy as np
 from absl import flags
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import Featurizer
-from qwen3vl_jax.data.packing import finalize, pack, pad_batch
+from qwen3vl_jax.data.packing import empty_batch, finalize, pack, pad_batch
 from qwen3vl_jax.data.sources import mixture
 from qwen3vl_jax.processing import Processor
 
@@ -30,6 +31,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
+    num_examples: int | None = None  # only the first N examples of the (mixed, shuffled) stream; None: all
     workers: int = 0  # grain worker processes (0: in the main process)
     overflow: str = "truncate"  # examples longer than seq_len: "truncate" text or "drop"
     on_bad_input: str = "error"  # unreadable / invalid examples: "error" or "skip" (counted, logged)
@@ -54,14 +56,86 @@ def build_dataset(
     model_config: ModelConfig,
     shard_index: int = 0,
     shard_count: int = 1,
+    shards_read: int = 1,
 ) -> grain.IterDataset:
     """Batches (dicts of numpy arrays with a leading batch axis): the ModelInputs fields plus `targets`,
     `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch). A finite
     dataset's last batch is filled up with empty rows.
-    Host `shard_index` of `shard_count` reads its own slice of the (shuffled) stream."""
+
+    The (shuffled) stream is split into `shard_count` shards, shard s holding examples s, s + shard_count, ...;
+    this reader reads shards shard_index .. shard_index + shards_read - 1. Each shard fills batch_size /
+    shards_read rows of every batch, packed on its own: one process reading k shards sees exactly the batches
+    that k processes reading one shard each see together (its rows in shard order)."""
     merge = model_config.vision.spatial_merge_size
     if config.max_patches % merge**2:
         raise ValueError(f"max_patches {config.max_patches} must be a multiple of {merge**2}")
+    if config.batch_size % shards_read or not 0 <= shard_index <= shard_count - shards_read:
+        raise ValueError(
+            f"cannot read shards {shard_index}..{shard_index + shards_read - 1} of {shard_count} into batches of "
+            f"{config.batch_size} rows (each shard fills an equal share of the rows)"
+        )
+    if shards_read > 1:
+        rows = dataclasses.replace(config, batch_size=config.batch_size // shards_read, workers=0)
+        per_shard = [
+            _shard_batches(rows, processor, model_config=model_config, shard_index=s, shard_count=shard_count)
+            for s in range(shard_index, shard_index + shards_read)
+        ]
+        ds = _ShardRows(per_shard, rows=rows)
+    else:
+        ds = _shard_batches(
+            config, processor, model_config=model_config, shard_index=shard_index, shard_count=shard_count
+        )
+    if config.workers:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use the defaults
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
+    return ds
+
+
+class _ShardRows(grain.IterDataset):
+    """Batches whose rows are the batches of several shards side by side; a shard whose share of a finite dataset
+    has ended fills its rows with padding until every shard has ended (as a process does, multihost.in_lockstep)."""
+
+    def __init__(self, shards: list[grain.IterDataset], *, rows: DataConfig):
+        super().__init__(shards)
+        self._rows = rows
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _ShardRowsIterator([iter(shard) for shard in self._parents], rows=self._rows)
+
+
+class _ShardRowsIterator(grain.DatasetIterator):
+    def __init__(self, shards: list[grain.DatasetIterator], *, rows: DataConfig):
+        super().__init__(shards)
+        self._shards, self._rows, self._ended = shards, rows, [False] * len(shards)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = []
+        for index, shard in enumerate(self._shards):
+            batch = None if self._ended[index] else next(shard, None)
+            self._ended[index] = batch is None
+            batches.append(batch)
+        if all(self._ended):
+            raise StopIteration
+        rows = self._rows
+        patch_dim = next(b for b in batches if b is not None)["pixel_patches"].shape[-1]
+        filler = empty_batch(rows.batch_size, seq_len=rows.seq_len, max_patches=rows.max_patches, patch_dim=patch_dim)
+        batches = [filler if batch is None else batch for batch in batches]
+        return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+
+    def get_state(self) -> dict:
+        return dict(shards=[shard.get_state() for shard in self._shards], ended=list(self._ended))
+
+    def set_state(self, state: dict) -> None:
+        for shard, shard_state in zip(self._shards, state["shards"]):
+            shard.set_state(shard_state)
+        self._ended = list(state["ended"])
+
+
+def _shard_batches(
+    config: DataConfig, processor: Processor, *, model_config: ModelConfig, shard_index: int, shard_count: int
+) -> grain.IterDataset:
+    """One shard's packed batches of config.batch_size rows (build_dataset without worker processes)."""
     featurize = Featurizer(
         processor,
         model_config,
@@ -73,6 +147,8 @@ def build_dataset(
     ds = mixture(config.sources)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
+    if config.num_examples is not None:
+        ds = ds[: config.num_examples]
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     ds = ds[shard_index::shard_count].map(featurize).to_iter_dataset()
@@ -81,9 +157,4 @@ def build_dataset(
     )
     finalize_row = functools.partial(finalize, config=model_config, context_shards=config.context_shards)
     ds = ds.map(finalize_row).batch(config.batch_size, drop_remainder=False)
-    ds = ds.map(functools.partial(pad_batch, batch_size=config.batch_size))
-    if config.workers:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use the defaults
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
-    return ds
+    return ds.map(functools.partial(pad_batch, batch_size=config.batch_size))

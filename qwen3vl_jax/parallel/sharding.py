@@ -9,9 +9,7 @@ instead), so any rule set works on any mesh.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +20,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3vl_jax.parallel.context import check_patch_layout
-
-log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch outside the MoE blocks
@@ -238,18 +234,3 @@ def attention_specs(mesh, *, batch: int, heads: int, kv_heads: int, context: boo
     heads_axis = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
     length_axis = "context" if context else None
     return PartitionSpec(batch_axes, length_axis, heads_axis), PartitionSpec(batch_axes, length_axis)
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when this may be one process of several: on Cloud TPU VMs asked for
-    with JAX_PLATFORMS=tpu (as tpu/launch.sh does; jax finds the slice's workers from the VM metadata, one
-    process on a single-host slice), or where JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES, JAX_PROCESS_ID)
-    or a multi-host TPU_WORKER_HOSTNAMES is set."""
-    multi_host = (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
-        or "tpu" in os.environ.get("JAX_PLATFORMS", "").split(",")
-    )
-    if multi_host and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        log.info("process %d of %d", jax.process_index(), jax.process_count())

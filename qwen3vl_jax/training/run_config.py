@@ -31,6 +31,11 @@ def run_config() -> ConfigDict:
     # patches; batch_size rows per step, or rows_per_device x devices when rows_per_device > 0
     c.data = ConfigDict(dict(sources={}, seq_len=512, max_patches=1024, batch_size=8, rows_per_device=0))
     c.data.update(seed=0, workers=0, overflow="truncate", on_bad_input="error")
+    # the stream is split into num_shards shards (shard s: examples s, s + num_shards, ...), each filling an equal
+    # share of every batch's rows, packed on its own; a process reads its rows' shards. 0: one shard per group of
+    # processes reading distinct rows (each host its own). A run of 1 process with num_shards = N reads the data
+    # exactly as a run of N processes does: the same global batches.
+    c.data.num_shards = 0
 
     # teacher-forced eval every `every` steps (0: never) on sets {name: {num_examples, sources: [specs]}}, packed
     # into the training data's row shapes

@@ -7,8 +7,11 @@ The cache follows the run's batch stream: file `step_00000012.npz` holds what th
 student run whose batch differs is stopped, naming the step), the flat positions (B * L) that the KL reads and, at
 each, the k largest logits in float32 and their token ids. `cache.json` records the teacher, k, its vocabulary, the
 KL's token set (all_text_tokens), the data and vision-processing configs and the number of steps; a student run
-that differs in any of them (or trains longer) is refused before its first step. One host only (the writer and
-the reader see whole batches).
+that differs in any of them (or trains longer) is refused before its first step. A file holds a whole global
+batch: the processes of a multi-process writer each compute their rows and process 0 writes them all, and each
+process of a student run reads its own rows. The data config is recorded as the global stream it gives (the global
+batch size and data.num_shards), so that a cache written by one process reading N shards serves a student run of
+N processes, and the other way round.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ def step_file(directory: str, step: int) -> str:
 def comparable_data(data: dict[str, Any]) -> dict[str, Any]:
     """The data config as JSON would give it back, without the fields that do not change the batches."""
     return json.loads(json.dumps({k: v for k, v in data.items() if k not in _DATA_FIELDS_IGNORED}))
+
+
+def stream_description(data: dict[str, Any], *, row_group_count: int, num_shards: int) -> dict[str, Any]:
+    """A process's data config (`dataclasses.asdict` of its DataConfig) as the global stream of batches it belongs
+    to: comparable between runs of different numbers of processes."""
+    return comparable_data(dict(data, batch_size=data["batch_size"] * row_group_count, num_shards=num_shards))
 
 
 def write_metadata(directory: str, **fields: Any) -> None:
@@ -135,20 +144,25 @@ class TeacherCache:
         if meta["steps"] < steps:
             raise TeacherCacheError(f"{where}: {meta['steps']} steps cached, this run trains {steps}")
 
-    def add_to(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
-        """The batch with the step's teacher_top_logits / teacher_top_ids (B, L, k) added."""
+    def add_to(self, batch: dict[str, np.ndarray], step: int, *, first_row: int = 0) -> dict[str, np.ndarray]:
+        """The batch (this process's rows of the global batch, from `first_row` on) with the step's
+        teacher_top_logits / teacher_top_ids (B, L, k) added."""
         file = step_file(self.directory, step)
         if not storage.path(file).exists():
             raise TeacherCacheError(f"teacher cache {self.directory}: no file for step {step} ({file})")
+        rows, length = batch["input_ids"].shape
         with np.load(io.BytesIO(storage.path(file).read_bytes())) as cached:
             for name in ("input_ids", "loss_mask"):
-                if cached[name].shape != batch[name].shape or not np.array_equal(cached[name], batch[name]):
+                mine = cached[name][first_row : first_row + rows]
+                if mine.shape != batch[name].shape or not np.array_equal(mine, batch[name]):
                     raise TeacherCacheError(
-                        f"{file}: the cached batch of step {step} differs from this run's ({name}): another data "
-                        "seed, data config or dataset version"
+                        f"{file}: the cached batch of step {step} differs from this run's ({name}, rows {first_row} "
+                        f"to {first_row + rows - 1}): another data seed, data config or dataset version"
                     )
             positions, top_logits, top_ids = cached["positions"], cached["top_logits"], cached["top_ids"]
-        shape = (*batch["input_ids"].shape, self.top_k)
+        mine = (positions >= first_row * length) & (positions < (first_row + rows) * length)
+        positions, top_logits, top_ids = positions[mine] - first_row * length, top_logits[mine], top_ids[mine]
+        shape = (rows, length, self.top_k)
         dense_logits, dense_ids = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
         dense_logits.reshape(-1, self.top_k)[positions] = top_logits
         dense_ids.reshape(-1, self.top_k)[positions] = top_ids

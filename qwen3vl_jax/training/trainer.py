@@ -4,8 +4,8 @@ checkpoints (resumed automatically), metrics, periodic eval and the final HF exp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -14,14 +14,18 @@ import jax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.peft import merge_lora, save_adapters
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
+from qwen3vl_jax.checkpoints.workdir_lock import WorkdirLock
+from qwen3vl_jax.data.packing import empty_batch
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
-from qwen3vl_jax.parallel.sharding import global_batch, initialize_distributed, make_mesh, row_groups
+from qwen3vl_jax.parallel.multihost import StopSignal, check_same_settings, in_lockstep, initialize_distributed
+from qwen3vl_jax.parallel.sharding import global_batch, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
-from qwen3vl_jax.training.teacher_cache import TeacherCache
+from qwen3vl_jax.training.teacher_cache import TeacherCache, stream_description
 
 
 def report(message: str) -> None:
@@ -35,36 +39,63 @@ def host_data_config(data: Any, *, global_batch_size: int, row_group_count: int,
     if global_batch_size % row_group_count:
         raise ValueError(f"batch_size {global_batch_size} is not divisible by {row_group_count} groups of hosts")
     values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
-    values.pop("rows_per_device", None)
+    for field in ("rows_per_device", "num_shards"):  # resolved into the batch size and the shards read
+        values.pop(field, None)
     values.update(batch_size=global_batch_size // row_group_count, context_shards=context_shards)
     return DataConfig.from_dict(values)
+
+
+def data_shards(num_shards: int, *, row_group: int, row_group_count: int) -> tuple[int, int, int]:
+    """(first shard, shards read, shard count) of the processes in row group `row_group` of `row_group_count` for
+    config.data.num_shards (0: one shard per row group): each group reads an equal run of consecutive shards."""
+    num_shards = num_shards or row_group_count
+    if num_shards % row_group_count:
+        raise ValueError(
+            f"data.num_shards {num_shards} must be a multiple of the {row_group_count} groups of processes that "
+            f"read distinct rows of the batch (each group reads an equal number of shards)"
+        )
+    shards_read = num_shards // row_group_count
+    return row_group * shards_read, shards_read, num_shards
 
 
 class Trainer(StepBuilder):
     def __init__(self, config: ConfigDict, workdir: str, *, config_name: str = ""):
         """`config_name` (e.g. the config file) is recorded in the workdir and named when a later run of another
-        model refuses to resume there."""
+        model refuses to resume there. Every process of a multi-process run builds its Trainer with the same
+        config and workdir (checked: a difference stops all of them, naming it). The workdir is locked from here
+        until `run` returns (WorkdirInUse when another run holds it)."""
         initialize_distributed()
+        check_same_settings(
+            dict(run_config=json.loads(config.to_json_best_effort()), workdir=storage.absolute(workdir)),
+            what="config or workdir",
+        )
+        # before anything touches the workdir (orbax's manager clears unfinished saves): WorkdirInUse when another
+        # run trains there; released when `run` returns
+        self.lock = WorkdirLock(workdir)
+        self.lock.acquire()
         super().__init__(config, make_mesh(config.mesh.to_dict()))
         self.workdir, self.config_name = workdir, config_name
         report(f"workdir: {workdir}")
         self.processor = processor_from(config)
         self.row_group, self.row_group_count = row_groups(self.mesh)  # hosts holding the same rows read the same data
+        self.first_shard, self.shards_read, self.num_shards = data_shards(
+            config.data.get("num_shards", 0), row_group=self.row_group, row_group_count=self.row_group_count
+        )
         self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
         )
         self.writer = MetricWriter(workdir)
-        self._stop = False
         self.teacher_cache = self._open_teacher_cache() if self.offline_distillation else None
 
     def _open_teacher_cache(self) -> TeacherCache:
-        """config.distill.teacher_cache, checked against this run's batches, KL tokens, length and vocabulary."""
-        if jax.process_count() > 1:
-            raise ValueError("offline distillation (distill.teacher_cache) runs on one host")
+        """config.distill.teacher_cache, checked against this run's batches, KL tokens, length and vocabulary (the
+        cache holds whole global batches; each process reads its rows)."""
         cache = TeacherCache(self.config.distill.teacher_cache)
         cache.check(
-            data=dataclasses.asdict(self.data_config),
+            data=stream_description(
+                dataclasses.asdict(self.data_config), row_group_count=self.row_group_count, num_shards=self.num_shards
+            ),
             processing=self.config.processing.to_dict(),
             all_text_tokens=self.config.distill.all_text_tokens,
             steps=self.config.steps,
@@ -73,6 +104,11 @@ class Trainer(StepBuilder):
         return cache
 
     def _data_config(self, data: Any, global_batch_size: int) -> DataConfig:
+        if global_batch_size % self.num_shards:
+            raise ValueError(
+                f"a batch of {global_batch_size} rows cannot be split into data.num_shards = {self.num_shards} equal "
+                f"shares (one per shard of the data)"
+            )
         return host_data_config(
             data,
             global_batch_size=global_batch_size,
@@ -81,17 +117,26 @@ class Trainer(StepBuilder):
         )
 
     def dataset(self, data_config: DataConfig):
+        """This process's batches: its row group's data.num_shards / groups shards of the stream, side by side."""
         return build_dataset(
             data_config,
             self.processor,
             model_config=self.model_config,
-            shard_index=self.row_group,
-            shard_count=self.row_group_count,
+            shard_index=self.first_shard,
+            shard_count=self.num_shards,
+            shards_read=self.shards_read,
         )
 
     def run(self) -> dict[str, float]:
         """Trains config.steps steps (resuming from the newest checkpoint), returns the last eval metrics; the
-        final train state stays in `self.state`."""
+        final train state stays in `self.state`. SIGTERM to any process saves a checkpoint of the same step on
+        every process and returns."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, float]:
         config = self.config
         if self.checkpointer.latest_step() is None:
             record_run(self.workdir, self.model_config, config_name=self.config_name, run_config=config)
@@ -110,7 +155,7 @@ class Trainer(StepBuilder):
                 )
                 self.writer.write(step, dict(damaged_checkpoint_step=record["step"]), prefix="checkpoint")
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        stop = StopSignal()
         peak = config.peak_flops_per_device or device_peak_flops()
         flops = train_flops(
             self.model_config,
@@ -123,10 +168,10 @@ class Trainer(StepBuilder):
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
         teacher = self._extra_arguments = self.teacher_params()  # (the teacher's / DPO reference's parameters,) or ()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            while step < config.steps and not self._stop:
+            while step < config.steps:
                 batch = next(iterator)
                 if self.teacher_cache is not None:
-                    batch = self.teacher_cache.add_to(batch, step)
+                    batch = self.teacher_cache.add_to(batch, step, first_row=self.row_group * len(batch["input_ids"]))
                 window["dropped"] += int(batch.pop("num_dropped").sum())
                 window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
                 state, metrics = self.train_step(
@@ -149,6 +194,9 @@ class Trainer(StepBuilder):
                 self.checkpointer.maybe_save(step, state, iterator=iterator)
                 if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
                     results = self.evaluate(state.params, step)
+                if step < config.steps and stop.reached(step):
+                    report(f"SIGTERM: saving a checkpoint of step {step} on every process and stopping")
+                    break
             self.checkpointer.maybe_save(step, state, iterator=iterator, force=True)
         progress.close()
         self.checkpointer.wait()
@@ -161,23 +209,29 @@ class Trainer(StepBuilder):
 
     def evaluate(self, params: Any, step: int) -> dict[str, float]:
         """Per eval set: token cross-entropy and teacher-forced exact match (every answer token is the argmax:
-        exactly what greedy decoding would answer) over its first num_examples examples, packed into the training
-        data's row shapes."""
+        exactly what greedy decoding would answer) over its first num_examples examples, each once, packed into
+        the training data's row shapes and split between the processes as the training data is."""
         results = {}
         extra = ()  # the DPO eval step scores against the frozen reference; the CE eval step takes no teacher
         if self.needs_reference:
             extra = getattr(self, "_extra_arguments", None) or self.teacher_params()
         for name, eval_set in self.config.eval.sets.items():
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
-            data = self._data_config(once, self.config.eval.batch_size)
+            data = self._data_config(dict(once, num_examples=eval_set.num_examples), self.config.eval.batch_size)
+            patch_dim = self.model_config.vision.patch_dim
+
+            def padding(data=data, patch_dim=patch_dim):
+                return empty_batch(
+                    data.batch_size, seq_len=data.seq_len, max_patches=data.max_patches, patch_dim=patch_dim
+                )
+
             totals: dict[str, float] = {}
-            for batch in self.dataset(data):
+            # every process runs as many batches as the one with the most (its share of a finite set)
+            for batch in in_lockstep(self.dataset(data), filler=padding):
                 batch.pop("num_dropped")
                 rows = global_batch(batch, self.mesh, row_group_count=self.row_group_count)
                 sums = jax.device_get(self.eval_step(params, rows, *extra))
                 totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-                if totals.get("examples", totals.get("pairs", 0.0)) >= eval_set.num_examples:
-                    break
             if self.preference is None:
                 metrics = dict(
                     token_ce=totals.get("token_ce", 0.0) / max(totals.get("tokens", 0.0), 1),
@@ -215,7 +269,3 @@ class Trainer(StepBuilder):
             params, config = merge_lora(params, config)
         export_hf(path, params, config=config, processor=self.processor)
         report(f"exported the model and its processor to {path}")
-
-    def _on_sigterm(self, signum, frame) -> None:
-        report("SIGTERM: saving a checkpoint and stopping after this step")
-        self._stop = True

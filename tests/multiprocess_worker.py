@@ -1,0 +1,189 @@
+"""The per-process half of tests/test_multiprocess.py: run by `experiments.launch_local` as every process of a
+multi-process run, it does what the test then compares with the same work done in one process with 8 devices,
+and writes its results to OUT (argv[1]) as `process_<i>.npz` / `.json`:
+
+- agreement: gather_text with texts of different lengths, any_process, and in_lockstep over streams of unequal
+  lengths with a global reduction per item (a process that stopped early would leave the others hanging);
+- a train step (with an "optimizer" that keeps the gradient as its state) on the global batch
+  given in `batch.npz`, each process passing only its rows: the loss, the gradient norm and the gradients;
+- sharded loading of the HF checkpoint at argv[2] onto an fsdp mesh over both processes: the bytes each process
+  read, the bytes its devices' boxes hold, and checksums of every parameter;
+- the trainer's data: the user texts of every example in this process's batches over one epoch of the JSONL
+  source argv[3] (each example names its index).
+"""
+
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from qwen3vl_jax.checkpoints import hf_io
+from qwen3vl_jax.config import preset
+from qwen3vl_jax.modeling.model import abstract_params, init_params
+from qwen3vl_jax.parallel.multihost import any_process, gather_text, in_lockstep, initialize_distributed
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, global_batch, make_mesh, param_shardings
+from qwen3vl_jax.training.run_config import run_config
+from qwen3vl_jax.training.train_step import TrainState, make_train_step
+from qwen3vl_jax.training.trainer import Trainer
+
+CONFIG = preset("tiny")
+
+
+def agreement() -> dict:
+    index = jax.process_index()
+    texts = gather_text("x" * (3 + 5 * index))
+    flags = (any_process(index == 1), any_process(False))
+    mesh = make_mesh({"data": -1})
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    sums = []
+    for item in in_lockstep(range(3 if index == 0 else 1), filler=lambda: -1):
+        rows = global_batch({"input_ids": np.full((4, 2), item, np.int32)}, mesh)["input_ids"]
+        sums.append(int(total(rows)))
+    return dict(texts=texts, any=flags, lockstep_sums=sums)
+
+
+def keep_gradient() -> optax.GradientTransformation:
+    """An "optimizer" whose state is the gradient of the last step (the parameters stay as they are)."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree_util.tree_map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree_util.tree_map(jnp.zeros_like, grads), grads),
+    )
+
+
+def train_step(directory: str) -> dict:
+    """Loss, gradient norm and gradients of one step on the global batch in directory/batch.npz (fsdp over all
+    devices: every weight split across both processes)."""
+    with np.load(os.path.join(directory, "batch.npz")) as stored:
+        batch = dict(stored)
+    mesh = make_mesh({"fsdp": -1})
+    rows = len(batch["input_ids"]) // jax.process_count()
+    mine = {name: value[jax.process_index() * rows : (jax.process_index() + 1) * rows] for name, value in batch.items()}
+    optimizer = keep_gradient()
+    step = make_train_step(CONFIG, optimizer=optimizer, schedule=lambda count: 1.0, loss_normalization="sqrt")
+    boxed = abstract_params(CONFIG, boxed=True)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(
+        step=replicated,
+        params=param_shardings(boxed, mesh),
+        opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed), mesh),
+        rng=replicated,
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(CONFIG, jax.random.PRNGKey(0))
+        state = TrainState(
+            step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1)
+        )
+        state = jax.device_put(state, shardings)
+        sharded = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)), out_shardings=(shardings, replicated))
+        new_state, metrics = sharded(state, global_batch(mine, mesh))
+    flat = jax.tree_util.tree_flatten_with_path(new_state.opt_state)[0]
+    gathered = {jax.tree_util.keystr(path): multihost_utils.process_allgather(g, tiled=True) for path, g in flat}
+    metrics = {k: float(v.addressable_data(0)) for k, v in metrics.items()}  # replicated
+    return dict(metrics=metrics, gradients=gathered)
+
+
+class RecordingFile(io.FileIO):
+    """A local file that records the byte ranges read from it (what the loader pulls from the checkpoint)."""
+
+    reads: ClassVar[list] = []
+
+    def read(self, size=-1):
+        start = self.tell()
+        data = super().read(size)
+        RecordingFile.reads.append((self.name, start, len(data)))
+        return data
+
+
+def tensor_bytes_read() -> int:
+    """The bytes read from the files' tensor data (after each file's 8-byte length and JSON header)."""
+    total = 0
+    for name, start, length in RecordingFile.reads:
+        with open(name, "rb") as f:
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+        total += max(0, start + length - max(start, data_start))
+    return total
+
+
+def sharded_loading(path: str) -> dict:
+    config = hf_io.load_config(path)
+    mesh = make_mesh({"fsdp": -1})
+    shardings = param_shardings(abstract_params(config, boxed=True), mesh)
+    params = hf_io.load_params(path, config, shardings, opener=RecordingFile)
+    boxes = 0  # the bytes of the distinct boxes this process's devices hold, from jax's index maps alone
+    checksums = {}
+    for (key, array), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(shardings)
+    ):
+        mine = {
+            tuple((s.start, s.stop) for s in index)
+            for device, index in sharding.devices_indices_map(array.shape).items()
+            if device.process_index == jax.process_index()
+        }
+        for box in mine:
+            boxes += int(np.prod([(stop or dim) - (start or 0) for (start, stop), dim in zip(box, array.shape)]))
+        whole = np.asarray(multihost_utils.process_allgather(array, tiled=True), np.float64)
+        checksums[jax.tree_util.keystr(key)] = [float(whole.sum()), float(np.abs(whole).sum())]
+    return dict(bytes_read=tensor_bytes_read(), box_elements=boxes, checksums=checksums)
+
+
+def data_shards(jsonl: str, workdir: str) -> dict:
+    """Per batch of this process over one epoch of `jsonl`, read as the trainer reads it (its row group's shards of
+    data.num_shards = 2), the "example N" label of each example in row order."""
+    trainer = Trainer(data_run_config(jsonl), workdir)
+    batches = [
+        example_labels(batch) for batch in trainer.dataset(dataclasses.replace(trainer.data_config, num_epochs=1))
+    ]
+    trainer.checkpointer.close()
+    trainer.writer.close()
+    return dict(row_group=trainer.row_group, batches=batches)
+
+
+def data_run_config(jsonl: str) -> ConfigDict:
+    """A tiny run over the JSONL source, its batches of 4 rows read as 2 shards."""
+    config = run_config()
+    config.steps = 1
+    config.model = ConfigDict(dict(preset="tiny", init_from="", init_fresh=(), overrides={}))
+    config.data.sources = {"qa": dict(kind="jsonl", path=str(jsonl))}
+    config.data.update(seq_len=64, max_patches=64, batch_size=4, num_shards=2)
+    return config
+
+
+def example_labels(batch: dict) -> list[list[str]]:
+    """Per row, the "example N" label of each example packed into it (byte tokenizer: ids < 256 are bytes)."""
+    labels = []
+    for row, segments in zip(batch["input_ids"], batch["segment_ids"]):
+        labels.append([])
+        for segment in range(1, int(segments.max(initial=0)) + 1):
+            text = bytes(int(t) for t in row[segments == segment] if t < 256).decode(errors="replace")
+            labels[-1].append(re.search(r"example \d+", text).group(0))
+    return labels
+
+
+def main(out: str, checkpoint: str, jsonl: str) -> None:
+    initialize_distributed()  # from the JAX_* variables the launcher sets
+    results = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    results["agreement"] = agreement()
+    step = train_step(out)
+    results["metrics"] = step["metrics"]
+    results["loading"] = sharded_loading(checkpoint)
+    results["data"] = data_shards(jsonl, os.path.join(out, "data_workdir"))
+    with open(os.path.join(out, f"process_{jax.process_index()}.json"), "w") as f:
+        json.dump(results, f)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(out, "gradients.npz"), **step["gradients"])
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
