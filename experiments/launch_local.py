@@ -111,11 +111,11 @@ def launch(binary: list[str], *, processes: int, devices: int, port: int, timeou
         relays.append(threading.Thread(target=relay, args=(index, child.stdout, lock), daemon=True))
         relays[-1].start()
 
-    def forward(signum, frame):
-        print(f"[launch_local] {signal.Signals(signum).name}: passed on to every process", flush=True)
+    def forward(signum, frame):  # to the processes themselves, not their data workers, which they stop
+        print(f"[launch_local] {signal.Signals(signum).name}: SIGTERM to every process", flush=True)
         for child in children:
             if child.poll() is None:
-                kill_group(child, signal.SIGTERM)
+                child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

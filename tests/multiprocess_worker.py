@@ -139,9 +139,9 @@ def sharded_loading(path: str) -> dict:
 
 
 def data_shards(jsonl: str, workdir: str) -> dict:
-    """Per batch of this process over one epoch of `jsonl`, read as the trainer reads it (its row group's shards of
-    data.num_shards = 2), the "example N" label of each example in row order."""
-    trainer = Trainer(data_run_config(jsonl), workdir)
+    """Per batch of this process over one epoch of `jsonl`, read as the trainer reads it (its row group's shard of
+    data.num_shards = one per process), the "example N" label of each example in row order."""
+    trainer = Trainer(data_run_config(jsonl, num_shards=jax.process_count()), workdir)
     batches = [
         example_labels(batch) for batch in trainer.dataset(dataclasses.replace(trainer.data_config, num_epochs=1))
     ]
@@ -150,13 +150,13 @@ def data_shards(jsonl: str, workdir: str) -> dict:
     return dict(row_group=trainer.row_group, batches=batches)
 
 
-def data_run_config(jsonl: str) -> ConfigDict:
-    """A tiny run over the JSONL source, its batches of 4 rows read as 2 shards."""
+def data_run_config(jsonl: str, *, num_shards: int) -> ConfigDict:
+    """A tiny run over the JSONL source, its batches of 4 rows read as `num_shards` shards."""
     config = run_config()
     config.steps = 1
     config.model = ConfigDict(dict(preset="tiny", init_from="", init_fresh=(), overrides={}))
     config.data.sources = {"qa": dict(kind="jsonl", path=str(jsonl))}
-    config.data.update(seq_len=64, max_patches=64, batch_size=4, num_shards=2)
+    config.data.update(seq_len=64, max_patches=64, batch_size=4, num_shards=num_shards)
     return config
 
 
@@ -171,19 +171,21 @@ def example_labels(batch: dict) -> list[list[str]]:
     return labels
 
 
-def main(out: str, checkpoint: str, jsonl: str) -> None:
+def main(out: str, checkpoint: str, jsonl: str, parts: str = "all") -> None:
+    """`parts`: "all", or "agreement,data" (the cheap parts, for runs of more processes)."""
     initialize_distributed()  # from the JAX_* variables the launcher sets
     results = dict(process_index=jax.process_index(), process_count=jax.process_count())
     results["agreement"] = agreement()
-    step = train_step(out)
-    results["metrics"] = step["metrics"]
-    results["loading"] = sharded_loading(checkpoint)
+    if parts == "all":
+        step = train_step(out)
+        results["metrics"] = step["metrics"]
+        results["loading"] = sharded_loading(checkpoint)
     results["data"] = data_shards(jsonl, os.path.join(out, "data_workdir"))
     with open(os.path.join(out, f"process_{jax.process_index()}.json"), "w") as f:
         json.dump(results, f)
-    if jax.process_index() == 0:
+    if parts == "all" and jax.process_index() == 0:
         np.savez(os.path.join(out, "gradients.npz"), **step["gradients"])
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

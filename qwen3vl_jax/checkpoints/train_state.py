@@ -73,9 +73,11 @@ class Checkpointer:
         manager ends a restore with a barrier across processes, which a process whose read failed never reaches
         (the others would then meet it in their next collective and fail or hang)."""
         directory = self.manager.directory / str(step)
-        state = ocp.StandardCheckpointHandler().restore(
-            directory / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state)
-        )
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            state = handler.restore(directory / STATE_ITEM, args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
         if iterator is not None:
             grain.checkpoint.CheckpointHandler().restore(
                 directory / DATA_ITEM, args=grain.checkpoint.CheckpointRestore(iterator)

@@ -4,6 +4,7 @@ checkpoints (resumed automatically), metrics, periodic eval and the final HF exp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -218,13 +219,13 @@ class Trainer(StepBuilder):
         for name, eval_set in self.config.eval.sets.items():
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
             data = self._data_config(dict(once, num_examples=eval_set.num_examples), self.config.eval.batch_size)
-            patch_dim = self.model_config.vision.patch_dim
-
-            def padding(data=data, patch_dim=patch_dim):
-                return empty_batch(
-                    data.batch_size, seq_len=data.seq_len, max_patches=data.max_patches, patch_dim=patch_dim
-                )
-
+            padding = functools.partial(
+                empty_batch,
+                data.batch_size,
+                seq_len=data.seq_len,
+                max_patches=data.max_patches,
+                patch_dim=self.model_config.vision.patch_dim,
+            )
             totals: dict[str, float] = {}
             # every process runs as many batches as the one with the most (its share of a finite set)
             for batch in in_lockstep(self.dataset(data), filler=padding):
