@@ -4,6 +4,7 @@ licences) with synthetic videos encoded by PyAV at chosen frame rates, sizes and
 
 from __future__ import annotations
 
+import io
 import json
 import lzma
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from fractions import Fraction
+from typing import ClassVar
 
 import av
 import jax
@@ -71,6 +73,38 @@ def compile_for_tpu(config: str, *flags: str, timeout: int = 900) -> str:
     result = subprocess.run([*binary, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def flip_bytes_in_largest_file(directory) -> str:
+    """Flips bytes inside the largest file under `directory` (what a bad disk or copy does); returns its path."""
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "rb") as f:
+        data = bytearray(f.read())
+    for i in range(100, len(data), 997):
+        data[i] ^= 0xFF
+    with open(largest, "wb") as f:
+        f.write(data)
+    return largest
+
+
+class RecordingFile(io.FileIO):
+    """A local file that records the byte ranges read from it (a checkpoint loader's `opener`)."""
+
+    reads: ClassVar[list] = []
+
+    def read(self, size=-1):
+        start = self.tell()
+        data = super().read(size)
+        RecordingFile.reads.append((self.name, start, len(data)))
+        return data
+
+
+def data_bytes_read() -> int:
+    """Bytes RecordingFile read from safetensors files' tensor data, not counting each file's header (its 8-byte
+    length at 0, then the JSON header from byte 8)."""
+    data_start = {name: 8 + length for name, start, length in RecordingFile.reads if start == 8}
+    return sum(length for name, start, length in RecordingFile.reads if start >= data_start[name])
 
 
 # ------------------------------------------------------------------------------------------------ models and configs

@@ -13,18 +13,17 @@ and writes its results to OUT (argv[1]) as `process_<i>.npz` / `.json`:
 """
 
 import dataclasses
-import io
 import json
 import os
 import re
 import sys
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from helpers import RecordingFile, data_bytes_read
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
@@ -94,28 +93,6 @@ def train_step(directory: str) -> dict:
     return dict(metrics=metrics, gradients=gathered)
 
 
-class RecordingFile(io.FileIO):
-    """A local file that records the byte ranges read from it (what the loader pulls from the checkpoint)."""
-
-    reads: ClassVar[list] = []
-
-    def read(self, size=-1):
-        start = self.tell()
-        data = super().read(size)
-        RecordingFile.reads.append((self.name, start, len(data)))
-        return data
-
-
-def tensor_bytes_read() -> int:
-    """The bytes read from the files' tensor data (after each file's 8-byte length and JSON header)."""
-    total = 0
-    for name, start, length in RecordingFile.reads:
-        with open(name, "rb") as f:
-            data_start = 8 + int.from_bytes(f.read(8), "little")
-        total += max(0, start + length - max(start, data_start))
-    return total
-
-
 def sharded_loading(path: str) -> dict:
     config = hf_io.load_config(path)
     mesh = make_mesh({"fsdp": -1})
@@ -135,7 +112,7 @@ def sharded_loading(path: str) -> dict:
             boxes += int(np.prod([(stop or dim) - (start or 0) for (start, stop), dim in zip(box, array.shape)]))
         whole = np.asarray(multihost_utils.process_allgather(array, tiled=True), np.float64)
         checksums[jax.tree_util.keystr(key)] = [float(whole.sum()), float(np.abs(whole).sum())]
-    return dict(bytes_read=tensor_bytes_read(), box_elements=boxes, checksums=checksums)
+    return dict(bytes_read=data_bytes_read(), box_elements=boxes, checksums=checksums)
 
 
 def data_shards(jsonl: str, workdir: str) -> dict:

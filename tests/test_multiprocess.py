@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import CONFIG, ENV, ROOT, losses
+from helpers import CONFIG, ENV, ROOT, flip_bytes_in_largest_file, losses
 from ml_collections import ConfigDict
 from multiprocess_worker import data_run_config, example_labels, keep_gradient
 from safetensors.numpy import load_file
@@ -265,7 +265,7 @@ def test_sigterm_to_one_process_then_kill_9_then_a_damaged_checkpoint_resume_as_
     assert len(saved) >= 2 and saved[-1] < STEPS
 
     newest = saved[-1]
-    damaged = flip_bytes(workdir / "checkpoints" / str(newest) / "state" / "ocdbt.process_1")
+    damaged = flip_bytes_in_largest_file(workdir / "checkpoints" / str(newest) / "state" / "ocdbt.process_1")
     assert damaged
     third = launch(command)
     assert f"the checkpoint of step {newest} is damaged (on process 1: " in third
@@ -276,19 +276,6 @@ def test_sigterm_to_one_process_then_kill_9_then_a_damaged_checkpoint_resume_as_
 def saved_steps(workdir) -> list[int]:
     """The steps of the complete checkpoints (orbax renames a checkpoint's folder to its step once written)."""
     return sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
-
-
-def flip_bytes(directory) -> str:
-    """Flips bytes in the largest file under `directory` (what a bad disk or copy does); returns its path."""
-    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "rb") as f:
-        data = bytearray(f.read())
-    for i in range(100, len(data), 997):
-        data[i] ^= 0xFF
-    with open(largest, "wb") as f:
-        f.write(data)
-    return largest
 
 
 def test_eval_binary_with_two_processes_gives_the_one_process_answers(two_processes, tmp_path):

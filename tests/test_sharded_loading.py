@@ -1,15 +1,14 @@
 """Streamed, sharded loading of HF checkpoints onto a mesh of 8 fake devices: every device's shard is read from
 the files on its own (only its bytes), equal to reading whole tensors; square fused experts in both layouts."""
 
-import io
 import json
-from typing import ClassVar
 
 import jax
 import numpy as np
 import pytest
 import transformers
 from flax.traverse_util import flatten_dict
+from helpers import RecordingFile, data_bytes_read
 from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -40,18 +39,6 @@ def whole_tensor_params(path, config):
     return flat
 
 
-class RecordingFile(io.FileIO):
-    """A local file that records the byte ranges read from it."""
-
-    reads: ClassVar[list] = []
-
-    def read(self, size=-1):
-        start = self.tell()
-        data = super().read(size)
-        RecordingFile.reads.append((self.name, start, len(data)))
-        return data
-
-
 def load_sharded(path, config, mesh_sizes):
     mesh = make_mesh(mesh_sizes)
     shardings = param_shardings(abstract_params(config, boxed=True), mesh)
@@ -80,13 +67,6 @@ def tensor_data_bytes(path):
         with safe_open(file, "numpy") as f:
             total += sum(f.get_tensor(key).nbytes for key in f.keys())
     return total
-
-
-def data_bytes_read():
-    """Bytes read from the files' tensor data, not counting each file's header (its 8-byte length at 0, then
-    the JSON header from byte 8)."""
-    data_start = {name: 8 + length for name, start, length in RecordingFile.reads if start == 8}
-    return sum(length for name, start, length in RecordingFile.reads if start >= data_start[name])
 
 
 def test_dense_checkpoint_loads_onto_fsdp_4_x_tensor_2_reading_each_byte_once(tiny):

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import ENV, ROOT, command, losses
+from helpers import ENV, ROOT, command, flip_bytes_in_largest_file, losses
 from tensorboardX.proto.event_pb2 import Event
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -102,18 +102,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path, 
 def flip_bytes_in_newest_checkpoint(workdir) -> int:
     """Flips bytes inside the largest data file of the newest checkpoint (what a bad disk or copy does)."""
     newest = checkpoint_dirs(workdir)[0][-1]
-    files = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(os.path.join(workdir, "checkpoints", str(newest)))
-        for name in names
-    ]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "rb") as f:
-        data = bytearray(f.read())
-    for i in range(100, len(data), 997):
-        data[i] ^= 0xFF
-    with open(largest, "wb") as f:
-        f.write(data)
+    flip_bytes_in_largest_file(os.path.join(workdir, "checkpoints", str(newest)))
     return newest
 
 

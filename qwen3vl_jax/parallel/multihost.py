@@ -226,13 +226,22 @@ def in_lockstep(items: Iterable[T], *, filler: Callable[[], T]) -> Iterator[T]:
 class StopSignal:
     """SIGTERM to any process of the run (a preemption or a maintenance event on one host) -> `reached(step)` is
     true at the same step on every process. Across processes through jax's preemption sync point (its
-    coordination service catches SIGTERM); in a single, uninitialised process through a signal handler."""
+    coordination service catches SIGTERM); in a single, uninitialised process through a signal handler, installed
+    for the `with` block and then restored."""
 
     def __init__(self) -> None:
         self.received = False
         self._synchronised = jax.distributed.is_initialized()
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
         if not self._synchronised:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.received = True

@@ -156,7 +156,6 @@ class Trainer(StepBuilder):
                 )
                 self.writer.write(step, dict(damaged_checkpoint_step=record["step"]), prefix="checkpoint")
             report(f"resumed from the checkpoint of step {step} in {self.workdir}")
-        stop = StopSignal()
         peak = config.peak_flops_per_device or device_peak_flops()
         flops = train_flops(
             self.model_config,
@@ -168,7 +167,7 @@ class Trainer(StepBuilder):
         progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
         teacher = self._extra_arguments = self.teacher_params()  # (the teacher's / DPO reference's parameters,) or ()
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), StopSignal() as stop:
             while step < config.steps:
                 batch = next(iterator)
                 if self.teacher_cache is not None:
