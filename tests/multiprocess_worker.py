@@ -33,6 +33,7 @@ from qwen3vl_jax.config import preset
 from qwen3vl_jax.modeling.model import abstract_params, init_params
 from qwen3vl_jax.parallel.multihost import any_process, gather_text, in_lockstep, initialize_distributed
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, global_batch, make_mesh, param_shardings
+from qwen3vl_jax.training.builder import train_state_shardings
 from qwen3vl_jax.training.run_config import run_config
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 from qwen3vl_jax.training.trainer import Trainer
@@ -71,14 +72,8 @@ def train_step(directory: str) -> dict:
     mine = {name: value[jax.process_index() * rows : (jax.process_index() + 1) * rows] for name, value in batch.items()}
     optimizer = keep_gradient()
     step = make_train_step(CONFIG, optimizer=optimizer, schedule=lambda count: 1.0, loss_normalization="sqrt")
-    boxed = abstract_params(CONFIG, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(
-        step=replicated,
-        params=param_shardings(boxed, mesh),
-        opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed), mesh),
-        rng=replicated,
-    )
+    shardings = train_state_shardings(abstract_params(CONFIG, boxed=True), optimizer, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(CONFIG, jax.random.PRNGKey(0))
         state = TrainState(

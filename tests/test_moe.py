@@ -22,6 +22,7 @@ from qwen3vl_jax.modeling.lm_head import token_cross_entropy
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.modeling.moe import MoeBlock, experts_dense, experts_grouped, load_balancing_loss, route
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
+from qwen3vl_jax.training.builder import train_state_shardings
 from qwen3vl_jax.training.metrics import train_flops
 from qwen3vl_jax.training.optimizer import make_optimizer
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
@@ -238,14 +239,8 @@ def test_expert_parallel_step_equals_single_device(moe, moe_batch):
     single_state, single = jax.jit(step)(state, moe_batch)
 
     mesh = expert_mesh()
-    boxed = abstract_params(config, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(
-        step=replicated,
-        params=param_shardings(boxed, mesh),
-        opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed), mesh),
-        rng=replicated,
-    )
+    shardings = train_state_shardings(abstract_params(config, boxed=True), optimizer, mesh)
     layers = shardings.params["decoder"]["layers"]
     # (layers, experts, embed, mlp): experts over the expert axis, the model dimension over fsdp; a dense weight's
     # model dimension over both (ZeRO-3)

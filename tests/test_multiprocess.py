@@ -458,6 +458,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_alone(workdir, *, env) -> subprocess.CompletedProcess:
+    """The train binary in one process (its output captured)."""
+    command = [sys.executable, "-m", *train_command(workdir, export=False)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def by_hand(index, *, port, workdir, extra=()):
     """A train process of a 2-process run started by hand, with the JAX_* environment variables."""
     env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
@@ -486,14 +492,7 @@ def test_a_process_that_cannot_reach_the_coordinator_stops_naming_it(tmp_path):
     env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
     env["JAX_INITIALIZATION_TIMEOUT"] = "3"
     start = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", *train_command(tmp_path, export=False)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = train_alone(tmp_path, env=env)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"error: cannot reach the coordinator at 127.0.0.1:{port} within 3 s" in result.stderr
     assert time.time() - start < 60
@@ -515,14 +514,7 @@ def test_a_workdir_in_use_is_refused_and_free_again_after_its_holder_dies(tmp_pa
         text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
-    result = subprocess.run(
-        [sys.executable, "-m", *train_command(tmp_path, export=False)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = train_alone(tmp_path, env=ENV)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"error: {tmp_path} is in use by another run (" in result.stderr
     assert f"pid {holder.pid}, 1 process(es)" in result.stderr

@@ -12,8 +12,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwen3vl_jax.config.model import REMAT_POLICIES
 from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
-from qwen3vl_jax.training.train_step import TrainState, make_train_step
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh
+from qwen3vl_jax.training.builder import train_state_shardings
+from qwen3vl_jax.training.train_step import make_train_step
 
 
 def test_sharded_step_equals_single_device(batch, optimizer, single_device_step):
@@ -23,14 +24,8 @@ def test_sharded_step_equals_single_device(batch, optimizer, single_device_step)
     # 128 positions in chunks of 48: two whole chunks and a padded one
     step = make_train_step(CONFIG, optimizer=transform, schedule=schedule, loss_normalization="sqrt", loss_chunk=48)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    boxed = abstract_params(CONFIG, boxed=True)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(
-        step=replicated,
-        params=param_shardings(boxed, mesh),
-        opt_state=param_shardings(jax.eval_shape(transform.init, boxed), mesh),
-        rng=replicated,
-    )
+    shardings = train_state_shardings(abstract_params(CONFIG, boxed=True), transform, mesh)
     q_proj = shardings.params["decoder"]["layers"]["q_proj"]["kernel"].spec
     assert q_proj == PartitionSpec(None, "fsdp", "tensor", None)  # really sharded over fsdp and tensor
     assert shardings.params["lm_head"]["kernel"].spec == PartitionSpec("fsdp", "tensor")  # vocab over tensor

@@ -97,13 +97,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint.on_corrupt {on_corrupt!r} not in {ON_CORRUPT}")
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            iterator, error, detail = make_iterator(), None, ""
-            try:
-                state = self.restore(step, abstract_state, iterator=iterator)
-            except Exception as e:  # whatever the storage layers raise for data that does not read back
-                error, detail = e, describe_restore_error(e)
-            # each process reads its own part of the checkpoint: all of them pass the step over when one cannot
-            detail = _failures(gather_text(detail))
+            iterator = make_iterator()
+            state, error, detail = self._restore_on_every_process(step, abstract_state, iterator=iterator)
             if not detail:
                 return step, state, iterator, damaged
             message = f"the checkpoint of step {step} in {self.directory} is damaged: {detail}"
@@ -136,27 +131,33 @@ class Checkpointer:
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Only the train state saved at `step` (no data iterator), e.g. for evaluation; DamagedCheckpoint on every
         process when any process cannot read its part."""
-        try:
-            state, detail = self.restore(step, abstract_state), ""
-        except Exception as e:  # whatever the storage layers raise for data that does not read back
-            detail = describe_restore_error(e)
-        failures = _failures(gather_text(detail))
-        if failures:
-            raise DamagedCheckpoint(f"the checkpoint of step {step} in {self.directory} is damaged: {failures}")
+        state, error, detail = self._restore_on_every_process(step, abstract_state)
+        if detail:
+            message = f"the checkpoint of step {step} in {self.directory} is damaged: {detail}"
+            raise DamagedCheckpoint(message) from error
         return state
+
+    def _restore_on_every_process(
+        self, step: int, abstract_state: Any, *, iterator: grain.DatasetIterator | None = None
+    ) -> tuple[Any, Exception | None, str]:
+        """(state, this process's error, what failed): `restore`, and then what failed on any process ("" when
+        nothing did), the same on every process. Each process reads its own part of the checkpoint, so all of
+        them must pass a step over when one cannot read it."""
+        state, error = None, None
+        try:
+            state = self.restore(step, abstract_state, iterator=iterator)
+        except Exception as e:  # whatever the storage layers raise for data that does not read back
+            error = e
+        details = gather_text(describe_restore_error(error) if error is not None else "")
+        if len(details) == 1:
+            return state, error, details[0]
+        return state, error, "; ".join(f"on process {index}: {text}" for index, text in enumerate(details) if text)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
-
-
-def _failures(details: list[str]) -> str:
-    """The processes' restore errors ("" for none) as one line; names the processes when there are several."""
-    if len(details) == 1:
-        return details[0]
-    return "; ".join(f"on process {index}: {text}" for index, text in enumerate(details) if text)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -98,6 +98,19 @@ def preference_from(config: ConfigDict) -> PreferenceTuning | None:
     return PreferenceTuning(beta=config.dpo.beta, variant=config.dpo.variant) if objective == "dpo" else None
 
 
+def train_state_shardings(boxed_params: Any, optimizer, mesh: Mesh, *, rules=DEFAULT_RULES) -> TrainState:
+    """The NamedShardings of a TrainState whose parameters are `boxed_params` (`abstract_params(config,
+    boxed=True)`) and whose optimizer is `optimizer` (an optax GradientTransformation): parameters and optimizer
+    state by their logical axes, step and RNG replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=param_shardings(boxed_params, mesh, rules=rules),
+        opt_state=param_shardings(jax.eval_shape(optimizer.init, boxed_params), mesh, rules=rules),
+        rng=replicated,
+    )
+
+
 class StepBuilder:
     """The model, optimizer, state shardings and jitted train / eval steps of a config on a mesh. Shared by the
     trainer (real devices) and the TPU compile planner (devices of a topology description)."""
@@ -119,12 +132,7 @@ class StepBuilder:
             lora=self.model_config.lora.rank > 0,
         )
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.shardings = TrainState(
-            step=replicated,
-            params=param_shardings(boxed, mesh, rules=self.rules),
-            opt_state=param_shardings(jax.eval_shape(self.optimizer.init, boxed), mesh, rules=self.rules),
-            rng=replicated,
-        )
+        self.shardings = train_state_shardings(boxed, self.optimizer, mesh, rules=self.rules)
         self.distillation = distillation_from(config, self.model_config)
         self.preference = preference_from(config)
         # DPO without LoRA: the frozen reference (the step-0 weights) is the step's third argument, like a teacher
