@@ -5,7 +5,7 @@ YNNPACK matmuls) and in torch, same run, fp32.
     python benchmarks/train_step_matmuls.py
 
 These products are ~80% of the step's FLOPs; how fast each library runs them bounds how far one framework's step
-can get ahead of the other's (README, Performance).
+can get ahead of the other's (docs/results/performance.md).
 """
 
 import os

@@ -18,7 +18,7 @@ the given width), MLP 3x the width, 2 layers, the same ViT with an output as wid
 variants see the same batches (data seed = run seed), steps and optimizer as the default run; `distilled` adds the
 teacher's KL (alpha 0.5, temperature 1, over the supervised tokens: the `distill` defaults). Evaluated by greedy
 decoding on the default run's held-out sets where the teacher answers (digits, shapes, counting, video timestamps;
-OCR and exact boxes stay at 0 for both sizes). README: the measured tables and times.
+OCR and exact boxes stay at 0 for both sizes). docs/training.md (Distillation): the measured tables and times.
 """
 
 from ml_collections import ConfigDict
