@@ -11,7 +11,7 @@ collective (all-gather, reduce-scatter, all-reduce, collective-permute, all-to-a
 sharded step's compute equals the unsharded step's and its extra time is the collective time, the overhead is
 the collectives and nothing else.
 
-The fake devices share this machine's cores (`--xla_force_host_platform_device_count=8`): the sharded steps do
+The fake devices share the local machine's cores (`--xla_force_host_platform_device_count=8`): the sharded steps do
 the same arithmetic as the unsharded one, spread over 8 threads instead of the intra-op thread pool, and their
 collectives are memory copies between threads. On a TPU slice each chip has its own compute, so the same
 program runs ~8x faster per step; what this benchmark shows is that context parallelism adds no work besides
@@ -41,6 +41,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.parallel.sharding import batch_shardings, make_mesh
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.run_config import config_from_file
@@ -62,13 +63,11 @@ def tiny_config(*, seq_len: int, rows: int) -> ConfigDict:
     return config
 
 
-def one_batch(config: ConfigDict, builder: StepBuilder) -> dict:
+def one_batch(config: ConfigDict, builder: StepBuilder) -> TrainingBatch:
     values = dict(config.data.to_dict(), context_shards=8)
     values.pop("rows_per_device", None)
     data = DataConfig.from_dict(values)
-    batch = next(iter(build_dataset(data, processor_from(config), model_config=builder.model_config)))
-    batch.pop("num_dropped")
-    return batch
+    return next(iter(build_dataset(data, processor_from(config), model_config=builder.model_config)))
 
 
 def thunk_events(trace_dir: str) -> list[dict]:
@@ -167,7 +166,7 @@ def measure(name: str, sizes: dict, config: ConfigDict, steps: int) -> dict:
             run_step()
         seconds = (time.perf_counter() - start) / steps
         profile = profile_step(run_step, steps)
-    tokens = int((batch["segment_ids"] > 0).sum())
+    tokens = int((batch.segment_ids > 0).sum())
     return dict(name=name, seconds=seconds, tokens=tokens, flops=flops, loss=losses[0], **profile)
 
 

@@ -50,13 +50,14 @@ def write_checkpoint(path: str, layers: int) -> dict:
     from flax.traverse_util import flatten_dict
 
     from qwen3vl_jax.checkpoints import hf_io
+    from qwen3vl_jax.checkpoints.hf_mapping import hf_rules
     from qwen3vl_jax.modeling.model import init_params
 
     model_config = config(layers)
     params = jax.jit(init_params, static_argnums=0)(model_config, jax.random.key(0))
     hf_io.save_params(path, params, config=model_config)
     sizes = [np.asarray(x).nbytes for x in flatten_dict(jax.device_get(params)).values()]
-    rules = hf_io.hf_rules(model_config)
+    rules = hf_rules(model_config)
     largest = max(int(np.prod(r.hf_shape)) * 4 for r in rules)
     return dict(model_bytes=sum(sizes), largest_tensor_bytes=largest)
 
@@ -81,6 +82,7 @@ def measure(path: str, layers: int, method: str) -> dict:
     from safetensors.numpy import load_file
 
     from qwen3vl_jax.checkpoints import hf_io
+    from qwen3vl_jax.checkpoints.hf_mapping import hf_rules
     from qwen3vl_jax.modeling.model import abstract_params
     from qwen3vl_jax.parallel.sharding import make_mesh, param_shardings
 
@@ -97,7 +99,7 @@ def measure(path: str, layers: int, method: str) -> dict:
         for file in sorted(set(hf_io.checkpoint_files(path).values())):
             tensors.update(load_file(file))
         flat = {p: np.zeros(x.shape, np.float32) for p, x in flatten_dict(abstract_params(model_config)).items()}
-        for rule in hf_io.hf_rules(model_config):
+        for rule in hf_rules(model_config):
             target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
             target[...] = rule.to_ours(tensors.pop(rule.hf), target.shape)
         params = jax.device_put(unflatten_dict(flat), shardings)

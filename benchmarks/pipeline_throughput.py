@@ -46,8 +46,8 @@ def measure(workers: int, batches: int, *, seq_len: int = 512, max_patches: int 
     start = time.perf_counter()
     for _ in range(batches):
         batch = next(iterator)
-        examples += int(batch["segment_ids"].max(axis=1).sum())
-        tokens += int((batch["segment_ids"] > 0).sum())
+        examples += int(batch.segment_ids.max(axis=1).sum())
+        tokens += int((batch.segment_ids > 0).sum())
     elapsed = time.perf_counter() - start
     getattr(iterator, "close", lambda: None)()
     return examples / elapsed, tokens / elapsed

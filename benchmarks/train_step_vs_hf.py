@@ -28,6 +28,7 @@ import transformers
 from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import from_hf
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.inputs.model_inputs import ProcessorOutputs, from_hf_batch
 from qwen3vl_jax.modeling.model import init_params
 from qwen3vl_jax.training.metrics import device_peak_flops, train_flops
@@ -97,6 +98,7 @@ def make_jax_step(batch, *, remat):
     arrays["targets"] = np.concatenate([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], axis=1).astype(np.int32)
     arrays["loss_mask"] = np.ones((BATCH, LENGTH), np.int32)
     arrays["loss_mask"][:, -1] = 0  # like HF's shifted labels: the last position has no target
+    arrays = TrainingBatch.from_arrays(dict(arrays, num_dropped=np.zeros(BATCH, np.int32)))
     params = init_params(config, jax.random.PRNGKey(0))
     # AdamW as the HF side's torch.optim.AdamW(lr=1e-4, weight_decay=0.01), no schedule and no clipping
     adamw = ConfigDict(dict(lr=1e-4, warmup_steps=0, final_lr_ratio=1.0, clip_norm=1e9, freeze=()))

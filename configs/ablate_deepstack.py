@@ -18,7 +18,7 @@ visual token per cell, an 8 px target among 1-3 distractors of other colours): w
 fine detail. Both variants of a seed start from the same stage-1 weights; `on` adds DeepStack mergers (fresh
 weights) after ViT blocks 0 and 1 of 4 and injects them into decoder layers 0 and 1, `off` reads the last layer
 only. Chance: 1/6 per axis. `end_to_end`: the same model and fine task without stage 1 (ViT, mergers and
-LLM trained together from random weights). docs/ablations.md: the measured tables and the time they took.
+LLM trained together from random weights). docs/results/ablations.md: the measured tables and the time they took.
 """
 
 from ml_collections import ConfigDict

@@ -4,7 +4,7 @@
 
     python -m experiments.ablate --config=configs/ablate_loss_norm.py --workdir=/tmp/ablate_loss_norm
 
-docs/ablations.md: the measured table and the time it took.
+docs/results/ablations.md: the measured table and the time it took.
 """
 
 from ml_collections import ConfigDict

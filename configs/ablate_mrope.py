@@ -8,7 +8,7 @@ off), so MRoPE is the model's only spatial signal; `full`: the whole model. The 
 32 px cells (one visual token each), one of them coloured; the answer is its box, scored per axis (x: the
 predicted box centre is in the right column; y: in the right row). The report adds a paired test (same seeds) of
 interleaved - chunked. Learning rate 1e-3 with 200 warm-up steps: at the shared recipe's 3e-3 / 50, 2 of 6
-interleaved runs never learned the x axis. docs/ablations.md: the measured tables and times.
+interleaved runs never learned the x axis. docs/results/ablations.md: the measured tables and times.
 """
 
 from ml_collections import ConfigDict

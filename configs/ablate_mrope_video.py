@@ -7,7 +7,7 @@ trained on videos of mixed lengths (4-12 frames), tested on 8 frames (inside the
 The task (video_timestamp): a square turns from blue to red; answer the time of the change. Qwen3-VL carries
 time as `<t seconds>` text before each frame group and gives every group the same t position, so with the text
 the answer can be read from the right group's timestamp; without it (`*_no_time`, processing.video_timestamps
-off) only the groups' order tells the time. docs/ablations.md: the measured table.
+off) only the groups' order tells the time. docs/results/ablations.md: the measured table.
 """
 
 from ml_collections import ConfigDict

@@ -18,7 +18,8 @@ the given width), MLP 3x the width, 2 layers, the same ViT with an output as wid
 variants see the same batches (data seed = run seed), steps and optimizer as the default run; `distilled` adds the
 teacher's KL (alpha 0.5, temperature 1, over the supervised tokens: the `distill` defaults). Evaluated by greedy
 decoding on the default run's held-out sets where the teacher answers (digits, shapes, counting, video timestamps;
-OCR and exact boxes stay at 0 for both sizes). docs/training.md (Distillation): the measured tables and times.
+OCR and exact boxes stay at 0 for both sizes). docs/results/training_runs.md (distillation): the measured tables and
+times.
 """
 
 from ml_collections import ConfigDict
@@ -55,7 +56,7 @@ def get_config(arg: str = "") -> ConfigDict:
         "`distilled`: loss 0.5 KL(teacher || student) + 0.5 CE over the answer tokens, teacher = the default "
         "run's model (hidden 128, 4 layers). Exact match of greedy answers on held-out examples.",
         base=base,
-        variants={"ce_only": dict(), "distilled": dict(distill=dict(teacher=teacher))},
+        variants={"ce_only": dict(), "distilled": dict(objective="distill", distill=dict(teacher=teacher))},
         eval_sets={name: (96, list(held_out[name].sources)) for name in EVAL_SETS},
         columns=[(name, "exact_match") for name in (*EVAL_SETS, "mean_of_sets")],
         max_new_tokens=16,

@@ -6,7 +6,7 @@ Each training pair is a `colour_preference` record (qwen3vl_jax/data/synthetic.p
 asked its colour; chosen = the colour, rejected = another palette colour. The policy starts from the default
 tiny run's random initialisation and the frozen reference is the same step-0 weights; held-out pairs (another
 seed) are scored every 100 steps: preference accuracy (the policy's reward of the chosen answer above the
-rejected one's) and reward margin. docs/training.md (DPO): what it measured.
+rejected one's) and reward margin. docs/results/training_runs.md (DPO): what it measured.
 """
 
 from ml_collections import ConfigDict

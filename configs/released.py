@@ -30,7 +30,7 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     c = run_config()
     c.steps = 10_000 if sft else 200_000
     c.model.preset = preset
-    c.model.overrides = dict(dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash")
+    c.model.overrides.update(dtype="bfloat16", param_dtype="float32", remat="full", attention_impl="splash")
     c.model.overrides.moe_backend = "megablox"
     # images up to 1024 x 1024 px (4096 patches); the packed row holds 4096 patches of ViT input
     c.processing = ConfigDict(dict(image_max_pixels=1024 * 1024, video_max_pixels=4096 * 16 * 16))
@@ -39,7 +39,7 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     c.eval.batch_size = 0
     c.loss_chunk = 1024  # the logits of 1,024 positions at a time, not of a whole row
     c.optimizer.update(lr=1e-5 if sft else 3e-4, warmup_steps=200 if sft else 2000)
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1, expert=expert_parallel))
+    c.mesh.update(data=1, fsdp=-1, expert=expert_parallel)
     if mode in ("sft_32k", "long"):
         # at these lengths each layer's input (32K tokens x hidden) is the largest thing kept for the backward
         # pass: it waits in host memory (qwen3vl_jax/modeling/remat.py)

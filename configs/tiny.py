@@ -7,9 +7,12 @@ Optional: a prepared TFDS dataset (ArrayRecord format) mixed in, here CLEVR's qu
     python -m experiments.train --config=configs/tiny.py --config.data.sources.tfds.weight=1 \
         --config.data.sources.tfds.name=clevr:3.1.0 --config.data.sources.tfds.data_dir=gs://bucket/tfds
 
+To start from an HF checkpoint instead (`--config.model.init_from=/path/to/checkpoint`): its config.json is the
+model (the tiny-cpu preset is not used); this file's one model setting, remat "dots", applies on top of it.
+
 Byte-level tokenizer, 64 px images (4 visual tokens each), 8-frame videos; rows of 384 tokens packed from
 several examples. Expected on 2 CPU cores: ~6 minutes; loss 5.5 -> 0.7; held-out exact match digits ~0.99,
-shapes ~0.65, counting ~0.6, video timestamps 1.0 (README: the numbers seen).
+shapes ~0.65, counting ~0.6, video timestamps 1.0 (docs/results/training_runs.md: the numbers seen).
 """
 
 from ml_collections import ConfigDict

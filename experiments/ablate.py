@@ -19,9 +19,10 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.distributed_flags import join_run
+from qwen3vl_jax import storage
 from qwen3vl_jax.ablation.sweep import load_results, runs_of, train_and_evaluate, write_report
-from qwen3vl_jax.checkpoints import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/ablate_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one subdirectory per run, the report.")
@@ -59,4 +60,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

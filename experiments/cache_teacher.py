@@ -2,20 +2,21 @@
 
     python -m experiments.cache_teacher --config=configs/tiny.py --config.distill.teacher=/path/to/teacher/hf \
         --cache_dir=/tmp/teacher_cache [--config.distill.top_k=32]
-    python -m experiments.train --config=configs/tiny.py --config.distill.teacher_cache=/tmp/teacher_cache ...
+    python -m experiments.train --config=configs/tiny.py --config.objective=distill \
+        --config.distill.teacher_cache=/tmp/teacher_cache ...
 
-The config is the student's training config as for online distillation: its data (config and seed), vision
-processing, steps and distill.all_text_tokens decide which batches and positions are cached, and a student run
-reading the cache must have the same ones (qwen3vl_jax.training.teacher_cache). Run again on the same directory,
-it continues after the last step written. Several processes (--coordinator_address ... or the JAX_* variables;
-experiments.launch_local) each read their share of the data as the trainer would and process 0 writes whole
-global batches; one process with --config.data.num_shards=N writes the same cache as N processes.
+The config is the student's training config as for online distillation (read with objective "distill"): its data
+(config and seed), vision processing, steps and distill.all_text_tokens decide which batches and positions are
+cached, and a student run reading the cache must have the same ones (qwen3vl_jax.training.teacher_cache). Run
+again on the same directory, it continues after the last step written. Several processes (--coordinator_address
+... or the JAX_* variables; experiments.launch_local) each read their share of the data as the trainer would and
+process 0 writes whole global batches; one process with --config.data.num_shards=N writes the same cache as N
+processes.
 """
 
 import dataclasses
 import itertools
 import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -25,17 +26,18 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
+from experiments import cli
 from experiments.distributed_flags import join_run
+from qwen3vl_jax import storage
 from qwen3vl_jax.api import to_numpy
-from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.data.pipeline import build_dataset
 from qwen3vl_jax.parallel.sharding import batch_shardings, global_batch, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
+from qwen3vl_jax.training.objectives.distill import OnlineDistillation, make_top_k_step
 from qwen3vl_jax.training.teacher_cache import (
     METADATA,
     TeacherCacheError,
     comparable_data,
-    make_top_k_step,
     step_file,
     stream_description,
     write_metadata,
@@ -52,12 +54,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config, directory = _CONFIG.value, _CACHE_DIR.value
     if not config.distill.teacher:
-        sys.exit("error: set --config.distill.teacher to the teacher's HF checkpoint directory")
+        raise app.UsageError("set --config.distill.teacher to the teacher's HF checkpoint directory")
     join_run(config)
-    try:
-        write_cache(config, directory)
-    except TeacherCacheError as e:
-        sys.exit(f"error: {e}")
+    write_cache(config, directory)
     print(f"cached the teacher's top {config.distill.top_k} logits of {config.steps} steps in {directory}")
 
 
@@ -65,11 +64,15 @@ def write_cache(config: ConfigDict, directory: str) -> None:
     """The teacher's (config.distill.teacher) top-k logits for each of the config.steps batches of a training
     run with `config`, from the first step not yet in `directory`. With several processes each reads its share of
     the data as the trainer does and computes its rows; process 0 writes whole global batches."""
+    config = ConfigDict(config.to_dict())
+    config.objective = "distill"  # the student's run as online distillation from distill.teacher
     builder = StepBuilder(config, make_mesh(config.mesh.to_dict()))
-    teacher = builder.distillation.teacher
+    if not isinstance(builder.objective, OnlineDistillation):
+        raise TeacherCacheError("a teacher cache is computed from distill.teacher; distill.teacher_cache is set")
+    teacher = builder.objective.teacher
     row_group, row_group_count = row_groups(builder.mesh)
     first_shard, shards_read, num_shards = data_shards(
-        config.data.get("num_shards", 0), row_group=row_group, row_group_count=row_group_count
+        config.data.num_shards, row_group=row_group, row_group_count=row_group_count
     )
     data = host_data_config(
         config.data,
@@ -104,9 +107,9 @@ def write_cache(config: ConfigDict, directory: str) -> None:
             chunk=config.loss_chunk,
             all_text_tokens=config.distill.all_text_tokens,
         ),
-        in_shardings=(builder.teacher_shardings, batch_shardings(builder.mesh)),
+        in_shardings=(builder.frozen_shardings, batch_shardings(builder.mesh)),
     )
-    (teacher_params,) = builder.teacher_params()
+    (teacher_params,) = builder.frozen_params
     processor = processor_from(config)
     dataset = build_dataset(
         data,
@@ -122,10 +125,9 @@ def write_cache(config: ConfigDict, directory: str) -> None:
             batch = next(iterator)
             if step < start:  # written by an earlier run: the stream is replayed to reach the first missing step
                 continue
-            batch.pop("num_dropped")
             rows = global_batch(batch, builder.mesh, row_group_count=row_group_count)
             top_logits, top_ids, keep = (to_numpy(x) for x in top_k_step(teacher_params, rows))
-            input_ids, loss_mask = to_numpy(rows["input_ids"]), to_numpy(rows["loss_mask"])  # the global batch
+            input_ids, loss_mask = to_numpy(rows.input_ids), to_numpy(rows.loss_mask)  # the global batch
             if jax.process_index() == 0:
                 write_step(
                     directory,
@@ -139,4 +141,4 @@ def write_cache(config: ConfigDict, directory: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,12 +18,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices come from the t
 
 import flax.linen as nn
 import jax
-from absl import app, flags
+from absl import flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
+from experiments import cli
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
-from qwen3vl_jax.parallel.sharding import batch_sharding, make_mesh
+from qwen3vl_jax.parallel.sharding import batch_shardings, make_mesh
 from qwen3vl_jax.training.builder import StepBuilder
 from qwen3vl_jax.training.hlo_flops import count_flops
 from qwen3vl_jax.training.metrics import forward_flops
@@ -40,33 +42,22 @@ def hbm_per_chip(device) -> int:
     return TPU_CHIPS[device.device_kind][1]
 
 
-def abstract_batch(builder: StepBuilder) -> dict:
-    """ShapeDtypeStructs of one global batch, sharded like the real batches."""
-    data, vision = builder.config.data, builder.model_config.vision
-    b, length, patches = builder.global_batch_size(data), data.seq_len, data.max_patches
-    shapes = dict(
-        input_ids=(b, length),
-        segment_ids=(b, length),
-        positions=(b, 3, length),
-        visual_index=(b, length),
-        targets=(b, length),
-        loss_mask=(b, length),
-        pixel_patches=(b, patches, vision.patch_dim),
-        patch_segment_ids=(b, patches),
-        pos_embed_index=(b, patches, 4),
-        pos_embed_weight=(b, patches, 4),
-        patch_rowcol=(b, patches, 2),
+def abstract_batch(builder: StepBuilder) -> TrainingBatch:
+    """ShapeDtypeStructs of one global batch, sharded like the real batches (with the arrays the objective adds,
+    e.g. offline distillation's cached top-k logits)."""
+    data = builder.config.data
+    b, length = builder.global_batch_size(data), data.seq_len
+    batch = TrainingBatch.abstract(
+        b,
+        seq_len=length,
+        max_patches=data.max_patches,
+        patch_dim=builder.model_config.vision.patch_dim,
+        extra=builder.objective.extra_batch_shapes(batch_size=b, seq_len=length),
     )
-    if builder.offline_distillation:  # the teacher's cached top-k logits come with the batch
-        shapes.update(teacher_top_logits=(b, length, builder.config.distill.top_k))
-        shapes.update(teacher_top_ids=(b, length, builder.config.distill.top_k))
-    floats = ("pixel_patches", "pos_embed_weight", "teacher_top_logits")
-    return {
-        k: jax.ShapeDtypeStruct(
-            s, jax.numpy.float32 if k in floats else jax.numpy.int32, sharding=batch_sharding(builder.mesh, k)
-        )
-        for k, s in shapes.items()
-    }
+    shardings = batch_shardings(builder.mesh, extra=builder.objective.batch_fields)
+    return jax.tree_util.tree_map(
+        lambda array, sharding: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding), batch, shardings
+    )
 
 
 def model_flops_outside_kernels(builder: StepBuilder) -> float:
@@ -126,7 +117,7 @@ def main(argv):
     start = time.perf_counter()
     try:
         with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules):
-            arguments = (builder.abstract_state(), abstract_batch(builder), *builder.abstract_teacher())
+            arguments = (builder.abstract_state(), abstract_batch(builder), *builder.abstract_frozen_params())
             compiled = builder.train_step.lower(*arguments).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -167,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -22,11 +22,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import qwen3vl_jax
+from experiments import cli
 from experiments.distributed_flags import join_run
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.checkpoints.train_state import Checkpointer
 from qwen3vl_jax.data.sources import JsonlSource
-from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summarize, write_report
+from qwen3vl_jax.evaluation.harness import eval_records, generate_answers, summarize, write_report
 from qwen3vl_jax.parallel.sharding import make_mesh
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 
@@ -102,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

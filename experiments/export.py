@@ -14,8 +14,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from experiments import cli
 from experiments.distributed_flags import join_run
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.train_state import RUN_RECORD, Checkpointer, check_resumable
 from qwen3vl_jax.parallel.sharding import make_mesh
@@ -38,7 +39,7 @@ def run_config(workdir: str) -> ConfigDict:
         raise app.UsageError(f"{workdir} has no {RUN_RECORD}: give the run's --config")
     record = storage.read_json(record_file)
     if "run_config" not in record:
-        raise app.UsageError(f"{record_file} predates recorded run configs: give the run's --config")
+        raise app.UsageError(f"{record_file} records no run config: give the run's --config")
     return ConfigDict(record["run_config"])
 
 
@@ -71,4 +72,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir", "output"])
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Start a multi-process run on this machine: N processes of one binary, each holding its own CPU devices of one
+"""Start a multi-process run on the local machine: N processes of one binary, each holding its own CPU devices of one
 mesh, joined through a coordinator on 127.0.0.1 — a TPU pod slice in miniature (one process per host).
 
     python -m experiments.launch_local --processes=2 --devices_per_process=4 -- \
@@ -25,6 +25,8 @@ import threading
 import time
 
 from absl import app, flags
+
+from experiments import cli
 
 _PROCESSES = flags.DEFINE_integer("processes", 2, "Number of processes.", lower_bound=1)
 _DEVICES = flags.DEFINE_integer(
@@ -153,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

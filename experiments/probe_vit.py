@@ -8,12 +8,13 @@ features, per checkpoint seed, beside the same architecture with random weights.
 Writes a markdown table (mean ± 95% CI over the seeds per layer) to --output and prints it.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 import qwen3vl_jax
+from experiments import cli
+from qwen3vl_jax import storage
 from qwen3vl_jax.ablation.report import mean_and_ci
 from qwen3vl_jax.ablation.vit_probe import CLASSES, cell_data, image_records, probe_layers
-from qwen3vl_jax.checkpoints import storage
 from qwen3vl_jax.data.synthetic import EVAL_SEED
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory; {seed} is replaced by each seed.")
@@ -65,4 +66,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["checkpoint"])
-    app.run(main)
+    cli.run(main)

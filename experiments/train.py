@@ -12,16 +12,13 @@ This process is one of a multi-process run (a TPU pod slice, several machines, e
 """
 
 import os
-import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.distributed_flags import join_run
-from qwen3vl_jax.checkpoints.train_state import DamagedCheckpoint, WorkdirMismatch
-from qwen3vl_jax.checkpoints.workdir_lock import WorkdirInUse
-from qwen3vl_jax.parallel.multihost import ConfigMismatch, DistributedSetupError
 from qwen3vl_jax.training.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
@@ -43,12 +40,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # the progress bar, eval lines and warnings; libraries stay quiet
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    try:
-        join_run(_CONFIG.value)
-        Trainer(_CONFIG.value, _WORKDIR.value or default_workdir(config_file), config_name=config_file).run()
-    except (WorkdirMismatch, DamagedCheckpoint, WorkdirInUse, ConfigMismatch, DistributedSetupError) as e:
-        sys.exit(f"error: {e}")
+    join_run(_CONFIG.value)
+    Trainer(_CONFIG.value, _WORKDIR.value or default_workdir(config_file), config_name=config_file).run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -4,6 +4,7 @@
     logits = model(input_ids=..., attention_mask=..., pixel_values=..., image_grid_thw=...,
                    pixel_values_videos=..., video_grid_thw=...)      # numpy (B, L, vocab)
     model.save_pretrained("path/to/out_dir")
+    adapted = qwen3vl_jax.load_pretrained("path/to/hf_dir", adapters="path/to/peft_lora_dir")  # base + LoRA
 
 Inputs are padded to power-of-two buckets (or to `seq_len` / `max_patches`), so calls with different image
 sizes reuse one compiled function.
@@ -21,13 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from qwen3vl_jax.checkpoints import hf_io
-from qwen3vl_jax.checkpoints.storage import write_json
+from qwen3vl_jax.checkpoints.peft import adapter_lora_config, read_adapters
 from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.inference.generation import eos_array, generate
+from qwen3vl_jax.inference.generation import check_max_new_tokens, eos_array, generate
 from qwen3vl_jax.inference.sampling import SamplingConfig
 from qwen3vl_jax.inputs.model_inputs import (
     PATCH_FIELDS,
@@ -41,7 +43,8 @@ from qwen3vl_jax.inputs.model_inputs import (
 from qwen3vl_jax.inputs.positions import IMAGE, visual_blocks
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, param_shardings, spec_for
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, param_shardings, project_mesh, spec_for
+from qwen3vl_jax.storage import write_json
 
 
 def to_numpy(x: jax.Array) -> np.ndarray:
@@ -61,7 +64,9 @@ class Default(enum.Enum):
 class Qwen3VLModel:
     """A config, its parameters and jitted entry points. With a `mesh`, the parameters live sharded on it (as
     `param_shardings(..., rules=rules)` lays them out: FSDP and / or tensor parallel), every call runs under it
-    with the batch split over the batch axes, and generation's KV cache is split by batch and key/value heads."""
+    with the batch split over the batch axes, and generation's KV cache is split by batch and key/value heads.
+    The mesh may lack some of the axes data, fsdp, context, tensor, expert (they count as size 1:
+    `parallel.sharding.project_mesh`)."""
 
     def __init__(
         self,
@@ -74,7 +79,7 @@ class Qwen3VLModel:
     ):
         self.config = config
         self.params = params
-        self.mesh, self.rules = mesh, rules
+        self.mesh, self.rules = (None if mesh is None else project_mesh(mesh)), rules
         self.generation_config = generation_config or {}  # eos_token_id / pad_token_id, as in HF's file
         self.module = Qwen3VL(config)
         self.forward = jax.jit(lambda params, inputs: self.module.apply({"params": params}, inputs))
@@ -161,18 +166,31 @@ class Qwen3VLModel:
     ) -> np.ndarray:
         """New token ids (B, max_new_tokens) as numpy for HF processor outputs (left padding, as transformers
         generates). A row ends at its first eos token (kept) and is `pad_token_id` after it. eos / pad default
-        to the checkpoint's generation_config.json; eos_token_ids=None: no eos, always max_new_tokens."""
-        inputs, _ = self.prepare(input_ids, **processor_outputs)
-        eos = self.generation_config.get("eos_token_id") if eos_token_ids is Default.FROM_CHECKPOINT else eos_token_ids
-        pad = self.generation_config.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
+        to the checkpoint's generation_config.json; eos_token_ids=None: no eos, always max_new_tokens. pad may be
+        any 32-bit integer (one outside the vocabulary keeps the padding apart from tokens). A bad argument
+        (max_new_tokens < 1, temperature <= 0 when sampling, top_k < 0, top_p outside (0, 1], an eos id outside
+        the vocabulary) raises a ValueError naming it, before anything is compiled."""
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        vocab = self.config.text.vocab_size
+        eos = self.generation_config.get("eos_token_id") if eos_token_ids is Default.FROM_CHECKPOINT else eos_token_ids
+        eos_list = [] if eos is None else [eos] if isinstance(eos, (int, np.integer)) else list(eos)
+        for token in eos_list:
+            if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise ValueError(f"eos_token_ids must be token ids in [0, {vocab}) (the vocabulary), got {eos!r}")
+        pad = self.generation_config.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
+        pad = 0 if pad is None else pad
+        int32 = np.iinfo(np.int32)
+        if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool) or not int32.min <= pad <= int32.max:
+            raise ValueError(f"pad_token_id must be one 32-bit integer, got {pad!r}")
+        inputs, _ = self.prepare(input_ids, **processor_outputs)
         with self._on_mesh():
             tokens = generate(
                 self.params,
                 self._batch_split(inputs),
                 rng=jax.random.PRNGKey(seed),
-                eos_ids=eos_array(eos),
-                pad_id=jnp.int32(pad or 0),
+                eos_ids=eos_array([int(token) for token in eos_list]),
+                pad_id=jnp.int32(pad),
                 config=self.config,
                 max_new_tokens=max_new_tokens,
                 sampling=sampling,
@@ -219,6 +237,30 @@ class Qwen3VLModel:
         fields["patch_segment_ids"][0, :n] = features["patch_group"]
         return ModelInputs(**fields), n
 
+    def with_adapters(self, path: str) -> Qwen3VLModel:
+        """This model with the PEFT LoRA adapters of directory `path` added to its weights (rank, alpha and the
+        adapted layers from the directory: `checkpoints.peft.adapter_lora_config`), on the same mesh (the
+        adapters sharded like the weights they adapt). The model itself must have no adapters."""
+        if self.config.lora.rank:
+            raise ValueError(
+                f"the model already has LoRA adapters ({self.config.lora}): merge them into its weights "
+                "(checkpoints.peft.merge_lora) before adding others"
+            )
+        config = self.config.replace(lora=adapter_lora_config(path, self.config))
+        adapters = read_adapters(path, config)
+        flat = flatten_dict(self.params)
+        if self.mesh is None:
+            flat.update({name: jax.device_put(value) for name, value in adapters.items()})
+        else:
+            shardings = flatten_dict(param_shardings(abstract_params(config, boxed=True), self.mesh, rules=self.rules))
+            for name, value in adapters.items():  # every process reads the same file and places its devices' part
+                flat[name] = jax.make_array_from_callback(
+                    value.shape, shardings[name], lambda index, value=value: value[index]
+                )
+        return Qwen3VLModel(
+            config, unflatten_dict(flat), generation_config=self.generation_config, mesh=self.mesh, rules=self.rules
+        )
+
     def save_pretrained(
         self, path: str, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, expert_layout: str = "hub"
     ):
@@ -242,22 +284,31 @@ def load_pretrained(
     dtype: str | None = None,
     param_dtype: str | None = None,
     *,
+    adapters: str | None = None,
     mesh: Mesh | None = None,
     rules: Any = DEFAULT_RULES,
     **overrides: Any,
 ) -> Qwen3VLModel:
     """Loads an HF Qwen3-VL checkpoint directory (local or gs://). `dtype` (compute) and `param_dtype` (storage)
-    default to the checkpoint's dtype; other ModelConfig fields (e.g. mrope_layout) may be overridden. With a
-    `mesh` (e.g. `make_mesh({"fsdp": 4, "tensor": 2})`) each device reads its shard of every parameter straight
-    from the files and the model runs sharded (`Qwen3VLModel`); without, the model is on one device."""
+    default to the checkpoint's dtype; other ModelConfig fields (e.g. mrope_layout) may be overridden. `adapters`:
+    a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as `peft` or a LoRA training
+    run writes it) to add to the base (`Qwen3VLModel.with_adapters`). With a `mesh` (e.g. `make_mesh({"fsdp": 4,
+    "tensor": 2})` or `jax.make_mesh((4, 2), ("fsdp", "tensor"))`: axes it lacks count as size 1) each device reads
+    its shard of every parameter straight from the files and the model runs sharded (`Qwen3VLModel`); without,
+    the model is on one device."""
+    if adapters is not None and "lora" in overrides:
+        raise ValueError("give either adapters= (their LoRA settings come from the adapter directory) or lora=")
     config = hf_io.load_config(path, **overrides)
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     generation_config = hf_io.load_generation_config(path)
     if mesh is None:
-        return Qwen3VLModel(
+        model = Qwen3VLModel(
             config, jax.device_put(hf_io.load_params(path, config)), generation_config=generation_config
         )
-    shardings = param_shardings(abstract_params(config, boxed=True), mesh, rules=rules)
-    params = hf_io.load_params(path, config, shardings)
-    return Qwen3VLModel(config, params, generation_config=generation_config, mesh=mesh, rules=rules)
+    else:
+        mesh = project_mesh(mesh)
+        shardings = param_shardings(abstract_params(config, boxed=True), mesh, rules=rules)
+        params = hf_io.load_params(path, config, shardings)
+        model = Qwen3VLModel(config, params, generation_config=generation_config, mesh=mesh, rules=rules)
+    return model if adapters is None else model.with_adapters(adapters)

@@ -17,7 +17,8 @@ from typing import ClassVar
 import av
 import jax
 import numpy as np
-from ml_collections import ConfigDict
+from absl import flags
+from ml_collections import ConfigDict, config_flags
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.modeling.model import init_params
@@ -119,6 +120,14 @@ OPTIMIZER.update(b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.1)
 def initial_state(optimizer):
     params = init_params(CONFIG, jax.random.PRNGKey(0))
     return TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+
+
+def parse_flags(*argv: str) -> ConfigDict:
+    """The config that `--config=...` and `--config.x=...` flags give a binary (absl's parser, not a copy of it)."""
+    flag_values, argv = flags.FlagValues(), ["binary", *argv]
+    config = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return config.value
 
 
 def tiny_config() -> ConfigDict:

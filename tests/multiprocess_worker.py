@@ -30,6 +30,7 @@ from ml_collections import ConfigDict
 
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.config import preset
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.modeling.model import abstract_params, init_params
 from qwen3vl_jax.parallel.multihost import any_process, gather_text, in_lockstep, initialize_distributed
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, global_batch, make_mesh, param_shardings
@@ -66,10 +67,12 @@ def train_step(directory: str) -> dict:
     """Loss, gradient norm and gradients of one step on the global batch in directory/batch.npz (fsdp over all
     devices: every weight split across both processes)."""
     with np.load(os.path.join(directory, "batch.npz")) as stored:
-        batch = dict(stored)
+        batch = TrainingBatch.from_arrays(dict(stored))
     mesh = make_mesh({"fsdp": -1})
-    rows = len(batch["input_ids"]) // jax.process_count()
-    mine = {name: value[jax.process_index() * rows : (jax.process_index() + 1) * rows] for name, value in batch.items()}
+    rows = batch.batch_size // jax.process_count()
+    mine = jax.tree_util.tree_map(
+        lambda value: value[jax.process_index() * rows : (jax.process_index() + 1) * rows], batch
+    )
     optimizer = keep_gradient()
     step = make_train_step(CONFIG, optimizer=optimizer, schedule=lambda count: 1.0, loss_normalization="sqrt")
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -132,10 +135,10 @@ def data_run_config(jsonl: str, *, num_shards: int) -> ConfigDict:
     return config
 
 
-def example_labels(batch: dict) -> list[list[str]]:
+def example_labels(batch: TrainingBatch) -> list[list[str]]:
     """Per row, the "example N" label of each example packed into it (byte tokenizer: ids < 256 are bytes)."""
     labels = []
-    for row, segments in zip(batch["input_ids"], batch["segment_ids"]):
+    for row, segments in zip(batch.input_ids, batch.segment_ids):
         labels.append([])
         for segment in range(1, int(segments.max(initial=0)) + 1):
             text = bytes(int(t) for t in row[segments == segment] if t < 256).decode(errors="replace")

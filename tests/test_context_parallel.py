@@ -2,13 +2,14 @@
 ViT's patch slots, attention over the context axis (XLA and splash) and whole train-step gradients equal to the
 single-device ones, dense and MoE, with images, multi-group videos, text-only examples and DeepStack."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONFIG, losses, tiny_config
-from ml_collections import ConfigDict
+from helpers import CONFIG, ROOT, losses, parse_flags
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
@@ -25,8 +26,9 @@ from qwen3vl_jax.parallel.context import (
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, make_mesh, param_shardings, row_groups
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
-from qwen3vl_jax.training.loss import token_weights
-from qwen3vl_jax.training.train_step import _objective
+from qwen3vl_jax.training.objectives.base import StepSettings
+from qwen3vl_jax.training.objectives.sft import CrossEntropy
+from qwen3vl_jax.training.train_step import objective_loss
 from qwen3vl_jax.training.trainer import Trainer
 
 SHARDS = 8  # the batch's patch buffers are laid out for 8 context shards (hence also for 4 and 2)
@@ -118,10 +120,10 @@ def _attention_inputs():
 
 
 @pytest.mark.parametrize("impl", ["xla", "splash"])
-@pytest.mark.parametrize("context", ["load_balanced", "local"])
-def test_attention_over_the_context_axis_equals_unsplit(impl, context):
+@pytest.mark.parametrize("context_layout", ["load_balanced", "local"])
+def test_attention_over_the_context_axis_equals_unsplit(impl, context_layout):
     (q, k, v), segments, cotangent = _attention_inputs()
-    causal = context == "load_balanced"
+    causal = context_layout == "load_balanced"
 
     def unsplit(q, k, v):
         return attention(q, k, v, q_segment_ids=segments, kv_segment_ids=segments, causal=causal)
@@ -132,7 +134,9 @@ def test_attention_over_the_context_axis_equals_unsplit(impl, context):
             arrays = tuple(to_load_balanced(x, axis=1) for x in arrays)
         q, k, v, s = arrays
         blocks = dict(impl=impl, block_sizes=(128, 128))
-        out = attention(q, k, v, q_segment_ids=s, kv_segment_ids=s, causal=causal, context=context, **blocks)
+        out = attention(
+            q, k, v, q_segment_ids=s, kv_segment_ids=s, causal=causal, context_layout=context_layout, **blocks
+        )
         return from_load_balanced(out, axis=1) if causal else out
 
     expected, expected_vjp = jax.vjp(unsplit, q, k, v)
@@ -165,20 +169,19 @@ def context_batch():
         seed=2,  # a first batch with images, 4-group videos and text-only examples (asserted by the test)
     )
     batch = next(iter(build_dataset(data, processor, model_config=CONFIG)))
-    batch.pop("num_dropped")
-    check_patch_layout(batch["patch_segment_ids"], shards=SHARDS)
+    check_patch_layout(batch.patch_segment_ids, shards=SHARDS)
     return batch
 
 
 def _examples(batch, config):
     """(visual token kind, ViT segments) of every packed example: kind None for a text-only example."""
     examples = []
-    for row in range(len(batch["input_ids"])):
-        ids, segments, index = batch["input_ids"][row], batch["segment_ids"][row], batch["visual_index"][row]
+    for row in range(len(batch.input_ids)):
+        ids, segments, index = batch.input_ids[row], batch.segment_ids[row], batch.visual_index[row]
         for example in set(segments[segments > 0].tolist()):
             visual = (segments == example) & (index >= 0)
             kinds = set(ids[visual].tolist())
-            groups = set(batch["patch_segment_ids"][row][4 * index[visual]].tolist())
+            groups = set(batch.patch_segment_ids[row][4 * index[visual]].tolist())
             examples.append((kinds.pop() if kinds else None, len(groups)))
     return examples
 
@@ -188,9 +191,9 @@ def _loss_and_grads(config, batch, params, *, mesh=None, loss_chunk=0):
     model = Qwen3VL(config)
 
     def loss(params, batch):
-        weights = token_weights(batch["loss_mask"], batch["segment_ids"], normalization="sqrt")
-        args = dict(model=model, total_weight=weights.sum(), normalization="sqrt", microbatches=1)
-        return _objective(params, batch, **args, loss_chunk=loss_chunk)[0]
+        settings, objective = StepSettings(model=model, normalization="sqrt", loss_chunk=loss_chunk), CrossEntropy()
+        totals = objective.batch_totals(batch, settings)
+        return objective_loss(objective, params, batch, settings=settings, totals=totals)[0]
 
     def run(step, params, batch):
         compiled = step.lower(params, batch).compile()
@@ -239,13 +242,13 @@ def test_train_step_gradients_over_the_context_axis_equal_single_device(context_
 
 
 def test_trainer_on_a_context_mesh(tmp_path):
-    """The default config's run on `context 4 x fsdp 2`: the pipeline lays the patches out for 4 shards (else
-    global_batch would refuse the batch), every row of 384 tokens is split over 4 chips, and the loss is finite."""
-    config = tiny_config()
-    config.steps = 2
+    """The default config's run with `--config.mesh.context=4 --config.mesh.fsdp=2` on its command line: the
+    pipeline lays the patches out for 4 shards (else global_batch would refuse the batch), every row of 384 tokens
+    is split over 4 chips, and the loss is finite."""
+    mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.context=4")
+    config = parse_flags(f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", *mesh, "--config.steps=2")
     config.eval.update(sets={}, every=0)
     config.data.batch_size = 4
-    config.mesh = ConfigDict(dict(data=1, fsdp=2, context=4, tensor=1, expert=1))
     trainer = Trainer(config, str(tmp_path / "work"))
     assert trainer.data_config.context_shards == 4
     trainer.run()

@@ -18,7 +18,7 @@ from qwen3vl_jax.data.packing import finalize, pack
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.data.sources import JsonlSource, llava_to_messages, make_source
 from qwen3vl_jax.data.synthetic import make_record
-from qwen3vl_jax.inputs.model_inputs import ModelInputs
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.modeling import Qwen3VL, init_params
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
@@ -49,14 +49,14 @@ def packed_rows(features, *, seq_len, max_patches, num_bins):
         .map(lambda row: finalize(row, CONFIG))
         .batch(num_bins)
     )
-    return next(iter(ds))
+    return TrainingBatch.from_arrays(next(iter(ds)))
 
 
 @jax.jit
 def per_token_loss(params, batch):
-    logits = Qwen3VL(CONFIG).apply({"params": params}, ModelInputs.from_batch(batch))
+    logits = Qwen3VL(CONFIG).apply({"params": params}, batch.inputs)
     logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
-    return -jax.numpy.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return -jax.numpy.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]
 
 
 def test_packed_examples_equal_each_example_alone(processor):
@@ -73,21 +73,21 @@ def test_packed_examples_equal_each_example_alone(processor):
     features = [featurizer(processor)(r) for r in records]
     params = init_params(CONFIG, jax.random.key(0))
     packed = packed_rows(features, seq_len=256, max_patches=512, num_bins=2)
-    assert (packed["segment_ids"].max(axis=1) >= 2).all(), "each row must hold several examples"
-    assert (np.unique(packed["patch_segment_ids"][0]) > 0).sum() >= 3  # several images / video groups in a row
+    assert (packed.segment_ids.max(axis=1) >= 2).all(), "each row must hold several examples"
+    assert (np.unique(packed.patch_segment_ids[0]) > 0).sum() >= 3  # several images / video groups in a row
     packed_loss = np.asarray(per_token_loss(params, packed))
     for f in features:
         alone = packed_rows([f], seq_len=256, max_patches=512, num_bins=1)
-        alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(f["tokens"])]
+        alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(f["input_ids"])]
         matches = [
             (r, s)
             for r in range(2)
-            for s in range(1, packed["segment_ids"][r].max() + 1)
-            if np.array_equal(packed["input_ids"][r][packed["segment_ids"][r] == s], f["tokens"])
+            for s in range(1, packed.segment_ids[r].max() + 1)
+            if np.array_equal(packed.input_ids[r][packed.segment_ids[r] == s], f["input_ids"])
         ]
         assert len(matches) == 1
         r, s = matches[0]
-        np.testing.assert_allclose(packed_loss[r][packed["segment_ids"][r] == s], alone_loss, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(packed_loss[r][packed.segment_ids[r] == s], alone_loss, atol=2e-5, rtol=0)
 
 
 def preference_records():
@@ -122,13 +122,13 @@ def test_preference_pairs_pack_whole_with_isolated_halves(processor):
         for half, messages in enumerate(preference_conversations(record)):
             plain = featurizer(processor)({"id": "plain", "messages": messages})
             alone = packed_rows([plain], seq_len=256, max_patches=512, num_bins=1)
-            alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(plain["tokens"])]
+            alone_loss = np.asarray(per_token_loss(params, alone))[0, : len(plain["input_ids"])]
             for r in range(2):
-                for s in range(1, packed["segment_ids"][r].max() + 1):
-                    here = packed["segment_ids"][r] == s
-                    if np.array_equal(packed["input_ids"][r][here], plain["tokens"]):
+                for s in range(1, packed.segment_ids[r].max() + 1):
+                    here = packed.segment_ids[r] == s
+                    if np.array_equal(packed.input_ids[r][here], plain["input_ids"]):
                         assert s % 2 == (1 if half == 0 else 0)  # chosen odd, rejected even
-                        np.testing.assert_array_equal(packed["loss_mask"][r][here], plain["loss_mask"])
+                        np.testing.assert_array_equal(packed.loss_mask[r][here], plain["loss_mask"])
                         np.testing.assert_allclose(packed_loss[r][here], alone_loss, atol=2e-5, rtol=0)
                         found += 1
     assert found == 6
@@ -146,7 +146,9 @@ def test_a_preference_pair_that_does_not_fit_is_never_truncated(processor):
     from qwen3vl_jax.data.features import preference_conversations
 
     pair = preference_records()[0]  # each half fits a row alone, the two together do not
-    halves = [len(featurizer(processor)({"id": "h", "messages": m})["tokens"]) for m in preference_conversations(pair)]
+    halves = [
+        len(featurizer(processor)({"id": "h", "messages": m})["input_ids"]) for m in preference_conversations(pair)
+    ]
     dropped = featurizer(processor, seq_len=max(halves) + 8, overflow="drop")(pair)
     assert f"the preference pair's {sum(halves)} tokens do not fit seq_len = {max(halves) + 8}" in dropped[DROPPED]
 
@@ -174,9 +176,9 @@ def test_resumed_pipeline_yields_identical_batches(processor, workers):
     for iterator_ in (iterator, resumed):
         getattr(iterator_, "close", lambda: None)()
     for a, b in zip(expected, got):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert a.arrays.keys() == b.arrays.keys()
+        for key in a.arrays:
+            np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
 
 
 def write_jsonl(path, rows):
@@ -205,7 +207,7 @@ def test_per_host_shards_are_disjoint_and_complete(processor, tmp_path):
             [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=1, packing_bins=1
         )
         for batch in build_dataset(config, processor, model_config=CONFIG, shard_index=shard, shard_count=2):
-            ids, segments = batch["input_ids"][0], batch["segment_ids"][0]
+            ids, segments = batch.input_ids[0], batch.segment_ids[0]
             seen += [(shard, processor.decode(ids[segments == s])) for s in range(1, segments.max() + 1)]
     texts = {t for _, t in seen}
     assert texts == {f"doc {i:02d}" for i in range(12)}
@@ -220,11 +222,11 @@ def test_the_last_partial_batch_of_a_finite_dataset_is_filled_with_empty_rows(pr
         [{"kind": "jsonl", "path": path}], shuffle=False, num_epochs=1, seq_len=16, batch_size=2, packing_bins=1
     )  # one document per row: 5 rows in batches of 2
     batches = list(build_dataset(config, processor, model_config=CONFIG))
-    assert [b["input_ids"].shape for b in batches] == [(2, 16)] * 3
+    assert [b.input_ids.shape for b in batches] == [(2, 16)] * 3
     last = batches[-1]
-    assert last["segment_ids"][0].max() == 1 and not last["segment_ids"][1].any()
-    assert not last["loss_mask"][1].any() and (last["visual_index"][1] == -1).all()
-    texts = [processor.decode(b["input_ids"][r][b["segment_ids"][r] > 0]) for b in batches for r in range(2)]
+    assert last.segment_ids[0].max() == 1 and not last.segment_ids[1].any()
+    assert not last.loss_mask[1].any() and (last.visual_index[1] == -1).all()
+    texts = [processor.decode(b.input_ids[r][b.segment_ids[r] > 0]) for b in batches for r in range(2)]
     assert texts == [f"document {i}" for i in range(5)] + [""]
 
 
@@ -248,7 +250,7 @@ def test_jsonl_conversations_llava_and_documents(processor, tmp_path):
     source = JsonlSource(path)
     assert len(source) == 3
     qwen, llava, document = (featurizer(processor, seq_len=4096, max_patches=8192)(source[i]) for i in range(3))
-    np.testing.assert_array_equal(qwen["tokens"], llava["tokens"])  # LLaVA becomes the same conversation
+    np.testing.assert_array_equal(qwen["input_ids"], llava["input_ids"])  # LLaVA becomes the same conversation
     assert qwen["loss_mask"].sum() == len("Coffee.") + 1
     assert (document["patch_group"].max(), document["loss_mask"].sum() > 0) == (10, True)
     assert llava_to_messages({"image": ["a", "b"], "conversations": [{"from": "human", "value": "hi"}]})[0]["content"][
@@ -270,7 +272,7 @@ def test_array_record_source(processor, tmp_path):
 def test_overflow_policies(processor):
     long_text = {"id": "long", "document": [{"type": "text", "text": "x" * 300}]}
     truncated = featurizer(processor, seq_len=100)(long_text)
-    assert len(truncated["tokens"]) == 100 and truncated["targets"][-1] == ord("x")  # still predicts the next
+    assert len(truncated["input_ids"]) == 100 and truncated["targets"][-1] == ord("x")  # still predicts the next
     dropped = featurizer(processor, seq_len=100, overflow="drop")(long_text)  # even with on_bad_input="error"
     assert dropped == {DROPPED: "example long: 301 tokens do not fit seq_len = 100"}
     late_image = {
@@ -342,8 +344,8 @@ def test_skipped_examples_are_counted_in_batches(processor, tmp_path):
         packing_bins=1,
     )
     batches = list(build_dataset(config, processor, model_config=CONFIG))
-    assert sum(int(b["num_dropped"].sum()) for b in batches) == 6  # 5 broken images + 1 invalid JSON line
-    assert sum(int(b["segment_ids"].max()) for b in batches) == 14
+    assert sum(int(b.num_dropped.sum()) for b in batches) == 6  # 5 broken images + 1 invalid JSON line
+    assert sum(int(b.segment_ids.max()) for b in batches) == 14
     strict = DataConfig.from_dict({**config.__dict__, "on_bad_input": "error"})
     with pytest.raises(DataError, match=r"example mixed\.jsonl:2: .*broken\.png"):
         list(build_dataset(strict, processor, model_config=CONFIG))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import ROOT
 
-from qwen3vl_jax.training.distill import chunked_distillation, distillation_loss
+from qwen3vl_jax.training.objectives.distill import chunked_distillation, distillation_loss
 
 B, L, HS, HT, V = 2, 13, 16, 24, 40
 
@@ -98,24 +98,24 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
     from helpers import OPTIMIZER
 
     from qwen3vl_jax.config import preset
-    from qwen3vl_jax.inputs.model_inputs import ModelInputs
     from qwen3vl_jax.modeling.model import Qwen3VL, init_params
     from qwen3vl_jax.training.loss import token_weights
+    from qwen3vl_jax.training.objectives.distill import OnlineDistillation
     from qwen3vl_jax.training.optimizer import make_optimizer
-    from qwen3vl_jax.training.train_step import Distillation, TrainState, make_train_step
+    from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
     student = preset("tiny")
     teacher = preset("tiny", text=dict(num_hidden_layers=4, intermediate_size=192))
     params, teacher_params = init_params(student, jax.random.PRNGKey(0)), init_params(teacher, jax.random.PRNGKey(9))
-    distill = Distillation(teacher, alpha=0.7, temperature=2.0, all_text_tokens=all_text_tokens)
+    distill = OnlineDistillation(teacher=teacher, alpha=0.7, temperature=2.0, all_text_tokens=all_text_tokens)
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=params)
     step = make_train_step(
-        student, optimizer=optimizer, schedule=schedule, loss_normalization="sqrt", loss_chunk=32, distill=distill
+        student, optimizer=optimizer, schedule=schedule, loss_normalization="sqrt", loss_chunk=32, objective=distill
     )
     state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
     _, metrics = jax.jit(step)(state, batch, teacher_params)
 
-    inputs = ModelInputs.from_batch(batch)
+    inputs = batch.inputs
     logits = np.asarray(Qwen3VL(student).apply({"params": params}, inputs), np.float64)
     teacher_logits = np.asarray(Qwen3VL(teacher).apply({"params": teacher_params}, inputs), np.float64)
 
@@ -125,14 +125,14 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
 
     p, q = log_softmax(teacher_logits / 2.0), log_softmax(logits / 2.0)
     kl = 4.0 * (np.exp(p) * (p - q)).sum(-1)
-    ce = -np.take_along_axis(log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
-    w = np.asarray(token_weights(batch["loss_mask"], batch["segment_ids"], normalization="sqrt"))
+    ce = -np.take_along_axis(log_softmax(logits), batch.targets[..., None], -1)[..., 0]
+    w = np.asarray(token_weights(batch.loss_mask, batch.segment_ids, normalization="sqrt"))
     if all_text_tokens:
-        ids, segments = batch["input_ids"], batch["segment_ids"]
+        ids, segments = batch.input_ids, batch.segment_ids
         visual = (ids == student.image_token_id) | (ids == student.video_token_id)
         has_next = np.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (0, 1)))
         text = (segments > 0) & ~visual & has_next
-        assert text.sum() > (batch["loss_mask"] > 0).sum()  # the prompts count too
+        assert text.sum() > (batch.loss_mask > 0).sum()  # the prompts count too
         kl_w = np.asarray(token_weights(text, segments, normalization="sqrt"))
     else:
         kl_w = w
@@ -147,11 +147,13 @@ def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
 
     import qwen3vl_jax
     from qwen3vl_jax.config import preset
-    from qwen3vl_jax.training.builder import distillation_from
+    from qwen3vl_jax.training.objectives.distill import from_config
 
     student = preset("tiny")
     settings = ConfigDict(dict(distill=dict(teacher="", alpha=0.5, temperature=1.0, all_text_tokens=False)))
-    assert distillation_from(settings, student) is None
+    settings.distill.update(teacher_cache="", top_k=32)
+    with pytest.raises(ValueError, match=r"objective 'distill' needs distill\.teacher"):
+        from_config(settings, student)
     for name, teacher in {
         "good": preset("tiny", text=dict(num_hidden_layers=4)),
         "vocab": preset("tiny", text=dict(vocab_size=600)),
@@ -159,13 +161,13 @@ def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
     }.items():
         qwen3vl_jax.Qwen3VLModel.from_config(teacher).save_pretrained(str(tmp_path / name))
     settings.distill.teacher = str(tmp_path / "good")
-    assert distillation_from(settings, student).teacher.text.num_hidden_layers == 4
+    assert from_config(settings, student).teacher.text.num_hidden_layers == 4
     settings.distill.teacher = str(tmp_path / "vocab")
     with pytest.raises(ValueError, match="vocabulary of 600, the student 512"):
-        distillation_from(settings, student)
+        from_config(settings, student)
     settings.distill.teacher = str(tmp_path / "vit")
     with pytest.raises(ValueError, match=r"ViT differs from the student's in \['num_position_embeddings'\]"):
-        distillation_from(settings, student)
+        from_config(settings, student)
 
 
 def test_the_distillation_experiments_options_set_the_students_budget_width_and_data():
@@ -176,6 +178,7 @@ def test_the_distillation_experiments_options_set_the_students_budget_width_and_
     assert (default.base.steps, default.base.model.overrides.text.hidden_size) == (1500, 64)
     assert default.base.data.sources.synthetic.size == 1_000_000
     assert default.variants.distilled.distill.teacher == "/teacher"
+    assert default.variants.distilled.objective == "distill"
     changed = config_from_file(path, "/teacher,steps=400,hidden=32,examples=2000")
     text = changed.base.model.overrides.text
     assert (changed.base.steps, text.hidden_size, text.intermediate_size) == (400, 32, 96)
@@ -185,3 +188,29 @@ def test_the_distillation_experiments_options_set_the_students_budget_width_and_
             config_from_file(path, bad)
     with pytest.raises(ValueError, match="give the teacher's HF directory"):
         config_from_file(path, "")
+
+
+def test_the_run_config_names_its_objective_and_a_distillation_switch_needs_it():
+    """config.objective picks the module of training/objectives; distill.teacher / teacher_cache set under another
+    objective stop the run naming the field, instead of being silently ignored."""
+    from helpers import tiny_config
+
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.training.objectives import available, objective_from
+    from qwen3vl_jax.training.objectives.dpo import PreferenceTuning
+    from qwen3vl_jax.training.objectives.sft import CrossEntropy
+
+    config, student = tiny_config(), preset("tiny")
+    assert available() == ("distill", "dpo", "sft")
+    assert isinstance(objective_from(config, student), CrossEntropy)
+    config.objective = "dpo"
+    assert isinstance(objective_from(config, student), PreferenceTuning)
+    config.objective = "grpo"
+    with pytest.raises(ValueError, match=r"objective 'grpo' is not one of \('distill', 'dpo', 'sft'\)"):
+        objective_from(config, student)
+    for objective, switch in (("sft", "teacher"), ("dpo", "teacher_cache")):
+        config.objective = objective
+        config.distill[switch] = "/somewhere"
+        with pytest.raises(ValueError, match=rf"config\.distill\.{switch} is set but the objective is '{objective}'"):
+            objective_from(config, student)
+        config.distill[switch] = ""

@@ -1,13 +1,16 @@
 """DPO / IPO losses equal the formulas computed independently in torch (values and gradients), and answer
 log-probabilities sum each packed example's supervised tokens."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from qwen3vl_jax.training.dpo import answer_logps, preference_losses
+from qwen3vl_jax.training.objectives.dpo import answer_logps, preference_losses
 
 
 def torch_reference(policy_c, policy_r, ref_c, ref_r, *, beta, variant):
@@ -63,17 +66,13 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     from qwen3vl_jax.data.features import Featurizer
     from qwen3vl_jax.data.packing import finalize, pack
     from qwen3vl_jax.data.synthetic import make_record
-    from qwen3vl_jax.inputs.model_inputs import ModelInputs
+    from qwen3vl_jax.inputs.batch import TrainingBatch
     from qwen3vl_jax.modeling.model import Qwen3VL, init_params
     from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
     from qwen3vl_jax.processing.chat import load_chat_template
+    from qwen3vl_jax.training.objectives.dpo import PreferenceTuning
     from qwen3vl_jax.training.optimizer import make_optimizer
-    from qwen3vl_jax.training.train_step import (
-        PreferenceTuning,
-        TrainState,
-        make_preference_eval_step,
-        make_train_step,
-    )
+    from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
     config = preset("tiny")
     processor = Processor(
@@ -87,7 +86,7 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     features = [Featurizer(processor, config, seq_len=256, max_patches=256)(r) for r in records]
     rows = pack(grain.MapDataset.source(features).to_iter_dataset(), seq_len=256, max_patches=256, num_bins=2)
     rows = [finalize(row, config) for row in rows]
-    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k != "num_dropped"}
+    batch = TrainingBatch.from_arrays({k: np.stack([row[k] for row in rows]) for k in rows[0]})
     policy, reference = init_params(config, jax.random.PRNGKey(0)), init_params(config, jax.random.PRNGKey(1))
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=policy)
     step = make_train_step(
@@ -95,20 +94,20 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
         optimizer=optimizer,
         schedule=schedule,
         loss_normalization="token",
-        preference=PreferenceTuning(beta=0.2, variant=variant),
+        objective=PreferenceTuning(beta=0.2, variant=variant),
     )
     state = TrainState(step=np.int32(0), params=policy, opt_state=optimizer.init(policy), rng=jax.random.PRNGKey(2))
     _, metrics = jax.jit(step)(state, batch, reference)
 
     def sequence_logps(params):  # (rows, segment) -> summed log-probability of the supervised targets
-        logits = np.asarray(Qwen3VL(config).apply({"params": params}, ModelInputs.from_batch(batch)), np.float64)
+        logits = np.asarray(Qwen3VL(config).apply({"params": params}, batch.inputs), np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        token = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * (batch["loss_mask"] > 0)
-        return {(r, s): token[r][batch["segment_ids"][r] == s].sum() for r in range(len(rows)) for s in range(1, 257)}
+        token = np.take_along_axis(logp, batch.targets[..., None], -1)[..., 0] * (batch.loss_mask > 0)
+        return {(r, s): token[r][batch.segment_ids[r] == s].sum() for r in range(len(rows)) for s in range(1, 257)}
 
     ours, ref = sequence_logps(policy), sequence_logps(reference)
-    pairs = [(r, s) for r in range(len(rows)) for s in range(1, 256, 2) if (batch["segment_ids"][r] == s).any()]
+    pairs = [(r, s) for r in range(len(rows)) for s in range(1, 256, 2) if (batch.segment_ids[r] == s).any()]
     assert len(pairs) == 5
     h = np.array([(ours[r, s] - ref[r, s]) - (ours[r, s + 1] - ref[r, s + 1]) for r, s in pairs])
     loss = np.log1p(np.exp(-0.2 * h)) if variant == "sigmoid" else (h - 1 / (2 * 0.2)) ** 2
@@ -116,9 +115,36 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     np.testing.assert_allclose(metrics["reward_margin"], 0.2 * h.mean(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics["preference_accuracy"], (h > 0).mean(), rtol=1e-6)
     # the held-out evaluation of the same pairs (the trainer's eval step under objective=dpo): sums over pairs
-    evaluate = make_preference_eval_step(config, PreferenceTuning(beta=0.2, variant=variant))
+    evaluate = PreferenceTuning(beta=0.2, variant=variant).make_eval_step(config)
     sums = jax.jit(evaluate)(policy, batch, reference)
     assert float(sums["pairs"]) == 5
     np.testing.assert_allclose(sums["loss"], loss.sum(), rtol=1e-4)
     np.testing.assert_allclose(sums["margin"], 0.2 * h.sum(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sums["correct"], (h > 0).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["reference", "lora_base"])
+def test_the_trainer_scores_dpo_against_the_step_0_weights(tmp_path, lora):
+    """configs/dpo_toy.py for 2 steps through the Trainer: the first step's policy is the reference itself (the
+    step-0 weights, or the LoRA model's base), so its reward margin is 0 and its loss log 2; after one update the
+    held-out pairs are scored against the same reference (margin no longer 0)."""
+    from helpers import ROOT
+
+    from qwen3vl_jax.training.run_config import config_from_file
+    from qwen3vl_jax.training.trainer import Trainer
+
+    config = config_from_file(os.path.join(ROOT, "configs", "dpo_toy.py"))
+    config.update(steps=2, log_every=1, export_hf=False)
+    config.data.update(seq_len=256, max_patches=32, batch_size=8)
+    config.eval.update(every=2, batch_size=8)
+    config.eval.sets.held_out.num_examples = 4
+    config.optimizer.update(lr=1e-2, warmup_steps=0)
+    if lora:
+        config.lora.update(rank=4, targets=("q_proj", "v_proj"))
+    results = Trainer(config, str(tmp_path / "run")).run()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = next(m for m in map(json.loads, f) if m.get("step") == 1 and "dpo_loss" in m)
+    np.testing.assert_allclose(first["reward_margin"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(first["dpo_loss"], np.log(2.0), rtol=1e-5)
+    assert results["held_out/pairs"] == 4
+    assert abs(results["held_out/reward_margin"]) > 1e-6

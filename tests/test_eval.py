@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import ENV, ROOT, command, image
 
-from qwen3vl_jax.inference.metrics import character_accuracy, score
+from qwen3vl_jax.evaluation.metrics import character_accuracy, score
 from qwen3vl_jax.processing import Processor, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 

@@ -11,7 +11,7 @@ from hf_reference import batch_inputs, build_prompt, hf_logits
 from ml_collections import ConfigDict
 
 import qwen3vl_jax
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.checkpoints.train_state import RUN_RECORD, Checkpointer
 from qwen3vl_jax.parallel.sharding import make_mesh
 from qwen3vl_jax.training.builder import StepBuilder

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hf_reference import batch_inputs, build_prompt
 
+from qwen3vl_jax.inference.generation import generate
 from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
 
 PROMPTS = {
@@ -78,5 +79,35 @@ def test_sampling_filters():
     assert draw(SamplingConfig(do_sample=True, top_k=2)) == {0, 1}
     assert draw(SamplingConfig(do_sample=True, top_p=0.5)) == {0, 1}  # smallest set reaching 0.5: 0.4 + 0.3
     assert draw(SamplingConfig(do_sample=True, top_p=0.75)) == {0, 1, 2}
-    with pytest.raises(ValueError):
-        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0 when sampling"):
+        SamplingConfig(do_sample=True, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens .* got 0"),
+        (dict(max_new_tokens=-1), "max_new_tokens .* got -1"),
+        (dict(max_new_tokens=2.5), "max_new_tokens .* got 2.5"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be > 0 when sampling"),
+        (dict(temperature=float("nan")), "temperature .* got nan"),
+        (dict(do_sample=True, top_k=-1), "top_k .* got -1"),
+        (dict(do_sample=True, top_k=1.5), "top_k .* got 1.5"),
+        (dict(do_sample=True, top_k=10**6), "top_k must be at most the vocabulary size"),
+        (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\] .* got 0.0"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\] .* got 1.5"),
+        (dict(eos_token_ids=[5, 10**6]), r"eos_token_ids must be token ids in \[0, \d+\)"),
+        (dict(pad_token_id=2**40), "pad_token_id must be one 32-bit integer"),
+    ],
+    ids=lambda value: value if isinstance(value, str) and " " not in value else None,
+)
+def test_bad_arguments_are_refused_naming_them(tiny, arguments, named):
+    """Each bad argument stops generate with a ValueError that names it and its value, before any compile."""
+    arguments = dict(dict(max_new_tokens=4), **arguments)
+    with pytest.raises(ValueError, match=named):
+        tiny.ours.generate(**prompt(tiny.config, "text"), **arguments)
+
+
+def test_the_engine_checks_max_new_tokens_itself():
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a positive integer .* got 0"):
+        generate(None, None, rng=None, eos_ids=None, pad_id=None, config=None, max_new_tokens=0, sampling=None)

@@ -2,6 +2,7 @@
 base for an HF export; and a LoRA train step keeps optimizer state for the adapters only."""
 
 import copy
+import json
 
 import flax.linen as nn
 import jax
@@ -12,28 +13,38 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import OPTIMIZER
 from hf_reference import batch_inputs, build_prompt, hf_logits
+from safetensors.numpy import load_file, save_file
 
 import qwen3vl_jax
-from qwen3vl_jax.checkpoints.peft import adapted_layers, load_adapters, merge_lora, save_adapters
-from qwen3vl_jax.config.model import LORA_TARGETS
+from qwen3vl_jax.checkpoints.hf_io import CheckpointError
+from qwen3vl_jax.checkpoints.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapted_layers,
+    load_adapters,
+    merge_lora,
+    save_adapters,
+)
+from qwen3vl_jax.config.model import LORA_TARGETS, LoraConfig
 from qwen3vl_jax.modeling.layers import is_lora
-from qwen3vl_jax.modeling.model import init_params
+from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.parallel.sharding import param_shardings
 from qwen3vl_jax.training.optimizer import make_optimizer
 
 PROMPTS = [[("text", 4), ("image", (6, 8)), ("text", 9)], [("text", 3), ("video", (2, 4, 6)), ("text", 5)]]
 
 
 def with_adapters(tiny, *, targets=LORA_TARGETS, rank=4, alpha=8.0):
-    """Our tiny model's weights plus adapters on `targets` whose B is random (at init B = 0: no effect)."""
+    """Our tiny model's weights plus adapters on `targets`, A and B both random (at init B = 0: no effect; A drawn
+    as its init draws it, U(+-1/sqrt(in)), with the tiny model's in ~ 100)."""
     config = tiny.config.replace(lora=dict(rank=rank, alpha=alpha, targets=targets))
-    flat = flatten_dict(init_params(config, jax.random.PRNGKey(3)))
-    base = flatten_dict(jax.device_get(tiny.ours.params))
+    flat = dict(flatten_dict(jax.device_get(tiny.ours.params)))
     rng = np.random.default_rng(1)
-    for name, value in flat.items():
-        if name[-1] == "lora_b":
-            flat[name] = (0.2 * rng.standard_normal(value.shape)).astype(np.float32)
-        elif not is_lora(name):
-            flat[name] = base[name]
+    for name, leaf in flatten_dict(abstract_params(config)).items():
+        if name[-1] == "lora_a":
+            flat[name] = rng.uniform(-0.1, 0.1, leaf.shape).astype(np.float32)
+        elif name[-1] == "lora_b":
+            flat[name] = (0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
     return config, unflatten_dict(flat)
 
 
@@ -54,6 +65,10 @@ def test_peft_on_transformers_gives_our_logits(tiny, inputs, tmp_path):
     np.testing.assert_allclose(ours[real], reference[real], atol=1e-5, rtol=0)
     without = hf_logits(tiny.hf, inputs)  # the adapters matter: the base model's logits are far from these
     assert np.abs(without[real] - reference[real]).max() > 1e-2
+    # the base checkpoint and the adapter directory in one call: the LoRA settings come from the directory
+    loaded = qwen3vl_jax.load_pretrained(str(tiny.path), adapters=str(tmp_path / "adapter"))
+    assert loaded.config.lora == config.lora
+    np.testing.assert_allclose(loaded(**inputs)[real], reference[real], atol=1e-5, rtol=0)
 
 
 def test_adapters_read_back_and_merge_into_the_base(tiny, inputs, tmp_path):
@@ -84,9 +99,80 @@ def test_only_the_adapters_get_optimizer_state(tiny):
         assert bool(np.any(update != 0)) == is_lora(name), "/".join(name)
 
 
-def test_bad_targets_are_refused(tiny):
-    with pytest.raises(ValueError, match=r"lora targets \['qkv'\] are not adaptable layers"):
-        tiny.config.replace(lora=dict(rank=4, targets=("qkv",)))
+def test_adapters_load_onto_a_model_from_load_pretrained(tiny, tmp_path):
+    """A model from `load_pretrained` has no adapter parameters: `load_adapters` adds them for a LoRA config,
+    names the way to load them for a config without LoRA, and `load_pretrained(adapters=)` places them on a mesh
+    that has only some of the project's axes, sharded like the weights they adapt."""
+    config, params = with_adapters(tiny, targets=("q_proj", "down_proj", "attn_qkv", "linear_fc1"), rank=2)
+    save_adapters(str(tmp_path), params, config)
+    expected = flatten_dict(params)
+    read = flatten_dict(load_adapters(str(tmp_path), tiny.ours.params, config))
+    assert read.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(read[name], value, err_msg="/".join(name))
+    with pytest.raises(CheckpointError, match=r"no adapters \(lora rank 0\).*load_pretrained\(base, adapters="):
+        load_adapters(str(tmp_path), tiny.ours.params, tiny.ours.config)
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    model = qwen3vl_jax.load_pretrained(str(tiny.path), adapters=str(tmp_path), mesh=mesh)
+    assert model.config.lora == config.lora and dict(model.mesh.shape) == dict(
+        data=1, fsdp=4, context=1, tensor=2, expert=1
+    )
+    shardings = flatten_dict(param_shardings(abstract_params(config, boxed=True), model.mesh))
+    split = 0
+    for name, value in flatten_dict(model.params).items():
+        assert value.sharding == shardings[name], "/".join(name)
+        np.testing.assert_array_equal(np.asarray(value), expected[name], err_msg="/".join(name))
+        split += is_lora(name) and value.sharding.shard_shape(value.shape) != value.shape
+    assert split > 0  # the adapters really are split over the mesh
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        model.with_adapters(str(tmp_path))
+
+
+def test_adapter_directories_this_model_cannot_hold_are_refused(tiny, tmp_path):
+    config, params = with_adapters(tiny, targets=("q_proj",), rank=2)
+    save_adapters(str(tmp_path), params, config)
+    settings = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(dict(settings, use_dora=True)))
+    with pytest.raises(CheckpointError, match=r"adapter settings \{'use_dora': True\} are not supported"):
+        qwen3vl_jax.load_pretrained(str(tiny.path), adapters=str(tmp_path))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(settings))
+    tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    strange = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    save_file({**tensors, strange: np.ones(4, np.float32)}, str(tmp_path / ADAPTER_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) are not LoRA weights of a linear layer"):
+        qwen3vl_jax.load_pretrained(str(tiny.path), adapters=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        (dict(rank=4, targets=("qkv",)), r"lora targets \['qkv'\] are not adaptable layers"),
+        (dict(rank=4, targets=("qproj",)), r"'qproj': did you mean q_proj"),
+        (dict(rank=4, targets=()), "lora targets are empty"),
+        (dict(rank=-1), r"lora rank must be an integer >= 0 .* got -1"),
+        (dict(rank=4, dropout=1.0), r"lora dropout must be in \[0, 1\), got 1.0"),
+        (dict(rank=4, alpha=0.0), r"lora alpha must be a number > 0"),
+        # adapter options with rank 0 would silently train the whole model
+        (dict(rank=0, alpha=32.0), "lora rank is 0, which turns the adapters off .* alpha=32.0 is set"),
+        (dict(rank=0, targets=("q_proj",)), r"lora rank is 0, which turns the adapters off .* targets=\('q_proj',\)"),
+        (dict(rank=0, dropout=0.1), "lora rank is 0, which turns the adapters off .* dropout=0.1 is set"),
+    ],
+)
+def test_bad_lora_settings_are_refused(tiny, lora, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.config.replace(lora=lora)
+
+
+def test_adapter_options_with_rank_0_are_refused_in_a_run_config():
+    from helpers import tiny_config
+
+    from qwen3vl_jax.training.model_source import model_config_from
+
+    config = tiny_config()
+    assert model_config_from(config).lora == LoraConfig()  # the defaults: no adapters
+    config.lora.alpha = 32.0
+    with pytest.raises(ValueError, match=r"lora rank is 0, which turns the adapters off .* alpha=32.0 is set"):
+        model_config_from(config)
 
 
 def test_a_lora_run_trains_only_the_adapters_and_exports_them(tiny, tmp_path):

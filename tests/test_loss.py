@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from qwen3vl_jax.config import preset
-from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.lm_head import chunked_cross_entropy, project, token_cross_entropy
 from qwen3vl_jax.modeling.model import Qwen3VL, init_params
 from qwen3vl_jax.training.loss import token_weights
@@ -61,12 +60,12 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(batch, name):
     in chunks of 48 of the 128 positions (the last chunk padded) and whole."""
     config = preset(name)
     params = init_params(config, jax.random.PRNGKey(0))
-    inputs = ModelInputs.from_batch(batch)
-    weights = jnp.stack([token_weights(batch["loss_mask"], batch["segment_ids"], normalization=n) for n in EXPECTED])
+    inputs = batch.inputs
+    weights = jnp.stack([token_weights(batch.loss_mask, batch.segment_ids, normalization=n) for n in EXPECTED])
 
     def loss(params, weights, chunk):
         ce, correct, _ = Qwen3VL(config).apply(
-            {"params": params}, inputs, batch["targets"], chunk=chunk, method=Qwen3VL.token_losses
+            {"params": params}, inputs, batch.targets, chunk=chunk, method=Qwen3VL.token_losses
         )
         return (weights * ce).sum() / weights.sum(), correct
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import qwen3vl_jax
 from qwen3vl_jax.config import preset
-from qwen3vl_jax.inputs.model_inputs import ModelInputs
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.modeling.decoder import layer_runs
 from qwen3vl_jax.modeling.lm_head import token_cross_entropy
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
@@ -188,10 +188,15 @@ def moe_batch(moe):
         for i, p in enumerate(PROMPTS["image_and_text"] * 4)
     ]
     inputs, _ = moe.ours.prepare(**batch_inputs(moe.config, rows), seq_len=64, max_patches=64)
-    batch = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
-    batch["targets"] = np.roll(batch["input_ids"], -1, axis=1)
-    batch["loss_mask"] = (batch["segment_ids"] > 0).astype(np.int32)
-    return batch
+    arrays = {f: np.asarray(getattr(inputs, f)) for f in inputs.__dataclass_fields__}
+    return TrainingBatch.from_arrays(
+        dict(
+            arrays,
+            targets=np.roll(arrays["input_ids"], -1, axis=1),
+            loss_mask=(arrays["segment_ids"] > 0).astype(np.int32),
+            num_dropped=np.zeros(len(arrays["input_ids"]), np.int32),
+        )
+    )
 
 
 def test_expert_parallel_megablox_forward_and_gradients_equal_single_device(moe, moe_batch):
@@ -201,12 +206,10 @@ def test_expert_parallel_megablox_forward_and_gradients_equal_single_device(moe,
     model = Qwen3VL(config)
 
     def loss(params, batch):
-        logits, router_logits = model.apply(
-            {"params": params}, ModelInputs.from_batch(batch), method=Qwen3VL.logits_and_router_logits
-        )
-        mask = batch["loss_mask"]
-        ce = (token_cross_entropy(logits, batch["targets"]) * mask).sum() / mask.sum()
-        real = batch["segment_ids"].reshape(-1) > 0
+        logits, router_logits = model.apply({"params": params}, batch.inputs, method=Qwen3VL.logits_and_router_logits)
+        mask = batch.loss_mask
+        ce = (token_cross_entropy(logits, batch.targets) * mask).sum() / mask.sum()
+        real = batch.segment_ids.reshape(-1) > 0
         aux = load_balancing_loss(router_logits, real, top_k=config.text.num_experts_per_tok)
         return ce + 0.1 * aux, (logits, aux)
 

@@ -38,11 +38,12 @@ from qwen3vl_jax.checkpoints.train_state import RUN_RECORD, Checkpointer
 from qwen3vl_jax.checkpoints.workdir_lock import LOCK_FILE, WorkdirInUse, WorkdirLock
 from qwen3vl_jax.data.pipeline import build_dataset
 from qwen3vl_jax.data.sources import JsonlSource
-from qwen3vl_jax.inference.evaluate import generate_answers, summarize
+from qwen3vl_jax.evaluation.harness import generate_answers, summarize
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.modeling.model import abstract_params, init_params
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, TEACHER_TOP_K, batch_shardings, make_mesh, param_shardings
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, make_mesh, param_shardings
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
-from qwen3vl_jax.training.teacher_cache import TeacherCache
+from qwen3vl_jax.training.teacher_cache import TEACHER_TOP_K, TeacherCache
 from qwen3vl_jax.training.train_step import TrainState, make_train_step
 from qwen3vl_jax.training.trainer import Trainer, host_data_config
 
@@ -345,7 +346,7 @@ def run_worker(out, *, processes, devices, parts, checkpoint, questions) -> list
 def worker(tmp_path_factory, batch, tiny, questions):
     """tests/multiprocess_worker.py run by 2 processes x 4 devices: the directory and the results per process."""
     out = tmp_path_factory.mktemp("worker")
-    np.savez(out / "batch.npz", **batch)
+    np.savez(out / "batch.npz", **batch.arrays)
     return out, run_worker(out, processes=2, devices=4, parts="all", checkpoint=tiny.path, questions=questions)
 
 
@@ -561,20 +562,23 @@ def test_teacher_cache_of_two_processes_equals_one_process_reading_two_shards(tw
             for name in ("input_ids", "loss_mask", "positions", "top_ids"):
                 np.testing.assert_array_equal(two[name], single[name], err_msg=name)
             np.testing.assert_allclose(two["top_logits"], single["top_logits"], rtol=0, atol=1e-5)
-            rows = dict(input_ids=two["input_ids"], loss_mask=two["loss_mask"])
+            input_ids, loss_mask = two["input_ids"], two["loss_mask"]
 
+    empty = TrainingBatch.empty(len(input_ids), seq_len=input_ids.shape[1], max_patches=4, patch_dim=1)
+    rows = empty.replace(input_ids=input_ids, loss_mask=loss_mask)
     cache = TeacherCache(str(tmp_path / "two"))
     whole = cache.add_to(rows, 1)
     for first_row in (0, 4):  # the two processes' halves
-        half = {name: value[first_row : first_row + 4] for name, value in rows.items()}
+        half = jax.tree_util.tree_map(lambda value, start=first_row: value[start : start + 4], rows)
         part = cache.add_to(half, 1, first_row=first_row)
         for name in TEACHER_TOP_K:
-            np.testing.assert_array_equal(part[name], whole[name][first_row : first_row + 4], err_msg=name)
-    assert whole["teacher_top_ids"].any()
+            np.testing.assert_array_equal(part.extra[name], whole.extra[name][first_row : first_row + 4], err_msg=name)
+    assert whole.extra["teacher_top_ids"].any()
 
     config.distill.teacher, config.distill.teacher_cache = "", str(tmp_path / "two")
+    config.objective = "distill"
     student = Trainer(config, str(tmp_path / "student"))
-    assert student.teacher_cache is not None and student.num_shards == 2
+    assert student.objective.cache is not None and student.num_shards == 2
     student.lock.release()
     student.checkpointer.close()
     student.writer.close()

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 import qwen3vl_jax
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.hf_io import CheckpointError
+from qwen3vl_jax.checkpoints.hf_mapping import hf_rules
 from qwen3vl_jax.config.presets import preset
 from qwen3vl_jax.modeling.kv_cache import init_cache
 from qwen3vl_jax.modeling.model import abstract_params
@@ -33,7 +34,7 @@ def whole_tensor_params(path, config):
     for file in sorted(set(files.values())):
         tensors.update(load_file(file))
     flat = {p: np.zeros(x.shape, np.float32) for p, x in flatten_dict(abstract_params(config)).items()}
-    for rule in hf_io.hf_rules(config):
+    for rule in hf_rules(config):
         target = flat[rule.path] if rule.index is None else flat[rule.path][rule.index]
         target[...] = rule.to_ours(tensors[rule.hf], target.shape)
     return flat
@@ -179,6 +180,24 @@ def test_sharded_model_gives_the_single_device_logits_and_tokens(tiny, sizes):
     assert cache.k[0].sharding.shard_shape(cache.k[0].shape) == expected
 
 
+def test_a_mesh_with_some_of_the_axes_loads_and_gives_the_single_device_logits(tiny):
+    """A mesh of jax.make_mesh with only fsdp and tensor (and jax's Explicit axis type): the axes it lacks count as
+    size 1, the parameters are laid out as on the project's own mesh of those sizes, the logits are the single
+    device's; a mesh axis the project does not know is named."""
+    model = qwen3vl_jax.load_pretrained(tiny.path, mesh=jax.make_mesh((4, 2), ("fsdp", "tensor")))
+    assert dict(model.mesh.shape) == dict(data=1, fsdp=4, context=1, tensor=2, expert=1)
+    expected = param_shardings(abstract_params(tiny.config, boxed=True), make_mesh({"fsdp": 4, "tensor": 2}))
+    split = 0
+    for (name, param), sharding in zip(flatten_dict(model.params).items(), flatten_dict(expected).values()):
+        assert param.sharding.spec == sharding.spec, name
+        split += param.sharding.shard_shape(param.shape) != param.shape
+    assert split > len(expected) // 2
+    inputs = batch_inputs(tiny.config, [build_prompt(tiny.config, PARTS, rng=np.random.default_rng(5))])
+    np.testing.assert_allclose(model(**inputs), tiny.ours(**inputs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not axes of this project's sharding rules"):
+        qwen3vl_jax.load_pretrained(tiny.path, mesh=jax.make_mesh((4, 2), ("fsdp", "model")))
+
+
 def test_fresh_parts_are_not_read_and_may_be_missing(tmp_path):
     """A model pretrained without DeepStack (its export has no DeepStack mergers) loads into one with them when
     those parameters are named fresh: everything else is read, the fresh parts are left to the caller."""
@@ -193,7 +212,7 @@ def test_fresh_parts_are_not_read_and_may_be_missing(tmp_path):
     fresh = {name for name in wanted if name[1].startswith("deepstack_merger")}
     assert fresh and loaded.keys() == wanted.keys() - fresh
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    for rule in hf_io.hf_rules(with_deepstack):  # every other tensor read as the file has it
+    for rule in hf_rules(with_deepstack):  # every other tensor read as the file has it
         if rule.path not in fresh:
             value = loaded[rule.path] if rule.index is None else loaded[rule.path][rule.index]
             np.testing.assert_array_equal(value, rule.to_ours(tensors[rule.hf], value.shape), err_msg=rule.hf)

@@ -5,7 +5,7 @@ import os
 
 from etils import epath
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 
 
 def test_absolute_keeps_urls():

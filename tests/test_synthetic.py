@@ -12,13 +12,11 @@ from PIL import Image
 from scipy import ndimage
 
 from qwen3vl_jax.data.digits import DigitsSource
+from qwen3vl_jax.data.drawing import BACKGROUND, PALETTE, SHAPES
 from qwen3vl_jax.data.synthetic import (
     ALL_TASKS,
-    BACKGROUND,
     CELL_PX,
-    PALETTE,
     PROBE_TASKS,
-    SHAPES,
     SMALL_MARK_PX,
     TASKS,
     SyntheticSource,

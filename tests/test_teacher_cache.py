@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl_jax.training.distill import kl_divergence, top_k_kl_divergence
+from qwen3vl_jax.training.objectives.distill import kl_divergence, top_k_kl_divergence
 
 V, K = 40, 6
 
@@ -70,7 +70,7 @@ def student_config(**distill):
 
     config = tiny_config()
     config.model.overrides.text.update(num_hidden_layers=2)
-    config.update(steps=3, log_every=1, export_hf=False, loss_chunk=64)
+    config.update(steps=3, log_every=1, export_hf=False, loss_chunk=64, objective="distill")
     config.eval.every = 0
     config.checkpoint.every = 1000
     config.data.update(seq_len=128, max_patches=64, batch_size=8)

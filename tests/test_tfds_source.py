@@ -185,8 +185,8 @@ def test_bad_records_are_named_in_errors_or_skipped_and_counted(data_dir):
         with pytest.raises(DataError, match=rf"example tiny_vqa/train:\d+: {reason}"):
             list(build_dataset(data([spec]), PROCESSOR, model_config=CONFIG))
         batches = list(build_dataset(data([spec], on_bad_input="skip"), PROCESSOR, model_config=CONFIG))
-        assert sum(int(b["num_dropped"].sum()) for b in batches) == 1
-        assert sum(int(b["segment_ids"].max()) for b in batches) == 11
+        assert sum(int(b.num_dropped.sum()) for b in batches) == 1
+        assert sum(int(b.segment_ids.max()) for b in batches) == 11
 
 
 def test_mixed_sharded_and_resumable(data_dir):
@@ -196,7 +196,7 @@ def test_mixed_sharded_and_resumable(data_dir):
     seen = []
     for shard in range(2):
         for batch in build_dataset(data([spec]), PROCESSOR, model_config=CONFIG, shard_index=shard, shard_count=2):
-            ids, segments = batch["input_ids"][0], batch["segment_ids"][0]
+            ids, segments = batch.input_ids[0], batch.segment_ids[0]
             seen += [(shard, PROCESSOR.decode(ids[segments == s])) for s in range(1, segments.max() + 1)]
     questions = sorted(text.split("user\n")[1].split("?")[0] for _, text in seen)
     assert questions == [f"example {i}: what colour is the square" for i in range(4)]
@@ -218,8 +218,9 @@ def test_mixed_sharded_and_resumable(data_dir):
     resumed = iter(build_dataset(mixed, PROCESSOR, model_config=CONFIG))
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(2)]):
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert a.arrays.keys() == b.arrays.keys()
+        for key in a.arrays:
+            np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
 
 
 def test_two_training_steps_and_an_eval_on_a_tfds_dataset(data_dir, tmp_path):

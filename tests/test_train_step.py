@@ -10,7 +10,6 @@ from helpers import CONFIG, initial_state
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen3vl_jax.config.model import REMAT_POLICIES
-from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh
 from qwen3vl_jax.training.builder import train_state_shardings
@@ -63,14 +62,14 @@ def test_every_remat_policy_gives_the_same_gradients(batch):
     and so does the MLP over 4 sequence slices (mlp_chunks): the same gradients, on a packed batch with images,
     videos and DeepStack."""
     params = init_params(CONFIG, jax.random.PRNGKey(0))
-    inputs = ModelInputs.from_batch(batch)
+    inputs = batch.inputs
     variants = {remat: dict(remat=remat) for remat in REMAT_POLICIES}
     variants["offload, mlp_chunks=4"] = dict(remat="offload", mlp_chunks=4)
 
     def loss(params, variant):
         model = Qwen3VL(CONFIG.replace(**variants[variant]))
-        cross_entropy, _, _ = model.apply({"params": params}, inputs, batch["targets"], method=Qwen3VL.token_losses)
-        return (cross_entropy * batch["loss_mask"]).sum()
+        cross_entropy, _, _ = model.apply({"params": params}, inputs, batch.targets, method=Qwen3VL.token_losses)
+        return (cross_entropy * batch.loss_mask).sum()
 
     grads = {variant: jax.jit(jax.grad(loss), static_argnums=1)(params, variant) for variant in variants}
     for variant in variants:

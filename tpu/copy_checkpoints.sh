@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copy a training workdir (checkpoints, metrics, the HF export in hf/) to this machine.
+# Copy a training workdir (checkpoints, metrics, the HF export in hf/) to the local machine.
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

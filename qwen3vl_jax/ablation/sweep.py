@@ -31,11 +31,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from qwen3vl_jax import storage
 from qwen3vl_jax.ablation import report
 from qwen3vl_jax.api import Qwen3VLModel
-from qwen3vl_jax.checkpoints import storage
-from qwen3vl_jax.checkpoints.storage import read_json, write_json, write_jsonl
-from qwen3vl_jax.inference.evaluate import eval_records, generate_answers, summarize
+from qwen3vl_jax.evaluation.harness import eval_records, generate_answers, summarize
+from qwen3vl_jax.storage import read_json, write_json, write_jsonl
 from qwen3vl_jax.training.trainer import Trainer
 
 RESULTS = "results.json"

@@ -22,7 +22,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from qwen3vl_jax.api import Qwen3VLModel
-from qwen3vl_jax.data.synthetic import PALETTE, make_record
+from qwen3vl_jax.data.drawing import PALETTE
+from qwen3vl_jax.data.synthetic import make_record
 from qwen3vl_jax.processing import Processor
 
 CLASSES = ("empty", *PALETTE)

@@ -9,9 +9,9 @@ from typing import Any
 import jax
 
 from qwen3vl_jax.checkpoints import hf_io
-from qwen3vl_jax.checkpoints.storage import local_dir, write_json
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.processing import Processor
+from qwen3vl_jax.storage import local_dir, write_json
 
 
 def export_hf(

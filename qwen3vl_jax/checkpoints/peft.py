@@ -5,7 +5,7 @@ back; and merging adapters into the base weights for an HF export.
 Ours (modeling/layers.py `Dense`): A (*in, rank), B (rank, *out), y += (alpha / rank) x A B. PEFT's
 `lora.Linear`: lora_A.weight (rank, in), lora_B.weight (out, rank), y += (lora_alpha / r) lora_B(lora_A(x)).
 So lora_A.weight = A.reshape(in, rank).T and lora_B.weight = B.reshape(rank, out).T, in the input / output
-orders of the base weight's own conversion (hf_io.Rule, LINEAR: weight (out, in) <-> kernel (*in, *out)).
+orders of the base weight's own conversion (hf_mapping.Rule, LINEAR: weight (out, in) <-> kernel (*in, *out)).
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import os
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from qwen3vl_jax.checkpoints.hf_io import LINEAR, CheckpointError, hf_rules
-from qwen3vl_jax.checkpoints.storage import read_json, write_json
+from qwen3vl_jax.checkpoints.hf_io import CheckpointError
+from qwen3vl_jax.checkpoints.hf_mapping import LINEAR, hf_rules
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.config.model import LORA_TARGETS, LoraConfig
 from qwen3vl_jax.modeling.layers import is_lora
+from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.storage import read_json, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,17 +94,79 @@ def save_adapters(path: str, params: dict, config: ModelConfig, *, base_model: s
     )
 
 
-def load_adapters(path: str, params: dict, config: ModelConfig) -> dict:
-    """`params` with their adapters read from the PEFT directory `path` (its rank and alpha must be config.lora's;
-    every layer config.lora adapts must be in the file, and nothing else)."""
+def _adapter_settings(path: str) -> dict:
+    """adapter_config.json of the PEFT directory `path`, refusing the LoRA variants our `Dense` does not compute."""
     settings = read_json(os.path.join(path, ADAPTER_CONFIG))
-    lora = config.lora
-    if settings.get("peft_type") != "LORA" or settings.get("r") != lora.rank:
-        raise CheckpointError(f"{path}: not a LoRA adapter of rank {lora.rank} (peft_type / r: {settings})")
-    if float(settings.get("lora_alpha")) != lora.alpha or settings.get("use_rslora") or settings.get("use_dora"):
-        raise CheckpointError(f"{path}: lora_alpha / rslora / dora differ from config.lora {lora}")
+    if settings.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: not a LoRA adapter (peft_type {settings.get('peft_type')!r})")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(settings.get(key), (int, float)) or isinstance(settings.get(key), bool):
+            raise CheckpointError(f"{path}: {ADAPTER_CONFIG} has no number {key!r} (got {settings.get(key)!r})")
+    unsupported = {
+        key: settings[key]
+        for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+        if settings.get(key)
+    }
+    if settings.get("bias", "none") != "none":
+        unsupported["bias"] = settings["bias"]
+    if unsupported:
+        raise CheckpointError(
+            f"{path}: adapter settings {unsupported} are not supported (plain LoRA of one rank and alpha on every "
+            "layer of the adapted kinds, without bias or saved modules)"
+        )
+    return settings
+
+
+def adapter_lora_config(path: str, config: ModelConfig) -> LoraConfig:
+    """The LoraConfig of the PEFT LoRA adapter directory `path` for a base model of `config`: its rank, alpha and
+    dropout, and as targets our names of the layers it holds adapters for (transformers' module names mapped by
+    the checkpoint rules: e.g. `model.visual.blocks.0.attn.qkv` -> attn_qkv). CheckpointError for a tensor that
+    is not a LoRA A / B weight of a linear layer of this model."""
+    settings = _adapter_settings(path)
+    with safe_open(os.path.join(path, ADAPTER_WEIGHTS), framework="numpy") as f:
+        names = list(f.keys())
+    every_layer = config.replace(lora=dict(rank=1, alpha=1.0, dropout=0.0, targets=LORA_TARGETS))
+    kind_of = {layer.module: layer.kernel[-2] for layer in adapted_layers(every_layer)}
+    kinds, strange = set(), []
+    for name in names:
+        module, dot, suffix = name.removeprefix(_PREFIX).rpartition(".lora_")
+        if not name.startswith(_PREFIX) or not dot or suffix not in ("A.weight", "B.weight") or module not in kind_of:
+            strange.append(name)
+        else:
+            kinds.add(kind_of[module])
+    if strange:
+        raise CheckpointError(
+            f"{path}: {len(strange)} tensor(s) are not LoRA weights of a linear layer of this model "
+            f"({config.model_type}), e.g. {strange[:3]}"
+        )
+    return LoraConfig(
+        rank=int(settings["r"]),
+        alpha=float(settings["lora_alpha"]),
+        dropout=float(settings.get("lora_dropout") or 0.0),
+        targets=tuple(kind for kind in LORA_TARGETS if kind in kinds),
+    )
+
+
+def read_adapters(path: str, config: ModelConfig) -> dict[tuple[str, ...], np.ndarray]:
+    """The adapters of the PEFT directory `path` as {parameter path: array} in our layout and full shapes (a
+    scanned stack's adapters (layers, *in, rank) / (layers, rank, *out)), for the model of `config`: the file's
+    rank and alpha must be config.lora's, and it must hold every layer config.lora adapts and nothing else."""
+    settings, lora = _adapter_settings(path), config.lora
+    if not lora.rank:
+        raise CheckpointError(
+            f"{path}: the model's config has no adapters (lora rank 0) to read them into; load the base with them "
+            f"in one call, qwen3vl_jax.load_pretrained(base, adapters={path!r}), add them to a loaded model, "
+            f"model.with_adapters({path!r}), or give the config the adapter's settings, "
+            "config.replace(lora=adapter_lora_config(path, config))"
+        )
+    if settings["r"] != lora.rank or float(settings["lora_alpha"]) != lora.alpha:
+        raise CheckpointError(
+            f"{path}: adapters of rank {settings['r']} and alpha {settings['lora_alpha']}, config.lora has rank "
+            f"{lora.rank} and alpha {lora.alpha}"
+        )
     tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS))
-    flat = {name: np.array(value) for name, value in flatten_dict(jax.device_get(params)).items()}
+    shapes = {name: leaf for name, leaf in flatten_dict(abstract_params(config)).items() if is_lora(name)}
+    adapters = {name: np.zeros(leaf.shape, leaf.dtype) for name, leaf in shapes.items()}
     expected = set()
     for layer in adapted_layers(config):
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
@@ -108,16 +174,29 @@ def load_adapters(path: str, params: dict, config: ModelConfig) -> dict:
             if key not in tensors:
                 raise CheckpointError(f"{path}: no {key}")
             expected.add(key)
-            target = flat[layer.ours(ours)]
+            target = adapters[layer.ours(ours)]
             shape = target.shape if layer.index is None else target.shape[1:]
+            if tensors[key].size != np.prod(shape):
+                raise CheckpointError(f"{path}: {key} has shape {tensors[key].shape}, this model's layer needs {shape}")
             value = tensors[key].T.reshape(shape)
             if layer.index is None:
-                flat[layer.ours(ours)] = value.astype(target.dtype)
+                adapters[layer.ours(ours)] = value.astype(target.dtype)
             else:
                 target[layer.index] = value
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} adapter tensor(s) this config does not use: {unexpected[:3]}")
+    return adapters
+
+
+def load_adapters(path: str, params: dict, config: ModelConfig) -> dict:
+    """`params` (with or without adapter leaves, e.g. a LoRA-less model's from `load_pretrained`) with the adapters
+    of the PEFT directory `path` (see `read_adapters`), as numpy arrays. For a model from `load_pretrained`, whose
+    config has no adapters, `Qwen3VLModel.with_adapters(path)` builds the model with them."""
+    adapters = read_adapters(path, config)
+    flat = {name: np.array(value) for name, value in flatten_dict(jax.device_get(params)).items()}
+    for name, value in adapters.items():
+        flat[name] = value.astype(flat[name].dtype) if name in flat else value
     return unflatten_dict(flat)
 
 

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 
 DTYPES = {
     "F64": np.float64,

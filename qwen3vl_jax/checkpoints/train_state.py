@@ -13,7 +13,7 @@ import jax
 import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.parallel.multihost import gather_text

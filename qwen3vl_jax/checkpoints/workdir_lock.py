@@ -21,7 +21,7 @@ import uuid
 
 import jax
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.parallel.multihost import gather_text
 
 LOCK_FILE = "run.lock"

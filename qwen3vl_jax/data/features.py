@@ -24,7 +24,7 @@ from qwen3vl_jax.processing import DataError, Encoded, Processor
 
 log = logging.getLogger(__name__)
 
-TOKEN_FEATURES = ("tokens", "targets", "loss_mask", "positions", "pair_half")
+TOKEN_FEATURES = ("input_ids", "targets", "loss_mask", "positions", "pair_half")
 PATCH_FEATURES = ("pixel_patches", "patch_group", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
 OVERFLOW_POLICIES = ("truncate", "drop")
 BAD_INPUT_POLICIES = ("error", "skip")
@@ -38,7 +38,7 @@ class TooLong(DataError):
 def example_features(
     encoded: Encoded, config: ModelConfig, *, seq_len: int, max_patches: int, overflow: str, where: str
 ) -> dict[str, np.ndarray]:
-    """Arrays of one example: tokens, targets (the next token), loss_mask (the target is supervised) and 3-D
+    """Arrays of one example: input_ids, targets (the next token), loss_mask (the target is supervised) and 3-D
     positions (n, 3) (those of `Qwen3VLModel.get_rope_index`), plus its patch features (PATCH_FEATURES: pixels
     and the grid-dependent ViT inputs, computed here on the host so that the jitted model sees static shapes).
 
@@ -73,7 +73,7 @@ def example_features(
         raise DataError(f"{where}: more images/videos than placeholder tokens")
     return dict(
         features,
-        tokens=ids.astype(np.int32),
+        input_ids=ids.astype(np.int32),
         targets=targets,
         loss_mask=loss_mask.astype(np.int32),
         pair_half=np.zeros(len(ids), np.int32),
@@ -107,7 +107,7 @@ def pair_features(chosen: dict[str, np.ndarray], rejected: dict[str, np.ndarray]
     rejected = dict(rejected, patch_group=rejected["patch_group"] + int(chosen["patch_group"].max(initial=0)))
     pair = {name: np.concatenate([chosen[name], rejected[name]]) for name in chosen}
     pair["pair_half"] = np.concatenate(
-        [np.full(len(chosen["tokens"]), 1, np.int32), np.full(len(rejected["tokens"]), 2, np.int32)]
+        [np.full(len(chosen["input_ids"]), 1, np.int32), np.full(len(rejected["input_ids"]), 2, np.int32)]
     )
     return pair
 
@@ -182,7 +182,7 @@ class Featurizer:
         except TooLong as e:
             raise too_long(f"{e} (one answer of a preference pair)") from None
         pair = pair_features(*halves)
-        tokens, patches = len(pair["tokens"]), len(pair["pixel_patches"])
+        tokens, patches = len(pair["input_ids"]), len(pair["pixel_patches"])
         if patches > self.max_patches:
             raise DataError(
                 f"{where}: the preference pair's {patches} patches do not fit max_patches = {self.max_patches}"

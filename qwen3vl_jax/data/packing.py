@@ -16,7 +16,8 @@ import numpy as np
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import DROPPED, PATCH_FEATURES, TOKEN_FEATURES
-from qwen3vl_jax.inputs.model_inputs import empty_inputs, visual_index
+from qwen3vl_jax.inputs.batch import BATCH_FIELDS, TrainingBatch
+from qwen3vl_jax.inputs.model_inputs import visual_index
 from qwen3vl_jax.parallel.context import align_patches
 
 NUM_DROPPED = "num_dropped"
@@ -37,19 +38,19 @@ def pack(dataset: grain.IterDataset, *, seq_len: int, max_patches: int, num_bins
 
 
 def finalize(row: dict, config: ModelConfig, *, context_shards: int = 1) -> dict[str, np.ndarray]:
-    """A packed row -> ModelInputs fields (one row, no batch axis) plus targets, loss_mask and the number of
-    examples dropped before the examples of this row. With context_shards > 1 the patch buffer is laid out for
-    context parallelism (parallel.context.align_patches)."""
-    segments = row["tokens_segment_ids"]
+    """A packed row -> the TrainingBatch arrays of one row (no batch axis): the ModelInputs fields, targets,
+    loss_mask and the number of examples dropped before the examples of this row. With context_shards > 1 the
+    patch buffer is laid out for context parallelism (parallel.context.align_patches)."""
+    segments = row["input_ids_segment_ids"]
     pair = row["pair_half"]
     if pair.any():  # preference pairs (data.features): example s -> chosen half 2s - 1, rejected half 2s
         segments = np.where(pair > 0, 2 * segments - (pair == 1), segments).astype(segments.dtype)
     patch_segments = row["pixel_patches_segment_ids"]
     finalized = dict(
-        input_ids=row["tokens"],
+        input_ids=row["input_ids"],
         segment_ids=segments,
         positions=np.ascontiguousarray(row["positions"].T),
-        visual_index=visual_index(row["tokens"], segments, config=config),
+        visual_index=visual_index(row["input_ids"], segments, config=config),
         pixel_patches=row["pixel_patches"],
         patch_segment_ids=_group_ids(patch_segments, row["patch_group"]),
         pos_embed_index=row["pos_embed_index"],
@@ -62,23 +63,23 @@ def finalize(row: dict, config: ModelConfig, *, context_shards: int = 1) -> dict
     return align_patches(finalized, shards=context_shards)
 
 
-def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """The last, partial batch of a finite dataset filled up to `batch_size` rows with empty ones (all padding:
-    no token in them is trained on, scored or counted), so that no example is lost and shapes stay static."""
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> TrainingBatch:
+    """Stacked rows (the TrainingBatch arrays) as a TrainingBatch of `batch_size` rows: the last, partial batch of a
+    finite dataset is filled up with empty rows (all padding: no token in them is trained on, scored or counted),
+    so that no example is lost and shapes stay static."""
     missing = batch_size - len(batch["input_ids"])
-    if missing == 0:
-        return batch
-    (_, seq_len), (_, max_patches, patch_dim) = batch["input_ids"].shape, batch["pixel_patches"].shape
-    empty = empty_inputs(missing, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
-    return {k: np.concatenate([v, empty.get(k, np.zeros((missing, *v.shape[1:]), v.dtype))]) for k, v in batch.items()}
+    if missing:
+        batch = {
+            name: np.concatenate([value, np.full((missing, *value.shape[1:]), BATCH_FIELDS[name].fill, value.dtype)])
+            for name, value in batch.items()
+        }
+    return TrainingBatch.from_arrays(batch)
 
 
-def empty_batch(batch_size: int, *, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
-    """A batch of `batch_size` padding rows with the fields, shapes and dtypes of the pipeline's batches: what a
-    process or shard whose share of a finite dataset has ended contributes while the others still have data."""
-    empty = empty_inputs(batch_size, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
-    tokens = np.zeros((batch_size, seq_len), np.int32)
-    return dict(empty, targets=tokens, loss_mask=tokens.copy(), num_dropped=np.zeros(batch_size, np.int32))
+def empty_batch(batch_size: int, *, seq_len: int, max_patches: int, patch_dim: int) -> TrainingBatch:
+    """A batch of `batch_size` padding rows with the shapes and dtypes of the pipeline's batches: what a process
+    or shard whose share of a finite dataset has ended contributes while the others still have data."""
+    return TrainingBatch.empty(batch_size, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
 
 
 def _group_ids(example: np.ndarray, group: np.ndarray) -> np.ndarray:

@@ -9,13 +9,13 @@ import functools
 from typing import Any
 
 import grain
-import numpy as np
 from absl import flags
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import Featurizer
 from qwen3vl_jax.data.packing import empty_batch, finalize, pack, pad_batch
 from qwen3vl_jax.data.sources import mixture
+from qwen3vl_jax.inputs.batch import TrainingBatch, concatenate
 from qwen3vl_jax.processing import Processor
 
 
@@ -58,9 +58,8 @@ def build_dataset(
     shard_count: int = 1,
     shards_read: int = 1,
 ) -> grain.IterDataset:
-    """Batches (dicts of numpy arrays with a leading batch axis): the ModelInputs fields plus `targets`,
-    `loss_mask` and `num_dropped` (examples skipped under on_bad_input="skip" since the previous batch). A finite
-    dataset's last batch is filled up with empty rows.
+    """TrainingBatches of numpy arrays (their num_dropped: examples skipped under on_bad_input="skip" since the
+    previous batch). A finite dataset's last batch is filled up with empty rows.
 
     The (shuffled) stream is split into `shard_count` shards, shard s holding examples s, s + shard_count, ...;
     this reader reads shards shard_index .. shard_index + shards_read - 1. Each shard fills batch_size /
@@ -109,7 +108,7 @@ class _ShardRowsIterator(grain.DatasetIterator):
         super().__init__(shards)
         self._shards, self._rows, self._ended = shards, rows, [False] * len(shards)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> TrainingBatch:
         batches = []
         for index, shard in enumerate(self._shards):
             batch = None if self._ended[index] else next(shard, None)
@@ -118,10 +117,9 @@ class _ShardRowsIterator(grain.DatasetIterator):
         if all(self._ended):
             raise StopIteration
         rows = self._rows
-        patch_dim = next(b for b in batches if b is not None)["pixel_patches"].shape[-1]
+        patch_dim = next(b for b in batches if b is not None).pixel_patches.shape[-1]
         filler = empty_batch(rows.batch_size, seq_len=rows.seq_len, max_patches=rows.max_patches, patch_dim=patch_dim)
-        batches = [filler if batch is None else batch for batch in batches]
-        return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+        return concatenate([filler if batch is None else batch for batch in batches])
 
     def get_state(self) -> dict:
         return dict(shards=[shard.get_state() for shard in self._shards], ended=list(self._ended))

@@ -49,12 +49,12 @@ Probe tasks for the ablations (``PROBE_TASKS``; their images ignore ``image_size
 
 from __future__ import annotations
 
-import functools
 import string
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from qwen3vl_jax.data.drawing import PALETTE, SHAPES, canvas, draw_shape, place_boxes, side_range, text_font
 from qwen3vl_jax.processing.boxes import format_box
 
 TASKS: tuple[str, ...] = ("shapes", "counting", "grounding", "ocr", "video_timestamp")
@@ -69,18 +69,6 @@ PROBE_TASKS: tuple[str, ...] = (
 ALL_TASKS = TASKS + PROBE_TASKS
 CELL_PX = 32  # one LLM visual token: a 16 px patch merged 2 x 2
 SMALL_MARK_PX = 8
-
-# Saturated colours that differ strongly from each other and from the mid-grey background.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (230, 25, 25),
-    "green": (20, 200, 40),
-    "blue": (30, 60, 240),
-    "yellow": (250, 230, 20),
-    "purple": (160, 40, 200),
-    "white": (255, 255, 255),
-}
-BACKGROUND = (110, 110, 110)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 VIDEO_FPS = 2.0
 EVAL_SEED = 1_000_003  # held-out examples: drawn with another seed than training's (0, 1, 2, ...)
 OCR_ALPHABET = string.ascii_uppercase + string.digits
@@ -122,52 +110,6 @@ def _choice(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, *, box, colour) -> None:
-    """Draws a filled shape inside the inclusive pixel box (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = box
-    fill = PALETTE[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-
-
-def _separated(a, b, *, gap: int) -> bool:
-    """True when inclusive boxes a and b have at least ``gap`` background pixels between them on some axis."""
-    return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
-
-
-def _place(rng: np.random.Generator, *, count: int, sides: tuple[int, int], image_size: int, gap: int = 2) -> list:
-    """Returns `count` square inclusive boxes (x0, y0, x1, y1) with sides in [lo, hi] = `sides`, fully inside the
-    image and pairwise separated by >= ``gap`` pixels, by rejection sampling (restarting with smaller sizes if
-    stuck)."""
-    lo, hi = sides
-    for _ in range(1000):
-        boxes = []
-        for _ in range(100 * count):
-            side = int(rng.integers(lo, hi + 1))
-            x0, y0 = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
-            box = (x0, y0, x0 + side - 1, y0 + side - 1)
-            if all(_separated(box, other, gap=gap) for other in boxes):
-                boxes.append(box)
-                if len(boxes) == count:
-                    return boxes
-        hi = max(lo, hi - 1)
-    raise RuntimeError(f"could not place {count} shapes of size {lo}..{hi} in {image_size} px")
-
-
-def _sizes(image_size: int, *, lo: float, hi: float, min_px: int = 4) -> tuple[int, int]:
-    """Returns the (lo, hi) shape side range in pixels for fractions lo, hi of the image size."""
-    smallest = max(min_px, round(lo * image_size))
-    return smallest, max(smallest, round(hi * image_size))
-
-
-def _canvas(image_size: int, colour=BACKGROUND) -> Image.Image:
-    return Image.new("RGB", (image_size, image_size), colour)
-
-
 def _image_message(image: Image.Image, *, question: str, answer: str) -> list:
     return [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
@@ -178,9 +120,9 @@ def _image_message(image: Image.Image, *, question: str, answer: str) -> list:
 def _one_shape(rng, image_size) -> tuple[Image.Image, str, str]:
     """An image of one shape of a palette colour: (image, colour, shape)."""
     colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
-    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.25, hi=0.6), image_size=image_size)
-    image = _canvas(image_size)
-    _draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
+    (box,) = place_boxes(rng, count=1, sides=side_range(image_size, lo=0.25, hi=0.6), image_size=image_size)
+    image = canvas(image_size)
+    draw_shape(ImageDraw.Draw(image), shape, box=box, colour=colour)
     return image, colour, shape
 
 
@@ -196,11 +138,11 @@ def _shapes(rng, image_size):
 def _counting(rng, image_size):
     colour, shape = _choice(rng, _COLOURS), _choice(rng, SHAPES)
     count = int(rng.integers(1, 6))
-    image = _canvas(image_size)
+    image = canvas(image_size)
     draw = ImageDraw.Draw(image)
-    sides = _sizes(image_size, lo=0.1, hi=0.22, min_px=5)
-    for box in _place(rng, count=count, sides=sides, image_size=image_size):
-        _draw_shape(draw, shape, box=box, colour=colour)
+    sides = side_range(image_size, lo=0.1, hi=0.22, min_px=5)
+    for box in place_boxes(rng, count=count, sides=sides, image_size=image_size):
+        draw_shape(draw, shape, box=box, colour=colour)
     question = _choice(rng, _COUNT_QUESTIONS).format(shape=shape, colour=colour)
     answer = str(count)
     meta = {"count": count, "shape": shape, "colour": colour}
@@ -212,17 +154,17 @@ def _grounding(rng, image_size):
     others = [(c, s) for c in _COLOURS for s in SHAPES if (c, s) != (colour, shape)]
     picks = rng.choice(len(others), size=int(rng.integers(1, 4)), replace=False)
     distractors = [others[int(j)] for j in picks]
-    sides = _sizes(image_size, lo=0.15, hi=0.3, min_px=5)
-    boxes = _place(rng, count=1 + len(distractors), sides=sides, image_size=image_size)
-    image = _canvas(image_size)
+    sides = side_range(image_size, lo=0.15, hi=0.3, min_px=5)
+    boxes = place_boxes(rng, count=1 + len(distractors), sides=sides, image_size=image_size)
+    image = canvas(image_size)
     draw = ImageDraw.Draw(image)
-    _draw_shape(draw, shape, box=boxes[0], colour=colour)
+    draw_shape(draw, shape, box=boxes[0], colour=colour)
     # Tight box of the target's drawn pixels, read back before distractors (which may share its colour) are drawn.
     ys, xs = np.nonzero(np.all(np.asarray(image) == PALETTE[colour], axis=-1))
     pixel_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # [left, top, right, bottom)
     box = [round(1000 * v / image_size) for v in pixel_box]
     for (other_colour, other_shape), other_box in zip(distractors, boxes[1:]):
-        _draw_shape(draw, other_shape, box=other_box, colour=other_colour)
+        draw_shape(draw, other_shape, box=other_box, colour=other_colour)
     question = _choice(rng, _GROUND_QUESTIONS).format(shape=shape, colour=colour)
     answer = format_box(box)
     meta = {"box": box, "colour": colour, "shape": shape}
@@ -233,7 +175,7 @@ def _grid_grounding(rng, grid_sizes, *, small: bool, count: bool = False):
     grid = int(_choice(rng, grid_sizes))
     row, col = (int(v) for v in rng.integers(grid, size=2))
     colour = _choice(rng, _COLOURS)
-    image = _canvas(grid * CELL_PX)
+    image = canvas(grid * CELL_PX)
     draw = ImageDraw.Draw(image)
     box = [round(1000 * v / grid) for v in (col, row, col + 1, row + 1)]
     meta = {"box": box, "row": row, "col": col, "grid": grid, "colour": colour}
@@ -247,12 +189,12 @@ def _grid_grounding(rng, grid_sizes, *, small: bool, count: bool = False):
             x, y = (int(v) for v in rng.integers(0, CELL_PX - SMALL_MARK_PX + 1, size=2))
             x0, y0 = cell_col * CELL_PX + x, cell_row * CELL_PX + y
             fill = colour if k == 0 else _choice(rng, others)
-            _draw_shape(draw, "square", box=(x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), colour=fill)
+            draw_shape(draw, "square", box=(x0, y0, x0 + SMALL_MARK_PX - 1, y0 + SMALL_MARK_PX - 1), colour=fill)
             meta["marks"].append([cell_row, cell_col, fill])
         question = _choice(rng, _MARK_COUNT_QUESTIONS if count else _MARK_QUESTIONS)
     else:
         x0, y0 = col * CELL_PX, row * CELL_PX
-        _draw_shape(draw, "square", box=(x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour=colour)
+        draw_shape(draw, "square", box=(x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1), colour=colour)
         question = _choice(rng, _CELL_QUESTIONS)
     answer = str(len(meta["marks"])) if count else format_box(box)
     message = _image_message(image, question=question.format(colour=colour), answer=answer)
@@ -280,23 +222,18 @@ def _text_reverse(rng):
     return messages, text[::-1], {"text": text}
 
 
-@functools.cache
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
 def _ocr(rng, image_size):
     text = "".join(_choice(rng, OCR_ALPHABET) for _ in range(int(rng.integers(3, 9))))
     room = image_size - 4  # keep a 2 px margin on each side
     size = max(4, round(0.4 * image_size))
     while True:
-        font = _font(size)
+        font = text_font(size)
         left, top, right, bottom = font.getbbox(text)
         if (right - left <= room and bottom - top <= room) or size <= 4:
             break
         size = max(4, min(size - 1, int(size * room / (right - left))))
     grey = int(rng.integers(215, 256))
-    image = _canvas(image_size, (grey, grey, grey))
+    image = canvas(image_size, (grey, grey, grey))
     x = int(rng.integers(2, max(2, image_size - 2 - (right - left)) + 1)) - left
     y = int(rng.integers(2, max(2, image_size - 2 - (bottom - top)) + 1)) - top
     ImageDraw.Draw(image).text((x, y), text, fill=(0, 0, 0), font=font)
@@ -310,11 +247,11 @@ def _video_timestamp(rng, *, image_size, num_frames):
     if isinstance(num_frames, tuple):  # mixed lengths: this example's count (an int keeps its records unchanged)
         num_frames = int(_choice(rng, num_frames))
     k = int(rng.integers(1, num_frames // 2))
-    (box,) = _place(rng, count=1, sides=_sizes(image_size, lo=0.2, hi=0.5), image_size=image_size)
+    (box,) = place_boxes(rng, count=1, sides=side_range(image_size, lo=0.2, hi=0.5), image_size=image_size)
     frames = {}
     for colour in ("blue", "red"):
-        frames[colour] = _canvas(image_size)
-        _draw_shape(ImageDraw.Draw(frames[colour]), "square", box=box, colour=colour)
+        frames[colour] = canvas(image_size)
+        draw_shape(ImageDraw.Draw(frames[colour]), "square", box=box, colour=colour)
     video = [frames["blue" if i < 2 * k else "red"].copy() for i in range(num_frames)]
     seconds = (2 * k + 2 * k + 1) / 2 / VIDEO_FPS
     answer = f"{seconds:.1f} seconds"

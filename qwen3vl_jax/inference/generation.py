@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inference.sampling import SamplingConfig, next_token
@@ -71,10 +71,51 @@ _generate = jax.jit(_prefill_and_decode, static_argnames=_STATIC)
 _generate_on_cpu = jax.jit(_prefill_and_decode, static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
 
 
-@functools.wraps(_prefill_and_decode)
-def generate(*args, **kwargs) -> jax.Array:
+def generate(
+    params: Any,
+    inputs: ModelInputs,
+    *,
+    rng: jax.Array,
+    eos_ids: jax.Array,
+    pad_id: jax.Array,
+    config: ModelConfig,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+) -> jax.Array:
+    """New token ids (B, max_new_tokens) for the prompts in `inputs`, as `_prefill_and_decode`, after checking the
+    arguments: max_new_tokens a positive integer, eos_ids token ids of the vocabulary (-1: no eos), pad_id one
+    integer (any: a value outside the vocabulary marks the padding apart from tokens), top_k at most the
+    vocabulary size. Compiled without YNNPACK on CPU (CPU_COMPILER_OPTIONS)."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    vocab = config.text.vocab_size
+    pad = np.asarray(pad_id)
+    if pad.ndim != 0 or not np.issubdtype(pad.dtype, np.integer):
+        raise ValueError(f"pad_id must be one integer, got {pad_id}")
+    eos = np.asarray(eos_ids)
+    if eos.ndim != 1 or not np.issubdtype(eos.dtype, np.integer) or not ((eos >= -1) & (eos < vocab)).all():
+        raise ValueError(f"eos_ids must be token ids in [0, {vocab}) (the vocabulary) or -1 (none), got {eos}")
+    if sampling.do_sample and sampling.top_k > vocab:
+        raise ValueError(f"top_k must be at most the vocabulary size {vocab}, got {sampling.top_k}")
     compiled = _generate_on_cpu if jax.default_backend() == "cpu" else _generate
-    return compiled(*args, **kwargs)
+    return compiled(
+        params,
+        inputs,
+        rng=rng,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+    )
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> int:
+    """`max_new_tokens` as an int, or a ValueError naming it when it is not a positive integer."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, (bool, np.bool_)):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer (at least 1), got {max_new_tokens}")
+    return int(max_new_tokens)
 
 
 def eos_array(eos_token_ids: Sequence[int] | int | None) -> jax.Array:

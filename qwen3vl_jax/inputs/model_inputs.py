@@ -32,6 +32,39 @@ from qwen3vl_jax.inputs.positions import (
 PATCH_FIELDS = ("pixel_patches", "pos_embed_index", "pos_embed_weight", "patch_rowcol")
 
 
+@dataclasses.dataclass(frozen=True)
+class ArrayField:
+    """A batch array's dimensions after the batch axis ("L": the row's tokens, "P": its patches, "D": a patch's
+    pixel values, or a size), its dtype and the value of padding."""
+
+    dims: tuple[str | int, ...]
+    dtype: type = np.int32
+    fill: int = 0
+
+    def shape(self, batch: int, *, seq_len: int, max_patches: int, patch_dim: int) -> tuple[int, ...]:
+        sizes = dict(L=seq_len, P=max_patches, D=patch_dim)
+        return (batch, *(sizes.get(d, d) for d in self.dims))
+
+    @property
+    def sequence_axis(self) -> int | None:
+        """The axis a context-parallel mesh splits (tokens or patches), counting the batch axis; None: none."""
+        return next((i + 1 for i, d in enumerate(self.dims) if d in ("L", "P")), None)
+
+
+# every ModelInputs field's shape, dtype and padding
+INPUT_FIELDS = dict(
+    input_ids=ArrayField(("L",)),
+    segment_ids=ArrayField(("L",)),
+    positions=ArrayField((3, "L")),
+    visual_index=ArrayField(("L",), fill=-1),
+    pixel_patches=ArrayField(("P", "D"), np.float32),
+    patch_segment_ids=ArrayField(("P",)),
+    pos_embed_index=ArrayField(("P", 4)),
+    pos_embed_weight=ArrayField(("P", 4), np.float32),
+    patch_rowcol=ArrayField(("P", 2)),
+)
+
+
 @flax.struct.dataclass
 class ModelInputs:
     input_ids: jax.Array  # (B, L) int32
@@ -47,11 +80,6 @@ class ModelInputs:
     @property
     def has_vision(self) -> bool:
         return self.pixel_patches.shape[1] > 0
-
-    @classmethod
-    def from_batch(cls, batch: dict) -> ModelInputs:
-        """The ModelInputs fields of a batch dict that may hold more (targets, loss_mask, ...)."""
-        return cls(**{field.name: batch[field.name] for field in dataclasses.fields(cls)})
 
 
 def patch_features(blocks: list[VisualBlock], *, pixels: dict[int, np.ndarray], vision: VisionConfig) -> dict:
@@ -116,17 +144,8 @@ def visual_index(input_ids: np.ndarray, segment_ids: np.ndarray, *, config: Mode
 
 def empty_inputs(batch: int, *, seq_len: int, max_patches: int, patch_dim: int) -> dict[str, np.ndarray]:
     """All-padding ModelInputs fields as writable numpy arrays."""
-    return dict(
-        input_ids=np.zeros((batch, seq_len), np.int32),
-        segment_ids=np.zeros((batch, seq_len), np.int32),
-        positions=np.zeros((batch, 3, seq_len), np.int32),
-        visual_index=np.full((batch, seq_len), -1, np.int32),
-        pixel_patches=np.zeros((batch, max_patches, patch_dim), np.float32),
-        patch_segment_ids=np.zeros((batch, max_patches), np.int32),
-        pos_embed_index=np.zeros((batch, max_patches, 4), np.int32),
-        pos_embed_weight=np.zeros((batch, max_patches, 4), np.float32),
-        patch_rowcol=np.zeros((batch, max_patches, 2), np.int32),
-    )
+    sizes = dict(seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
+    return {name: np.full(field.shape(batch, **sizes), field.fill, field.dtype) for name, field in INPUT_FIELDS.items()}
 
 
 def bucket(n: int, minimum: int) -> int:

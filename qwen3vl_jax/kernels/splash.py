@@ -32,10 +32,18 @@ PADDING_SEGMENT = -1  # distinct from every real segment id, padding included (0
 
 
 def splash_attention(
-    q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, block_sizes: tuple[int, int], local_context: bool = False
+    q,
+    k,
+    v,
+    *,
+    q_segment_ids,
+    kv_segment_ids,
+    causal: bool,
+    block_sizes: tuple[int, int],
+    split_over_context: bool = False,
 ) -> jax.Array:
     """q (B, L, Hq, D), k / v (B, L, Hkv, D) self-attention with segment ids (B, L) -> (B, L, Hq, D). Scale
-    D^-0.5 (applied to q: the kernel does not scale). local_context: the length is split over the mesh's
+    D^-0.5 (applied to q: the kernel does not scale). split_over_context: the length is split over the mesh's
     `context` axis and no segment crosses a shard boundary: each shard attends its own tokens."""
 
     def attend(q, k, v, q_segment_ids, kv_segment_ids):
@@ -56,7 +64,7 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.size > 1:
         heads, segments = attention_specs(
-            mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], context=local_context
+            mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], split_over_context=split_over_context
         )
         in_specs = (heads,) * 3 + (segments,) * 2
         attend = jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)
@@ -88,7 +96,9 @@ def load_balanced_splash(q, k, v, *, segment_ids, block_sizes: tuple[int, int]) 
     length, shards = q.shape[1], context_shards()
     check_length(length, shards, multiple=LANES)
     positions = load_balanced_positions(length, shards)
-    heads, segments = attention_specs(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], context=True)
+    heads, segments = attention_specs(
+        mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], split_over_context=True
+    )
     local_heads = q.shape[2] // (mesh.shape["tensor"] if heads[2] else 1)
     kernel = _kernel(LoadBalancedCausalMask(positions), heads=local_heads, block_sizes=block_sizes, q_seq_shards=shards)
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(None, CONTEXT)))

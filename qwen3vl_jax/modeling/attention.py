@@ -35,7 +35,7 @@ def attention(
     q_offset: int | jax.Array = 0,
     impl: str = "xla",
     block_sizes: tuple[int, int] = (512, 512),
-    context: str | None = None,
+    context_layout: str | None = None,
 ) -> jax.Array:
     """q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
     h // (Hq/Hkv), as transformers' repeat_kv); segment ids (B, Lq) / (B, Lk) int. Returns (B, Lq, Hq, D).
@@ -46,7 +46,7 @@ def attention(
     L x L product). impl "splash": the Pallas splash kernels (kernels/splash.py, `block_sizes` = (q, kv)
     blocks) for self-attention; attention over a KV cache (q_offset != 0) stays on the XLA path.
 
-    `context`: how self-attention's length axis is split over the mesh's `context` axis (parallel/context.py);
+    `context_layout`: how self-attention's length axis is split over the mesh's `context` axis (parallel/context.py);
     None or a mesh without that axis: it is not. "load_balanced": causal, the tokens in the load-balanced
     layout; each shard's queries attend the keys / values all-gathered over `context`. "local": every segment
     lies within one shard (the ViT's patch buffer laid out by `align_patches`); each shard attends its own."""
@@ -55,21 +55,21 @@ def attention(
     length = q.shape[1]
     self_attention = isinstance(q_offset, int) and q_offset == 0 and length == k.shape[1]
     segments = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    if context is not None and self_attention and context_shards() > 1:
-        if context == "load_balanced" and causal:
+    if context_layout is not None and self_attention and context_shards() > 1:
+        if context_layout == "load_balanced" and causal:
             attend = load_balanced_splash if impl == "splash" else _load_balanced_xla
             return attend(q, k, v, segment_ids=q_segment_ids, block_sizes=block_sizes)
-        if context != "local":
-            raise ValueError(f"context {context!r} is not 'load_balanced' (causal attention) or 'local'")
+        if context_layout != "local":
+            raise ValueError(f"context_layout {context_layout!r} is not 'load_balanced' (causal attention) or 'local'")
         if impl == "xla":
 
             def local(q, k, v, q_segment_ids, kv_segment_ids):
                 return attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
 
-            return _per_device(local, q, k, v, q_segment_ids, kv_segment_ids, context=True)
+            return _per_device(local, q, k, v, q_segment_ids, kv_segment_ids, split_over_context=True)
     if impl == "splash" and self_attention:
-        local = context == "local" and context_shards() > 1
-        return splash_attention(q, k, v, **segments, causal=causal, block_sizes=block_sizes, local_context=local)
+        local = context_layout == "local" and context_shards() > 1
+        return splash_attention(q, k, v, **segments, causal=causal, block_sizes=block_sizes, split_over_context=local)
     if not causal or not self_attention or length <= CAUSAL_BLOCK:
         return _attend(q, k, v, **segments, q_positions=jnp.arange(length) + q_offset if causal else None)
     block = max(CAUSAL_BLOCK, -(-length // MAX_BLOCKS))
@@ -87,10 +87,12 @@ def attention(
     return jnp.concatenate(outputs, axis=1)
 
 
-def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, *, context: bool):
+def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, *, split_over_context: bool):
     """fn(q, k, v, q_segment_ids, kv_segment_ids) on each device's block of the arrays (attention_specs)."""
     mesh = jax.sharding.get_abstract_mesh()
-    heads, segments = attention_specs(mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], context=context)
+    heads, segments = attention_specs(
+        mesh, batch=q.shape[0], heads=q.shape[2], kv_heads=k.shape[2], split_over_context=split_over_context
+    )
     in_specs = (heads,) * 3 + (segments,) * 2
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=heads, check_vma=False)(
         q, k, v, q_segment_ids, kv_segment_ids
@@ -134,7 +136,7 @@ def _load_balanced_xla(q, k, v, *, segment_ids, block_sizes):
         )
         return out.reshape(q.shape)
 
-    return _per_device(attend, q, k, v, segment_ids, segment_ids, context=True)
+    return _per_device(attend, q, k, v, segment_ids, segment_ids, split_over_context=True)
 
 
 def _attend_chunk_pairs(q, k, v, *, q_segment_ids, kv_segment_ids, causal, query_side):

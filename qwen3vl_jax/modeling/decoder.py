@@ -10,6 +10,8 @@ would copy every weight at every step on XLA:CPU).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -22,13 +24,16 @@ from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Dense, RMSNorm
 from qwen3vl_jax.modeling.moe import MoeBlock
 from qwen3vl_jax.modeling.mrope import text_mrope_tables
+from qwen3vl_jax.modeling.outputs import DecoderOutputs
 from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
 from qwen3vl_jax.modeling.rotary import apply_rotary
 
+LayerCache = tuple[jax.Array, jax.Array]  # one layer's cached (k, v), each (B, Hkv, S, D)
+
 
 @flax.struct.dataclass
-class DecoderContext:
-    """What every decoder layer reads besides its input; built once per call by `Decoder`."""
+class DecoderLayerInputs:
+    """What every decoder layer reads besides its hidden states x; built once per call by `Decoder`."""
 
     segment_ids: jax.Array  # (B, L) int32: packed example of each token, 0 = padding
     cos: jax.Array  # (B, L, head_dim) float32 MRoPE tables
@@ -37,24 +42,28 @@ class DecoderContext:
     visual_index: jax.Array | None  # (B, L) merged-token row of each visual token, -1 for text
     cache_index: jax.Array | None  # with a KV cache: the slot of the first token of x
     kv_segment_ids: jax.Array | None  # with a KV cache: (B, S) segment ids of the cache slots, x's included
-    context: str | None = flax.struct.field(pytree_node=False, default=None)  # modeling.attention's `context`
+    # modeling.attention's `context_layout`: "load_balanced" when the tokens are split over the `context` axis
+    context_layout: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class SwiGLU(nn.Module):
+    """The dense MLP (`Qwen3VLTextMLP`): down(silu(gate(x)) * up(x))."""
+
     intermediate_size: int
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., H) -> (..., H) in the compute dtype."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
 
 
-def _swiglu(h, *, chunks: int, intermediate_size: int, dtype, param_dtype, lora):
+def _swiglu(h: jax.Array, *, chunks: int, intermediate_size: int, dtype, param_dtype, lora) -> jax.Array:
     """The dense MLP on h (B, L, H), over `chunks` strided slices of the sequence one at a time, each recomputed in
     the backward pass: the (B, L, intermediate) activations exist a slice at a time. Strided (slice c holds
     positions c, c + chunks, ...), so a length split over the mesh stays split."""
@@ -81,17 +90,25 @@ class _SwiGLUSlice(SwiGLU):
         return carry, super().__call__(x)
 
 
-def layer_runs(text: TextConfig) -> list[tuple[int, int, bool]]:
+class LayerRun(NamedTuple):
+    """Decoder layers start .. end - 1, all of one kind: one scanned stack (`layer_runs`)."""
+
+    start: int
+    end: int  # one past the run's last layer
+    moe: bool  # sparse MoE layers (else dense SwiGLU ones)
+
+
+def layer_runs(text: TextConfig) -> list[LayerRun]:
     """Maximal runs [start, end) of consecutive decoder layers of the same kind (MoE or dense, as
     `TextConfig.is_sparse_layer` says); each run is one scanned stack. Dense models and the released MoE models
     are a single run."""
-    runs: list[tuple[int, int, bool]] = []
+    runs: list[LayerRun] = []
     for layer in range(text.num_hidden_layers):
         moe = text.is_sparse_layer(layer)
-        if runs and runs[-1][2] == moe:
-            runs[-1] = (runs[-1][0], layer + 1, moe)
+        if runs and runs[-1].moe == moe:
+            runs[-1] = runs[-1]._replace(end=layer + 1)
         else:
-            runs.append((layer, layer + 1, moe))
+            runs.append(LayerRun(start=layer, end=layer + 1, moe=moe))
     return runs
 
 
@@ -103,16 +120,22 @@ def run_names(text: TextConfig) -> list[str]:
 
 class DecoderLayer(nn.Module):
     """One decoder layer followed by its DeepStack addition:
-    (x, (layer index, this layer's cached (k, v) or None), context) ->
+    (x, (layer index, this layer's cached (k, v) or None), layer_inputs) ->
     (x, (new cached (k, v) or None, router logits (B*L, E) or None))."""
 
     config: ModelConfig
     moe: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_and_kv, context: DecoderContext):
-        """x (B, L, H); layer_and_kv: the layer index and, when generating, this layer's cache (k, v), each
-        (B, Hkv, S, D)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        layer_and_kv: tuple[jax.Array | int, LayerCache | None],
+        layer_inputs: DecoderLayerInputs,
+    ) -> tuple[jax.Array, tuple[LayerCache | None, jax.Array | None]]:
+        """x (B, L, H); layer_and_kv: the layer index (int, or the scan's traced int32) and, when generating, this
+        layer's cache (k, v), each (B, Hkv, S, D). Returns x (B, L, H) and (the cache (k, v) with x's keys and
+        values written, or None; router logits (B*L, E) or None), as nn.scan's (carry, per-layer output)."""
         layer, kv = layer_and_kv
         text, kw, linear = self.config.text, self.config.dense_kwargs, self.config.linear_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
@@ -129,16 +152,16 @@ class DecoderLayer(nn.Module):
         q = projection(text.num_attention_heads, axis="q_heads", name="q_proj")(h)
         k = projection(text.num_key_value_heads, axis="kv_heads", name="k_proj")(h)
         v = projection(text.num_key_value_heads, axis="kv_heads", name="v_proj")(h)
-        q = apply_rotary(norm("q_norm", "head_dim")(q), context.cos, context.sin)
-        k = apply_rotary(norm("k_norm", "head_dim")(k), context.cos, context.sin)
+        q = apply_rotary(norm("q_norm", "head_dim")(q), layer_inputs.cos, layer_inputs.sin)
+        k = apply_rotary(norm("k_norm", "head_dim")(k), layer_inputs.cos, layer_inputs.sin)
         impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
         if kv is None:
-            segments = dict(q_segment_ids=context.segment_ids, kv_segment_ids=context.segment_ids)
-            o = attention(q, k, v, **segments, causal=True, context=context.context, **impl)
+            segments = dict(q_segment_ids=layer_inputs.segment_ids, kv_segment_ids=layer_inputs.segment_ids)
+            o = attention(q, k, v, **segments, causal=True, context_layout=layer_inputs.context_layout, **impl)
         else:
             kv = tuple(
                 jax.lax.dynamic_update_slice_in_dim(
-                    cached, new.swapaxes(1, 2).astype(cached.dtype), context.cache_index, axis=2
+                    cached, new.swapaxes(1, 2).astype(cached.dtype), layer_inputs.cache_index, axis=2
                 )
                 for cached, new in zip(kv, (k, v))
             )
@@ -146,9 +169,9 @@ class DecoderLayer(nn.Module):
                 q,
                 cache_k=kv[0],
                 cache_v=kv[1],
-                q_segment_ids=context.segment_ids,
-                kv_segment_ids=context.kv_segment_ids,
-                cache_index=context.cache_index,
+                q_segment_ids=layer_inputs.segment_ids,
+                kv_segment_ids=layer_inputs.kv_segment_ids,
+                cache_index=layer_inputs.cache_index,
             )
         o_proj = Dense(
             text.hidden_size,
@@ -167,8 +190,8 @@ class DecoderLayer(nn.Module):
         else:
             h = _swiglu(h, chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size, **linear)
         x = x + h
-        if context.deepstack is not None:
-            x = add_deepstack(x, features=context.deepstack, visual_index=context.visual_index, layer=layer)
+        if layer_inputs.deepstack is not None:
+            x = add_deepstack(x, features=layer_inputs.deepstack, visual_index=layer_inputs.visual_index, layer=layer)
         return x, (kv, router_logits)
 
 
@@ -182,20 +205,20 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x,
+        x: jax.Array,
         *,
-        segment_ids,
-        positions,
-        deepstack=None,
-        visual_index=None,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        deepstack: jax.Array | None = None,
+        visual_index: jax.Array | None = None,
         cache: KVCache | None = None,
-        context: str | None = None,
-    ):
-        """x (B, L, H) embeddings; segment_ids (B, L); positions (B, 3, L) MRoPE positions; deepstack
-        (K, B, N, H) and visual_index (B, L) with vision; context: "load_balanced" when the tokens are in
-        parallel/context.py's layout, split over the mesh's `context` axis. Returns the final-norm hidden states
-        (B, L, H); the cache with x's keys and values written at cache.index (None without a cache); the router
-        logits of the MoE layers (num MoE layers, B*L, E) or None."""
+        context_layout: str | None = None,
+    ) -> DecoderOutputs:
+        """x (B, L, H) embeddings; segment_ids (B, L) int32; positions (B, 3, L) int32 MRoPE positions; deepstack
+        (K, B, N, H) and visual_index (B, L) int32 with vision; context_layout: "load_balanced" when the tokens are
+        in parallel/context.py's layout, split over the mesh's `context` axis. Returns `DecoderOutputs`: the
+        final-norm hidden states (B, L, H); the cache with x's keys and values written at cache.index (None
+        without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None."""
         text = self.config.text
         cos, sin = text_mrope_tables(positions, self.config)
         kv_segment_ids = (
@@ -203,7 +226,7 @@ class Decoder(nn.Module):
             if cache is None
             else jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
         )
-        context = DecoderContext(
+        layer_inputs = DecoderLayerInputs(
             segment_ids=segment_ids,
             cos=cos,
             sin=sin,
@@ -211,10 +234,10 @@ class Decoder(nn.Module):
             visual_index=visual_index,
             cache_index=None if cache is None else cache.index,
             kv_segment_ids=kv_segment_ids,
-            context=context,
+            context_layout=context_layout,
         )
         run = self._unrolled if self.unrolled else self._scanned
-        x, new_kv, router_logits = run(x, context, cache=cache)
+        x, new_kv, router_logits = run(x, layer_inputs, cache=cache)
         x = RMSNorm(text.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
         if cache is not None:
             cache = KVCache(
@@ -223,9 +246,11 @@ class Decoder(nn.Module):
                 segment_ids=kv_segment_ids,
                 index=cache.index + x.shape[1],
             )
-        return x, cache, (jnp.concatenate(router_logits) if router_logits else None)
+        return DecoderOutputs(
+            hidden=x, cache=cache, router_logits=jnp.concatenate(router_logits) if router_logits else None
+        )
 
-    def _scanned(self, x, context: DecoderContext, *, cache: KVCache | None):
+    def _scanned(self, x, layer_inputs: DecoderLayerInputs, *, cache: KVCache | None):
         text = self.config.text
         new_kv, router_logits = [], []
         for (start, end, moe), name in zip(layer_runs(text), run_names(text)):
@@ -238,20 +263,20 @@ class Decoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             kv = None if cache is None else (jnp.stack(cache.k[start:end]), jnp.stack(cache.v[start:end]))
-            x, (kv, logits) = layers(self.config, moe=moe, name=name)(x, (jnp.arange(start, end), kv), context)
+            x, (kv, logits) = layers(self.config, moe=moe, name=name)(x, (jnp.arange(start, end), kv), layer_inputs)
             if kv is not None:
                 new_kv += [(kv[0][i], kv[1][i]) for i in range(end - start)]
             if logits is not None:
                 router_logits.append(logits)
         return x, new_kv, router_logits
 
-    def _unrolled(self, x, context: DecoderContext, *, cache: KVCache | None):
+    def _unrolled(self, x, layer_inputs: DecoderLayerInputs, *, cache: KVCache | None):
         text = self.config.text
         new_kv, router_logits = [], []
         for i in range(text.num_hidden_layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             layer = DecoderLayer(self.config, moe=text.is_sparse_layer(i), name=f"layer_{i}")
-            x, (kv, logits) = layer(x, (i, kv), context)
+            x, (kv, logits) = layer(x, (i, kv), layer_inputs)
             new_kv.append(kv)
             if logits is not None:
                 router_logits.append(logits[None])
@@ -260,7 +285,8 @@ class Decoder(nn.Module):
 
 def unstack_decoder_params(decoder_params: dict, text: TextConfig) -> dict:
     """The parameters of `Decoder(unrolled=True)` (`layer_0`, `layer_1`, ... and `norm`) sliced out of those of
-    the scanned decoder (`layers` or `layers_0`, ... and `norm`)."""
+    the scanned decoder (`layers` or `layers_0`, ... and `norm`): each stacked leaf (layers of the run, ...)
+    becomes one (...) leaf per layer."""
     unrolled = {"norm": decoder_params["norm"]}
     for (start, end, _), name in zip(layer_runs(text), run_names(text)):
         for i in range(end - start):

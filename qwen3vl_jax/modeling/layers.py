@@ -49,6 +49,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., *in) with `contract` input dims -> (..., *features) in the compute dtype."""
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         batch_shape, in_shape = x.shape[: x.ndim - self.contract], x.shape[x.ndim - self.contract :]
         kernel = param(
@@ -117,6 +118,7 @@ class _Norm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def feature_param(self, name: str, init: Initializer, features: int) -> jax.Array:
+        """A (features,) parameter named `name`."""
         return param(self, name, init=init, shape=(features,), dtype=self.param_dtype, axes=(self.axis_name,))
 
 
@@ -125,6 +127,7 @@ class RMSNorm(_Norm):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) -> (..., D) in x's dtype, normalised over D."""
         scale = self.feature_param("scale", nn.initializers.ones, x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -139,6 +142,7 @@ class LayerNorm(_Norm):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) -> (..., D) in x's dtype, normalised over D."""
         scale = self.feature_param("scale", nn.initializers.ones, x.shape[-1])
         bias = self.feature_param("bias", nn.initializers.zeros, x.shape[-1])
         xf = x.astype(jnp.float32)
@@ -167,6 +171,7 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids (...) int -> embeddings (..., features) in the compute dtype."""
         # the table gathered over its storage split (as a Dense kernel is): a lookup in a table split along
         # `embed` gives rows split along `embed`, which XLA could only turn into the activations' (batch,
         # length) split by replicating them whole on every device
@@ -174,4 +179,5 @@ class Embed(nn.Module):
         return jnp.take(table, ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        """x (..., features) -> logits (..., vocab) in the compute dtype: the tied output head."""
         return jnp.einsum("...h,vh->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))

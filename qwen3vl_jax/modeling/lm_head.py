@@ -7,11 +7,20 @@ time inside a rematerialised scan: neither the (B, L, vocab) logits nor their gr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.modeling.layers import default_init, param
+
+
+class CrossEntropyAndHits(NamedTuple):
+    """Per token losses against integer targets (`cross_entropy_and_hits`, `chunked_cross_entropy`)."""
+
+    cross_entropy: jax.Array  # (B, L) float32
+    correct: jax.Array  # (B, L) bool: the target has the highest logit (ties count as correct)
 
 
 class LMHead(nn.Module):
@@ -41,26 +50,29 @@ def project(x: jax.Array, head_weight: jax.Array) -> jax.Array:
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """(B, L) cross-entropy in float32 of logits (B, L, V) against integer targets (B, L)."""
-    return cross_entropy_and_hits(logits, targets)[0]
+    return cross_entropy_and_hits(logits, targets).cross_entropy
 
 
-def cross_entropy_and_hits(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits (B, L, V), integer targets (B, L) -> float32 cross-entropy (B, L) and whether the target has the
-    highest logit (B, L) (argmax == target, ties counted as hits). The target logit is a masked sum and the hit a
-    comparison with the max, not a gather and an argmax: both fuse into reductions over the vocabulary, where an
-    argmax or a gather over a split vocabulary keeps int32 buffers as large as the logits."""
+def cross_entropy_and_hits(logits: jax.Array, targets: jax.Array) -> CrossEntropyAndHits:
+    """logits (B, L, V), integer targets (B, L) -> `CrossEntropyAndHits`: float32 cross-entropy (B, L) and whether
+    the target has the highest logit (B, L) (argmax == target, ties counted as hits). The target logit is a masked
+    sum and the hit a comparison with the max, not a gather and an argmax: both fuse into reductions over the
+    vocabulary, where an argmax or a gather over a split vocabulary keeps int32 buffers as large as the logits."""
     logits = logits.astype(jnp.float32)
     is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
     target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - target_logits, target_logits >= jnp.max(logits, axis=-1)
+    return CrossEntropyAndHits(
+        cross_entropy=jax.nn.logsumexp(logits, axis=-1) - target_logits,
+        correct=target_logits >= jnp.max(logits, axis=-1),
+    )
 
 
 def chunked_cross_entropy(
     hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, chunk: int
-) -> tuple[jax.Array, jax.Array]:
+) -> CrossEntropyAndHits:
     """hidden (B, L, H) final-norm states, head_weight (H, V) in the compute dtype, targets (B, L) ->
-    (cross-entropy (B, L) float32, target has the highest logit (B, L) bool), `chunk` positions at a time (L is
-    padded up to a multiple of it). The backward pass recomputes each chunk's logits."""
+    `CrossEntropyAndHits` (cross-entropy (B, L) float32, target has the highest logit (B, L) bool), `chunk`
+    positions at a time (L is padded up to a multiple of it). The backward pass recomputes each chunk's logits."""
     # vocabulary-parallel: the head weight (and so its gradient, accumulated over the chunks) stays split over the
     # devices by vocabulary; each chunk's hidden states (a few MB) are gathered instead
     head_weight = nn.with_logical_constraint(head_weight, (None, "loss_vocab"))
@@ -72,7 +84,8 @@ def chunked_cross_entropy(
 
 
 def chunk_logits(x: jax.Array, head_weight: jax.Array) -> jax.Array:
-    """One chunk's logits (B, chunk, V), laid out vocabulary-parallel (rows on each data replica)."""
+    """x (B, chunk, H) hidden states, head_weight (H, V) -> the chunk's logits (B, chunk, V) in head_weight's dtype,
+    laid out vocabulary-parallel (rows on each data replica)."""
     x = nn.with_logical_constraint(x, ("loss_batch", None, None))
     return nn.with_logical_constraint(project(x, head_weight), ("loss_batch", None, "loss_vocab"))
 

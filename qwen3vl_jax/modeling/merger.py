@@ -18,8 +18,8 @@ class PatchMerger(nn.Module):
     postshuffle_norm: bool
 
     @nn.compact
-    def __call__(self, x):
-        """x (B, P, D) -> (B, P / m^2, out_hidden)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (B, P, D) -> (B, P / m^2, out_hidden) in the compute dtype (m = spatial_merge_size)."""
         c, kw = self.config.vision, self.config.dense_kwargs
         norm = LayerNorm(
             c.layer_norm_eps,

@@ -13,12 +13,23 @@ from qwen3vl_jax.modeling.deepstack import gather_visual
 from qwen3vl_jax.modeling.kv_cache import KVCache
 from qwen3vl_jax.modeling.layers import Embed
 from qwen3vl_jax.modeling.lm_head import LMHead, chunked_cross_entropy, cross_entropy_and_hits
+from qwen3vl_jax.modeling.outputs import (
+    DecoderOutputs,
+    HeadInputs,
+    LogitsAndRouterLogits,
+    NextTokenLogits,
+    TokenLosses,
+    VisionOutputs,
+)
 from qwen3vl_jax.modeling.vision import VisionTower
 from qwen3vl_jax.parallel.context import context_shards, from_load_balanced, to_load_balanced
 
 
 class Qwen3VL(nn.Module):
-    """`unrolled_decoder`: the decoder's layers as separate modules (decoding; see `modeling.decoder`)."""
+    """`unrolled_decoder`: the decoder's layers as separate modules (decoding; see `modeling.decoder`).
+
+    Shapes: B rows, L tokens, P patches per row (`ModelInputs`), H hidden size, V vocabulary, E experts. The
+    methods return the named tuples of `modeling.outputs`."""
 
     config: ModelConfig
     unrolled_decoder: bool = False
@@ -31,17 +42,17 @@ class Qwen3VL(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = LMHead(c.text.hidden_size, c.text.vocab_size, **kw)
 
-    def encode_vision(self, inputs: ModelInputs):
-        """Merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
+    def encode_vision(self, inputs: ModelInputs) -> VisionOutputs:
+        """`VisionOutputs`: merged visual tokens (B, P/4, H) and the DeepStack features (list of the same shape)."""
         return self.visual(inputs)
 
     def vision_hidden_states(self, inputs: ModelInputs) -> list[jax.Array]:
         """The ViT's patch features before its first block and after each block: depth + 1 arrays (B, P, D)."""
-        return self.visual(inputs, return_hidden_states=True)[2]
+        return self.visual(inputs, return_hidden_states=True).hidden_states
 
-    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None):
-        """Final-norm hidden states (B, L, H), the cache updated with these tokens (None without one) and the
-        router logits of the MoE layers (layers, B*L, E) (None for a dense model).
+    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None) -> DecoderOutputs:
+        """`DecoderOutputs`: final-norm hidden states (B, L, H), the cache updated with these tokens (None without
+        one) and the router logits of the MoE layers (layers, B*L, E) (None for a dense model).
 
         Under a mesh with a `context` axis (and no cache) the decoder runs in the load-balanced layout of
         parallel/context.py: the token inputs are reordered on entry, the outputs restored on exit."""
@@ -68,7 +79,7 @@ class Qwen3VL(nn.Module):
             deepstack=deepstack,
             visual_index=tokens["visual_index"],
             cache=cache,
-            context="load_balanced" if parallel else None,
+            context_layout="load_balanced" if parallel else None,
         )
         if parallel:
             x = from_load_balanced(x, axis=1)
@@ -76,52 +87,58 @@ class Qwen3VL(nn.Module):
                 layers, _, experts = router_logits.shape
                 by_row = router_logits.reshape(layers, *x.shape[:2], experts)
                 router_logits = from_load_balanced(by_row, axis=2).reshape(layers, -1, experts)
-        return x, cache, router_logits
+        return DecoderOutputs(hidden=x, cache=cache, router_logits=router_logits)
 
     def __call__(self, inputs: ModelInputs) -> jax.Array:
         """Logits (B, L, vocab) in the compute dtype."""
-        return self._head(self.hidden_states(inputs)[0])
+        return self._head(self.hidden_states(inputs).hidden)
 
-    def logits_and_router_logits(self, inputs: ModelInputs):
-        """Logits (B, L, vocab) and the MoE router logits (layers, B*L, E) (None for a dense model)."""
+    def logits_and_router_logits(self, inputs: ModelInputs) -> LogitsAndRouterLogits:
+        """`LogitsAndRouterLogits`: logits (B, L, vocab) and the MoE router logits (layers, B*L, E) (None for a dense
+        model)."""
         x, _, router_logits = self.hidden_states(inputs)
-        return self._head(x), router_logits
+        return LogitsAndRouterLogits(logits=self._head(x), router_logits=router_logits)
 
-    def token_losses(self, inputs: ModelInputs, targets: jax.Array, *, chunk: int = 0):
-        """Per token: cross-entropy against `targets` (B, L) in float32 and whether the target has the highest
-        logit; plus the MoE router logits (None for a dense model). chunk > 0: the head and the loss run `chunk`
-        positions at a time, so the whole logits never exist (modeling.lm_head)."""
+    def token_losses(self, inputs: ModelInputs, targets: jax.Array, *, chunk: int = 0) -> TokenLosses:
+        """`TokenLosses`: per token, the cross-entropy (B, L) float32 against the int `targets` (B, L) and whether
+        the target has the highest logit (B, L) bool; plus the MoE router logits (None for a dense model).
+        chunk > 0: the head and the loss run `chunk` positions at a time, so the whole logits never exist
+        (modeling.lm_head)."""
         x, _, router_logits = self.hidden_states(inputs)
         if chunk:
             cross_entropy, correct = chunked_cross_entropy(x, self._head_weight(), targets, chunk=chunk)
         else:
             logits = self._head(x)
             cross_entropy, correct = cross_entropy_and_hits(logits, targets)
-        return cross_entropy, correct, router_logits
+        return TokenLosses(cross_entropy=cross_entropy, correct=correct, router_logits=router_logits)
 
-    def hidden_states_and_head(self, inputs: ModelInputs):
-        """Final-norm hidden states (B, L, H), the output head as an (H, vocab) matrix in the compute dtype, and
-        the MoE router logits (None for a dense model): what a loss computed in chunks needs."""
+    def hidden_states_and_head(self, inputs: ModelInputs) -> HeadInputs:
+        """`HeadInputs`: final-norm hidden states (B, L, H), the output head as an (H, vocab) matrix in the compute
+        dtype, and the MoE router logits (None for a dense model): what a loss computed in chunks needs."""
         x, _, router_logits = self.hidden_states(inputs)
-        return x, self._head_weight(), router_logits
+        return HeadInputs(hidden=x, head=self._head_weight(), router_logits=router_logits)
 
-    def prefill(self, inputs: ModelInputs, cache: KVCache):
-        """Runs the prompt through the model, filling the cache from cache.index on. Returns the logits
-        (B, vocab) after each row's last real token, and the cache."""
+    def prefill(self, inputs: ModelInputs, cache: KVCache) -> NextTokenLogits:
+        """Runs the prompt (`inputs`, B rows of L tokens, any padding) through the model, filling the cache from
+        cache.index on. Returns `NextTokenLogits`: the logits (B, vocab) after each row's last real token, and
+        the cache."""
         x, cache, _ = self.hidden_states(inputs, cache)
         real = inputs.segment_ids > 0
         last = x.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1)
-        return self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
+        return NextTokenLogits(
+            logits=self._head(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache=cache
+        )
 
-    def decode(self, token_ids: jax.Array, positions: jax.Array, cache: KVCache):
-        """One new token per row, written to cache slot cache.index: token_ids (B,), positions (B,) (the same on
-        the t, h and w axes). Returns the next logits (B, vocab) and the cache."""
+    def decode(self, token_ids: jax.Array, positions: jax.Array, cache: KVCache) -> NextTokenLogits:
+        """One new token per row, written to cache slot cache.index: token_ids (B,) int32, positions (B,) int32
+        (the same on the t, h and w axes). Returns `NextTokenLogits`: the next logits (B, vocab) and the cache."""
         x = self.embed_tokens(token_ids[:, None])
         positions = jnp.broadcast_to(positions[:, None, None], (x.shape[0], 3, 1))
         x, cache, _ = self.decoder(x, segment_ids=jnp.ones_like(token_ids)[:, None], positions=positions, cache=cache)
-        return self._head(x[:, 0]), cache
+        return NextTokenLogits(logits=self._head(x[:, 0]), cache=cache)
 
     def _head(self, x: jax.Array) -> jax.Array:
+        """x (..., H) -> logits (..., vocab) in the compute dtype."""
         return self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
     def _head_weight(self) -> jax.Array:
@@ -133,13 +150,15 @@ class Qwen3VL(nn.Module):
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8, patches: int = 4) -> ModelInputs:
-    """All-padding inputs of the given shapes (for init and abstract evaluation)."""
+    """All-padding inputs of `batch` rows of `seq_len` tokens and `patches` patches (for init and abstract
+    evaluation)."""
     return ModelInputs(**empty_inputs(batch, seq_len=seq_len, max_patches=patches, patch_dim=config.vision.patch_dim))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False):
-    """Random parameters (normal(0.02) kernels and embeddings, unit norms, zero biases). With boxed=True the
-    leaves keep their logical-axis metadata (nn.LogicallyPartitioned)."""
+    """Random parameters (normal(0.02) kernels and embeddings, unit norms, zero biases); the decoder's and the
+    ViT's scanned stacks have a leading layer axis. With boxed=True the leaves keep their logical-axis metadata
+    (nn.LogicallyPartitioned)."""
     variables = Qwen3VL(config).init(rng, dummy_inputs(config))
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,19 +29,35 @@ from qwen3vl_jax.modeling.layers import Dense, default_init, param
 from qwen3vl_jax.parallel.sharding import BATCH_AXES
 
 
-def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """logits (T, E) -> (weights (T, k) in the logits dtype, experts (T, k) int32): softmax over all experts in
-    fp32, top-k, then always renormalised, as `Qwen3VLMoeTextTopKRouter.forward` does (it never reads the
-    released configs' norm_topk_prob)."""
+class Routing(NamedTuple):
+    """Each token's k experts and their weights (`route`)."""
+
+    weights: jax.Array  # (T, k) in the router logits' dtype: renormalised to sum to 1 per token
+    experts: jax.Array  # (T, k) int32: expert ids, highest probability first
+
+
+class MoeBlockOutputs(NamedTuple):
+    """`MoeBlock`'s results."""
+
+    hidden: jax.Array  # (B, L, H) compute dtype: the weighted sum of each token's experts' outputs
+    router_logits: jax.Array  # (B*L, E) compute dtype: for the load-balancing and z losses
+
+
+def route(logits: jax.Array, top_k: int) -> Routing:
+    """logits (T, E) -> `Routing` (weights (T, k) in the logits dtype, experts (T, k) int32): softmax over all
+    experts in fp32, top-k, then always renormalised, as `Qwen3VLMoeTextTopKRouter.forward` does (it never reads
+    the released configs' norm_topk_prob)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, experts = jax.lax.top_k(probs, top_k)
-    return (top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype), experts.astype(jnp.int32)
+    return Routing(
+        weights=(top / top.sum(axis=-1, keepdims=True)).astype(logits.dtype), experts=experts.astype(jnp.int32)
+    )
 
 
 def load_balancing_loss(router_logits: jax.Array, mask: jax.Array, *, top_k: int) -> jax.Array:
-    """transformers' load_balancing_loss_func: router_logits (layers, T, E), mask (T,) of real tokens.
-    f_e = top-k assignments to e / (real tokens x layers), P_e = mean softmax probability of e over the same
-    rows; loss = E * sum_e f_e P_e."""
+    """transformers' load_balancing_loss_func: router_logits (layers, T, E), mask (T,) of real tokens -> float32
+    scalar. f_e = top-k assignments to e / (real tokens x layers), P_e = mean softmax probability of e over the
+    same rows; loss = E * sum_e f_e P_e."""
     experts = router_logits.shape[-1]
     mask = mask.astype(jnp.float32)
     probs = jax.nn.softmax(router_logits, axis=-1).astype(jnp.float32)
@@ -52,13 +69,15 @@ def load_balancing_loss(router_logits: jax.Array, mask: jax.Array, *, top_k: int
 
 
 def router_z_loss(router_logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean over real tokens and layers of logsumexp(router logits)^2 (ST-MoE)."""
+    """router_logits (layers, T, E), mask (T,) of real tokens -> float32 scalar: the mean over real tokens and
+    layers of logsumexp(router logits)^2 (ST-MoE)."""
     z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1) ** 2
     return jnp.einsum("lt,t->", z, mask.astype(jnp.float32)) / (mask.sum() * router_logits.shape[0])
 
 
 def experts_dense(x, *, experts, weights, gate_up, down):
-    """Every expert on every token, combined with the routing weights: O(T E) work, the reference."""
+    """x (T, H), experts and weights (T, k) (`Routing`), gate_up (E, H, 2I), down (E, I, H) -> (T, H): every
+    expert on every token, combined with the routing weights: O(T E) work, the reference."""
     inter = down.shape[1]
     h = jnp.einsum("th,ehf->etf", x, gate_up)
     h = jax.nn.silu(h[..., :inter]) * h[..., inter:]
@@ -97,8 +116,9 @@ def experts_grouped(
     tiling: tuple[int, int, int],
     first_expert: int | jax.Array = 0,
 ):
-    """Dropless sorted dispatch over the local experts first_expert .. first_expert + E_local - 1 (all when not
-    expert-parallel); assignments to other experts contribute nothing here."""
+    """x (T, H), experts and weights (T, k) (`Routing`), gate_up (E_local, H, 2I), down (E_local, I, H) -> (T, H):
+    dropless sorted dispatch over the local experts first_expert .. first_expert + E_local - 1 (all when not
+    expert-parallel); assignments to other experts contribute nothing here. tiling: megablox's (m, k, n) tiles."""
     tokens, top_k = experts.shape
     local_experts, inter = gate_up.shape[0], down.shape[1]
     local = experts - first_expert
@@ -255,7 +275,7 @@ def _grouped_matmul(lhs, rhs, *, group_sizes, backend, tiling):
 
 
 class MoeBlock(nn.Module):
-    """x (B, L, H) -> (y (B, L, H), router logits (B*L, E))."""
+    """x (B, L, H) -> `MoeBlockOutputs` (hidden (B, L, H), router logits (B*L, E))."""
 
     config: TextConfig
     _: dataclasses.KW_ONLY
@@ -265,7 +285,7 @@ class MoeBlock(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> MoeBlockOutputs:
         text = self.config
         batch, length, hidden = x.shape
         tokens = x.reshape(batch * length, hidden)
@@ -304,7 +324,7 @@ class MoeBlock(nn.Module):
             y = _expert_parallel(tokens, **routed, mesh=mesh, backend=self.backend, tiling=self.tiling)
         else:
             y = experts_grouped(tokens, **routed, backend=self.backend, tiling=self.tiling)
-        return y.reshape(batch, length, hidden), logits
+        return MoeBlockOutputs(hidden=y.reshape(batch, length, hidden), router_logits=logits)
 
 
 def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, tiling):

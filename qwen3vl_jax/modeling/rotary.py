@@ -4,6 +4,7 @@ transformers' rope initialisation functions compute them) and the rotate-half ap
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +13,34 @@ import numpy as np
 from qwen3vl_jax.config import TextConfig
 
 
+class RotaryTables(NamedTuple):
+    """The cos and sin of every rotary angle, each position's angles duplicated over the two halves of head_dim
+    (the rotate-half pairing of `apply_rotary`)."""
+
+    cos: jax.Array  # (..., head_dim) float32: (B, L, head_dim) for the decoder, (B, P, head_dim) for the ViT
+    sin: jax.Array  # (..., head_dim) float32
+
+
+class RopeFrequencies(NamedTuple):
+    """The text decoder's rotary frequencies (`text_rope`)."""
+
+    inv_freq: np.ndarray  # (head_dim/2,) float32: the angle per position step of each frequency
+    scaling: float  # the factor on cos and sin (YaRN's attention factor; 1.0 for plain RoPE)
+
+
 def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
-    """1 / theta^(2k/dim) for k < dim/2 in float32; the power is rounded from float64, which reproduces
+    """(dim/2,) float32: 1 / theta^(2k/dim) for k < dim/2; the power is rounded from float64, which reproduces
     torch's float32 `theta ** exponent` in all but rare last-ulp cases."""
     exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
     return np.float32(1.0) / np.power(np.float64(theta), exponent).astype(np.float32)
 
 
-def text_rope(text: TextConfig) -> tuple[np.ndarray, float]:
+def text_rope(text: TextConfig) -> RopeFrequencies:
     """The text decoder's inverse frequencies (head_dim/2,) and cos/sin scaling: plain RoPE, or YaRN as
     transformers computes it (NTK-by-parts interpolation between extrapolated and factor-interpolated
     frequencies, attention factor 0.1 ln(factor) + 1 unless given)."""
     if text.rope_type == "default":
-        return inverse_frequencies(text.rope_theta, text.head_dim), 1.0
+        return RopeFrequencies(inv_freq=inverse_frequencies(text.rope_theta, text.head_dim), scaling=1.0)
     scaling = dict(text.rope_scaling)
     dim, base, factor = text.head_dim, text.rope_theta, scaling["factor"]
     original = scaling["original_max_position_embeddings"]
@@ -51,16 +67,17 @@ def text_rope(text: TextConfig) -> tuple[np.ndarray, float]:
     extrapolated = inverse_frequencies(base, dim)
     interpolated = (extrapolated / np.float32(factor)).astype(np.float32)
     inv_freq = interpolated * (np.float32(1) - extrapolation_weight) + extrapolated * extrapolation_weight
-    return inv_freq.astype(np.float32), float(attention_factor)
+    return RopeFrequencies(inv_freq=inv_freq.astype(np.float32), scaling=float(attention_factor))
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
+    """x (..., hd) -> (..., hd): [-x2, x1] for the halves x1, x2 of the last axis (`rotate_half` in transformers)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *, compute_dtype=None) -> jax.Array:
-    """x (B, L, heads, hd); cos/sin (B, L, hd). Rotate-half pairing (i, i + hd/2).
+    """x (B, L, heads, hd); cos/sin (B, L, hd) -> (B, L, heads, hd) in x's dtype. Rotate-half pairing (i, i + hd/2).
 
     The text decoder rotates in the activation dtype with cos/sin cast to it; the ViT rotates in float32
     (`compute_dtype=jnp.float32`), as transformers does.

@@ -22,12 +22,13 @@ from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.deepstack import block_stacks
 from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
 from qwen3vl_jax.modeling.merger import PatchMerger
+from qwen3vl_jax.modeling.outputs import VisionOutputs, VisionOutputsWithHiddenStates
 from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
-from qwen3vl_jax.modeling.rotary import apply_rotary, inverse_frequencies
+from qwen3vl_jax.modeling.rotary import RotaryTables, apply_rotary, inverse_frequencies
 from qwen3vl_jax.parallel.context import context_shards
 
 
-def vision_rotary_tables(rowcol: jax.Array, *, head_dim: int, theta: float):
+def vision_rotary_tables(rowcol: jax.Array, *, head_dim: int, theta: float) -> RotaryTables:
     """rowcol (..., 2) int patch coordinates -> cos, sin (..., head_dim) float32.
 
     Angles are [row * f, col * f] over hd/4 frequencies of a rotary dim hd/2, duplicated to hd, as in
@@ -37,18 +38,18 @@ def vision_rotary_tables(rowcol: jax.Array, *, head_dim: int, theta: float):
     angles = rowcol[..., :, None].astype(jnp.float32) * inv_freq  # (..., 2, hd/4)
     angles = angles.reshape(*rowcol.shape[:-1], -1)  # [row freqs | col freqs]
     emb = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    return RotaryTables(cos=jnp.cos(emb), sin=jnp.sin(emb))
 
 
 @flax.struct.dataclass
-class VisionContext:
-    """What every ViT block reads besides its input; built once per call by `VisionTower`."""
+class VisionBlockInputs:
+    """What every ViT block reads besides its hidden states x; built once per call by `VisionTower`."""
 
     segment_ids: jax.Array  # (B, P) int32: one id per (image, temporal group), 0 = padding
     cos: jax.Array | None  # (B, P, head_dim) float32 2-D rotary tables; None without vision positions
     sin: jax.Array | None
     # "local" when the patch buffer is split over the mesh's `context` axis (parallel/context.py), else None
-    context: str | None = flax.struct.field(pytree_node=False, default=None)
+    context_layout: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class VisionBlock(nn.Module):
@@ -58,8 +59,8 @@ class VisionBlock(nn.Module):
     keep_output: bool = False  # also return x as the scan's per-block output (VisionTower's hidden states)
 
     @nn.compact
-    def __call__(self, x, context: VisionContext):
-        """x (B, P, D). Returns (x, None) for nn.scan, or (x, x) with keep_output."""
+    def __call__(self, x: jax.Array, block_inputs: VisionBlockInputs) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, P, D) -> (x (B, P, D), None) as nn.scan's (carry, output), or (x, x) with keep_output."""
         c, kw = self.config.vision, self.config.linear_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "patches", "vision_embed")))
         h = LayerNorm(c.layer_norm_eps, param_dtype=kw["param_dtype"], name="norm1")(x)
@@ -71,18 +72,18 @@ class VisionBlock(nn.Module):
             **kw,
         )(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if context.cos is not None:
-            q, k = (apply_rotary(t, context.cos, context.sin, compute_dtype=jnp.float32) for t in (q, k))
+        if block_inputs.cos is not None:
+            q, k = (apply_rotary(t, block_inputs.cos, block_inputs.sin, compute_dtype=jnp.float32) for t in (q, k))
         o = attention(
             q,
             k,
             v,
-            q_segment_ids=context.segment_ids,
-            kv_segment_ids=context.segment_ids,
+            q_segment_ids=block_inputs.segment_ids,
+            kv_segment_ids=block_inputs.segment_ids,
             causal=False,
             impl=self.config.attention_impl,
             block_sizes=self.config.splash_block_sizes,
-            context=context.context,
+            context_layout=block_inputs.context_layout,
         )
         x = x + Dense(
             c.hidden_size,
@@ -105,15 +106,17 @@ class VisionTower(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, inputs: ModelInputs, *, return_hidden_states: bool = False):
+    def __call__(
+        self, inputs: ModelInputs, *, return_hidden_states: bool = False
+    ) -> VisionOutputs | VisionOutputsWithHiddenStates:
         """The patch fields of `inputs`: pixel_patches (B, P, C*Tp*P*P); patch_segment_ids (B, P), 0 = padding;
         pos_embed_index / pos_embed_weight (B, P, 4) bilinear taps into the pos-embed table; patch_rowcol (B, P, 2).
 
-        Returns merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of `num_deepstack`
-        arrays of the same shape (`pooler_output` and `deepstack_features` of `Qwen3VLVisionModel.forward`);
-        with return_hidden_states also the patch features before the first block and after each block, a list of
-        depth + 1 arrays (B, P, hidden) (what forward hooks on transformers' `patch_embed` (+ position
-        embedding) and `blocks[i]` see)."""
+        Returns `VisionOutputs`: merged tokens (B, P/m^2, out_hidden) and the DeepStack features, a list of
+        `num_deepstack` arrays of the same shape (`pooler_output` and `deepstack_features` of
+        `Qwen3VLVisionModel.forward`). With return_hidden_states, `VisionOutputsWithHiddenStates`: also the patch
+        features before the first block and after each block, a list of depth + 1 arrays (B, P, hidden) (what
+        forward hooks on transformers' `patch_embed` (+ position embedding) and `blocks[i]` see)."""
         vision, kw = self.config.vision, self.config.dense_kwargs
         x = Dense(vision.hidden_size, ("patch", "vision_embed"), use_bias=True, name="patch_embed", **kw)(
             inputs.pixel_patches
@@ -137,7 +140,7 @@ class VisionTower(nn.Module):
             cos, sin = vision_rotary_tables(inputs.patch_rowcol, head_dim=vision.head_dim, theta=vision.rope_theta)
         # each context shard runs the ViT on its own images (parallel/context.py's `align_patches`)
         split = "local" if context_shards() > 1 and not self.is_initializing() else None
-        context = VisionContext(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin, context=split)
+        block_inputs = VisionBlockInputs(segment_ids=inputs.patch_segment_ids, cos=cos, sin=sin, context_layout=split)
 
         taps = vision.deepstack_visual_indexes[: self.config.num_deepstack]
         deepstack, hidden_states = [], [x]
@@ -150,11 +153,13 @@ class VisionTower(nn.Module):
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, outputs = blocks(self.config, keep_output=return_hidden_states, name=f"blocks_{stack}")(x, context)
+            x, outputs = blocks(self.config, keep_output=return_hidden_states, name=f"blocks_{stack}")(x, block_inputs)
             if return_hidden_states:
                 hidden_states += list(outputs)  # (blocks of this stack, B, P, hidden)
             if end - 1 in taps:
                 merger = PatchMerger(self.config, postshuffle_norm=True, name=f"deepstack_merger_{len(deepstack)}")
                 deepstack.append(merger(x))
         merged = PatchMerger(self.config, postshuffle_norm=False, name="merger")(x)
-        return (merged, deepstack, hidden_states) if return_hidden_states else (merged, deepstack)
+        if return_hidden_states:
+            return VisionOutputsWithHiddenStates(merged=merged, deepstack=deepstack, hidden_states=hidden_states)
+        return VisionOutputs(merged=merged, deepstack=deepstack)

@@ -10,7 +10,7 @@ instead), so any rule set works on any mesh.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen3vl_jax.inputs.batch import BATCH_FIELDS, TrainingBatch
 from qwen3vl_jax.parallel.context import check_patch_layout
 
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
@@ -95,6 +96,26 @@ def make_mesh(sizes: dict[str, int] | Sequence[int], devices: Sequence[Any] | No
     return Mesh(array, MESH_AXES)
 
 
+def project_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` as a mesh of this project's axes MESH_AXES, in that order, of the Auto axis type the sharding rules
+    are written for: an axis it lacks has size 1 (e.g. `jax.make_mesh((4, 2), ("fsdp", "tensor"))` becomes data 1,
+    fsdp 4, context 1, tensor 2, expert 1 over the same devices, each device at the same place along the axes
+    it had). An axis the project does not know is a ValueError naming it."""
+    names = tuple(mesh.axis_names)
+    unknown = [name for name in names if name not in MESH_AXES]
+    if unknown:
+        raise ValueError(
+            f"mesh axes {unknown} are not axes of this project's sharding rules; a mesh's axes are named from "
+            f"{MESH_AXES} (any may be left out: it counts as size 1), e.g. make_mesh({{'fsdp': 4, 'tensor': 2}})"
+        )
+    auto = all(kind == jax.sharding.AxisType.Auto for kind in mesh.axis_types)
+    if names == MESH_AXES and auto:
+        return mesh
+    order = [names.index(axis) for axis in MESH_AXES if axis in names]
+    devices = np.transpose(mesh.devices, order).reshape([mesh.shape.get(axis, 1) for axis in MESH_AXES])
+    return Mesh(devices, MESH_AXES)
+
+
 def spec_for(names: Sequence[str | None], shape: Sequence[int], *, mesh: Mesh, rules) -> PartitionSpec:
     """The PartitionSpec of an array with logical axis `names`, dropping mesh axes that do not divide its dim
     or are already used by an earlier dim."""
@@ -154,30 +175,28 @@ def param_shardings(boxed_params: Any, mesh: Mesh, *, rules=DEFAULT_RULES) -> An
     return jax.tree_util.tree_map(sharding, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-# the sequence axis of the batch arrays that have one: token arrays (B, L), positions (B, 3, L), patches (B, P, ...)
-# offline distillation (training/teacher_cache.py): the teacher's k largest logits and their token ids, (B, L, k)
-TEACHER_TOP_K = ("teacher_top_logits", "teacher_top_ids")
-SEQUENCE_AXIS = {
-    **dict.fromkeys(("input_ids", "segment_ids", "visual_index", "targets", "loss_mask"), 1),
-    "positions": 2,
-    **dict.fromkeys(("pixel_patches", "patch_segment_ids", "pos_embed_index", "pos_embed_weight", "patch_rowcol"), 1),
-    **dict.fromkeys(TEACHER_TOP_K, 1),
-}
-TRAINING_BATCH = tuple(name for name in SEQUENCE_AXIS if name not in TEACHER_TOP_K)
-
-
-def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
-    """The sharding of batch array `name`: its leading (batch) axis over the data, fsdp and expert axes and, for
-    the token and patch arrays (SEQUENCE_AXIS), the sequence axis over context."""
-    axis = SEQUENCE_AXIS.get(name)
+def _sequence_sharding(mesh: Mesh, axis: int | None) -> NamedSharding:
+    """The leading (batch) axis over the data, fsdp and expert axes and `axis` (None: none) over context."""
     if axis is None or mesh.shape.get("context", 1) == 1:
         return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (axis - 1)), "context"))
 
 
-def batch_shardings(mesh: Mesh, names=TRAINING_BATCH) -> dict[str, NamedSharding]:
-    """{name: batch_sharding(mesh, name)} for the arrays of a batch (default: a training batch's)."""
-    return {name: batch_sharding(mesh, name) for name in names}
+def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
+    """The sharding of training-batch array `name` (inputs.batch.BATCH_FIELDS; other names: batch axis only): its
+    leading (batch) axis over the data, fsdp and expert axes and, for the token and patch arrays, the sequence
+    axis over context."""
+    field = BATCH_FIELDS.get(name)
+    return _sequence_sharding(mesh, None if field is None else field.sequence_axis)
+
+
+def batch_shardings(mesh: Mesh, extra: tuple[str, ...] = ()) -> TrainingBatch:
+    """The NamedShardings of a TrainingBatch's arrays, with `extra` the names of an objective's extra arrays
+    ((B, L, ...): split like the tokens)."""
+    return TrainingBatch.from_arrays(
+        {name: batch_sharding(mesh, name) for name in BATCH_FIELDS},
+        extra={name: _sequence_sharding(mesh, 1) for name in extra},
+    )
 
 
 def row_groups(mesh: Mesh, *, process_of=lambda device: device.process_index) -> tuple[int, int]:
@@ -202,35 +221,44 @@ def _process_ranges(index_map, axis: int, process_of) -> dict[int, tuple[int, in
 
 
 def global_batch(
-    batch: dict[str, np.ndarray], mesh: Mesh, *, row_group_count: int | None = None
-) -> dict[str, jax.Array]:
+    batch: TrainingBatch | Mapping[str, np.ndarray], mesh: Mesh, *, row_group_count: int | None = None
+) -> TrainingBatch | dict[str, jax.Array]:
     """Assembles each host's local batch (whole rows: those of its row group, `row_groups`) into global arrays
-    sharded like `batch_sharding` (multi-host safe; a host passes on the part of the sequence its devices hold).
-    With a context axis, a ViT segment must not cross a context shard's slot of the patch buffer
-    (parallel.context.check_patch_layout). `row_group_count`: `row_groups(mesh)[1]`, when the caller knows it."""
-    if "patch_segment_ids" in batch:
-        check_patch_layout(np.asarray(batch["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
+    sharded like `batch_shardings` (multi-host safe; a host passes on the part of the sequence its devices hold).
+    `batch`: a TrainingBatch, or some of its arrays by name. With a context axis, a ViT segment must not cross a
+    context shard's slot of the patch buffer (parallel.context.check_patch_layout). `row_group_count`:
+    `row_groups(mesh)[1]`, when the caller knows it."""
+    typed = isinstance(batch, TrainingBatch)
+    arrays = batch.arrays if typed else dict(batch)
+    extra = set(batch.extra) if typed else set()
+    if "patch_segment_ids" in arrays:
+        check_patch_layout(np.asarray(arrays["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
     groups = row_groups(mesh)[1] if row_group_count is None else row_group_count
-    arrays = {}
-    for name, value in batch.items():
-        value, sharding = np.asarray(value), batch_sharding(mesh, name)
+    assembled = {}
+    for name, value in arrays.items():
+        field = BATCH_FIELDS.get(name)
+        axis = 1 if name in extra else None if field is None else field.sequence_axis
+        value, sharding = np.asarray(value), _sequence_sharding(mesh, axis)
         global_shape = (value.shape[0] * groups, *value.shape[1:])
-        axis = SEQUENCE_AXIS.get(name)
         if axis is not None and jax.process_count() > groups:  # the sequence is split between hosts
             index_map = sharding.devices_indices_map(global_shape)
             start, stop = _process_ranges(index_map, axis, lambda d: d.process_index)[jax.process_index()]
             value = np.take(value, np.arange(start, stop), axis=axis)
-        arrays[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return arrays
+        assembled[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    if not typed:
+        return assembled
+    return TrainingBatch.from_arrays(
+        {name: assembled[name] for name in BATCH_FIELDS}, extra={name: assembled[name] for name in batch.extra}
+    )
 
 
-def attention_specs(mesh, *, batch: int, heads: int, kv_heads: int, context: bool) -> tuple:
+def attention_specs(mesh, *, batch: int, heads: int, kv_heads: int, split_over_context: bool) -> tuple:
     """shard_map specs of attention's (B, L, heads, D) arrays and (B, L) segment ids: batch over the batch axes
-    (when they divide it), the length over `context` (when `context`), heads over tensor (when it divides both
-    the query and the key/value heads)."""
+    (when they divide it), the length over `context` (when `split_over_context`), heads over tensor (when it
+    divides both the query and the key/value heads)."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     batch_axes = axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else None
     tensor = mesh.shape.get("tensor", 1)
     heads_axis = "tensor" if tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0 else None
-    length_axis = "context" if context else None
+    length_axis = "context" if split_over_context else None
     return PartitionSpec(batch_axes, length_axis, heads_axis), PartitionSpec(batch_axes, length_axis)

@@ -12,7 +12,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from qwen3vl_jax.checkpoints.storage import read_json
+from qwen3vl_jax.storage import read_json
 
 _BUNDLED = os.path.join(os.path.dirname(__file__), "qwen3_vl_chat_template.jinja")
 _ASSISTANT_TURN = re.compile(re.escape("<|im_start|>assistant\n") + r"(.*?" + re.escape("<|im_end|>") + ")", re.S)

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from qwen3vl_jax.checkpoints.storage import read_json, write_json
 from qwen3vl_jax.processing import chat
 from qwen3vl_jax.processing import image as image_ops
 from qwen3vl_jax.processing import video as video_ops
 from qwen3vl_jax.processing.errors import DataError
 from qwen3vl_jax.processing.tokenizer import load_tokenizer, token_id
+from qwen3vl_jax.storage import read_json, write_json
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"

@@ -4,6 +4,7 @@ compile planner (devices of a topology description) and the eval binary."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -15,38 +16,14 @@ from ml_collections import ConfigDict
 
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.train_state import abstract_like
-from qwen3vl_jax.config import ModelConfig, preset
 from qwen3vl_jax.modeling.model import abstract_params, init_params
-from qwen3vl_jax.parallel.sharding import (
-    DEFAULT_RULES,
-    TEACHER_TOP_K,
-    TRAINING_BATCH,
-    batch_shardings,
-    param_shardings,
-)
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, param_shardings
 from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer, load_processor
 from qwen3vl_jax.processing.chat import load_chat_template
+from qwen3vl_jax.training.model_source import model_config_from
+from qwen3vl_jax.training.objectives import objective_from
 from qwen3vl_jax.training.optimizer import make_optimizer
-from qwen3vl_jax.training.train_step import (
-    Distillation,
-    PreferenceTuning,
-    TrainState,
-    make_eval_step,
-    make_preference_eval_step,
-    make_train_step,
-)
-
-OBJECTIVES = ("sft", "dpo")
-
-
-def model_config_from(config: ConfigDict) -> ModelConfig:
-    """An HF checkpoint's config (config.model.init_from) or a preset, with config.model.overrides."""
-    overrides = config.model.overrides.to_dict() if config.model.get("overrides") else {}
-    if config.get("lora"):  # --config.lora.rank=16 on any train config
-        overrides["lora"] = config.lora.to_dict()
-    if config.model.init_from:
-        return hf_io.load_config(config.model.init_from, **overrides)
-    return preset(config.model.preset, **overrides)
+from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
 
 def processor_from(config: ConfigDict) -> Processor:
@@ -56,46 +33,6 @@ def processor_from(config: ConfigDict) -> Processor:
     if config.model.init_from:
         return load_processor(config.model.init_from, **settings)
     return Processor(byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(**settings))
-
-
-def distillation_from(config: ConfigDict, student: ModelConfig) -> Distillation | None:
-    """config.distill (teacher: an HF checkpoint directory, or teacher_cache: its cached top-k logits; both empty:
-    no distillation) for `student`: the teacher runs in the student's compute and parameter dtypes and attention
-    implementation."""
-    settings = config.get("distill")
-    if not settings or not (settings.teacher or settings.get("teacher_cache")):
-        return None
-    if not 0.0 <= settings.alpha <= 1.0 or settings.temperature <= 0:
-        raise ValueError(f"distill.alpha must be in [0, 1] and distill.temperature > 0, got {settings}")
-    if settings.get("teacher_cache"):
-        if settings.teacher:
-            raise ValueError("distill.teacher and distill.teacher_cache are both set: online or offline, choose one")
-        return Distillation(
-            None, alpha=settings.alpha, temperature=settings.temperature, all_text_tokens=settings.all_text_tokens
-        )
-    same = dict(dtype=student.dtype, param_dtype=student.param_dtype, attention_impl=student.attention_impl)
-    teacher = hf_io.load_config(settings.teacher, **same)
-    if teacher.text.vocab_size != student.text.vocab_size:
-        raise ValueError(
-            f"teacher {settings.teacher} has a vocabulary of {teacher.text.vocab_size}, the student "
-            f"{student.text.vocab_size}: distillation needs the same tokenizer"
-        )
-    # the batch's patch features (pixels, position-embedding taps, rotary ids) are computed for the student's ViT
-    geometry = ("patch_size", "temporal_patch_size", "spatial_merge_size", "num_position_embeddings", "in_channels")
-    differ = [f for f in geometry if getattr(teacher.vision, f) != getattr(student.vision, f)]
-    if differ:
-        raise ValueError(f"teacher {settings.teacher}: its ViT differs from the student's in {differ}")
-    return Distillation(
-        teacher, alpha=settings.alpha, temperature=settings.temperature, all_text_tokens=settings.all_text_tokens
-    )
-
-
-def preference_from(config: ConfigDict) -> PreferenceTuning | None:
-    """config.objective "dpo" -> config.dpo (beta, variant); "sft" (the default) -> None."""
-    objective = config.get("objective", "sft")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} not in {OBJECTIVES}")
-    return PreferenceTuning(beta=config.dpo.beta, variant=config.dpo.variant) if objective == "dpo" else None
 
 
 def train_state_shardings(boxed_params: Any, optimizer, mesh: Mesh, *, rules=DEFAULT_RULES) -> TrainState:
@@ -117,11 +54,9 @@ class StepBuilder:
 
     def __init__(self, config: ConfigDict, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        rules = config.get("sharding_rules")  # [[logical axis, mesh axis | [mesh axes] | None], ...]
-        self.rules = (
-            tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
-            if rules
-            else DEFAULT_RULES
+        # [[logical axis, mesh axis | [mesh axes] | None], ...] (lists once the config went through JSON)
+        self.rules = tuple(
+            (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules
         )
         self.model_config = model_config_from(config)
         boxed = abstract_params(self.model_config, boxed=True)
@@ -133,58 +68,54 @@ class StepBuilder:
         )
         replicated = NamedSharding(mesh, PartitionSpec())
         self.shardings = train_state_shardings(boxed, self.optimizer, mesh, rules=self.rules)
-        self.distillation = distillation_from(config, self.model_config)
-        self.preference = preference_from(config)
-        # DPO without LoRA: the frozen reference (the step-0 weights) is the step's third argument, like a teacher
-        self.needs_reference = self.preference is not None and not self.model_config.lora.rank
+        self.objective = objective_from(config, self.model_config)
+        # a teacher or a reference: the train step's argument after (state, batch), on the same mesh and rules
+        self.frozen_model = self.objective.frozen_model(self.model_config)
+        if self.frozen_model is not None:
+            self.frozen_shardings = param_shardings(
+                abstract_params(self.frozen_model.config, boxed=True), mesh, rules=self.rules
+            )
+        frozen = (self.frozen_shardings,) if self.frozen_model is not None else ()
         step_fn = make_train_step(
             self.model_config,
+            objective=self.objective,
             optimizer=self.optimizer,
             schedule=self.schedule,
             loss_normalization=config.loss_normalization,
             grad_accum_steps=config.grad_accum_steps,
             loss_chunk=config.loss_chunk,
             freeze=tuple(config.optimizer.freeze),
-            distill=self.distillation,
-            preference=self.preference,
         )
-        # offline distillation: the train batches carry the teacher's top-k logits
-        self.offline_distillation = self.distillation is not None and self.distillation.teacher is None
         batch = batch_shardings(mesh)
-        train_batch = batch_shardings(mesh, TRAINING_BATCH + TEACHER_TOP_K) if self.offline_distillation else batch
-        in_shardings = (self.shardings, train_batch)
-        if self.distillation and not self.offline_distillation:  # the teacher on the same mesh, same rules
-            teacher = abstract_params(self.distillation.teacher, boxed=True)
-            self.teacher_shardings = param_shardings(teacher, mesh, rules=self.rules)
-            in_shardings += (self.teacher_shardings,)
-        elif self.needs_reference:
-            in_shardings += (self.shardings.params,)
+        train_batch = batch_shardings(mesh, extra=self.objective.batch_fields)
         self.train_step = jax.jit(
-            step_fn, in_shardings=in_shardings, out_shardings=(self.shardings, replicated), donate_argnums=0
+            step_fn,
+            in_shardings=(self.shardings, train_batch, *frozen),
+            out_shardings=(self.shardings, replicated),
+            donate_argnums=0,
         )
-        if self.preference is None:
-            self.eval_step = jax.jit(
-                make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
-                in_shardings=(self.shardings.params, batch),
-                out_shardings=replicated,
-            )
-        else:  # held-out pairs: preference accuracy and reward margin against the same reference
-            eval_shardings = (self.shardings.params, batch) + ((self.shardings.params,) if self.needs_reference else ())
-            self.eval_step = jax.jit(
-                make_preference_eval_step(self.model_config, self.preference, loss_chunk=config.loss_chunk),
-                in_shardings=eval_shardings,
-                out_shardings=replicated,
-            )
+        self.eval_takes_frozen = self.objective.frozen_in_eval and self.frozen_model is not None
+        self.eval_step = jax.jit(
+            self.objective.make_eval_step(self.model_config, loss_chunk=config.loss_chunk),
+            in_shardings=(self.shardings.params, batch, *(frozen if self.eval_takes_frozen else ())),
+            out_shardings=replicated,
+        )
 
-    def teacher_params(self) -> tuple:
-        """The train step's arguments after (state, batch): (the teacher's parameters,) when distilling, each
-        device's shard read from the checkpoint files; (the step-0 parameters,) as DPO's frozen reference; else ()."""
-        if self.needs_reference:
-            return (self.initial_params(),)
-        if not self.distillation or self.offline_distillation:
+    @functools.cached_property
+    def frozen_params(self) -> tuple:
+        """The train step's arguments after (state, batch): (the frozen model's parameters,) — a teacher's, each
+        device's shard read from its checkpoint files, or the step-0 parameters (a reference) — or ()."""
+        frozen = self.frozen_model
+        if frozen is None:
             return ()
-        path = self.config.distill.teacher
-        return (hf_io.load_params(path, self.distillation.teacher, self.teacher_shardings),)
+        if not frozen.checkpoint:
+            return (self.initial_params(),)
+        return (hf_io.load_params(frozen.checkpoint, frozen.config, self.frozen_shardings),)
+
+    @property
+    def eval_frozen_params(self) -> tuple:
+        """The eval step's arguments after (params, batch)."""
+        return self.frozen_params if self.eval_takes_frozen else ()
 
     def initial_state(self) -> TrainState:
         """Step 0: the checkpoint's weights (config.model.init_from) or random ones (config.seed), fresh optimizer
@@ -201,7 +132,7 @@ class StepBuilder:
         mc, shardings = self.model_config, self.shardings
         if self.config.model.init_from:
             # each device's shard read straight from the checkpoint files (no whole copy of the model on a host)
-            fresh = tuple(self.config.model.get("init_fresh", ()))
+            fresh = tuple(self.config.model.init_fresh)
             params = hf_io.load_params(self.config.model.init_from, mc, shardings.params, fresh=fresh)
             params = flatten_dict(params)
             missing = sorted(set(flatten_dict(shardings.params)) - set(params))
@@ -221,13 +152,12 @@ class StepBuilder:
             params = init(mc, jax.random.PRNGKey(self.config.seed))
         return params
 
-    def abstract_teacher(self) -> tuple:
-        """teacher_params()'s shapes, dtypes and shardings (compile target)."""
-        if self.needs_reference:
-            return (self.abstract_state().params,)
-        if not self.distillation or self.offline_distillation:
+    def abstract_frozen_params(self) -> tuple:
+        """frozen_params' shapes, dtypes and shardings (compile target)."""
+        if self.frozen_model is None:
             return ()
-        return (abstract_like(nn.meta.unbox(abstract_params(self.distillation.teacher)), self.teacher_shardings),)
+        boxed = abstract_params(self.frozen_model.config)
+        return (abstract_like(nn.meta.unbox(boxed), self.frozen_shardings),)
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (restore and compile target)."""

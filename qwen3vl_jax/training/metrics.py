@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from tensorboardX import SummaryWriter
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 

@@ -19,20 +19,16 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from qwen3vl_jax.checkpoints import storage
-from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.inputs.model_inputs import ModelInputs
-from qwen3vl_jax.modeling.model import Qwen3VL
-from qwen3vl_jax.parallel.sharding import TEACHER_TOP_K
-from qwen3vl_jax.training.distill import teacher_top_k
-from qwen3vl_jax.training.train_step import kl_token_weights
+from qwen3vl_jax import storage
+from qwen3vl_jax.inputs.batch import TrainingBatch
 
 METADATA = "cache.json"
+# the arrays a student's batches get (TrainingBatch.extra): the teacher's k largest logits and their ids, (B, L, k)
+TEACHER_TOP_K = ("teacher_top_logits", "teacher_top_ids")
 FORMAT = 1
 # data fields that do not change which examples a step's batch holds
 _DATA_FIELDS_IGNORED = ("workers",)
@@ -90,22 +86,6 @@ def write_step(
     temporary.rename(step_file(directory, step))
 
 
-def make_top_k_step(teacher: ModelConfig, *, k: int, chunk: int, all_text_tokens: bool) -> Callable:
-    """(teacher_params, batch) -> the teacher's k largest logits (B, L, k) float32, their ids (B, L, k) int32 and
-    the positions the KL reads (B, L) bool (kl_token_weights > 0: the supervised tokens, or every text token)."""
-    model = Qwen3VL(teacher)
-
-    def top_k_step(teacher_params, batch: dict):
-        hidden, head, _ = model.apply(
-            {"params": teacher_params}, ModelInputs.from_batch(batch), method=Qwen3VL.hidden_states_and_head
-        )
-        top_logits, top_ids = teacher_top_k(hidden, head, k=k, chunk=chunk or hidden.shape[1])
-        weights = kl_token_weights(batch, all_text_tokens=all_text_tokens, config=teacher, normalization="token")
-        return top_logits, top_ids, weights > 0
-
-    return top_k_step
-
-
 class TeacherCache:
     """A cache directory opened for a student run: `check` refuses a run it was not made for; `add_to` adds the
     dense (B, L, k) top-k arrays of a step to its batch (zeros where the KL does not read)."""
@@ -144,17 +124,17 @@ class TeacherCache:
         if meta["steps"] < steps:
             raise TeacherCacheError(f"{where}: {meta['steps']} steps cached, this run trains {steps}")
 
-    def add_to(self, batch: dict[str, np.ndarray], step: int, *, first_row: int = 0) -> dict[str, np.ndarray]:
+    def add_to(self, batch: TrainingBatch, step: int, *, first_row: int = 0) -> TrainingBatch:
         """The batch (this process's rows of the global batch, from `first_row` on) with the step's
         teacher_top_logits / teacher_top_ids (B, L, k) added."""
         file = step_file(self.directory, step)
         if not storage.path(file).exists():
             raise TeacherCacheError(f"teacher cache {self.directory}: no file for step {step} ({file})")
-        rows, length = batch["input_ids"].shape
+        rows, length = batch.input_ids.shape
         with np.load(io.BytesIO(storage.path(file).read_bytes())) as cached:
             for name in ("input_ids", "loss_mask"):
                 mine = cached[name][first_row : first_row + rows]
-                if mine.shape != batch[name].shape or not np.array_equal(mine, batch[name]):
+                if mine.shape != getattr(batch, name).shape or not np.array_equal(mine, getattr(batch, name)):
                     raise TeacherCacheError(
                         f"{file}: the cached batch of step {step} differs from this run's ({name}, rows {first_row} "
                         f"to {first_row + rows - 1}): another data seed, data config or dataset version"
@@ -166,4 +146,4 @@ class TeacherCache:
         dense_logits, dense_ids = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
         dense_logits.reshape(-1, self.top_k)[positions] = top_logits
         dense_ids.reshape(-1, self.top_k)[positions] = top_ids
-        return {**batch, **dict(zip(TEACHER_TOP_K, (dense_logits, dense_ids)))}
+        return batch.replace(extra=dict(batch.extra, **dict(zip(TEACHER_TOP_K, (dense_logits, dense_ids)))))

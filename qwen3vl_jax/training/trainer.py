@@ -3,7 +3,6 @@ checkpoints (resumed automatically), metrics, periodic eval and the final HF exp
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ import jax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from qwen3vl_jax.checkpoints import storage
+from qwen3vl_jax import storage
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.peft import merge_lora, save_adapters
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
@@ -26,7 +25,7 @@ from qwen3vl_jax.parallel.multihost import StopSignal, check_same_settings, in_l
 from qwen3vl_jax.parallel.sharding import global_batch, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
-from qwen3vl_jax.training.teacher_cache import TeacherCache, stream_description
+from qwen3vl_jax.training.objectives.base import RunDescription
 
 
 def report(message: str) -> None:
@@ -80,29 +79,23 @@ class Trainer(StepBuilder):
         self.processor = processor_from(config)
         self.row_group, self.row_group_count = row_groups(self.mesh)  # hosts holding the same rows read the same data
         self.first_shard, self.shards_read, self.num_shards = data_shards(
-            config.data.get("num_shards", 0), row_group=self.row_group, row_group_count=self.row_group_count
+            config.data.num_shards, row_group=self.row_group, row_group_count=self.row_group_count
         )
         self.data_config = self._data_config(config.data, self.global_batch_size(config.data))
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
         )
         self.writer = MetricWriter(workdir)
-        self.teacher_cache = self._open_teacher_cache() if self.offline_distillation else None
-
-    def _open_teacher_cache(self) -> TeacherCache:
-        """config.distill.teacher_cache, checked against this run's batches, KL tokens, length and vocabulary (the
-        cache holds whole global batches; each process reads its rows)."""
-        cache = TeacherCache(self.config.distill.teacher_cache)
-        cache.check(
-            data=stream_description(
-                dataclasses.asdict(self.data_config), row_group_count=self.row_group_count, num_shards=self.num_shards
-            ),
-            processing=self.config.processing.to_dict(),
-            all_text_tokens=self.config.distill.all_text_tokens,
-            steps=self.config.steps,
-            vocab_size=self.model_config.text.vocab_size,
+        self.objective.check_run(
+            RunDescription(
+                data=self.data_config,
+                row_group_count=self.row_group_count,
+                num_shards=self.num_shards,
+                processing=config.processing.to_dict(),
+                steps=config.steps,
+                vocab_size=self.model_config.text.vocab_size,
+            )
         )
-        return cache
 
     def _data_config(self, data: Any, global_batch_size: int) -> DataConfig:
         if global_batch_size % self.num_shards:
@@ -147,7 +140,7 @@ class Trainer(StepBuilder):
             step, state, iterator, damaged = self.checkpointer.restore_newest_intact(
                 self.abstract_state(),
                 make_iterator=lambda: iter(self.dataset(self.data_config)),
-                on_corrupt=config.checkpoint.get("on_corrupt", "previous"),
+                on_corrupt=config.checkpoint.on_corrupt,
             )
             for record in damaged:
                 report(
@@ -166,16 +159,15 @@ class Trainer(StepBuilder):
         results: dict[str, float] = {}
         progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
         window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
-        teacher = self._extra_arguments = self.teacher_params()  # (the teacher's / DPO reference's parameters,) or ()
+        frozen = self.frozen_params  # (a teacher's or a reference's parameters,) or ()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), StopSignal() as stop:
             while step < config.steps:
                 batch = next(iterator)
-                if self.teacher_cache is not None:
-                    batch = self.teacher_cache.add_to(batch, step, first_row=self.row_group * len(batch["input_ids"]))
-                window["dropped"] += int(batch.pop("num_dropped").sum())
-                window["tokens"] += int((batch["segment_ids"] > 0).sum()) * self.row_group_count
+                batch = self.objective.host_batch(batch, step=step, first_row=self.row_group * batch.batch_size)
+                window["dropped"] += int(batch.num_dropped.sum())
+                window["tokens"] += int((batch.segment_ids > 0).sum()) * self.row_group_count
                 state, metrics = self.train_step(
-                    state, global_batch(batch, self.mesh, row_group_count=self.row_group_count), *teacher
+                    state, global_batch(batch, self.mesh, row_group_count=self.row_group_count), *frozen
                 )
                 step += 1
                 window["steps"] += 1
@@ -208,13 +200,12 @@ class Trainer(StepBuilder):
         return results
 
     def evaluate(self, params: Any, step: int) -> dict[str, float]:
-        """Per eval set: token cross-entropy and teacher-forced exact match (every answer token is the argmax:
-        exactly what greedy decoding would answer) over its first num_examples examples, each once, packed into
-        the training data's row shapes and split between the processes as the training data is."""
+        """Per eval set: the objective's eval metrics (`Objective.eval_summary`: token cross-entropy and
+        teacher-forced exact match — every answer token is the argmax, exactly what greedy decoding would answer —
+        or, for preference tuning, preference accuracy and reward margin) over its first num_examples examples,
+        each once, packed into the training data's row shapes and split between the processes as the training data
+        is."""
         results = {}
-        extra = ()  # the DPO eval step scores against the frozen reference; the CE eval step takes no teacher
-        if self.needs_reference:
-            extra = getattr(self, "_extra_arguments", None) or self.teacher_params()
         for name, eval_set in self.config.eval.sets.items():
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
             data = self._data_config(dict(once, num_examples=eval_set.num_examples), self.config.eval.batch_size)
@@ -228,32 +219,13 @@ class Trainer(StepBuilder):
             totals: dict[str, float] = {}
             # every process runs as many batches as the one with the most (its share of a finite set)
             for batch in in_lockstep(self.dataset(data), filler=padding):
-                batch.pop("num_dropped")
                 rows = global_batch(batch, self.mesh, row_group_count=self.row_group_count)
-                sums = jax.device_get(self.eval_step(params, rows, *extra))
+                sums = jax.device_get(self.eval_step(params, rows, *self.eval_frozen_params))
                 totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-            if self.preference is None:
-                metrics = dict(
-                    token_ce=totals.get("token_ce", 0.0) / max(totals.get("tokens", 0.0), 1),
-                    exact_match=totals.get("exact", 0.0) / max(totals.get("examples", 0.0), 1),
-                    examples=totals.get("examples", 0.0),
-                )
-                line = f"exact match {metrics['exact_match']:.3f}, token CE {metrics['token_ce']:.3f}"
-                count = metrics["examples"]
-            else:
-                pairs = max(totals.get("pairs", 0.0), 1)
-                metrics = dict(
-                    preference_accuracy=totals.get("correct", 0.0) / pairs,
-                    reward_margin=totals.get("margin", 0.0) / pairs,
-                    dpo_loss=totals.get("loss", 0.0) / pairs,
-                    pairs=totals.get("pairs", 0.0),
-                )
-                line = (
-                    f"preference accuracy {metrics['preference_accuracy']:.3f}, margin {metrics['reward_margin']:.3f}"
-                )
-                count = metrics["pairs"]
+            summary = self.objective.eval_summary(totals)
+            metrics = summary.metrics
             self.writer.write(step, metrics, prefix=f"eval/{name}")
-            report(f"step {step} eval {name}: {line} ({count:.0f} examples)")
+            report(f"step {step} eval {name}: {summary.line} ({summary.count:.0f} examples)")
             results.update({f"{name}/{k}": v for k, v in metrics.items()})
         return results
 

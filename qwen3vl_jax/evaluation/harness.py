@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from qwen3vl_jax.api import Qwen3VLModel
-from qwen3vl_jax.checkpoints.storage import write_json, write_jsonl
 from qwen3vl_jax.data.sources import make_source
-from qwen3vl_jax.inference.metrics import score
+from qwen3vl_jax.evaluation.metrics import score
 from qwen3vl_jax.processing import DataError, Processor
 from qwen3vl_jax.processing.processor import media_kind, message_items
+from qwen3vl_jax.storage import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
