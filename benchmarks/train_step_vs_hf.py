@@ -98,7 +98,7 @@ def make_jax_step(batch, *, remat):
     arrays["targets"] = np.concatenate([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], axis=1).astype(np.int32)
     arrays["loss_mask"] = np.ones((BATCH, LENGTH), np.int32)
     arrays["loss_mask"][:, -1] = 0  # like HF's shifted labels: the last position has no target
-    arrays = TrainingBatch.from_arrays(dict(arrays, num_dropped=np.zeros(BATCH, np.int32)))
+    training_batch = TrainingBatch.from_arrays(dict(arrays, num_dropped=np.zeros(BATCH, np.int32)))
     params = init_params(config, jax.random.PRNGKey(0))
     # AdamW as the HF side's torch.optim.AdamW(lr=1e-4, weight_decay=0.01), no schedule and no clipping
     adamw = ConfigDict(dict(lr=1e-4, warmup_steps=0, final_lr_ratio=1.0, clip_norm=1e9, freeze=()))
@@ -107,10 +107,10 @@ def make_jax_step(batch, *, remat):
     step_fn = make_train_step(config, optimizer=optimizer, schedule=schedule, loss_normalization="token")
     train_step = jax.jit(step_fn, donate_argnums=0)
     state = [TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))]
-    arrays = jax.device_put(arrays)
+    training_batch = jax.device_put(training_batch)
 
     def step():
-        state[0], metrics = train_step(state[0], arrays)
+        state[0], metrics = train_step(state[0], training_batch)
         jax.block_until_ready(metrics)
 
     return step, train_flops(config, batch=BATCH, seq_len=LENGTH, patches=GRID[1] * GRID[2])

@@ -50,7 +50,8 @@ def agreement() -> dict:
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
     sums = []
     for item in in_lockstep(range(3 if index == 0 else 1), filler=lambda: -1):
-        rows = global_batch({"input_ids": np.full((4, 2), item, np.int32)}, mesh)["input_ids"]
+        rows = TrainingBatch.empty(4, seq_len=2, max_patches=4, patch_dim=1)
+        rows = global_batch(rows.replace(input_ids=np.full((4, 2), item, np.int32)), mesh).input_ids
         sums.append(int(total(rows)))
     return dict(texts=texts, any=flags, lockstep_sums=sums)
 

@@ -121,6 +121,18 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     np.testing.assert_allclose(sums["loss"], loss.sum(), rtol=1e-4)
     np.testing.assert_allclose(sums["margin"], 0.2 * h.sum(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sums["correct"], (h > 0).sum(), rtol=1e-6)
+    if variant == "sigmoid":  # the batch's 2 rows as 2 microbatches: the same loss and metrics
+        accumulated = make_train_step(
+            config,
+            optimizer=optimizer,
+            schedule=schedule,
+            loss_normalization="token",
+            objective=PreferenceTuning(beta=0.2, variant=variant),
+            grad_accum_steps=2,
+        )
+        _, metrics_2 = jax.jit(accumulated)(state, batch, reference)
+        for name in ("loss", "ce_loss", "token_ce", "reward_margin", "preference_accuracy"):
+            np.testing.assert_allclose(metrics_2[name], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["reference", "lora_base"])

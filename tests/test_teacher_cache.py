@@ -98,7 +98,7 @@ def test_training_from_a_cache_of_every_logit_equals_training_with_the_teacher(t
     with np.load(os.path.join(cache, "step_00000002.npz")) as step:
         assert step["top_logits"].shape == (len(step["positions"]), 512)
         assert len(step["positions"]) == int((step["loss_mask"] > 0).sum()) < step["input_ids"].size / 4
-    Trainer(student_config(teacher_cache=cache), str(tmp_path / "offline")).run()
+    Trainer(student_config(teacher_cache=cache, top_k=512), str(tmp_path / "offline")).run()
     expected, got = metrics_of(tmp_path / "online"), metrics_of(tmp_path / "offline")
     assert [m["step"] for m in got] == [1, 2, 3]
     for name in ("loss", "kl", "ce_loss", "grad_norm"):
@@ -119,7 +119,7 @@ def test_a_cache_made_for_other_batches_is_refused_naming_what_differs(tmp_path,
         assert step["top_ids"].shape[1] == 4
 
     def offline(**changes):
-        student = student_config(teacher_cache=cache)
+        student = student_config(teacher_cache=cache, top_k=4)
         student.steps = 2
         for name, value in changes.items():
             target, _, field = name.rpartition(".")
@@ -132,6 +132,8 @@ def test_a_cache_made_for_other_batches_is_refused_naming_what_differs(tmp_path,
         offline(**{"processing.image_max_pixels": 128 * 128})
     with pytest.raises(TeacherCacheError, match="cached for all_text_tokens=False, this run has True"):
         offline(**{"distill.all_text_tokens": True})
+    with pytest.raises(TeacherCacheError, match=r"top 4 logits are cached, this run has distill\.top_k = 8"):
+        offline(**{"distill.top_k": 8})
     with pytest.raises(TeacherCacheError, match="2 steps cached, this run trains 5"):
         offline(steps=5)
     with pytest.raises(ValueError, match="both set"):

@@ -28,7 +28,6 @@ from qwen3vl_jax.checkpoints.safetensors_slices import SafetensorsFile, Safetens
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.modeling.layers import is_lora
 from qwen3vl_jax.modeling.model import abstract_params
-from qwen3vl_jax.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +338,7 @@ def save_params(
         storage.path(path).mkdir(parents=True, exist_ok=True)
         hf_config = to_hf(config)
         hf_config["dtype"] = dtype
-        write_json(os.path.join(path, "config.json"), hf_config)
+        storage.write_json(os.path.join(path, "config.json"), hf_config)
         for stale in (SINGLE_FILE, INDEX_FILE):
             if storage.path(os.path.join(path, stale)).exists():
                 storage.path(os.path.join(path, stale)).unlink()
@@ -356,7 +355,9 @@ def save_params(
     if writer and len(shards) > 1:
         total = sum(math.prod(rule.hf_shape) * np_dtype.itemsize for rule in rules)
         weight_map = {rule.hf: name for name, shard in zip(names, shards) for rule in shard}
-        write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        storage.write_json(
+            os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def save_params(
 
 def _read_json(file: str) -> dict:
     try:
-        return read_json(file)
+        return storage.read_json(file)
     except FileNotFoundError:
         raise CheckpointError(f"{file} does not exist") from None
     except json.JSONDecodeError as e:

@@ -176,8 +176,12 @@ def read_adapters(path: str, config: ModelConfig) -> dict[tuple[str, ...], np.nd
             expected.add(key)
             target = adapters[layer.ours(ours)]
             shape = target.shape if layer.index is None else target.shape[1:]
-            if tensors[key].size != np.prod(shape):
-                raise CheckpointError(f"{path}: {key} has shape {tensors[key].shape}, this model's layer needs {shape}")
+            # ours: A (in..., r) and B (r, out...); PEFT's: A (r, in), B (out, r)
+            stored = (shape[-1], int(np.prod(shape[:-1]))) if ours == "lora_a" else (int(np.prod(shape[1:])), shape[0])
+            if tensors[key].shape != stored:
+                raise CheckpointError(
+                    f"{path}: {key} has shape {tensors[key].shape}, this model's layer needs {stored}"
+                )
             value = tensors[key].T.reshape(shape)
             if layer.index is None:
                 adapters[layer.ours(ours)] = value.astype(target.dtype)

@@ -3,7 +3,7 @@
 A record is a dict with an "id" and either "messages" (a conversation: assistant replies are supervised) or
 "document" (interleaved text/media: all text is supervised). Media paths are relative to record["base_dir"].
 
-A preference record (DPO, training/dpo.py) has "chosen" and "rejected" answers (a string, or an assistant
+A preference record (DPO, training/objectives/dpo.py) has "chosen" and "rejected" answers (a string, or an assistant
 message's content) after "messages" (the conversation so far, ending with a user turn) or after "prompt" (a
 string) with optional "images" / "videos" (shown before it). It becomes one example holding both conversations,
 chosen then rejected, each with its own positions and its own copy of the media; the token feature `pair_half`

@@ -39,8 +39,10 @@ def pack(dataset: grain.IterDataset, *, seq_len: int, max_patches: int, num_bins
 
 def finalize(row: dict, config: ModelConfig, *, context_shards: int = 1) -> dict[str, np.ndarray]:
     """A packed row -> the TrainingBatch arrays of one row (no batch axis): the ModelInputs fields, targets,
-    loss_mask and the number of examples dropped before the examples of this row. With context_shards > 1 the
-    patch buffer is laid out for context parallelism (parallel.context.align_patches)."""
+    loss_mask and the number of examples dropped before the examples of this row. patch_segment_ids is derived
+    from the examples' own patch groups (`patch_group`, 1, 2, ... within an example): one id per (example, temporal
+    group) of the row. With context_shards > 1 the patch buffer is laid out for context parallelism
+    (parallel.context.align_patches)."""
     segments = row["input_ids_segment_ids"]
     pair = row["pair_half"]
     if pair.any():  # preference pairs (data.features): example s -> chosen half 2s - 1, rejected half 2s
@@ -74,12 +76,6 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> TrainingBatch:
             for name, value in batch.items()
         }
     return TrainingBatch.from_arrays(batch)
-
-
-def empty_batch(batch_size: int, *, seq_len: int, max_patches: int, patch_dim: int) -> TrainingBatch:
-    """A batch of `batch_size` padding rows with the shapes and dtypes of the pipeline's batches: what a process
-    or shard whose share of a finite dataset has ended contributes while the others still have data."""
-    return TrainingBatch.empty(batch_size, seq_len=seq_len, max_patches=max_patches, patch_dim=patch_dim)
 
 
 def _group_ids(example: np.ndarray, group: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from absl import flags
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import Featurizer
-from qwen3vl_jax.data.packing import empty_batch, finalize, pack, pad_batch
+from qwen3vl_jax.data.packing import finalize, pack, pad_batch
 from qwen3vl_jax.data.sources import mixture
 from qwen3vl_jax.inputs.batch import TrainingBatch, concatenate
 from qwen3vl_jax.processing import Processor
@@ -118,7 +118,9 @@ class _ShardRowsIterator(grain.DatasetIterator):
             raise StopIteration
         rows = self._rows
         patch_dim = next(b for b in batches if b is not None).pixel_patches.shape[-1]
-        filler = empty_batch(rows.batch_size, seq_len=rows.seq_len, max_patches=rows.max_patches, patch_dim=patch_dim)
+        filler = TrainingBatch.empty(
+            rows.batch_size, seq_len=rows.seq_len, max_patches=rows.max_patches, patch_dim=patch_dim
+        )
         return concatenate([filler if batch is None else batch for batch in batches])
 
     def get_state(self) -> dict:

@@ -104,13 +104,6 @@ class TrainingBatch:
         return self.input_ids.shape[0]
 
 
-def sequence_axis(name: str) -> int | None:
-    """The axis of batch array `name` that a context-parallel mesh splits (an objective's extra arrays are
-    (B, L, ...): 1); None for per-row arrays."""
-    field = BATCH_FIELDS.get(name)
-    return 1 if field is None else field.sequence_axis
-
-
 def concatenate(batches: list[TrainingBatch]) -> TrainingBatch:
     """Batches' rows one after the other (numpy)."""
     return jax.tree_util.tree_map(lambda *arrays: np.concatenate(arrays), *batches)

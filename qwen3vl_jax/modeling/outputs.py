@@ -1,4 +1,4 @@
-"""What the model's methods return: named tuples, so that results unpack by position as before and read by name.
+"""What the model's methods return: named tuples: results unpack by position and read by name.
 
 Shapes: B batch rows, L tokens per row, P patches per row, m the spatial merge size (P / m^2 merged visual tokens),
 H the decoder's hidden size, V the vocabulary, E the experts of an MoE layer, K the DeepStack levels. "Compute

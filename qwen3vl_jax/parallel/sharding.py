@@ -10,7 +10,7 @@ instead), so any rule set works on any mesh.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -220,24 +220,16 @@ def _process_ranges(index_map, axis: int, process_of) -> dict[int, tuple[int, in
     return ranges
 
 
-def global_batch(
-    batch: TrainingBatch | Mapping[str, np.ndarray], mesh: Mesh, *, row_group_count: int | None = None
-) -> TrainingBatch | dict[str, jax.Array]:
+def global_batch(batch: TrainingBatch, mesh: Mesh, *, row_group_count: int | None = None) -> TrainingBatch:
     """Assembles each host's local batch (whole rows: those of its row group, `row_groups`) into global arrays
     sharded like `batch_shardings` (multi-host safe; a host passes on the part of the sequence its devices hold).
-    `batch`: a TrainingBatch, or some of its arrays by name. With a context axis, a ViT segment must not cross a
-    context shard's slot of the patch buffer (parallel.context.check_patch_layout). `row_group_count`:
-    `row_groups(mesh)[1]`, when the caller knows it."""
-    typed = isinstance(batch, TrainingBatch)
-    arrays = batch.arrays if typed else dict(batch)
-    extra = set(batch.extra) if typed else set()
-    if "patch_segment_ids" in arrays:
-        check_patch_layout(np.asarray(arrays["patch_segment_ids"]), shards=mesh.shape.get("context", 1))
+    With a context axis, a ViT segment must not cross a context shard's slot of the patch buffer
+    (parallel.context.check_patch_layout). `row_group_count`: `row_groups(mesh)[1]`, when the caller knows it."""
+    check_patch_layout(np.asarray(batch.patch_segment_ids), shards=mesh.shape.get("context", 1))
     groups = row_groups(mesh)[1] if row_group_count is None else row_group_count
     assembled = {}
-    for name, value in arrays.items():
-        field = BATCH_FIELDS.get(name)
-        axis = 1 if name in extra else None if field is None else field.sequence_axis
+    for name, value in batch.arrays.items():
+        axis = BATCH_FIELDS[name].sequence_axis if name in BATCH_FIELDS else 1  # an objective's (B, L, ...) arrays
         value, sharding = np.asarray(value), _sequence_sharding(mesh, axis)
         global_shape = (value.shape[0] * groups, *value.shape[1:])
         if axis is not None and jax.process_count() > groups:  # the sequence is split between hosts
@@ -245,8 +237,6 @@ def global_batch(
             start, stop = _process_ranges(index_map, axis, lambda d: d.process_index)[jax.process_index()]
             value = np.take(value, np.arange(start, stop), axis=axis)
         assembled[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    if not typed:
-        return assembled
     return TrainingBatch.from_arrays(
         {name: assembled[name] for name in BATCH_FIELDS}, extra={name: assembled[name] for name in batch.extra}
     )

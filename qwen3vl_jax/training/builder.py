@@ -29,7 +29,7 @@ from qwen3vl_jax.training.train_step import TrainState, make_train_step
 def processor_from(config: ConfigDict) -> Processor:
     """The checkpoint's own processor when initialising from one, else the byte tokenizer with the bundled
     chat template; config.processing overrides the vision settings either way."""
-    settings = config.processing.to_dict() if config.get("processing") else {}
+    settings = config.processing.to_dict()
     if config.model.init_from:
         return load_processor(config.model.init_from, **settings)
     return Processor(byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(**settings))
@@ -173,5 +173,5 @@ class StepBuilder:
     def global_batch_size(self, data: Any) -> int:
         """data.rows_per_device x devices when set (configs that scale with the slice; a row split over the
         context axis counts once for all its shards), else data.batch_size."""
-        rows = data.get("rows_per_device", 0) if hasattr(data, "get") else 0
+        rows = data.rows_per_device
         return rows * self.mesh.devices.size // self.mesh.shape["context"] if rows else data.batch_size

@@ -34,10 +34,10 @@ def model_config_from(config: Any) -> ModelConfig:
     """The model of a run config (a ConfigDict as `run_config()` builds it): config.model.init_from's config.json,
     else the preset config.model.preset; then config.model.overrides' explicit fields; then config.lora."""
     model = config.model
-    overrides = explicit_overrides(model.get("overrides"))
-    lora = LoraConfig(**_as_dict(config.get("lora") or {}))
-    if model.get("init_from"):
-        base = checkpoint_with_overrides(model.init_from, overrides, fresh=tuple(model.get("init_fresh") or ()))
+    overrides = explicit_overrides(model.overrides)
+    lora = LoraConfig(**_as_dict(config.lora))
+    if model.init_from:
+        base = checkpoint_with_overrides(model.init_from, overrides, fresh=tuple(model.init_fresh))
     else:
         base = preset(model.preset, **overrides)
     return base.replace(lora=lora)

@@ -7,7 +7,8 @@ The cache follows the run's batch stream: file `step_00000012.npz` holds what th
 student run whose batch differs is stopped, naming the step), the flat positions (B * L) that the KL reads and, at
 each, the k largest logits in float32 and their token ids. `cache.json` records the teacher, k, its vocabulary, the
 KL's token set (all_text_tokens), the data and vision-processing configs and the number of steps; a student run
-that differs in any of them (or trains longer) is refused before its first step. A file holds a whole global
+that differs in k (distill.top_k), vocabulary, KL token set, data or processing (or trains longer) is refused before
+its first step. A file holds a whole global
 batch: the processes of a multi-process writer each compute their rows and process 0 writes them all, and each
 process of a student run reads its own rows. The data config is recorded as the global stream it gives (the global
 batch size and data.num_shards), so that a cache written by one process reading N shards serves a student run of

@@ -19,8 +19,8 @@ from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.peft import merge_lora, save_adapters
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.checkpoints.workdir_lock import WorkdirLock
-from qwen3vl_jax.data.packing import empty_batch
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.parallel.multihost import StopSignal, check_same_settings, in_lockstep, initialize_distributed
 from qwen3vl_jax.parallel.sharding import global_batch, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
@@ -210,7 +210,7 @@ class Trainer(StepBuilder):
             once = dict(self.config.data.to_dict(), sources=eval_set.sources, shuffle=False, num_epochs=1, workers=0)
             data = self._data_config(dict(once, num_examples=eval_set.num_examples), self.config.eval.batch_size)
             padding = functools.partial(
-                empty_batch,
+                TrainingBatch.empty,
                 data.batch_size,
                 seq_len=data.seq_len,
                 max_patches=data.max_patches,

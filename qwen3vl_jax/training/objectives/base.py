@@ -159,7 +159,7 @@ class Objective:
     def check_run(self, run: RunDescription) -> None:
         """Refuses a training run the objective cannot serve (raises); called before the first step."""
 
-    def host_batch(self, batch: TrainingBatch, *, step: int, first_row: int) -> dict:
+    def host_batch(self, batch: TrainingBatch, *, step: int, first_row: int) -> TrainingBatch:
         """This process's batch of `step` (its rows of the global batch from `first_row` on) as the step takes it."""
         return batch
 

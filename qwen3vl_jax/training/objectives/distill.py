@@ -45,7 +45,7 @@ from qwen3vl_jax.training.objectives.base import (
     token_counters,
     weighted_ce,
 )
-from qwen3vl_jax.training.teacher_cache import TEACHER_TOP_K, TeacherCache, stream_description
+from qwen3vl_jax.training.teacher_cache import TEACHER_TOP_K, TeacherCache, TeacherCacheError, stream_description
 
 # config.distill fields whose being set means distillation: set while config.objective is another, they are refused
 SWITCHES = ("teacher", "teacher_cache")
@@ -252,6 +252,8 @@ class OnlineDistillation(_Distillation):
         return FrozenModel(self.teacher, checkpoint=self.checkpoint)
 
     def loss(self, params, batch, *, frozen_params, totals, settings, dropout_rng):
+        if frozen_params is None:
+            raise ValueError("online distillation needs the teacher's parameters as the train step's third argument")
         hidden, head, router_logits, chunk = self._student(params, batch, settings, dropout_rng)
         teacher_hidden, teacher_head, _ = Qwen3VL(self.teacher).apply(
             {"params": jax.lax.stop_gradient(frozen_params)},
@@ -283,6 +285,11 @@ class OfflineDistillation(_Distillation):
     def check_run(self, run: RunDescription) -> None:
         """Opens the cache and refuses a run whose batches, KL tokens, length or vocabulary it does not cover."""
         cache = TeacherCache(self.cache_directory)
+        if cache.top_k != self.top_k:
+            raise TeacherCacheError(
+                f"{self.cache_directory}: the teacher's top {cache.top_k} logits are cached, this run has "
+                f"distill.top_k = {self.top_k}"
+            )
         cache.check(
             data=stream_description(
                 dataclasses.asdict(run.data), row_group_count=run.row_group_count, num_shards=run.num_shards
@@ -294,7 +301,7 @@ class OfflineDistillation(_Distillation):
         )
         self.cache = cache
 
-    def host_batch(self, batch: TrainingBatch, *, step: int, first_row: int) -> dict:
+    def host_batch(self, batch: TrainingBatch, *, step: int, first_row: int) -> TrainingBatch:
         if self.cache is None:
             raise RuntimeError("offline distillation: check_run opens the teacher cache before the first batch")
         return self.cache.add_to(batch, step, first_row=first_row)

@@ -150,7 +150,8 @@ class PreferenceTuning(Objective):
 
     def batch_totals(self, batch: TrainingBatch, settings: StepSettings) -> dict[str, jax.Array]:
         _, _, valid = pair_answer_logps(jnp.zeros(batch.loss_mask.shape), batch.loss_mask, batch.segment_ids)
-        return dict(pairs=jnp.maximum(valid.sum(), 1).astype(jnp.float32))
+        tokens = jnp.maximum((batch.loss_mask > 0).sum(), 1).astype(jnp.float32)
+        return dict(pairs=jnp.maximum(valid.sum(), 1).astype(jnp.float32), tokens=tokens)
 
     def loss(
         self,
@@ -175,7 +176,7 @@ class PreferenceTuning(Objective):
             dropout_rng=dropout_rng,
         )
         mask, pairs = batch.loss_mask > 0, totals["pairs"]
-        mean_ce = jnp.where(mask, ce, 0.0).sum() / jnp.maximum(mask.sum(), 1)  # reported, not trained
+        mean_ce = jnp.where(mask, ce, 0.0).sum() / totals["tokens"]  # the batch's mean token CE: reported, not trained
         counters = token_counters(ce, correct, batch, ce=mean_ce).replace(
             extra=dict(
                 dpo_loss=jnp.where(valid, losses.loss, 0.0).sum() / pairs,
