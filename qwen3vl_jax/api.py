@@ -162,12 +162,15 @@ class Qwen3VLModel:
         seed: int = 0,
         eos_token_ids: Sequence[int] | int | Default | None = Default.FROM_CHECKPOINT,
         pad_token_id: int | None = None,
+        return_logprobs: bool = False,
         **processor_outputs,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """New token ids (B, max_new_tokens) as numpy for HF processor outputs (left padding, as transformers
-        generates). A row ends at its first eos token (kept) and is `pad_token_id` after it. eos / pad default
-        to the checkpoint's generation_config.json; eos_token_ids=None: no eos, always max_new_tokens. pad may be
-        any 32-bit integer (one outside the vocabulary keeps the padding apart from tokens). A bad argument
+        generates); return_logprobs: and each new token's log-probability under the model (log softmax of its
+        logits, before temperature and filters; float32, 0 after a row's end). A row ends at its first eos token
+        (kept) and is `pad_token_id` after it. eos / pad default to the checkpoint's generation_config.json;
+        eos_token_ids=None: no eos, always max_new_tokens. pad may be any 32-bit integer (one outside the
+        vocabulary keeps the padding apart from tokens). A bad argument
         (max_new_tokens < 1, temperature <= 0 when sampling, top_k < 0, top_p outside (0, 1], an eos id outside
         the vocabulary) raises a ValueError naming it, before anything is compiled."""
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -194,7 +197,11 @@ class Qwen3VLModel:
                 config=self.config,
                 max_new_tokens=max_new_tokens,
                 sampling=sampling,
+                with_logprobs=return_logprobs,
             )
+        if return_logprobs:
+            tokens, logprobs = tokens
+            return to_numpy(tokens), to_numpy(logprobs)
         return to_numpy(tokens)
 
     def encode_vision(self, pixel_values, grid_thw, *, max_patches: int | None = None):

@@ -32,11 +32,15 @@ def _prefill_and_decode(
     config: ModelConfig,
     max_new_tokens: int,
     sampling: SamplingConfig,
-) -> jax.Array:
+    with_logprobs: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """New token ids (B, max_new_tokens) for the prompts in `inputs` (any padding): each row stops at its
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
     max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
-    `Qwen3VLModel.compute_3d_position_ids`). Compiled once per config, length and sampling setting."""
+    `Qwen3VLModel.compute_3d_position_ids`). with_logprobs: also each new token's log-probability under the
+    model's own distribution, log softmax(logits) before temperature and filters (B, max_new_tokens) float32, 0
+    after a row's end (what a policy-gradient update recomputes). Compiled once per config, length and sampling
+    setting."""
     batch, length = inputs.input_ids.shape
     cache = init_cache(config, batch=batch, length=length + max_new_tokens)
     logits, cache = Qwen3VL(config).apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
@@ -47,26 +51,32 @@ def _prefill_and_decode(
     decode_params, decode_model = {**params, "decoder": decoder}, Qwen3VL(config, unrolled_decoder=True)
 
     def body(state):
-        step, tokens, done, logits, cache, rng = state
+        step, tokens, logprobs, done, logits, cache, rng = state
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_id, next_token(logits, key, sampling=sampling))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        if with_logprobs:
+            chosen = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], axis=-1)
+            chosen = jnp.where(done[:, None], 0.0, chosen)
+            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, chosen, step, axis=1)
         done = done | jnp.isin(token, eos_ids)
         logits, cache = decode_model.apply(
             {"params": decode_params}, token, first_position + step, cache, method=Qwen3VL.decode
         )
-        return step + 1, tokens, done, logits, cache, rng
+        return step + 1, tokens, logprobs, done, logits, cache, rng
 
     def not_finished(state):
-        step, _, done, *_ = state
+        step, _, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), logits, cache, rng)
-    return jax.lax.while_loop(not_finished, body, state)[1]
+    logprobs = jnp.zeros((batch, max_new_tokens if with_logprobs else 0), jnp.float32)
+    state = (jnp.int32(0), tokens, logprobs, jnp.zeros(batch, bool), logits, cache, rng)
+    _, tokens, logprobs, *_ = jax.lax.while_loop(not_finished, body, state)
+    return (tokens, logprobs) if with_logprobs else tokens
 
 
-_STATIC = ("config", "max_new_tokens", "sampling")
+_STATIC = ("config", "max_new_tokens", "sampling", "with_logprobs")
 _generate = jax.jit(_prefill_and_decode, static_argnames=_STATIC)
 _generate_on_cpu = jax.jit(_prefill_and_decode, static_argnames=_STATIC, compiler_options=CPU_COMPILER_OPTIONS)
 
@@ -81,8 +91,10 @@ def generate(
     config: ModelConfig,
     max_new_tokens: int,
     sampling: SamplingConfig,
-) -> jax.Array:
-    """New token ids (B, max_new_tokens) for the prompts in `inputs`, as `_prefill_and_decode`, after checking the
+    with_logprobs: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """New token ids (B, max_new_tokens) for the prompts in `inputs` (with_logprobs: and their log-probabilities),
+    as `_prefill_and_decode`, after checking the
     arguments: max_new_tokens a positive integer, eos_ids token ids of the vocabulary (-1: no eos), pad_id one
     integer (any: a value outside the vocabulary marks the padding apart from tokens), top_k at most the
     vocabulary size. Compiled without YNNPACK on CPU (CPU_COMPILER_OPTIONS)."""
@@ -106,6 +118,7 @@ def generate(
         config=config,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
+        with_logprobs=with_logprobs,
     )
 
 
