@@ -58,7 +58,8 @@ def test_answer_logps_sum_each_examples_supervised_tokens():
 @pytest.mark.parametrize("variant", ["sigmoid", "ipo"])
 def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     """One train step on packed preference pairs: its loss, reward margin and accuracy equal the formula applied
-    to each half's answer log-probability, summed here from the two models' whole logits."""
+    to each half's answer log-probability, summed here from the two models' whole logits; the shares of the batch's
+    two microbatches add up to them (what gradient accumulation relies on)."""
     import grain
     from helpers import OPTIMIZER
 
@@ -70,9 +71,10 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     from qwen3vl_jax.modeling.model import Qwen3VL, init_params
     from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
     from qwen3vl_jax.processing.chat import load_chat_template
+    from qwen3vl_jax.training.objectives.base import StepSettings
     from qwen3vl_jax.training.objectives.dpo import PreferenceTuning
     from qwen3vl_jax.training.optimizer import make_optimizer
-    from qwen3vl_jax.training.train_step import TrainState, make_train_step
+    from qwen3vl_jax.training.train_step import TrainState, make_train_step, objective_loss
 
     config = preset("tiny")
     processor = Processor(
@@ -121,18 +123,20 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     np.testing.assert_allclose(sums["loss"], loss.sum(), rtol=1e-4)
     np.testing.assert_allclose(sums["margin"], 0.2 * h.sum(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(sums["correct"], (h > 0).sum(), rtol=1e-6)
-    if variant == "sigmoid":  # the batch's 2 rows as 2 microbatches: the same loss and metrics
-        accumulated = make_train_step(
-            config,
-            optimizer=optimizer,
-            schedule=schedule,
-            loss_normalization="token",
-            objective=PreferenceTuning(beta=0.2, variant=variant),
-            grad_accum_steps=2,
+    # the train step splits a batch into microbatches (row i -> microbatch i % n) and adds their losses and
+    # counters: each microbatch's share, normalised by the whole batch's totals, adds up to the batch's values
+    objective, settings = PreferenceTuning(beta=0.2, variant=variant), StepSettings(Qwen3VL(config), "token")
+    totals = objective.batch_totals(batch, settings)
+    share = jax.jit(
+        lambda rows, policy, reference: objective_loss(
+            objective, policy, rows, settings=settings, totals=totals, frozen_params=reference
         )
-        _, metrics_2 = jax.jit(accumulated)(state, batch, reference)
-        for name in ("loss", "ce_loss", "token_ce", "reward_margin", "preference_accuracy"):
-            np.testing.assert_allclose(metrics_2[name], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    )
+    parts = [share(jax.tree_util.tree_map(lambda x, i=i: x[i::2], batch), policy, reference) for i in range(2)]
+    np.testing.assert_allclose(sum(value for value, _ in parts), metrics["loss"], rtol=1e-5)
+    counters = jax.tree_util.tree_map(lambda a, b: a + b, parts[0][1], parts[1][1])
+    np.testing.assert_allclose(counters.ce, metrics["ce_loss"], rtol=1e-5)
+    np.testing.assert_allclose(counters.extra["reward_margin"], metrics["reward_margin"], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["reference", "lora_base"])
