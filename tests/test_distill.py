@@ -201,13 +201,20 @@ def test_the_run_config_names_its_objective_and_a_distillation_switch_needs_it()
     from qwen3vl_jax.training.objectives.sft import CrossEntropy
 
     config, student = tiny_config(), preset("tiny")
-    assert available() == ("distill", "dpo", "sft")
+    assert available() == ("distill", "dpo", "grpo", "sft")
     assert isinstance(objective_from(config, student), CrossEntropy)
     config.objective = "dpo"
     assert isinstance(objective_from(config, student), PreferenceTuning)
     config.objective = "grpo"
-    with pytest.raises(ValueError, match=r"objective 'grpo' is not one of \('distill', 'dpo', 'sft'\)"):
+    with pytest.raises(ValueError, match=r"objective 'grpo' needs grpo\.prompts_per_step"):
         objective_from(config, student)
+    config.objective = "reinforce"
+    with pytest.raises(ValueError, match=r"objective 'reinforce' is not one of \('distill', 'dpo', 'grpo', 'sft'\)"):
+        objective_from(config, student)
+    config.objective, config.grpo.prompts_per_step = "sft", 8
+    with pytest.raises(ValueError, match=r"config\.grpo\.prompts_per_step is set but the objective is 'sft'"):
+        objective_from(config, student)
+    config.grpo.prompts_per_step = 0
     for objective, switch in (("sft", "teacher"), ("dpo", "teacher_cache")):
         config.objective = objective
         config.distill[switch] = "/somewhere"

@@ -128,3 +128,55 @@ def test_bad_settings_are_refused():
         policy_loss(x, x, jnp.zeros(2), x, beta=0.1)
     with pytest.raises(ValueError, match=">= 0"):
         policy_loss(x, x, jnp.zeros(2), x, clip_low=-0.1)
+
+
+@pytest.mark.parametrize("variant, aggregation", list(itertools.product(("grpo", "gspo"), ("token", "sequence"))))
+def test_packed_completions_give_the_per_completion_loss_and_microbatch_shares_add_up(variant, aggregation):
+    """The 6 completions packed 3 to a row (each a segment, a prompt's unweighted tokens before it, advantages per
+    token) give the loss and gradient of the (N, T) form; two microbatches of one row each, normalised by the whole
+    batch's token and sequence counts, add up to it."""
+    c = case(2)
+    settings = dict(variant=variant, aggregation=aggregation, clip_low=0.2, clip_high=0.28, beta=0.04)
+    prompt = 2  # unweighted tokens before each completion
+    length = 3 * (prompt + T)
+    packed = {name: np.zeros((2, length)) for name in ("logps", "old_logps", "reference_logps", "advantages", "mask")}
+    segments = np.zeros((2, length), np.int32)
+    for i in range(N):
+        row, start = divmod(i, 3)
+        start = start * (prompt + T)
+        segments[row, start : start + prompt + T] = i % 3 + 1
+        span = slice(start + prompt, start + prompt + T)
+        for name in ("logps", "old_logps", "reference_logps", "mask"):
+            packed[name][row, span] = c[name][i]
+        packed["advantages"][row, span] = c["advantages"][i]
+        packed["logps"][row, start : start + prompt] = -0.3  # the prompt: in the segment, outside the mask
+
+    def per_completion(logps):
+        return policy_loss(
+            logps,
+            *(jnp.asarray(c[k], jnp.float32) for k in ("old_logps", "advantages", "mask")),
+            reference_logps=jnp.asarray(c["reference_logps"], jnp.float32),
+            **settings,
+        ).loss
+
+    def packed_loss(logps, rows, totals=None):
+        return policy_loss(
+            logps,
+            *(jnp.asarray(packed[k][rows], jnp.float32) for k in ("old_logps", "advantages", "mask")),
+            segment_ids=jnp.asarray(segments[rows]),
+            reference_logps=jnp.asarray(packed["reference_logps"][rows], jnp.float32),
+            **settings,
+            **(totals or {}),
+        ).loss
+
+    expected, expected_grad = jax.value_and_grad(per_completion)(jnp.asarray(c["logps"], jnp.float32))
+    rows = slice(0, 2)
+    value, grad = jax.value_and_grad(packed_loss)(jnp.asarray(packed["logps"], jnp.float32), rows)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for i in range(N):
+        row, start = divmod(i, 3)
+        span = slice(start * (prompt + T) + prompt, start * (prompt + T) + prompt + T)
+        np.testing.assert_allclose(grad[row, span], expected_grad[i], rtol=1e-4, atol=1e-7)
+    totals = dict(total_tokens=jnp.float32(c["mask"].sum()), total_sequences=jnp.float32(N))
+    shares = [packed_loss(jnp.asarray(packed["logps"][[r]], jnp.float32), [r], totals) for r in (0, 1)]
+    np.testing.assert_allclose(sum(shares), expected, rtol=1e-5)

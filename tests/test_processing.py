@@ -209,6 +209,20 @@ def test_only_assistant_replies_are_supervised(proc):
     assert encoded.image_grid_thw.tolist() == [[1, 24, 38]]
 
 
+def test_a_prompt_encodes_as_the_batch_call_of_its_generation_prompt(proc):
+    """encode_prompt (what rollouts sample from) = __call__ on apply_chat_template(add_generation_prompt=True):
+    the same ids and pixels; nothing supervised."""
+    coffee = image("coffee.jpg")
+    messages = [{"role": "user", "content": [{"type": "image", "image": coffee}, {"type": "text", "text": "What?"}]}]
+    encoded = proc.encode_prompt(messages)
+    batch = proc(text=proc.apply_chat_template(messages, add_generation_prompt=True), images=[coffee])
+    np.testing.assert_array_equal(encoded.input_ids, batch["input_ids"][0])
+    np.testing.assert_array_equal(encoded.pixel_values, batch["pixel_values"])
+    np.testing.assert_array_equal(encoded.image_grid_thw, batch["image_grid_thw"])
+    assert not encoded.supervised.any()
+    assert proc.decode(encoded.input_ids[-3:], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
 def test_document_supervises_all_text(proc):
     encoded = proc.encode_document(
         [

@@ -27,6 +27,7 @@ CONFIG_FILES = {
     "tiny.py": "",
     "tiny_moe.py": "",
     "dpo_toy.py": "",
+    "grpo_toy.py": "",
     "qwen3_vl_2b.py": ":sft",
     "qwen3_vl_8b.py": ":long",
     "qwen3_vl_30b_a3b.py": ":pretrain",

@@ -10,7 +10,8 @@ Source specs (dicts, e.g. from an ml_collections config):
   {"kind": "tfds", "name": "...", "split": "train", "data_dir": ..., <feature keys>}   a prepared TFDS dataset
                                                    (see data.tfds_source for the feature mapping)
 Every spec may carry "weight" (mixture weight, default 1); a source of weight 0 is left out of the mixture (how
-a config carries an optional source that a command-line flag switches on).
+a config carries an optional source that a command-line flag switches on). A spec's "reward" is the reward of
+its prompt records that name none (reinforcement learning, data.prompts).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from qwen3vl_jax.data.digits import DigitsSource
 from qwen3vl_jax.data.synthetic import SyntheticSource
 from qwen3vl_jax.data.tfds_source import TfdsSource
+from qwen3vl_jax.processing import DataError
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _LLAVA_MEDIA = re.compile(r"<(image|video)>\n?")
@@ -40,7 +42,7 @@ def to_record(obj: Any, *, record_id: str, base_dir: str) -> dict:
     record = {"id": record_id, "base_dir": base_dir}
     if "chosen" in obj or "rejected" in obj:  # a preference pair (data.features checks its fields)
         return {**obj, **record}
-    if "messages" in obj:
+    if "messages" in obj or "prompt" in obj:  # "prompt": a question to sample answers to (data.prompts)
         return {**obj, **record}
     if "document" in obj:
         return {**obj, **record}
@@ -49,7 +51,21 @@ def to_record(obj: Any, *, record_id: str, base_dir: str) -> dict:
             return {**obj, **record, "messages": llava_to_messages(obj)}
         except ValueError as e:
             return {"id": record_id, "error": str(e)}
-    return {"id": record_id, "error": "record has none of 'messages', 'conversations', 'document', 'chosen'"}
+    return {
+        "id": record_id,
+        "error": "record has none of 'messages', 'conversations', 'document', 'chosen', 'prompt'",
+    }
+
+
+def split_record(record: dict) -> tuple[list[dict], str]:
+    """(prompt messages, reference answer) of a conversation record whose last message is the answer."""
+    messages = record["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"example {record.get('id')}: the last message is not an assistant answer")
+    answer = messages[-1]["content"]
+    if not isinstance(answer, str):
+        answer = "".join(item.get("text", "") for item in answer)
+    return messages[:-1], record.get("answer", answer)
 
 
 def llava_to_messages(obj: dict) -> list[dict]:
@@ -147,6 +163,9 @@ def make_source(spec: dict):
     spec = dict(spec)
     kind = spec.pop("kind", None)
     spec.pop("weight", None)
+    if "reward" in spec:  # the reward of the source's prompt records that name none (data.prompts)
+        reward = spec.pop("reward")
+        return WithDefaults(make_source(dict(spec, kind=kind)), defaults=dict(reward=reward))
     if kind == "synthetic":
         return SyntheticSource(**spec)
     if kind == "digits":
@@ -158,6 +177,22 @@ def make_source(spec: dict):
     if kind == "tfds":
         return TfdsSource(**spec)
     raise ValueError(f"unknown source kind {kind!r}; use synthetic, digits, jsonl, array_record or tfds")
+
+
+class WithDefaults:
+    """A source whose records get `defaults` for the fields they lack."""
+
+    def __init__(self, source: Any, *, defaults: dict[str, Any]):
+        self.source, self.defaults = source, dict(defaults)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.defaults, **self.source[index]}
+
+    def __repr__(self) -> str:
+        return f"WithDefaults({self.source!r}, defaults={self.defaults})"
 
 
 def mixture(specs: Sequence[dict]) -> grain.MapDataset:

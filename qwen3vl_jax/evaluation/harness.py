@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from qwen3vl_jax.api import Qwen3VLModel
-from qwen3vl_jax.data.sources import make_source
+from qwen3vl_jax.data.sources import make_source, split_record
 from qwen3vl_jax.evaluation.metrics import score
 from qwen3vl_jax.processing import DataError, Processor
 from qwen3vl_jax.processing.processor import media_kind, message_items
@@ -28,17 +28,6 @@ def eval_records(sources: Any, limit: int) -> list[dict]:
         source[i] for spec in sources for source in [make_source(dict(spec))] for i in range(min(limit, len(source)))
     ]
     return records[:limit]
-
-
-def split_record(record: dict) -> tuple[list[dict], str]:
-    """(prompt messages, reference answer) of a conversation record whose last message is the answer."""
-    messages = record["messages"]
-    if not messages or messages[-1]["role"] != "assistant":
-        raise DataError(f"example {record.get('id')}: the last message is not an assistant answer")
-    answer = messages[-1]["content"]
-    if not isinstance(answer, str):
-        answer = "".join(item.get("text", "") for item in answer)
-    return messages[:-1], record.get("answer", answer)
 
 
 def _media(messages: list[dict], base_dir: str):

@@ -183,6 +183,16 @@ class Processor:
             supervised |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)
         return Encoded(ids, supervised, **_pixel_arrays(images, videos, config=self.config))
 
+    def encode_prompt(self, messages: list[dict], base_dir: str = "") -> Encoded:
+        """A conversation up to the model's turn, for sampling an answer: the chat template with the generation
+        prompt (`<|im_start|>assistant\n`) appended; nothing is supervised. The same ids as `apply_chat_template(
+        messages, add_generation_prompt=True)` through `__call__`."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        images, videos = self._media(message_items(messages), base_dir)
+        text = self._expand(text, images=iter(images), videos=iter(videos), where="prompt", exhaustive=True)
+        ids, _ = self._tokenize(text)
+        return Encoded(ids, np.zeros(len(ids), bool), **_pixel_arrays(images, videos, config=self.config))
+
     def encode_document(self, items: list[dict], base_dir: str = "") -> Encoded:
         """An interleaved document for pre-training: text items verbatim, media as placeholders, ended by
         `<|endoftext|>`; every token except the image/video pads is supervised."""

@@ -26,6 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from qwen3vl_jax.training.loss import example_totals
+
 SCALE_REWARDS = ("group", "batch", "none")
 VARIANTS = ("grpo", "gspo")
 AGGREGATIONS = ("token", "sequence")
@@ -72,16 +74,22 @@ def policy_loss(
     advantages: jax.Array,
     mask: jax.Array,
     *,
+    segment_ids: jax.Array | None = None,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     variant: str = "grpo",
     aggregation: str = "token",
     reference_logps: jax.Array | None = None,
     beta: float = 0.0,
+    total_tokens: jax.Array | None = None,
+    total_sequences: jax.Array | None = None,
 ) -> PolicyLoss:
-    """logps, old_logps, reference_logps, mask (N, T): completion i's token t log-probabilities under the policy,
-    the rollout policy (no gradient) and the reference (no gradient), and whether (i, t) is a completion token;
-    advantages (N,)."""
+    """logps, old_logps, reference_logps, mask (B, L): token t's log-probability under the policy, the rollout
+    policy (no gradient) and the reference (no gradient), and whether t is a completion token the loss counts.
+    segment_ids (B, L): which completion of its row each token belongs to (packed rows: 1, 2, ...; 0 none); None:
+    each row is one completion. advantages: (B,) one per row (segment_ids None), or (B, L) each token's
+    completion's advantage. total_tokens / total_sequences: what the "token" / "sequence" sums are divided by (a
+    microbatch passes its whole batch's counts, so that the shares add up; default: this batch's own)."""
     if variant not in VARIANTS or aggregation not in AGGREGATIONS:
         raise ValueError(
             f"variant must be in {VARIANTS} and aggregation in {AGGREGATIONS}, got {variant!r}, {aggregation!r}"
@@ -91,12 +99,16 @@ def policy_loss(
     if beta and reference_logps is None:
         raise ValueError("beta > 0 needs the reference's log-probabilities")
     mask = mask.astype(jnp.float32)
+    if segment_ids is None:
+        segment_ids = (mask > 0).astype(jnp.int32)
+    advantage = advantages.astype(jnp.float32)
+    advantage = jnp.broadcast_to(advantage[:, None] if advantage.ndim == 1 else advantage, logps.shape)
+    counts, sequence_of = example_totals(mask, segment_ids)  # completion tokens per (row, segment)
     log_ratio = logps - jax.lax.stop_gradient(old_logps)
     if variant == "gspo":  # one ratio per sequence: its tokens' mean log-ratio
-        log_ratio = (log_ratio * mask).sum(-1, keepdims=True) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
-        log_ratio = jnp.broadcast_to(log_ratio, logps.shape)
+        sums, _ = example_totals(log_ratio * mask, segment_ids)
+        log_ratio = (sums / jnp.maximum(counts, 1.0))[sequence_of]
     ratio = jnp.exp(log_ratio)
-    advantage = advantages[:, None].astype(jnp.float32)
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = -jnp.minimum(ratio * advantage, clipped * advantage)
     kl = jnp.zeros_like(per_token)
@@ -104,15 +116,22 @@ def policy_loss(
         delta = jax.lax.stop_gradient(reference_logps) - logps
         kl = jnp.exp(delta) - delta - 1.0
         per_token = per_token + beta * kl
-    tokens = jnp.maximum(mask.sum(), 1.0)
+    tokens = jnp.maximum(mask.sum() if total_tokens is None else total_tokens, 1.0)
     if aggregation == "token":
         loss = (per_token * mask).sum() / tokens
     else:
-        per_sequence = (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-        loss = per_sequence.mean()
+        per_sequence, _ = example_totals(per_token * mask, segment_ids)
+        sequences = (counts > 0).sum() if total_sequences is None else total_sequences
+        loss = (per_sequence / jnp.maximum(counts, 1.0)).sum() / jnp.maximum(sequences, 1.0)
     was_clipped = ((ratio < 1.0 - clip_low) & (advantage < 0)) | ((ratio > 1.0 + clip_high) & (advantage > 0))
     return PolicyLoss(
         loss=loss,
         kl=(kl * mask).sum() / tokens,
         clip_fraction=(was_clipped * mask).sum() / tokens,
     )
+
+
+def sequence_count(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The number of completions (row, segment) with at least one token in `mask` (B, L)."""
+    counts, _ = example_totals(mask.astype(jnp.float32), segment_ids)
+    return (counts > 0).sum().astype(jnp.float32)

@@ -64,9 +64,10 @@ def run_config() -> ConfigDict:
     # exactly as a run of N processes does: the same global batches.
     c.data.num_shards = 0
 
-    # teacher-forced eval every `every` steps (0: never) on sets {name: {num_examples, sources: [specs]}}, packed
-    # into the training data's row shapes
-    c.eval = ConfigDict(dict(every=0, batch_size=8, sets={}))
+    # eval every `every` steps (0: never) on sets {name: {num_examples, sources: [specs]}}; mode "teacher_forced":
+    # the objective's metrics on the sets packed into the training data's row shapes; "generate": answers generated
+    # greedily (max_new_tokens, batch_size prompts at a time) and scored per task (qwen3vl_jax.evaluation.metrics)
+    c.eval = ConfigDict(dict(every=0, batch_size=8, sets={}, mode="teacher_forced", max_new_tokens=32))
 
     c.optimizer = ConfigDict(dict(lr=3e-4, warmup_steps=100, final_lr_ratio=0.1, clip_norm=1.0, freeze=()))
     c.optimizer.update(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
@@ -74,9 +75,23 @@ def run_config() -> ConfigDict:
     # what the run minimises, one module of qwen3vl_jax/training/objectives each, set up by its section below:
     # "sft": the (weighted) cross-entropy; "distill": strong-to-weak distillation from a teacher (c.distill);
     # "dpo": preference tuning on preference records (data.features: "chosen" / "rejected" answers) against the
-    # step-0 weights, or a LoRA model's base (c.dpo)
+    # step-0 weights, or a LoRA model's base (c.dpo); "grpo": reinforcement learning with verifiable rewards (c.grpo)
     c.objective = "sft"
     c.dpo = ConfigDict(dict(beta=0.1, variant="sigmoid"))
+    # "grpo" (training/objectives/grpo.py): reinforcement learning on prompt records (training/prompts.py). Each
+    # rollout samples group_size completions of max_completion_tokens tokens at most (temperature, top_k, top_p)
+    # for prompts_per_step prompts of max_prompt_tokens tokens at most, scores them with the records' rewards
+    # (`rewards`: the default for records, sources and tasks naming none: names or {name, weight, options}), and
+    # normalises them per group (scale_rewards "group" | "batch" | "none"); updates_per_rollout steps then train
+    # on it. variant "grpo" (a ratio per token) | "gspo" (per sequence); clip_low / clip_high bound the ratio;
+    # aggregation "token" | "sequence"; beta: the k3 KL to the step-0 weights (a LoRA model's base);
+    # mask_truncated: no loss on completions cut at max_completion_tokens; dynamic_sampling: groups whose rewards
+    # all equal are replaced by further prompts' (up to max_sampling_rounds generations). Each row of data.seq_len
+    # tokens holds data.seq_len // (max_prompt_tokens + max_completion_tokens) sequences.
+    c.grpo = ConfigDict(dict(prompts_per_step=0, group_size=8, max_prompt_tokens=256, max_completion_tokens=64))
+    c.grpo.update(temperature=1.0, top_k=0, top_p=1.0, scale_rewards="group", rewards=())
+    c.grpo.update(variant="grpo", clip_low=0.2, clip_high=0.2, aggregation="token", beta=0.0, updates_per_rollout=1)
+    c.grpo.update(mask_truncated=False, dynamic_sampling=False, max_sampling_rounds=3)
     # LoRA adapters (config.model.LoraConfig) on a frozen base: rank 0 trains the whole model; with rank > 0 only
     # the adapters train and carry optimizer state, and the run exports them in the PEFT format (<workdir>/lora)
     # beside the merged model (<workdir>/hf)

@@ -15,17 +15,19 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from qwen3vl_jax import storage
+from qwen3vl_jax.api import Qwen3VLModel
 from qwen3vl_jax.checkpoints.hf_export import export_hf
 from qwen3vl_jax.checkpoints.peft import merge_lora, save_adapters
 from qwen3vl_jax.checkpoints.train_state import Checkpointer, check_resumable, record_run
 from qwen3vl_jax.checkpoints.workdir_lock import WorkdirLock
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
+from qwen3vl_jax.evaluation.harness import eval_records, generate_answers, summarize
 from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.parallel.multihost import StopSignal, check_same_settings, in_lockstep, initialize_distributed
 from qwen3vl_jax.parallel.sharding import global_batch, make_mesh, row_groups
 from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
-from qwen3vl_jax.training.objectives.base import RunDescription
+from qwen3vl_jax.training.objectives.base import DataEnvironment, RunDescription
 
 
 def report(message: str) -> None:
@@ -86,6 +88,19 @@ class Trainer(StepBuilder):
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
         )
         self.writer = MetricWriter(workdir)
+        self.training_data = self.objective.training_data(
+            DataEnvironment(
+                config=config,
+                data=self.data_config,
+                processor=self.processor,
+                model_config=self.model_config,
+                mesh=self.mesh,
+                rules=self.rules,
+                row_group=self.row_group,
+                row_group_count=self.row_group_count,
+                packed_batches=self.dataset,
+            )
+        )
         self.objective.check_run(
             RunDescription(
                 data=self.data_config,
@@ -134,12 +149,12 @@ class Trainer(StepBuilder):
         config = self.config
         if self.checkpointer.latest_step() is None:
             record_run(self.workdir, self.model_config, config_name=self.config_name, run_config=config)
-            step, state, iterator = 0, self.initial_state(), iter(self.dataset(self.data_config))
+            step, state, iterator = 0, self.initial_state(), iter(self.training_data.dataset())
         else:
             check_resumable(self.workdir, self.model_config, config_name=self.config_name)
             step, state, iterator, damaged = self.checkpointer.restore_newest_intact(
                 self.abstract_state(),
-                make_iterator=lambda: iter(self.dataset(self.data_config)),
+                make_iterator=lambda: iter(self.training_data.dataset()),
                 on_corrupt=config.checkpoint.on_corrupt,
             )
             for record in damaged:
@@ -158,30 +173,23 @@ class Trainer(StepBuilder):
         )
         results: dict[str, float] = {}
         progress = tqdm(total=config.steps, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True)
-        window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)  # since the last log line
+        window = _Window()  # since the last log line
         frozen = self.frozen_params  # (a teacher's or a reference's parameters,) or ()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules), StopSignal() as stop:
             while step < config.steps:
-                batch = next(iterator)
-                batch = self.objective.host_batch(batch, step=step, first_row=self.row_group * batch.batch_size)
-                window["dropped"] += int(batch.num_dropped.sum())
-                window["tokens"] += int((batch.segment_ids > 0).sum()) * self.row_group_count
+                host = self.training_data.next_batch(iterator, step=step, params=state.params)
+                batch = host.batch
+                window.add(host, tokens=int((batch.segment_ids > 0).sum()) * self.row_group_count)
                 state, metrics = self.train_step(
                     state, global_batch(batch, self.mesh, row_group_count=self.row_group_count), *frozen
                 )
                 step += 1
-                window["steps"] += 1
                 if step % config.log_every == 0 or step == config.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the steps
-                    seconds = time.perf_counter() - window["start"]
-                    metrics.update(
-                        tokens_per_second=window["tokens"] / seconds,
-                        dropped_examples=window["dropped"],
-                        mfu=window["steps"] * flops / seconds / (peak * jax.device_count()),
-                    )
+                    metrics.update(window.metrics(step_flops=flops, peak_flops=peak * jax.device_count()))
                     self.writer.write(step, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-                    window = dict(start=time.perf_counter(), steps=0, tokens=0, dropped=0)
+                    window = _Window()
                 progress.update(1)
                 self.checkpointer.maybe_save(step, state, iterator=iterator)
                 if config.eval.every and (step % config.eval.every == 0 or step == config.steps):
@@ -200,6 +208,39 @@ class Trainer(StepBuilder):
         return results
 
     def evaluate(self, params: Any, step: int) -> dict[str, float]:
+        """Per eval set (config.eval.sets), its metrics as config.eval.mode says: "teacher_forced" (the
+        objective's, `evaluate_teacher_forced`) or "generate" (answers generated greedily and scored per task,
+        `evaluate_by_generation`)."""
+        mode = self.config.eval.get("mode", "teacher_forced")
+        if mode == "generate":
+            return self.evaluate_by_generation(params, step)
+        if mode != "teacher_forced":
+            raise ValueError(f"eval.mode {mode!r} is not 'teacher_forced' or 'generate'")
+        return self.evaluate_teacher_forced(params, step)
+
+    def evaluate_by_generation(self, params: Any, step: int) -> dict[str, float]:
+        """Per eval set: the first num_examples records answered greedily (up to eval.max_new_tokens tokens) by
+        the parameters where they lie on the mesh, scored per task as experiments.eval scores them
+        (evaluation/metrics.py: exact match, IoU for grounding, ...)."""
+        model = Qwen3VLModel(self.model_config, params, mesh=self.mesh, rules=self.rules)
+        results = {}
+        for name, eval_set in self.config.eval.sets.items():
+            answers = generate_answers(
+                model,
+                self.processor,
+                records=eval_records(eval_set.sources, eval_set.num_examples),
+                set_name=name,
+                batch_size=self.config.eval.batch_size,
+                max_new_tokens=self.config.eval.max_new_tokens,
+            )
+            metrics = summarize(answers)[name]
+            self.writer.write(step, metrics, prefix=f"eval/{name}")
+            line = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "examples")
+            report(f"step {step} eval {name} (generated): {line} ({metrics['examples']:.0f} examples)")
+            results.update({f"{name}/{k}": v for k, v in metrics.items()})
+        return results
+
+    def evaluate_teacher_forced(self, params: Any, step: int) -> dict[str, float]:
         """Per eval set: the objective's eval metrics (`Objective.eval_summary`: token cross-entropy and
         teacher-forced exact match — every answer token is the argmax, exactly what greedy decoding would answer —
         or, for preference tuning, preference accuracy and reward margin) over its first num_examples examples,
@@ -241,3 +282,39 @@ class Trainer(StepBuilder):
             params, config = merge_lora(params, config)
         export_hf(path, params, config=config, processor=self.processor)
         report(f"exported the model and its processor to {path}")
+
+
+class _Window:
+    """What the steps since the last log line add up to: their number, tokens, dropped examples, the host's batch
+    metrics (averaged over the steps that report each) and the seconds spent making batches."""
+
+    def __init__(self):
+        self.start, self.steps, self.tokens, self.dropped, self.batch_seconds = time.perf_counter(), 0, 0, 0, 0.0
+        self.host_metrics: dict[str, list[float]] = {}
+
+    def add(self, host, *, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.dropped += int(host.batch.num_dropped.sum())
+        self.batch_seconds += host.seconds
+        for name, value in host.metrics.items():
+            self.host_metrics.setdefault(name, []).append(float(value))
+
+    def metrics(self, *, step_flops: float, peak_flops: float) -> dict[str, float]:
+        """tokens/s and MFU over the window's wall time; with batches made while the devices waited (rollouts):
+        batch_seconds and update_seconds per step and the update phase's tokens/s."""
+        seconds = time.perf_counter() - self.start
+        metrics = dict(
+            tokens_per_second=self.tokens / seconds,
+            dropped_examples=self.dropped,
+            mfu=self.steps * step_flops / seconds / peak_flops,
+        )
+        if self.batch_seconds:
+            update_seconds = max(seconds - self.batch_seconds, 1e-9)
+            metrics.update(
+                batch_seconds=self.batch_seconds / self.steps,
+                update_seconds=update_seconds / self.steps,
+                update_tokens_per_second=self.tokens / update_seconds,
+            )
+        metrics.update({name: sum(values) / len(values) for name, values in self.host_metrics.items()})
+        return metrics

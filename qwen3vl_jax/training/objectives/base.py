@@ -1,20 +1,24 @@
 """What a training objective is to the train step, the step builder and the trainer (`Objective`), and the parts
-every objective shares: the policy's per-token cross-entropy and its counters, and the teacher-forced eval step."""
+every objective shares: the policy's per-token cross-entropy and its counters, the teacher-forced eval step, and
+the training data of packed rows (`TrainingData`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.pipeline import DataConfig
 from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.modeling.model import Qwen3VL
+from qwen3vl_jax.processing import Processor
 from qwen3vl_jax.training.loss import example_totals, token_weights
 
 
@@ -50,6 +54,51 @@ class RunDescription:
     processing: dict[str, Any]
     steps: int
     vocab_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataEnvironment:
+    """What an objective's training data is made from: the run config, this process's data config, the processor,
+    the model config, the mesh and its logical axis rules, this process's group of processes reading the same rows
+    (row_group of row_group_count) and the pipeline of packed rows (`packed_batches(data)`, data.pipeline)."""
+
+    config: ConfigDict
+    data: DataConfig
+    processor: Processor
+    model_config: ModelConfig
+    mesh: Mesh
+    rules: tuple
+    row_group: int
+    row_group_count: int
+    packed_batches: Callable[[DataConfig], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatch:
+    """This process's rows of a step's batch, the host-side metrics made with it (averaged over the steps of a log
+    line) and the seconds spent making it while the devices waited (e.g. sampling rollouts)."""
+
+    batch: TrainingBatch
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class TrainingData:
+    """The batches of a training run: `dataset()` is what the trainer iterates and checkpoints (grain), and
+    `next_batch` turns what it yields into this process's batch of a step, given the parameters as they are
+    before the step. Here: packed rows of the data pipeline, passed through the objective's `host_batch`."""
+
+    def __init__(self, objective: Objective, environment: DataEnvironment):
+        self.objective, self.environment = objective, environment
+
+    def dataset(self):
+        return self.environment.packed_batches(self.environment.data)
+
+    def next_batch(self, iterator: Iterator, *, step: int, params: Any) -> HostBatch:
+        del params
+        batch = next(iterator)
+        first_row = self.environment.row_group * batch.batch_size
+        return HostBatch(self.objective.host_batch(batch, step=step, first_row=first_row))
 
 
 @flax.struct.dataclass
@@ -121,8 +170,9 @@ def ce_total_weight(batch: TrainingBatch, *, normalization: str) -> jax.Array:
 class Objective:
     """A training objective. The train step (training/train_step.py) calls `batch_totals` once on the whole
     batch and `loss` on each microbatch; the step builder gives the step the `frozen_model`'s parameters as its
-    third argument; the trainer checks the run with `check_run`, passes each host batch through `host_batch` and
-    sums `eval_step`'s outputs over an eval set into `eval_summary`. The base class's eval is teacher-forced
+    third argument; the trainer checks the run with `check_run`, takes each step's batch from `training_data`
+    (packed rows through `host_batch`, or, e.g., rollouts) and sums `eval_step`'s outputs over an eval set into
+    `eval_summary`. The base class's eval is teacher-forced
     cross-entropy and exact match; an objective overrides what differs."""
 
     # names of the (B, L, ...) arrays the objective adds to the training batch's `extra` (host_batch)
@@ -158,6 +208,10 @@ class Objective:
 
     def check_run(self, run: RunDescription) -> None:
         """Refuses a training run the objective cannot serve (raises); called before the first step."""
+
+    def training_data(self, environment: DataEnvironment) -> TrainingData:
+        """The run's batches (default: packed rows of the data pipeline through `host_batch`)."""
+        return TrainingData(self, environment)
 
     def host_batch(self, batch: TrainingBatch, *, step: int, first_row: int) -> TrainingBatch:
         """This process's batch of `step` (its rows of the global batch from `first_row` on) as the step takes it."""

@@ -103,7 +103,7 @@ def preference_losses(
     return PreferenceLosses(loss, beta * jax.lax.stop_gradient(chosen), beta * jax.lax.stop_gradient(rejected))
 
 
-def _without_adapters(config: ModelConfig) -> ModelConfig:
+def without_adapters(config: ModelConfig) -> ModelConfig:
     """A LoRA model's base: the same weights with the adapters off (the reference under LoRA)."""
     return config.replace(lora=dict(rank=0)) if config.lora.rank else config
 
@@ -122,7 +122,7 @@ def _pair_losses(
     """The batch's packed pairs scored by the policy and the reference (the policy's model without adapters):
     (PreferenceLosses, valid pair slots (B, L // 2), the policy's token CE and hits (B, L), its router logits)."""
     ce, correct, router_logits = token_losses(model, params, batch, loss_chunk=loss_chunk, dropout_rng=dropout_rng)
-    reference_model = Qwen3VL(_without_adapters(model.config))
+    reference_model = Qwen3VL(without_adapters(model.config))
     reference_params = jax.lax.stop_gradient(reference_params)
     reference_ce, _, _ = token_losses(reference_model, reference_params, batch, loss_chunk=loss_chunk)
     pair = dict(loss_mask=batch.loss_mask, segment_ids=batch.segment_ids)
