@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.data.update(seq_len=448, max_patches=64, batch_size=16)
     c.eval.update(every=50, mode="generate", batch_size=32, max_new_tokens=32)
     c.eval.sets = {task: dict(num_examples=96, sources=[dict(tasks, tasks=(task,), seed=EVAL_SEED)]) for task in TASKS}
-    c.optimizer.update(lr=1e-4, warmup_steps=10, weight_decay=0.0)
+    c.optimizer.update(lr=3e-4, warmup_steps=10, weight_decay=0.0)
     if variant == "sft":  # the baseline: the same prompts' reference answers as targets
         c.data.update(seq_len=448, max_patches=256, batch_size=16)
         return c

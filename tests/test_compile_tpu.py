@@ -1,6 +1,16 @@
-"""The compile planner AOT-compiles the train step for a TPU topology with libtpu on this CPU machine."""
+"""The compile planner AOT-compiles the train step (and a GRPO config's rollout generation) for a TPU topology with
+libtpu on this CPU machine."""
 
-from helpers import compile_for_tpu
+import os
+
+import jax
+import numpy as np
+from helpers import ROOT, compile_for_tpu
+
+from qwen3vl_jax.inputs.model_inputs import ProcessorOutputs, from_hf_batch
+from qwen3vl_jax.modeling.model import abstract_params
+from qwen3vl_jax.training.model_source import model_config_from
+from qwen3vl_jax.training.run_config import config_from_file
 
 
 def test_tiny_train_step_compiles_for_v5p_and_fits():
@@ -19,3 +29,47 @@ def test_tiny_train_step_compiles_for_v5p_and_fits():
     # and XLA's own cost analysis beside it (loop bodies once, so it may only be smaller than what runs)
     cost = next(line for line in out.splitlines() if "XLA cost analysis" in line)
     assert 0 < float(cost.split(": ")[1].split(" TFLOP")[0]), cost
+
+
+def test_grpo_plan_compiles_the_update_and_the_rollouts_generation_and_exits_0_when_both_fit():
+    out = compile_for_tpu("configs/grpo_toy.py", timeout=600)  # asserts exit status 0
+    config = config_from_file(os.path.join(ROOT, "configs/grpo_toy.py"))
+    model_config, grpo, data = model_config_from(config), config.grpo, config.data
+    # the generator's buffers for the largest prompt a rollout takes: max_prompt_tokens tokens, holding an image
+    # with as many patches as a sequence's share of a training row (grid 1 x 2 x w), as the HF processor gives it
+    # to Qwen3VLModel.prepare
+    rows = grpo.prompts_per_step * grpo.group_size
+    slot_patches = data.max_patches // (data.seq_len // (grpo.max_prompt_tokens + grpo.max_completion_tokens))
+    merge = model_config.vision.spatial_merge_size
+    slot_patches -= slot_patches % merge**2
+    image = [model_config.vision_start_token_id, *[model_config.image_token_id] * (slot_patches // merge**2)]
+    image.append(model_config.vision_end_token_id)
+    prompt = [100] * (grpo.max_prompt_tokens - len(image)) + image
+    inputs, _ = from_hf_batch(
+        model_config,
+        ProcessorOutputs(
+            input_ids=np.asarray([prompt] * rows),
+            pixel_values=np.zeros((rows * slot_patches, model_config.vision.patch_dim), np.float32),
+            image_grid_thw=np.asarray([[1, 2, slot_patches // 2]] * rows),
+        ),
+    )
+    prompt_tokens, patches = inputs.input_ids.shape[1], inputs.pixel_patches.shape[1]
+    update, rollout = out.split("\nrollout: ")
+    assert "\nupdate: the train step on the packed rollout\n" in update
+    assert rollout.startswith(
+        f"generation of {rows} rows x {prompt_tokens} prompt tokens + {patches} patches, "
+        f"{grpo.max_completion_tokens} new tokens"
+    ), rollout.splitlines()[0]
+
+    def gib(block: str, name: str) -> float:
+        return float(next(line for line in block.splitlines() if line.strip().startswith(name + " ")).split()[-4])
+
+    for block in (update, rollout):
+        assert "-> fits" in block and 0 < gib(block, "total") < 1.0
+    # beside the generation the chips hold the rest of the train state: Adam's two float32 moments of every
+    # parameter (replicated: grpo_toy's mesh is data-parallel only)
+    params = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(model_config)))
+    assert abs(gib(rollout, "optimizer state") - 2 * 4 * params / 2**30) <= 0.006
+    parts = [gib(rollout, name) for name in ("arguments", "outputs", "temporaries", "code", "optimizer state")]
+    assert abs(sum(parts) - gib(rollout, "aliased (donated)") - gib(rollout, "total")) <= 0.03
+    assert out.rstrip().endswith("GRPO step: both phases fit")

@@ -250,3 +250,24 @@ def test_a_grpo_run_with_images_from_a_tiny_checkpoint(tmp_path):
     assert "reward_mean" not in second and second["logprob_gap"] > 1e-4  # the same rollout, moved parameters
     assert np.isfinite(second["loss"])
     assert set(results) >= {"grounding/box_hit", "grounding/iou", "counting/exact_match"}
+
+
+def test_settings_that_cannot_work_are_refused_before_the_first_step(tmp_path):
+    def trainer(**changes):
+        config = config_from_file(os.path.join(ROOT, "configs", "grpo_toy.py"))
+        for section, values in changes.items():
+            config[section].update(values)
+        return Trainer(config, str(tmp_path / "run"))
+
+    with pytest.raises(ValueError, match=r"32 sequences do not fit a batch of 2 rows x 4 slots of 112 tokens"):
+        trainer(grpo=dict(prompts_per_step=4), data=dict(batch_size=2))
+    with pytest.raises(ValueError, match=r"does not fit a row of data\.seq_len = 100"):
+        trainer(data=dict(seq_len=100))
+    with pytest.raises(ValueError, match=r"eval\.mode 'greedy' is not one of"):
+        trainer(eval=dict(mode="greedy"))
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        trainer(grpo=dict(group_size=1))
+    with pytest.raises(ValueError, match="scale_rewards 'max' not in"):
+        trainer(grpo=dict(scale_rewards="max"))
+    with pytest.raises(ValueError, match="variant must be in"):
+        trainer(grpo=dict(variant="ppo"))

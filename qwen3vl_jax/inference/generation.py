@@ -108,8 +108,7 @@ def generate(
         raise ValueError(f"eos_ids must be token ids in [0, {vocab}) (the vocabulary) or -1 (none), got {eos}")
     if sampling.do_sample and sampling.top_k > vocab:
         raise ValueError(f"top_k must be at most the vocabulary size {vocab}, got {sampling.top_k}")
-    compiled = _generate_on_cpu if jax.default_backend() == "cpu" else _generate
-    return compiled(
+    return jitted_generate(jax.default_backend())(
         params,
         inputs,
         rng=rng,
@@ -120,6 +119,13 @@ def generate(
         sampling=sampling,
         with_logprobs=with_logprobs,
     )
+
+
+def jitted_generate(backend: str):
+    """The jitted `_prefill_and_decode` that `generate` runs on `backend` (e.g. "cpu", "tpu"; on CPU without
+    YNNPACK: CPU_COMPILER_OPTIONS), with its static arguments config, max_new_tokens, sampling and with_logprobs
+    given by keyword. What the compile planner lowers for a TPU topology."""
+    return _generate_on_cpu if backend == "cpu" else _generate
 
 
 def check_max_new_tokens(max_new_tokens: Any) -> int:

@@ -29,6 +29,8 @@ from qwen3vl_jax.training.builder import StepBuilder, processor_from
 from qwen3vl_jax.training.metrics import MetricWriter, device_peak_flops, train_flops
 from qwen3vl_jax.training.objectives.base import DataEnvironment, RunDescription
 
+EVAL_MODES = ("teacher_forced", "generate")
+
 
 def report(message: str) -> None:
     """A line on the console of process 0 that does not break the progress bar."""
@@ -88,6 +90,8 @@ class Trainer(StepBuilder):
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep, every=config.checkpoint.every
         )
         self.writer = MetricWriter(workdir)
+        if config.eval.get("mode", "teacher_forced") not in EVAL_MODES:
+            raise ValueError(f"eval.mode {config.eval.mode!r} is not one of {EVAL_MODES}")
         self.training_data = self.objective.training_data(
             DataEnvironment(
                 config=config,
@@ -188,7 +192,8 @@ class Trainer(StepBuilder):
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the steps
                     metrics.update(window.metrics(step_flops=flops, peak_flops=peak * jax.device_count()))
                     self.writer.write(step, metrics)
-                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                    shown = {k: f"{metrics[k]:.3f}" for k in self.objective.progress_metrics if k in metrics}
+                    progress.set_postfix(**shown, tok_s=f"{metrics['tokens_per_second']:.0f}")
                     window = _Window()
                 progress.update(1)
                 self.checkpointer.maybe_save(step, state, iterator=iterator)
@@ -211,11 +216,8 @@ class Trainer(StepBuilder):
         """Per eval set (config.eval.sets), its metrics as config.eval.mode says: "teacher_forced" (the
         objective's, `evaluate_teacher_forced`) or "generate" (answers generated greedily and scored per task,
         `evaluate_by_generation`)."""
-        mode = self.config.eval.get("mode", "teacher_forced")
-        if mode == "generate":
+        if self.config.eval.get("mode", "teacher_forced") == "generate":
             return self.evaluate_by_generation(params, step)
-        if mode != "teacher_forced":
-            raise ValueError(f"eval.mode {mode!r} is not 'teacher_forced' or 'generate'")
         return self.evaluate_teacher_forced(params, step)
 
     def evaluate_by_generation(self, params: Any, step: int) -> dict[str, float]:

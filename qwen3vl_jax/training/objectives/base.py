@@ -179,6 +179,8 @@ class Objective:
     batch_fields: ClassVar[tuple[str, ...]] = ()
     # whether eval_step takes the frozen parameters too
     frozen_in_eval: ClassVar[bool] = False
+    # the logged metrics the progress bar shows (when a log line has them), beside tokens/s
+    progress_metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
     def frozen_model(self, model_config: ModelConfig) -> FrozenModel | None:
         """The frozen parameters the train step needs beside the trained ones (None: none)."""

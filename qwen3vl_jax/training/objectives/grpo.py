@@ -76,6 +76,7 @@ class PolicyOptimization(Objective):
     updates_per_rollout: int = 1
     default_reward: tuple[RewardSpec, ...] = ()
     batch_fields = (OLD_LOGPROBS, ADVANTAGES)
+    progress_metrics = ("loss", "reward_mean")
 
     def __post_init__(self):
         if self.variant not in VARIANTS or self.aggregation not in AGGREGATIONS:
