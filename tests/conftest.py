@@ -1,5 +1,6 @@
 """Shared fixtures: random tiny HF checkpoints built once per session, and our models loaded from them."""
 
+import functools
 import os
 import shutil
 import tempfile
@@ -73,7 +74,8 @@ def batch():
 
 @pytest.fixture(scope="session")
 def optimizer():
-    return make_optimizer(OPTIMIZER, total_steps=100, params=init_params(CONFIG, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(functools.partial(init_params, CONFIG), jax.random.PRNGKey(0))  # its structure is enough
+    return make_optimizer(OPTIMIZER, total_steps=100, params=params)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ licences) with synthetic videos encoded by PyAV at chosen frame rates, sizes and
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import lzma
@@ -117,8 +118,19 @@ OPTIMIZER = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_ratio=0.1, clip_no
 OPTIMIZER.update(b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.1)
 
 
+@functools.cache
+def _jitted_init():
+    return jax.jit(init_params, static_argnums=0)
+
+
+def random_params(config=CONFIG, seed: int = 0):
+    """init_params(config, PRNGKey(seed)), compiled once per config and process (op by op it costs ~10 s each
+    time)."""
+    return _jitted_init()(config, jax.random.PRNGKey(seed))
+
+
 def initial_state(optimizer):
-    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    params = random_params()
     return TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
 
 
@@ -128,6 +140,17 @@ def parse_flags(*argv: str) -> ConfigDict:
     config = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
     return config.value
+
+
+def with_byte_processor(checkpoint: str, directory) -> str:
+    """A copy of the HF checkpoint directory `checkpoint` at `directory` with the byte tokenizer and the bundled
+    chat template saved beside its weights (the processor a run with model.init_from=directory reads)."""
+    from qwen3vl_jax.processing import Processor, byte_tokenizer
+    from qwen3vl_jax.processing.chat import load_chat_template
+
+    shutil.copytree(checkpoint, directory)
+    Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(directory))
+    return str(directory)
 
 
 def tiny_config() -> ConfigDict:

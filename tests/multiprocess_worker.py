@@ -5,7 +5,8 @@ and writes its results to OUT (argv[1]) as `process_<i>.npz` / `.json`:
 - agreement: gather_text with texts of different lengths, any_process, and in_lockstep over streams of unequal
   lengths with a global reduction per item (a process that stopped early would leave the others hanging);
 - a train step (with an "optimizer" that keeps the gradient as its state) on the global batch
-  given in `batch.npz`, each process passing only its rows: the loss, the gradient norm and the gradients;
+  given in `batch.npz` from the parameters given in `params.npz` (each process placing only its devices' boxes),
+  each process passing only its rows: the loss, the gradient norm and the gradients;
 - sharded loading of the HF checkpoint at argv[2] onto an fsdp mesh over both processes: the bytes each process
   read, the bytes its devices' boxes hold, and checksums of every parameter;
 - the trainer's data: the user texts of every example in this process's batches over one epoch of the JSONL
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import sys
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +33,7 @@ from ml_collections import ConfigDict
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.inputs.batch import TrainingBatch
-from qwen3vl_jax.modeling.model import abstract_params, init_params
+from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.parallel.multihost import any_process, gather_text, in_lockstep, initialize_distributed
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_shardings, global_batch, make_mesh, param_shardings
 from qwen3vl_jax.training.builder import train_state_shardings
@@ -64,11 +66,25 @@ def keep_gradient() -> optax.GradientTransformation:
     )
 
 
+def placed(arrays: dict[str, np.ndarray], shardings: Any) -> Any:
+    """The tree of `shardings` with each leaf the global array named by `jax.tree_util.keystr` of its path in
+    `arrays`, laid out by that sharding (each process placing only its own devices' boxes)."""
+
+    def leaf(path, sharding):
+        value = arrays[jax.tree_util.keystr(path)]
+        return jax.make_array_from_callback(value.shape, sharding, value.__getitem__)
+
+    return jax.tree_util.tree_map_with_path(leaf, shardings)
+
+
 def train_step(directory: str) -> dict:
-    """Loss, gradient norm and gradients of one step on the global batch in directory/batch.npz (fsdp over all
-    devices: every weight split across both processes)."""
+    """Loss, gradient norm and gradients of one step on the global batch in directory/batch.npz from the
+    parameters in directory/params.npz (by `jax.tree_util.keystr` of their paths), fsdp over all devices: every
+    weight split across both processes."""
     with np.load(os.path.join(directory, "batch.npz")) as stored:
         batch = TrainingBatch.from_arrays(dict(stored))
+    with np.load(os.path.join(directory, "params.npz")) as stored:
+        initial = dict(stored)
     mesh = make_mesh({"fsdp": -1})
     rows = batch.batch_size // jax.process_count()
     mine = jax.tree_util.tree_map(
@@ -79,7 +95,7 @@ def train_step(directory: str) -> dict:
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = train_state_shardings(abstract_params(CONFIG, boxed=True), optimizer, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(CONFIG, jax.random.PRNGKey(0))
+        params = placed(initial, shardings.params)
         state = TrainState(
             step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1)
         )

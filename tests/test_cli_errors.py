@@ -1,13 +1,13 @@
 """The binaries' errors: one line `error: ...` on stderr naming what and where, exit 2 for a usage error (a bad
 flag, an unknown config field, a flag value that does not parse), 1 for an error while running (a bad data
 record); the traceback only with --verbose. The binaries run as subprocesses, failing before anything compiles
-(the bad record: after the tiny model's initialisation only)."""
+(the bad record: after loading a tiny checkpoint only)."""
 
 import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, with_byte_processor
 
 from experiments import cli
 
@@ -63,7 +63,8 @@ def test_verbose_shows_the_traceback_above_the_line():
     assert result.stderr.strip().splitlines()[-1].startswith("error: flag --config.steps=many: ")
 
 
-def test_a_bad_record_is_named_on_one_line(tmp_path):
+def test_a_bad_record_is_named_on_one_line(tiny, tmp_path):
+    checkpoint = with_byte_processor(tiny.path, tmp_path / "tiny")
     data = tmp_path / "qa.jsonl"
     good = '{"messages": [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."}]}'
     data.write_text(f'{good}\n{good}\n{{"messages": [{{"role": "user", "content": "cut off\n')
@@ -72,10 +73,10 @@ def test_a_bad_record_is_named_on_one_line(tmp_path):
         "from qwen3vl_jax.training.run_config import run_config\n\n\n"
         "def get_config():\n"
         "    c = run_config()\n"
-        "    c.model.preset = 'tiny'\n"
+        f"    c.model.init_from = {checkpoint!r}\n"
         "    c.update(steps=1, export_hf=False, peak_flops_per_device=1e11)\n"
         f"    c.data.sources = dict(qa=dict(kind='jsonl', path={str(data)!r}))\n"
-        "    c.data.update(seq_len=64, max_patches=16, batch_size=4, on_bad_input='error')\n"
+        "    c.data.update(seq_len=64, max_patches=16, batch_size=4, on_bad_input='error', shuffle=False)\n"
         "    return c\n"
     )
     result = run_binary("train", f"--config={config}", f"--workdir={tmp_path / 'work'}")

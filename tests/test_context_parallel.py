@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONFIG, ROOT, losses, parse_flags
+from helpers import CONFIG, ROOT, losses, parse_flags, random_params
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.data.synthetic import TASKS
 from qwen3vl_jax.modeling.attention import attention
-from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
+from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.parallel.context import (
     align_patches,
     check_patch_layout,
@@ -224,7 +224,7 @@ def test_train_step_gradients_over_the_context_axis_equal_single_device(context_
     assert (config.image_token_id, 1) in examples
     assert any(kind == config.video_token_id and groups > 1 for kind, groups in examples)
     assert (None, 0) in examples  # text only
-    params = init_params(config, jax.random.PRNGKey(0))
+    params = random_params(config, 0)
     expected_loss, expected_grads, expected_flops = _loss_and_grads(config, context_batch, params)
     # the chunked loss too: 4 strided chunks of 32 positions, each spread over every context shard
     loss, grads, flops = _loss_and_grads(config, context_batch, params, mesh=make_mesh(sizes), loss_chunk=32)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from helpers import CAMERA_CLIP, image
+from helpers import CAMERA_CLIP, image, random_params
 from PIL import Image
 
 from qwen3vl_jax.config import preset
@@ -19,7 +19,7 @@ from qwen3vl_jax.data.pipeline import DataConfig, build_dataset
 from qwen3vl_jax.data.sources import JsonlSource, llava_to_messages, make_source
 from qwen3vl_jax.data.synthetic import make_record
 from qwen3vl_jax.inputs.batch import TrainingBatch
-from qwen3vl_jax.modeling import Qwen3VL, init_params
+from qwen3vl_jax.modeling import Qwen3VL
 from qwen3vl_jax.processing import DataError, Processor, VisionProcessingConfig, byte_tokenizer
 from qwen3vl_jax.processing.chat import load_chat_template
 
@@ -71,7 +71,7 @@ def test_packed_examples_equal_each_example_alone(processor):
         make_record("ocr", 4, image_size=96),
     ]
     features = [featurizer(processor)(r) for r in records]
-    params = init_params(CONFIG, jax.random.key(0))
+    params = random_params(CONFIG, 0)
     packed = packed_rows(features, seq_len=256, max_patches=512, num_bins=2)
     assert (packed.segment_ids.max(axis=1) >= 2).all(), "each row must hold several examples"
     assert (np.unique(packed.patch_segment_ids[0]) > 0).sum() >= 3  # several images / video groups in a row
@@ -115,7 +115,7 @@ def test_preference_pairs_pack_whole_with_isolated_halves(processor):
     records = preference_records()
     features = [featurizer(processor)(r) for r in records]
     packed = packed_rows(features, seq_len=256, max_patches=512, num_bins=2)
-    params = init_params(CONFIG, jax.random.key(0))
+    params = random_params(CONFIG, 0)
     packed_loss = np.asarray(per_token_loss(params, packed))
     found = 0
     for record in records:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, random_params
 
 from qwen3vl_jax.training.objectives.distill import chunked_distillation, distillation_loss
 
@@ -98,7 +98,7 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
     from helpers import OPTIMIZER
 
     from qwen3vl_jax.config import preset
-    from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+    from qwen3vl_jax.modeling.model import Qwen3VL
     from qwen3vl_jax.training.loss import token_weights
     from qwen3vl_jax.training.objectives.distill import OnlineDistillation
     from qwen3vl_jax.training.optimizer import make_optimizer
@@ -106,7 +106,7 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
 
     student = preset("tiny")
     teacher = preset("tiny", text=dict(num_hidden_layers=4, intermediate_size=192))
-    params, teacher_params = init_params(student, jax.random.PRNGKey(0)), init_params(teacher, jax.random.PRNGKey(9))
+    params, teacher_params = random_params(student, 0), random_params(teacher, 9)
     distill = OnlineDistillation(teacher=teacher, alpha=0.7, temperature=2.0, all_text_tokens=all_text_tokens)
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=params)
     step = make_train_step(

@@ -1,8 +1,10 @@
 """DPO / IPO losses equal the formulas computed independently in torch (values and gradients), and answer
 log-probabilities sum each packed example's supervised tokens."""
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.training.objectives.dpo import answer_logps, preference_losses
 
 
@@ -55,26 +59,31 @@ def test_answer_logps_sum_each_examples_supervised_tokens():
         preference_losses(*[jnp.zeros(2)] * 4, beta=0.1, variant="hinge")
 
 
-@pytest.mark.parametrize("variant", ["sigmoid", "ipo"])
-def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
-    """One train step on packed preference pairs: its loss, reward margin and accuracy equal the formula applied
-    to each half's answer log-probability, summed here from the two models' whole logits; the shares of the batch's
-    two microbatches add up to them (what gradient accumulation relies on)."""
+@dataclasses.dataclass
+class PackedPairs:
+    """Five preference pairs packed into rows (chosen, rejected: consecutive segments), two models' parameters and
+    each (row, segment)'s summed log-probability of its supervised targets under each model, in float64."""
+
+    config: ModelConfig
+    batch: TrainingBatch
+    policy: Any
+    reference: Any
+    policy_logps: dict[tuple[int, int], float]
+    reference_logps: dict[tuple[int, int], float]
+
+
+@pytest.fixture(scope="module")
+def packed_pairs() -> PackedPairs:
+    """Shared by both variants: nothing here depends on the loss."""
     import grain
-    from helpers import OPTIMIZER
 
     from qwen3vl_jax.config import preset
     from qwen3vl_jax.data.features import Featurizer
     from qwen3vl_jax.data.packing import finalize, pack
     from qwen3vl_jax.data.synthetic import make_record
-    from qwen3vl_jax.inputs.batch import TrainingBatch
     from qwen3vl_jax.modeling.model import Qwen3VL, init_params
     from qwen3vl_jax.processing import Processor, VisionProcessingConfig, byte_tokenizer
     from qwen3vl_jax.processing.chat import load_chat_template
-    from qwen3vl_jax.training.objectives.base import StepSettings
-    from qwen3vl_jax.training.objectives.dpo import PreferenceTuning
-    from qwen3vl_jax.training.optimizer import make_optimizer
-    from qwen3vl_jax.training.train_step import TrainState, make_train_step, objective_loss
 
     config = preset("tiny")
     processor = Processor(
@@ -89,7 +98,42 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     rows = pack(grain.MapDataset.source(features).to_iter_dataset(), seq_len=256, max_patches=256, num_bins=2)
     rows = [finalize(row, config) for row in rows]
     batch = TrainingBatch.from_arrays({k: np.stack([row[k] for row in rows]) for k in rows[0]})
-    policy, reference = init_params(config, jax.random.PRNGKey(0)), init_params(config, jax.random.PRNGKey(1))
+    init = jax.jit(init_params, static_argnums=0)  # one compile for both models
+    policy, reference = init(config, jax.random.PRNGKey(0)), init(config, jax.random.PRNGKey(1))
+    forward = jax.jit(lambda params: Qwen3VL(config).apply({"params": params}, batch.inputs))
+
+    def sequence_logps(params):  # (rows, segment) -> summed log-probability of the supervised targets
+        logits = np.asarray(forward(params), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        token = np.take_along_axis(logp, batch.targets[..., None], -1)[..., 0] * (batch.loss_mask > 0)
+        return {(r, s): token[r][batch.segment_ids[r] == s].sum() for r in range(len(rows)) for s in range(1, 257)}
+
+    return PackedPairs(
+        config=config,
+        batch=batch,
+        policy=policy,
+        reference=reference,
+        policy_logps=sequence_logps(policy),
+        reference_logps=sequence_logps(reference),
+    )
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "ipo"])
+def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant, packed_pairs):
+    """One train step on packed preference pairs: its loss, reward margin and accuracy equal the formula applied
+    to each half's answer log-probability, summed here from the two models' whole logits; the shares of the batch's
+    two microbatches add up to them (what gradient accumulation relies on)."""
+    from helpers import OPTIMIZER
+
+    from qwen3vl_jax.modeling.model import Qwen3VL
+    from qwen3vl_jax.training.objectives.base import StepSettings
+    from qwen3vl_jax.training.objectives.dpo import PreferenceTuning
+    from qwen3vl_jax.training.optimizer import make_optimizer
+    from qwen3vl_jax.training.train_step import TrainState, make_train_step, objective_loss
+
+    config, batch = packed_pairs.config, packed_pairs.batch
+    policy, reference = packed_pairs.policy, packed_pairs.reference
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=policy)
     step = make_train_step(
         config,
@@ -101,15 +145,8 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
     state = TrainState(step=np.int32(0), params=policy, opt_state=optimizer.init(policy), rng=jax.random.PRNGKey(2))
     _, metrics = jax.jit(step)(state, batch, reference)
 
-    def sequence_logps(params):  # (rows, segment) -> summed log-probability of the supervised targets
-        logits = np.asarray(Qwen3VL(config).apply({"params": params}, batch.inputs), np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        token = np.take_along_axis(logp, batch.targets[..., None], -1)[..., 0] * (batch.loss_mask > 0)
-        return {(r, s): token[r][batch.segment_ids[r] == s].sum() for r in range(len(rows)) for s in range(1, 257)}
-
-    ours, ref = sequence_logps(policy), sequence_logps(reference)
-    pairs = [(r, s) for r in range(len(rows)) for s in range(1, 256, 2) if (batch.segment_ids[r] == s).any()]
+    ours, ref = packed_pairs.policy_logps, packed_pairs.reference_logps
+    pairs = [(r, s) for r in range(batch.batch_size) for s in range(1, 256, 2) if (batch.segment_ids[r] == s).any()]
     assert len(pairs) == 5
     h = np.array([(ours[r, s] - ref[r, s]) - (ours[r, s + 1] - ref[r, s + 1]) for r, s in pairs])
     loss = np.log1p(np.exp(-0.2 * h)) if variant == "sigmoid" else (h - 1 / (2 * 0.2)) ** 2
@@ -141,18 +178,18 @@ def test_a_dpo_step_on_packed_pairs_equals_the_formula(variant):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["reference", "lora_base"])
 def test_the_trainer_scores_dpo_against_the_step_0_weights(tmp_path, lora):
-    """configs/dpo_toy.py for 2 steps through the Trainer: the first step's policy is the reference itself (the
-    step-0 weights, or the LoRA model's base), so its reward margin is 0 and its loss log 2; after one update the
-    held-out pairs are scored against the same reference (margin no longer 0)."""
+    """configs/dpo_toy.py for 1 step through the Trainer: the step's policy is the reference itself (the step-0
+    weights, or the LoRA model's base), so its reward margin is 0 and its loss log 2; after its update the held-out
+    pairs are scored against the same reference (margin no longer 0)."""
     from helpers import ROOT
 
     from qwen3vl_jax.training.run_config import config_from_file
     from qwen3vl_jax.training.trainer import Trainer
 
     config = config_from_file(os.path.join(ROOT, "configs", "dpo_toy.py"))
-    config.update(steps=2, log_every=1, export_hf=False)
+    config.update(steps=1, log_every=1, export_hf=False)
     config.data.update(seq_len=256, max_patches=32, batch_size=8)
-    config.eval.update(every=2, batch_size=8)
+    config.eval.update(every=1, batch_size=8)
     config.eval.sets.held_out.num_examples = 4
     config.optimizer.update(lr=1e-2, warmup_steps=0)
     if lora:

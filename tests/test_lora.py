@@ -178,21 +178,15 @@ def test_adapter_options_with_rank_0_are_refused_in_a_run_config():
 def test_a_lora_run_trains_only_the_adapters_and_exports_them(tiny, tmp_path):
     """`--config.lora.rank=4` on the default config, from an HF checkpoint: two steps change the adapters and
     nothing else; the run writes the PEFT adapters and the merged model."""
-    import shutil
-
-    from helpers import tiny_config
+    from helpers import tiny_config, with_byte_processor
     from ml_collections import ConfigDict
 
     from qwen3vl_jax.checkpoints.hf_io import load_params
-    from qwen3vl_jax.processing import Processor, byte_tokenizer
-    from qwen3vl_jax.processing.chat import load_chat_template
     from qwen3vl_jax.training.trainer import Trainer
 
-    base = tmp_path / "base"
-    shutil.copytree(tiny.path, base)
-    Processor(byte_tokenizer(), load_chat_template(None)).save_pretrained(str(base))
+    base = with_byte_processor(tiny.path, tmp_path / "base")
     config = tiny_config()
-    config.model.init_from, config.model.overrides = str(base), ConfigDict()
+    config.model.init_from, config.model.overrides = base, ConfigDict()
     config.lora.update(rank=4, dropout=0.1, targets=("q_proj", "v_proj", "mlp_fc1"))
     config.update(steps=2, log_every=1)
     config.eval.every = 0
@@ -201,7 +195,7 @@ def test_a_lora_run_trains_only_the_adapters_and_exports_them(tiny, tmp_path):
     trainer = Trainer(config, str(tmp_path / "work"))
     trainer.run()
     trained = flatten_dict(jax.device_get(trainer.state.params))
-    loaded = flatten_dict(load_params(str(base), trainer.model_config))
+    loaded = flatten_dict(load_params(base, trainer.model_config))
     for name, value in trained.items():
         if is_lora(name):
             assert name[-1] == "lora_a" or np.abs(value).max() > 0, "/".join(name)  # B moved away from zero

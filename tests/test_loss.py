@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.modeling.lm_head import chunked_cross_entropy, project, token_cross_entropy
-from qwen3vl_jax.modeling.model import Qwen3VL, init_params
+from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.training.loss import token_weights
 
 # row 0 packs example 1 (3 tokens, 2 supervised) and example 2 (2 tokens, 1 supervised); row 1 holds example 1
@@ -59,7 +60,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(batch, name):
     """The tiny model's weighted cross-entropy and every gradient, for the three normalisations, with the logits
     in chunks of 48 of the 128 positions (the last chunk padded) and whole."""
     config = preset(name)
-    params = init_params(config, jax.random.PRNGKey(0))
+    params = random_params(config, 0)
     inputs = batch.inputs
     weights = jnp.stack([token_weights(batch.loss_mask, batch.segment_ids, normalization=n) for n in EXPECTED])
 

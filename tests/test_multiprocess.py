@@ -343,10 +343,24 @@ def run_worker(out, *, processes, devices, parts, checkpoint, questions) -> list
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory, batch, tiny, questions):
+def initial_params():
+    """The tiny model's step-0 parameters (PRNGKey(0)), fsdp over this process's 8 devices: the train step of
+    the worker (which reads them, rather than compiling the initialisation again on 2 processes) and of
+    test_a_train_step starts from them. The sharded initialisation on 2 processes is compared with one process's
+    by test_two_processes_write_the_losses_of_one_process_reading_the_same_shards (the first step's loss)."""
+    mesh = make_mesh({"fsdp": -1})
+    shardings = param_shardings(abstract_params(CONFIG, boxed=True), mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        return jax.jit(init_params, static_argnums=0, out_shardings=shardings)(CONFIG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, batch, tiny, questions, initial_params):
     """tests/multiprocess_worker.py run by 2 processes x 4 devices: the directory and the results per process."""
     out = tmp_path_factory.mktemp("worker")
     np.savez(out / "batch.npz", **batch.arrays)
+    flat = jax.tree_util.tree_flatten_with_path(initial_params)[0]
+    np.savez(out / "params.npz", **{jax.tree_util.keystr(path): np.asarray(value) for path, value in flat})
     return out, run_worker(out, processes=2, devices=4, parts="all", checkpoint=tiny.path, questions=questions)
 
 
@@ -372,16 +386,15 @@ def test_processes_agree_on_texts_flags_and_stream_ends(layout, request):
         assert agreement["lockstep_sums"] == [0, 8 * 1 - 8 * (count - 1), 8 * 2 - 8 * (count - 1)]
 
 
-def test_a_train_step_gives_the_one_process_loss_and_gradients(worker, batch):
+def test_a_train_step_gives_the_one_process_loss_and_gradients(worker, batch, initial_params):
     """The gradients (kept as its state by an "optimizer" that leaves the parameters alone) with fsdp over the 8
     devices of 2 processes against the same in one process."""
     out, results = worker
     mesh = make_mesh({"fsdp": -1})
     optimizer = keep_gradient()
     step = make_train_step(CONFIG, optimizer=optimizer, schedule=lambda count: 1.0, loss_normalization="sqrt")
-    shardings = param_shardings(abstract_params(CONFIG, boxed=True), mesh)
+    params = initial_params
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(CONFIG, jax.random.PRNGKey(0))
         state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
         new_state, metrics = jax.jit(step)(state, jax.device_put(batch, batch_shardings(mesh)))
     with np.load(out / "gradients.npz") as stored:

@@ -28,6 +28,7 @@ CONFIG_FILES = {
     "tiny_moe.py": "",
     "dpo_toy.py": "",
     "grpo_toy.py": "",
+    "grpo_vs_sft.py": ":/default/hf",
     "qwen3_vl_2b.py": ":sft",
     "qwen3_vl_8b.py": ":long",
     "qwen3_vl_30b_a3b.py": ":pretrain",
@@ -52,7 +53,7 @@ def test_the_config_files_are_all_listed():
 @pytest.mark.parametrize("name", sorted(CONFIG_FILES))
 def test_every_config_takes_the_context_axis_and_any_model_field_from_the_command_line(name):
     path = os.path.join(ROOT, "configs", name) + CONFIG_FILES[name]
-    sweep = name.startswith(("ablate", "distill"))
+    sweep = name.startswith(("ablate", "distill", "grpo_vs"))
     prefix = "--config.base." if sweep else "--config."
     config = parse_flags(
         f"--config={path}",

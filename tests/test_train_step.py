@@ -6,11 +6,11 @@ trainer and splash tests)."""
 import flax.linen as nn
 import jax
 import numpy as np
-from helpers import CONFIG, initial_state
+from helpers import CONFIG, initial_state, random_params
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen3vl_jax.config.model import REMAT_POLICIES
-from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
+from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, make_mesh
 from qwen3vl_jax.training.builder import train_state_shardings
 from qwen3vl_jax.training.train_step import make_train_step
@@ -61,7 +61,7 @@ def test_every_remat_policy_gives_the_same_gradients(batch):
     """The policies "full", "dots" and "offload" (layer inputs kept in host memory) recompute what "none" keeps,
     and so does the MLP over 4 sequence slices (mlp_chunks): the same gradients, on a packed batch with images,
     videos and DeepStack."""
-    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    params = random_params(CONFIG, 0)
     inputs = batch.inputs
     variants = {remat: dict(remat=remat) for remat in REMAT_POLICIES}
     variants["offload, mlp_chunks=4"] = dict(remat="offload", mlp_chunks=4)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
-from helpers import ENV, OPTIMIZER, ROOT, command, losses, tiny_config
+from helpers import ENV, OPTIMIZER, ROOT, command, losses, random_params, tiny_config
 from ml_collections import ConfigDict
 
 import qwen3vl_jax
@@ -29,7 +29,7 @@ CONFIG = preset("tiny")
 def one_step(config, optimizer_config, *, batch, stop_frozen=True, compiled=None):
     """One train step; the optimizer freezes optimizer_config.freeze and, with stop_frozen, the step runs no
     backward pass into them (as the Trainer's). `compiled` (a list) receives the compiled step."""
-    params = init_params(config, jax.random.PRNGKey(0))
+    params = random_params(config, 0)
     optimizer, schedule = make_optimizer(optimizer_config, total_steps=100, params=params)
     state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
     freeze = tuple(optimizer_config.freeze) if stop_frozen else ()
