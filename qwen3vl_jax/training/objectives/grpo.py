@@ -219,7 +219,8 @@ class RolloutData(TrainingData):
     def next_batch(self, iterator: Iterator, *, step: int, params: Any) -> HostBatch:
         objective: PolicyOptimization = self.objective
         if self.current is not None and step - self.made_at < objective.updates_per_rollout:
-            return HostBatch(self.current)
+            # the same rollout again: its skipped prompts were reported with its first update
+            return HostBatch(self.current.replace(num_dropped=np.zeros_like(self.current.num_dropped)))
         jax.block_until_ready(params)  # the previous updates finish before the rollout's clock starts
         start = time.perf_counter()
         rollout, sampled, dropped, rounds = self.sample(iterator, params=params, step=step)
