@@ -148,6 +148,10 @@ def empty_inputs(batch: int, *, seq_len: int, max_patches: int, patch_dim: int) 
     return {name: np.full(field.shape(batch, **sizes), field.fill, field.dtype) for name, field in INPUT_FIELDS.items()}
 
 
+# the smallest buckets `from_hf_batch` pads a batch's tokens and patches to
+MIN_TOKEN_BUCKET, MIN_PATCH_BUCKET = 64, 256
+
+
 def bucket(n: int, minimum: int) -> int:
     """Smallest power of two >= max(n, minimum): few distinct shapes, hence few compiles."""
     return 1 << (max(n, minimum) - 1).bit_length()
@@ -204,10 +208,9 @@ def from_hf_batch(
             raise ValueError(f"{block.describe()} has no placeholder tokens in input_ids")
 
     row_patches = max(len(r["pixel_patches"]) for r in rows)
-    seq_len = _fit("seq_len", needed=length, given=seq_len, default=bucket(length, 64))
-    max_patches = _fit(
-        "max_patches", needed=row_patches, given=max_patches, default=bucket(row_patches, 256) if row_patches else 0
-    )
+    seq_len = _fit("seq_len", needed=length, given=seq_len, default=bucket(length, MIN_TOKEN_BUCKET))
+    patch_bucket = bucket(row_patches, MIN_PATCH_BUCKET) if row_patches else 0
+    max_patches = _fit("max_patches", needed=row_patches, given=max_patches, default=patch_bucket)
     if max_patches % merge**2:
         raise ValueError(f"max_patches {max_patches} must be a multiple of {merge**2}")
 

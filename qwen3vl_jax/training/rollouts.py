@@ -26,7 +26,7 @@ from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.data.features import PATCH_FEATURES, TOKEN_FEATURES, example_features
 from qwen3vl_jax.data.packing import finalize
 from qwen3vl_jax.inputs.batch import BATCH_FIELDS, TrainingBatch
-from qwen3vl_jax.inputs.model_inputs import bucket
+from qwen3vl_jax.inputs.model_inputs import MIN_PATCH_BUCKET, MIN_TOKEN_BUCKET, bucket
 from qwen3vl_jax.processing import Encoded, Processor
 from qwen3vl_jax.training.policy_gradient import SCALE_REWARDS, group_advantages
 from qwen3vl_jax.training.prompts import Prompt, PromptRecord
@@ -153,9 +153,10 @@ def generation_buffer_sizes(layout: SlotLayout, settings: RolloutSettings) -> tu
     """(seq_len, max_patches): the largest ModelInputs buffers of one rollout row that `sample_completions` hands
     the generator: the prompts, left-padded to max_prompt_tokens, and each row's patches (at most
     layout.slot_patches: the PromptEncoder skips prompts with more), in `Qwen3VLModel.prepare`'s power-of-two
-    buckets (`inputs.model_inputs.from_hf_batch`: at least 64 tokens and 256 patches). What the compile planner
-    plans the rollout's generation for."""
-    return bucket(settings.max_prompt_tokens, 64), bucket(layout.slot_patches, 256) if layout.slot_patches else 0
+    buckets (`inputs.model_inputs.from_hf_batch`: at least MIN_TOKEN_BUCKET tokens and MIN_PATCH_BUCKET patches).
+    What the compile planner plans the rollout's generation for."""
+    tokens = bucket(settings.max_prompt_tokens, MIN_TOKEN_BUCKET)
+    return tokens, bucket(layout.slot_patches, MIN_PATCH_BUCKET) if layout.slot_patches else 0
 
 
 def sample_completions(
