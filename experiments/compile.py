@@ -3,6 +3,8 @@
     pip install -r requirements-tpu.txt
     python -m experiments.compile --config=configs/qwen3_vl_8b.py --topology=v5p:4x4x4
 
+    python -m experiments.compile --config=configs/qwen3_vl_8b.py:long --topology=v5p:2x2x2 --mode=generate
+
 Prints the per-chip memory of the compiled step (arguments, outputs, temporaries; donated state is counted
 once) against the chip's HBM and says `fits` or `does not fit`; exits 0 only when it fits. Then the matmul
 FLOPs the compiled program runs per token (loops counted as often as they run), against the model's: their
@@ -15,6 +17,10 @@ inference/generation.py, sampling with log-probabilities, for prompts_per_step x
 prompt buffers the rollout makes, on the parameters as the train state holds them); the rollout's memory counts
 what the train state keeps on the chips beside it (optimizer state; the frozen reference when beta > 0). Exits 0
 only when both fit.
+
+`--mode=generate` plans inference instead: the config's rows (data.seq_len prompt tokens + data.max_patches patches
+each, e.g. `:long`'s one 262,144-token row per 8 chips) prefilled on its mesh (with a `context` axis: split over it,
+inference/generation.py) and --max_new_tokens decoded greedily, the weights in the compute dtype.
 """
 
 from __future__ import annotations
@@ -41,8 +47,16 @@ from qwen3vl_jax.inference.generation import jitted_generate
 from qwen3vl_jax.inference.sampling import SamplingConfig
 from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.inputs.model_inputs import INPUT_FIELDS, ModelInputs
+from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
-from qwen3vl_jax.parallel.sharding import batch_shardings, make_mesh, project_mesh, spec_for
+from qwen3vl_jax.parallel.sharding import (
+    BATCH_AXES,
+    batch_shardings,
+    make_mesh,
+    model_inputs_spec,
+    param_shardings,
+    project_mesh,
+)
 from qwen3vl_jax.training.builder import StepBuilder
 from qwen3vl_jax.training.hlo_flops import count_flops
 from qwen3vl_jax.training.metrics import forward_flops
@@ -51,6 +65,14 @@ from qwen3vl_jax.training.rollouts import SlotLayout, generation_buffer_sizes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 or v6e:16x16.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "generate"],
+    "train: the config's train step (GRPO: both phases); generate: inference of the config's rows (data.seq_len "
+    "prompt tokens + data.max_patches patches each) on its mesh, prefill + decode.",
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "--mode=generate: new tokens per row.")
 
 GIB = 2**30
 
@@ -246,17 +268,35 @@ def rollout_plan(builder: StepBuilder, objective: PolicyOptimization) -> Rollout
     )
 
 
-def abstract_generation_inputs(builder: StepBuilder, plan: RolloutPlan) -> ModelInputs:
-    """ShapeDtypeStructs of the rollout's ModelInputs, rows split over the batch axes as `Qwen3VLModel._batch_split`
-    places them (on the mesh the rollout's Qwen3VLModel projects the training mesh to)."""
+def abstract_generation_inputs(builder: StepBuilder, *, rows: int, seq_len: int, max_patches: int) -> ModelInputs:
+    """ShapeDtypeStructs of generation's ModelInputs (`rows` prompts of seq_len tokens and max_patches patches),
+    laid out as `Qwen3VLModel._batch_split` places them: rows over the batch axes, tokens and patches over
+    `context` (on the mesh a Qwen3VLModel projects the training mesh to)."""
     mesh = project_mesh(builder.mesh)
-    sizes = dict(seq_len=plan.seq_len, max_patches=plan.max_patches, patch_dim=builder.model_config.vision.patch_dim)
+    sizes = dict(seq_len=seq_len, max_patches=max_patches, patch_dim=builder.model_config.vision.patch_dim)
     fields = {}
     for name, field in INPUT_FIELDS.items():
-        shape = field.shape(plan.rows, **sizes)
-        spec = spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh=mesh, rules=builder.rules)
+        shape = field.shape(rows, **sizes)
+        spec = model_inputs_spec(name, shape, mesh=mesh, rules=builder.rules)
         fields[name] = jax.ShapeDtypeStruct(shape, field.dtype, sharding=NamedSharding(mesh, spec))
     return ModelInputs(**fields)
+
+
+def lower_generation(builder: StepBuilder, params, inputs: ModelInputs, *, max_new_tokens: int, sampling, config):
+    """`jitted_generate` lowered for TPU, as `Qwen3VLModel.generate` runs it (the model's eos ids and pad id as
+    abstract arguments: how many eos ids there are does not change the memory)."""
+    replicated = NamedSharding(project_mesh(builder.mesh), PartitionSpec())
+    return jitted_generate("tpu").lower(
+        params,
+        inputs,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+        eos_ids=jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated),
+        pad_id=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        with_logprobs=sampling.do_sample,
+    )
 
 
 def plan_rollout(builder: StepBuilder, objective: PolicyOptimization, plan: RolloutPlan, *, hbm: int) -> bool:
@@ -265,26 +305,21 @@ def plan_rollout(builder: StepBuilder, objective: PolicyOptimization, plan: Roll
     state (and a frozen reference) held beside it; whether it fits."""
     settings = objective.rollout
     mesh = project_mesh(builder.mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
     state = builder.abstract_state()
     beside = (state.opt_state, state.step, state.rng, *builder.abstract_frozen_params())
     sampling = SamplingConfig(
         do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(builder.rules):
-        inputs = abstract_generation_inputs(builder, plan)
+        inputs = abstract_generation_inputs(builder, rows=plan.rows, seq_len=plan.seq_len, max_patches=plan.max_patches)
         compiled, seconds = compile_or_report(
-            lambda: jitted_generate("tpu").lower(
+            lambda: lower_generation(
+                builder,
                 state.params,
                 inputs,
-                rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-                # the processor's end tokens (how many does not change the memory)
-                eos_ids=jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated),
-                pad_id=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                config=builder.model_config,
                 max_new_tokens=plan.max_new_tokens,
                 sampling=sampling,
-                with_logprobs=True,
+                config=builder.model_config,
             )
         )
     if compiled is None:
@@ -292,6 +327,50 @@ def plan_rollout(builder: StepBuilder, objective: PolicyOptimization, plan: Roll
     print(f"  compiled in {seconds:.0f} s")
     name = "optimizer state" + (" + reference" if builder.frozen_model is not None else "")
     return print_memory(ChipMemory.of(compiled, resident=bytes_per_chip(beside)), hbm=hbm, resident_name=name)
+
+
+def kv_cache_bytes_per_chip(config, *, mesh, rows: int, slots: int) -> int:
+    """The KV cache one chip holds: every layer's keys and values for `rows` x `slots` tokens, split over the batch
+    axes (where they divide the rows), kv heads over `tensor` (where it divides them) and the prompt over
+    `context` (a lower bound for the few generated slots, which every context shard holds whole)."""
+    text = config.text
+    batch = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    batch = batch if rows % batch == 0 else 1
+    tensor = mesh.shape["tensor"] if text.num_key_value_heads % mesh.shape["tensor"] == 0 else 1
+    per_layer = 2 * rows * text.num_key_value_heads * slots * text.head_dim * jnp.dtype(config.dtype).itemsize
+    return text.num_hidden_layers * per_layer // (batch * tensor * mesh.shape["context"])
+
+
+def plan_generation(builder: StepBuilder, *, hbm: int, max_new_tokens: int) -> bool:
+    """Compiles inference (`jitted_generate`: prefill of data.batch rows of data.seq_len tokens + max_patches
+    patches, then greedy decoding of max_new_tokens), as `Qwen3VLModel.generate` runs it on the config's mesh, with
+    the weights in the compute dtype (a checkpoint loaded for inference); prints its memory; whether it fits."""
+    config = builder.model_config.replace(param_dtype=builder.model_config.dtype)
+    data = builder.config.data
+    rows = builder.global_batch_size(data)
+    mesh = project_mesh(builder.mesh)
+    params = jax.tree_util.tree_map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract_params(config),
+        param_shardings(abstract_params(config, boxed=True), mesh, rules=builder.rules),
+    )
+    cache = kv_cache_bytes_per_chip(config, mesh=mesh, rows=rows, slots=data.seq_len + max_new_tokens)
+    print(
+        f"generate: {rows} x {data.seq_len} prompt tokens + {data.max_patches} patches, {max_new_tokens} new "
+        f"tokens (greedy), weights in {config.dtype}; KV cache {cache / GIB:.2f} GiB per chip"
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(builder.rules):
+        inputs = abstract_generation_inputs(builder, rows=rows, seq_len=data.seq_len, max_patches=data.max_patches)
+        compiled, seconds = compile_or_report(
+            lambda: lower_generation(
+                builder, params, inputs, max_new_tokens=max_new_tokens, sampling=SamplingConfig(), config=config
+            )
+        )
+    if compiled is None:
+        return False
+    kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    print(f"  compiled in {seconds:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
+    return print_memory(ChipMemory.of(compiled), hbm=hbm)
 
 
 def main(argv):
@@ -309,6 +388,8 @@ def main(argv):
         f"{config.data.max_patches} patches per row"
     )
     print(f"topology: {_TOPOLOGY.value} ({len(devices)} x {devices[0].device_kind}), mesh {dict(builder.mesh.shape)}")
+    if _MODE.value == "generate":
+        sys.exit(0 if plan_generation(builder, hbm=hbm, max_new_tokens=_MAX_NEW_TOKENS.value) else 1)
     objective = builder.objective
     if not isinstance(objective, PolicyOptimization):
         sys.exit(0 if plan_train_step(builder, hbm=hbm, chips=len(devices)) else 1)

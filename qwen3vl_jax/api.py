@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from qwen3vl_jax.checkpoints import hf_io
 from qwen3vl_jax.checkpoints.peft import adapter_lora_config, read_adapters
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.config.model import with_yarn
 from qwen3vl_jax.inference.generation import check_max_new_tokens, eos_array, generate
 from qwen3vl_jax.inference.sampling import SamplingConfig
 from qwen3vl_jax.inputs.model_inputs import (
@@ -43,7 +44,8 @@ from qwen3vl_jax.inputs.model_inputs import (
 from qwen3vl_jax.inputs.positions import IMAGE, visual_blocks
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params, init_params
 from qwen3vl_jax.modeling.moe import load_balancing_loss
-from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, param_shardings, project_mesh, spec_for
+from qwen3vl_jax.parallel.context import align_patches
+from qwen3vl_jax.parallel.sharding import DEFAULT_RULES, model_inputs_spec, param_shardings, project_mesh
 from qwen3vl_jax.storage import write_json
 
 
@@ -112,26 +114,36 @@ class Qwen3VLModel:
             yield
 
     def _batch_split(self, inputs: ModelInputs) -> ModelInputs:
-        """`inputs` with their batch dimension split over the mesh's batch axes (where they divide it). On a mesh
-        of several processes each process passes the same whole inputs and places the rows its devices hold."""
+        """`inputs` with their batch dimension split over the mesh's batch axes and their tokens and patches over
+        `context` (where they divide them: `model_inputs_spec`). On a mesh of several processes each process passes
+        the same whole inputs and places the parts its devices hold."""
         if self.mesh is None:
             return inputs
 
-        def put(x):
+        def put(name, x):
             x = np.asarray(x)
-            spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh=self.mesh, rules=self.rules)
+            spec = model_inputs_spec(name, x.shape, mesh=self.mesh, rules=self.rules)
             return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])
 
-        return jax.tree_util.tree_map(put, inputs)
+        return ModelInputs(**{name: put(name, value) for name, value in vars(inputs).items()})
 
     def prepare(
         self, input_ids, *, seq_len: int | None = None, max_patches: int | None = None, **processor_outputs
     ) -> tuple[ModelInputs, np.ndarray]:
         """Static-shape ModelInputs and rope_deltas (B, 1) from HF processor outputs (the fields of
         `ProcessorOutputs`: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-        video_grid_thw, mm_token_type_ids)."""
+        video_grid_thw, mm_token_type_ids). On a mesh with a `context` axis each row's patches are laid out so that
+        no image or video temporal group crosses a context shard (parallel/context.align_patches)."""
         outputs = ProcessorOutputs(input_ids, **processor_outputs)
-        return from_hf_batch(self.config, outputs, seq_len=seq_len, max_patches=max_patches)
+        inputs, rope_deltas = from_hf_batch(self.config, outputs, seq_len=seq_len, max_patches=max_patches)
+        shards = 1 if self.mesh is None else self.mesh.shape["context"]
+        if shards > 1 and inputs.patch_segment_ids.shape[1]:  # each context shard runs the ViT on its own patches
+            rows = [
+                align_patches({name: np.asarray(value)[b] for name, value in vars(inputs).items()}, shards=shards)
+                for b in range(inputs.input_ids.shape[0])
+            ]
+            inputs = ModelInputs(**{name: np.stack([row[name] for row in rows]) for name in vars(inputs)})
+        return inputs, rope_deltas
 
     def __call__(
         self, input_ids, *, seq_len: int | None = None, max_patches: int | None = None, **processor_outputs
@@ -294,6 +306,7 @@ def load_pretrained(
     adapters: str | None = None,
     mesh: Mesh | None = None,
     rules: Any = DEFAULT_RULES,
+    yarn_factor: float | None = None,
     **overrides: Any,
 ) -> Qwen3VLModel:
     """Loads an HF Qwen3-VL checkpoint directory (local or gs://). `dtype` (compute) and `param_dtype` (storage)
@@ -302,10 +315,13 @@ def load_pretrained(
     run writes it) to add to the base (`Qwen3VLModel.with_adapters`). With a `mesh` (e.g. `make_mesh({"fsdp": 4,
     "tensor": 2})` or `jax.make_mesh((4, 2), ("fsdp", "tensor"))`: axes it lacks count as size 1) each device reads
     its shard of every parameter straight from the files and the model runs sharded (`Qwen3VLModel`); without,
-    the model is on one device."""
+    the model is on one device. `yarn_factor`: YaRN on the text MRoPE for inputs that many times longer than the
+    checkpoint's max_position_embeddings (`config.model.with_yarn`)."""
     if adapters is not None and "lora" in overrides:
         raise ValueError("give either adapters= (their LoRA settings come from the adapter directory) or lora=")
     config = hf_io.load_config(path, **overrides)
+    if yarn_factor is not None:
+        config = with_yarn(config, factor=yarn_factor)
     dtype = dtype or config.dtype
     config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     generation_config = hf_io.load_generation_config(path)

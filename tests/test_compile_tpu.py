@@ -73,3 +73,22 @@ def test_grpo_plan_compiles_the_update_and_the_rollouts_generation_and_exits_0_w
     parts = [gib(rollout, name) for name in ("arguments", "outputs", "temporaries", "code", "optimizer state")]
     assert abs(sum(parts) - gib(rollout, "aliased (donated)") - gib(rollout, "total")) <= 0.03
     assert out.rstrip().endswith("GRPO step: both phases fit")
+
+
+def test_generate_plan_compiles_context_parallel_inference_and_counts_the_kv_cache():
+    """--mode=generate: the tiny MoE model's prefill of one 2,048-token row split over 4 context shards (splash
+    attention on the prompt; megablox experts on a mesh without an expert axis, in a shard_map as a Pallas kernel
+    must be) and greedy decoding, its KV cache split over context."""
+    flags = ["--config.mesh.fsdp=1", "--config.mesh.context=4", "--config.model.overrides.attention_impl=splash"]
+    flags += ["--config.model.overrides.moe_backend=megablox"]
+    flags += ["--config.data.seq_len=2048", "--config.data.max_patches=1024", "--config.data.batch_size=1"]
+    out = compile_for_tpu("configs/tiny_moe.py", *flags, "--mode=generate", "--max_new_tokens=32", timeout=600)
+    assert "mesh {'data': 1, 'fsdp': 1, 'context': 4, 'tensor': 1, 'expert': 1}" in out
+    text = model_config_from(config_from_file(os.path.join(ROOT, "configs/tiny_moe.py"))).text
+    # every layer's keys and values of 2,048 + 32 tokens, a quarter on each chip (float32: tiny computes in it)
+    cache = text.num_hidden_layers * 2 * text.num_key_value_heads * (2048 + 32) * text.head_dim * 4 / 4
+    assert "generate: 1 x 2048 prompt tokens + 1024 patches, 32 new tokens (greedy)" in out
+    assert f"KV cache {cache / 2**30:.2f} GiB per chip" in out
+    assert "-> fits" in out
+    kernels = out.split("Pallas (Mosaic) kernel calls: ")[1].split()[0]
+    assert int(kernels) >= 3, kernels  # splash on the prompt, megablox's grouped matmuls

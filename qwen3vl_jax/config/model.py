@@ -322,3 +322,25 @@ class ModelConfig:
             if isinstance(changes.get(name), dict):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
+
+
+def with_yarn(
+    config: ModelConfig, *, factor: float, original_max_position_embeddings: int | None = None
+) -> ModelConfig:
+    """`config` with YaRN on its text MRoPE, to read `factor` x longer sequences than it was trained on: the
+    `rope_scaling` entry Qwen's model cards give for long inputs ({"rope_type": "yarn", "factor": ...,
+    "original_max_position_embeddings": ...}), which transformers applies the same way (modeling.rotary.text_rope).
+    original_max_position_embeddings defaults to the checkpoint's max_position_embeddings; the new
+    max_position_embeddings is factor x that. A config already on YaRN is refused (its factor is the checkpoint's
+    choice: load it without this)."""
+    text = config.text
+    if text.rope_type == "yarn":
+        raise ValueError(f"the config already uses YaRN ({dict(text.rope_scaling)}); load it without a yarn factor")
+    if not factor > 1:
+        raise ValueError(f"a YaRN factor must be > 1, got {factor}")
+    original = original_max_position_embeddings or text.max_position_embeddings
+    scaling = dict(factor=float(factor), original_max_position_embeddings=int(original))
+    text = dataclasses.replace(
+        text, rope_type="yarn", rope_scaling=tuple(scaling.items()), max_position_embeddings=int(original * factor)
+    )
+    return config.replace(text=text)

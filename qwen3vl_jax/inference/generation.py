@@ -15,6 +15,7 @@ from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.decoder import unstack_decoder_params
 from qwen3vl_jax.modeling.kv_cache import init_cache
 from qwen3vl_jax.modeling.model import Qwen3VL
+from qwen3vl_jax.parallel.context import context_shards
 
 # XLA:CPU hands matmuls to YNNPACK by default. With the few rows of a decode step (one per sequence) its kernels ran
 # 2.3-2.7x slower than XLA's own (Eigen) matmuls on a 2-core x86 machine (chains of (8, 512) x (512, 512) products),
@@ -37,12 +38,17 @@ def _prefill_and_decode(
     """New token ids (B, max_new_tokens) for the prompts in `inputs` (any padding): each row stops at its
     first token in `eos_ids` (included) and is `pad_id` after it. New tokens take MRoPE position
     max(prompt positions) + 1 + step on all three axes (the `rope_deltas` rule of
-    `Qwen3VLModel.compute_3d_position_ids`). with_logprobs: also each new token's log-probability under the
-    model's own distribution, log softmax(logits) before temperature and filters (B, max_new_tokens) float32, 0
-    after a row's end (what a policy-gradient update recomputes). Compiled once per config, length and sampling
-    setting."""
+    `Qwen3VLModel.compute_3d_position_ids`). Under a mesh with a `context` axis the prompt is prefilled split over
+    it (its length a multiple of 2 x the axis size, its patches laid out by parallel/context.align_patches) and
+    decoding attends its keys and values where the prefill left them (modeling.kv_cache). with_logprobs: also each
+    new token's log-probability under the model's own distribution, log softmax(logits) before temperature and
+    filters (B, max_new_tokens) float32, 0 after a row's end (what a policy-gradient update recomputes). Compiled
+    once per config, length and sampling setting."""
     batch, length = inputs.input_ids.shape
-    cache = init_cache(config, batch=batch, length=length + max_new_tokens)
+    # under context parallelism the prompt's keys and values stay split over `context` as the cache's prompt block
+    # and the slots hold only the new tokens (modeling.kv_cache)
+    slots = max_new_tokens if context_shards() > 1 else length + max_new_tokens
+    cache = init_cache(config, batch=batch, length=slots)
     logits, cache = Qwen3VL(config).apply({"params": params}, inputs, cache, method=Qwen3VL.prefill)
     first_position = inputs.positions.max(axis=(1, 2)) + 1
     # the decoder's layers sliced out of the stacks once; the barrier keeps XLA from sinking the slices into the

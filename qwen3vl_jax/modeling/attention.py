@@ -8,8 +8,12 @@ other padding, so every row has at least one key and no NaN can appear.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from qwen3vl_jax.kernels.splash import load_balanced_splash, splash_attention
 from qwen3vl_jax.parallel.context import (
@@ -167,10 +171,26 @@ def _attend_chunk_pairs(q, k, v, *, q_segment_ids, kv_segment_ids, causal, query
     return out.transpose(0, 1, 3, 2, 4).astype(v.dtype)
 
 
-def cached_attention(q, *, cache_k, cache_v, q_segment_ids, kv_segment_ids, cache_index):
+def cached_attention(
+    q,
+    *,
+    cache_k,
+    cache_v,
+    q_segment_ids,
+    kv_segment_ids,
+    cache_index,
+    prompt_k=None,
+    prompt_v=None,
+    prompt_segment_ids=None,
+):
     """Causal attention of new tokens at cache slots cache_index .. cache_index + L - 1 over a KV cache that
     already holds them: q (B, L, Hq, D); cache_k, cache_v (B, Hkv, S, D) with segment ids kv_segment_ids (B, S);
     q_segment_ids (B, L). Query i sees the slots up to cache_index + i of its segment. Returns (B, L, Hq, D).
+
+    With a prompt block (modeling.kv_cache: prompt_k, prompt_v (B, Hkv, Lp, D), prompt_segment_ids (B, Lp), the
+    length split over the mesh's `context` axis) the queries also see every prompt key of their segment, all of
+    which come before the slots: each context shard attends its part of the block, and the partial softmaxes are
+    combined by their log-sum-exp (`_prompt_block_softmax_parts`), so the block is never gathered.
 
     The products are 4-D (batch and kv head as batch dimensions) on the cache as it is: reshaping the updated
     cache to (B * Hkv, S, D) first made XLA:CPU fuse the cache update into that reshape too, copying every
@@ -184,9 +204,90 @@ def cached_attention(q, *, cache_k, cache_v, q_segment_ids, kv_segment_ids, cach
         (jnp.arange(lq) + cache_index)[:, None] >= jnp.arange(slots)[None, :]
     )
     scores = jnp.where(mask[:, None], scores.reshape(b, hq, lq, slots), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype).reshape(b, hkv, rep * lq, slots)
-    out = jnp.einsum("bhqs,bhsd->bhqd", probs, cache_v)
+    if prompt_k is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype).reshape(b, hkv, rep * lq, slots)
+        out = jnp.einsum("bhqs,bhsd->bhqd", probs, cache_v)
+    else:
+        slot_parts = _softmax_parts(scores.reshape(b, hkv, rep * lq, slots), mask=mask, rep=rep, v=cache_v)
+        prompt_parts = _prompt_block_softmax_parts(
+            q, k=prompt_k, v=prompt_v, q_segment_ids=q_segment_ids, kv_segment_ids=prompt_segment_ids
+        )
+        out = _combine_softmax_parts(slot_parts, prompt_parts).astype(cache_v.dtype)
     return out.reshape(b, hkv, rep, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+
+
+class SoftmaxParts(NamedTuple):
+    """A softmax over part of the keys, to be combined with the other parts' (flash attention's bookkeeping):
+    row_max (B, Hkv, rep * Lq) the largest visible score (float32 min when none is visible), total the sum of
+    exp(score - row_max) over the visible keys, weighted (B, Hkv, rep * Lq, D) float32 the values summed with those
+    weights."""
+
+    row_max: jax.Array
+    total: jax.Array
+    weighted: jax.Array
+
+
+def _softmax_parts(scores, *, mask, rep: int, v) -> SoftmaxParts:
+    """scores (B, Hkv, rep * Lq, S) float32, mask (B, Lq, S) the visible keys, v (B, Hkv, S, D)."""
+    b, hkv, rows, keys = scores.shape
+    visible = jnp.broadcast_to(mask[:, None, None], (b, hkv, rep, rows // rep, keys)).reshape(scores.shape)
+    row_max = jnp.where(visible, scores, jnp.finfo(jnp.float32).min).max(axis=-1)
+    weights = jnp.where(visible, jnp.exp(scores - row_max[..., None]), 0.0)
+    weighted = jnp.einsum("bhqs,bhsd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return SoftmaxParts(row_max=row_max, total=weights.sum(axis=-1), weighted=weighted)
+
+
+def _combine_softmax_parts(*parts: SoftmaxParts) -> jax.Array:
+    """The softmax-weighted values (B, Hkv, rep * Lq, D) float32 over the keys of all `parts`: each part's sums
+    rescaled by exp(its max - the overall max)."""
+    row_max = functools.reduce(jnp.maximum, [part.row_max for part in parts])
+    scales = [jnp.exp(part.row_max - row_max) for part in parts]
+    total = sum(scale * part.total for scale, part in zip(scales, parts))
+    weighted = sum(scale[..., None] * part.weighted for scale, part in zip(scales, parts))
+    return weighted / total[..., None]
+
+
+def _prompt_block_softmax_parts(q, *, k, v, q_segment_ids, kv_segment_ids) -> SoftmaxParts:
+    """The `SoftmaxParts` of queries q (B, Hkv, rep * Lq, D) over a prompt block k, v (B, Hkv, Lp, D) with segment
+    ids kv_segment_ids (B, Lp), the block's length split over `context` (no causal mask: every prompt key precedes
+    the queries). Each context shard computes its part; the parts' maxima and sums are combined across `context`
+    by pmax / psum, as in `_combine_softmax_parts`. The result is the same on every context shard."""
+    b, hkv, rows, d = q.shape
+    rep = rows // q_segment_ids.shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    context = CONTEXT if not mesh.empty and mesh.shape.get(CONTEXT, 1) > 1 else None
+
+    def attend(q, k, v, q_segment_ids, kv_segment_ids):
+        scores = jnp.einsum("bhqd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        local = _softmax_parts(scores, mask=mask, rep=rep, v=v)
+        if context is None:
+            return local
+        row_max = jax.lax.pmax(local.row_max, context)
+        scale = jnp.exp(local.row_max - row_max)
+        return SoftmaxParts(
+            row_max=row_max,
+            total=jax.lax.psum(scale * local.total, context),
+            weighted=jax.lax.psum(scale[..., None] * local.weighted, context),
+        )
+
+    if mesh.empty:
+        return attend(q, k, v, q_segment_ids, kv_segment_ids)
+    heads, segments = attention_specs(
+        mesh, batch=b, heads=rows // q_segment_ids.shape[1] * hkv, kv_heads=hkv, split_over_context=False
+    )
+    batch_axes, heads_axis = heads[0], heads[2]
+    block = PartitionSpec(batch_axes, heads_axis, context, None)
+    queries = PartitionSpec(batch_axes, heads_axis, None, None)
+    in_specs = (queries, block, block, segments, PartitionSpec(batch_axes, context))
+    out_specs = SoftmaxParts(
+        row_max=PartitionSpec(batch_axes, heads_axis, None),
+        total=PartitionSpec(batch_axes, heads_axis, None),
+        weighted=queries,
+    )
+    return jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        q, k, v, q_segment_ids, kv_segment_ids
+    )
 
 
 def _attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions=None):

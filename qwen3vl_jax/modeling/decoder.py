@@ -27,8 +27,17 @@ from qwen3vl_jax.modeling.mrope import text_mrope_tables
 from qwen3vl_jax.modeling.outputs import DecoderOutputs
 from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
 from qwen3vl_jax.modeling.rotary import apply_rotary
+from qwen3vl_jax.parallel.sharding import split_by_names
 
-LayerCache = tuple[jax.Array, jax.Array]  # one layer's cached (k, v), each (B, Hkv, S, D)
+
+class LayerCache(NamedTuple):
+    """One decoder layer's part of the `KVCache`: the slots' keys and values (B, Hkv, S, D) and, after a prefill split
+    over `context`, the prompt block's (B, Hkv, L, D) (else None)."""
+
+    k: jax.Array
+    v: jax.Array
+    prompt_k: jax.Array | None = None
+    prompt_v: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -42,8 +51,15 @@ class DecoderLayerInputs:
     visual_index: jax.Array | None  # (B, L) merged-token row of each visual token, -1 for text
     cache_index: jax.Array | None  # with a KV cache: the slot of the first token of x
     kv_segment_ids: jax.Array | None  # with a KV cache: (B, S) segment ids of the cache slots, x's included
+    # with a KV cache holding a prompt block (kv_cache.py): its segment ids (B, L_prompt), split over `context`
+    prompt_segment_ids: jax.Array | None = None
     # modeling.attention's `context_layout`: "load_balanced" when the tokens are split over the `context` axis
     context_layout: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def fills_prompt_block(self) -> bool:
+        """A prefill with the tokens split over `context`: x's keys and values become the cache's prompt block."""
+        return self.cache_index is not None and self.context_layout is not None
 
 
 class SwiGLU(nn.Module):
@@ -120,8 +136,8 @@ def run_names(text: TextConfig) -> list[str]:
 
 class DecoderLayer(nn.Module):
     """One decoder layer followed by its DeepStack addition:
-    (x, (layer index, this layer's cached (k, v) or None), layer_inputs) ->
-    (x, (new cached (k, v) or None, router logits (B*L, E) or None))."""
+    (x, (layer index, this layer's LayerCache or None), layer_inputs) ->
+    (x, (the updated LayerCache or None, router logits (B*L, E) or None))."""
 
     config: ModelConfig
     moe: bool = False
@@ -134,8 +150,9 @@ class DecoderLayer(nn.Module):
         layer_inputs: DecoderLayerInputs,
     ) -> tuple[jax.Array, tuple[LayerCache | None, jax.Array | None]]:
         """x (B, L, H); layer_and_kv: the layer index (int, or the scan's traced int32) and, when generating, this
-        layer's cache (k, v), each (B, Hkv, S, D). Returns x (B, L, H) and (the cache (k, v) with x's keys and
-        values written, or None; router logits (B*L, E) or None), as nn.scan's (carry, per-layer output)."""
+        layer's `LayerCache`. Returns x (B, L, H) and (the LayerCache with x's keys and values written to its slots
+        or, for a prefill split over `context`, as its prompt block; None without a cache; router logits (B*L, E)
+        or None), as nn.scan's (carry, per-layer output)."""
         layer, kv = layer_and_kv
         text, kw, linear = self.config.text, self.config.dense_kwargs, self.config.linear_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
@@ -155,23 +172,30 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(norm("q_norm", "head_dim")(q), layer_inputs.cos, layer_inputs.sin)
         k = apply_rotary(norm("k_norm", "head_dim")(k), layer_inputs.cos, layer_inputs.sin)
         impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
-        if kv is None:
+        if kv is None or layer_inputs.fills_prompt_block:
             segments = dict(q_segment_ids=layer_inputs.segment_ids, kv_segment_ids=layer_inputs.segment_ids)
             o = attention(q, k, v, **segments, causal=True, context_layout=layer_inputs.context_layout, **impl)
+            if kv is not None:  # the prompt's keys and values stay split over `context` where they are
+                block = [split_by_names(new.swapaxes(1, 2), ("batch", "kv_heads", "length", None)) for new in (k, v)]
+                kv = kv._replace(prompt_k=block[0].astype(kv.k.dtype), prompt_v=block[1].astype(kv.v.dtype))
         else:
-            kv = tuple(
+            new_k, new_v = (
                 jax.lax.dynamic_update_slice_in_dim(
                     cached, new.swapaxes(1, 2).astype(cached.dtype), layer_inputs.cache_index, axis=2
                 )
-                for cached, new in zip(kv, (k, v))
+                for cached, new in ((kv.k, k), (kv.v, v))
             )
+            kv = kv._replace(k=new_k, v=new_v)
             o = cached_attention(
                 q,
-                cache_k=kv[0],
-                cache_v=kv[1],
+                cache_k=kv.k,
+                cache_v=kv.v,
                 q_segment_ids=layer_inputs.segment_ids,
                 kv_segment_ids=layer_inputs.kv_segment_ids,
                 cache_index=layer_inputs.cache_index,
+                prompt_k=kv.prompt_k,
+                prompt_v=kv.prompt_v,
+                prompt_segment_ids=layer_inputs.prompt_segment_ids,
             )
         o_proj = Dense(
             text.hidden_size,
@@ -218,14 +242,23 @@ class Decoder(nn.Module):
         (K, B, N, H) and visual_index (B, L) int32 with vision; context_layout: "load_balanced" when the tokens are
         in parallel/context.py's layout, split over the mesh's `context` axis. Returns `DecoderOutputs`: the
         final-norm hidden states (B, L, H); the cache with x's keys and values written at cache.index (None
-        without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None."""
+        without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None.
+
+        With a cache and a context_layout (a prompt prefilled split over `context`), x's keys and values become the
+        cache's prompt block (kv_cache.py) and its slots stay empty for the tokens to come."""
         text = self.config.text
         cos, sin = text_mrope_tables(positions, self.config)
-        kv_segment_ids = (
-            None
-            if cache is None
-            else jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
-        )
+        fills_prompt_block = cache is not None and context_layout is not None
+        if fills_prompt_block and cache.has_prompt_block:
+            raise ValueError("the cache already holds a prompt block: a prompt split over `context` is prefilled once")
+        kv_segment_ids = None
+        if cache is not None:
+            kv_segment_ids = cache.segment_ids
+            if not fills_prompt_block:
+                kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(kv_segment_ids, segment_ids, cache.index, axis=1)
+        prompt_segment_ids = None if cache is None else cache.prompt_segment_ids
+        if fills_prompt_block:
+            prompt_segment_ids = split_by_names(segment_ids, ("batch", "length"))
         layer_inputs = DecoderLayerInputs(
             segment_ids=segment_ids,
             cos=cos,
@@ -234,6 +267,7 @@ class Decoder(nn.Module):
             visual_index=visual_index,
             cache_index=None if cache is None else cache.index,
             kv_segment_ids=kv_segment_ids,
+            prompt_segment_ids=prompt_segment_ids,
             context_layout=context_layout,
         )
         run = self._unrolled if self.unrolled else self._scanned
@@ -241,10 +275,13 @@ class Decoder(nn.Module):
         x = RMSNorm(text.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
         if cache is not None:
             cache = KVCache(
-                k=tuple(k for k, _ in new_kv),
-                v=tuple(v for _, v in new_kv),
+                k=tuple(layer.k for layer in new_kv),
+                v=tuple(layer.v for layer in new_kv),
                 segment_ids=kv_segment_ids,
-                index=cache.index + x.shape[1],
+                index=cache.index + (0 if fills_prompt_block else x.shape[1]),
+                prompt_k=tuple(layer.prompt_k for layer in new_kv) if new_kv[0].prompt_k is not None else None,
+                prompt_v=tuple(layer.prompt_v for layer in new_kv) if new_kv[0].prompt_v is not None else None,
+                prompt_segment_ids=prompt_segment_ids,
             )
         return DecoderOutputs(
             hidden=x, cache=cache, router_logits=jnp.concatenate(router_logits) if router_logits else None
@@ -262,10 +299,12 @@ class Decoder(nn.Module):
                 length=end - start,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            kv = None if cache is None else (jnp.stack(cache.k[start:end]), jnp.stack(cache.v[start:end]))
+            kv = None
+            if cache is not None:
+                kv = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *_layer_caches(cache)[start:end])
             x, (kv, logits) = layers(self.config, moe=moe, name=name)(x, (jnp.arange(start, end), kv), layer_inputs)
             if kv is not None:
-                new_kv += [(kv[0][i], kv[1][i]) for i in range(end - start)]
+                new_kv += [jax.tree_util.tree_map(lambda a, i=i: a[i], kv) for i in range(end - start)]
             if logits is not None:
                 router_logits.append(logits)
         return x, new_kv, router_logits
@@ -274,13 +313,19 @@ class Decoder(nn.Module):
         text = self.config.text
         new_kv, router_logits = [], []
         for i in range(text.num_hidden_layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
+            kv = None if cache is None else _layer_caches(cache)[i]
             layer = DecoderLayer(self.config, moe=text.is_sparse_layer(i), name=f"layer_{i}")
             x, (kv, logits) = layer(x, (i, kv), layer_inputs)
             new_kv.append(kv)
             if logits is not None:
                 router_logits.append(logits[None])
         return x, new_kv, router_logits
+
+
+def _layer_caches(cache: KVCache) -> list[LayerCache]:
+    """The cache as one `LayerCache` per decoder layer."""
+    blocks = zip(cache.prompt_k, cache.prompt_v) if cache.has_prompt_block else [(None, None)] * len(cache.k)
+    return [LayerCache(k, v, *block) for k, v, block in zip(cache.k, cache.v, blocks)]
 
 
 def unstack_decoder_params(decoder_params: dict, text: TextConfig) -> dict:

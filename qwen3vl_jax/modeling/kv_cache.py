@@ -1,4 +1,13 @@
-"""The decoder's key/value cache for generation: static maximum length, one slot per token."""
+"""The decoder's key/value cache for generation: static maximum length, one slot per token.
+
+Under context parallelism (a mesh with a `context` axis, parallel/context.py) a long prompt is prefilled with its
+tokens split over `context`, and its keys and values stay where the prefill computed them: per layer a prompt
+block (B, Hkv, L, D) in the load-balanced token order, its length split over `context`, that no device ever
+gathers. The generated tokens go to the ordinary slots, which every context shard holds whole (a few hundred
+tokens). A decode step attends the prompt block shard by shard and combines the partial softmaxes by their
+log-sum-exp (modeling.attention.cached_attention); attention does not care about the order of the keys, only about
+their segment ids, so the prompt block needs no reordering.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +30,15 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer (B, Hkv, S, D)
     segment_ids: jax.Array  # (B, S) int32: the segment of each filled slot; 0 = empty or padding
     index: jax.Array  # int32 scalar: the slot the next tokens are written to
+    # a prompt prefilled split over `context` (else None): per layer (B, Hkv, L, D) in the load-balanced order, the
+    # length split over `context`; every slot is before every token of the slots above
+    prompt_k: tuple[jax.Array, ...] | None = None
+    prompt_v: tuple[jax.Array, ...] | None = None
+    prompt_segment_ids: jax.Array | None = None  # (B, L) int32, in the same order and split
+
+    @property
+    def has_prompt_block(self) -> bool:
+        return self.prompt_k is not None
 
 
 def init_cache(config: ModelConfig, *, batch: int, length: int) -> KVCache:

@@ -54,9 +54,10 @@ class Qwen3VL(nn.Module):
         """`DecoderOutputs`: final-norm hidden states (B, L, H), the cache updated with these tokens (None without
         one) and the router logits of the MoE layers (layers, B*L, E) (None for a dense model).
 
-        Under a mesh with a `context` axis (and no cache) the decoder runs in the load-balanced layout of
-        parallel/context.py: the token inputs are reordered on entry, the outputs restored on exit."""
-        parallel = cache is None and context_shards() > 1 and not self.is_initializing()
+        Under a mesh with a `context` axis the decoder runs in the load-balanced layout of parallel/context.py: the
+        token inputs are reordered on entry, the outputs restored on exit; a cache then keeps the tokens' keys and
+        values as its prompt block, split over `context` (modeling.kv_cache)."""
+        parallel = context_shards() > 1 and not self.is_initializing()
         tokens = dict(
             input_ids=inputs.input_ids,
             segment_ids=inputs.segment_ids,

@@ -320,7 +320,8 @@ class MoeBlock(nn.Module):
         # blocked with every expert on every token (top-k = E): the dense product is the same work, unpermuted
         if self.backend == "dense" or (self.backend == "blocked" and text.num_experts_per_tok == text.num_experts):
             y = experts_dense(tokens, **routed)
-        elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
+        elif not mesh.empty and (mesh.shape.get("expert", 1) > 1 or self.backend == "megablox"):
+            # (megablox on a mesh without an expert axis too: a Pallas kernel runs only inside a shard_map)
             y = _expert_parallel(tokens, **routed, mesh=mesh, backend=self.backend, tiling=self.tiling)
         else:
             y = experts_grouped(tokens, **routed, backend=self.backend, tiling=self.tiling)

@@ -20,6 +20,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qwen3vl_jax.inputs.batch import BATCH_FIELDS, TrainingBatch
+from qwen3vl_jax.inputs.model_inputs import INPUT_FIELDS
 from qwen3vl_jax.parallel.context import check_patch_layout
 
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
@@ -188,6 +189,17 @@ def batch_sharding(mesh: Mesh, name: str = "") -> NamedSharding:
     axis over context."""
     field = BATCH_FIELDS.get(name)
     return _sequence_sharding(mesh, None if field is None else field.sequence_axis)
+
+
+def model_inputs_spec(name: str, shape: Sequence[int], *, mesh: Mesh, rules) -> PartitionSpec:
+    """The layout of ModelInputs array `name` (inputs.model_inputs.INPUT_FIELDS) of `shape` for inference: rows over
+    the batch axes and the tokens or patches over `context`, where those divide them (the rest replicated)."""
+    names = [None] * len(shape)
+    names[0] = "batch"
+    sequence_axis = INPUT_FIELDS[name].sequence_axis
+    if sequence_axis is not None:
+        names[sequence_axis] = "length"
+    return spec_for(names, shape, mesh=mesh, rules=rules)
 
 
 def batch_shardings(mesh: Mesh, extra: tuple[str, ...] = ()) -> TrainingBatch:
