@@ -47,6 +47,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vision_heads", "tensor"),
+    # the gated delta-net layers (modeling/gated_delta_net.py): value heads, and the q/k/v conv channels
+    ("linear_v_heads", "tensor"),
+    ("linear_qkv", "tensor"),
+    ("linear_conv_kernel", None),
     ("expert", "expert"),
     ("expert_router", None),
     ("layers", None),
