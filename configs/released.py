@@ -1,5 +1,5 @@
-"""Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b,30b_a3b,235b_a22b}.py): TPU pod
-training in bf16 with fp32 master weights, FSDP over all chips (MoE: experts over an expert axis, megablox
+"""Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b,30b_a3b,235b_a22b}.py, qwen3_5_{2b,9b}.py):
+TPU pod training in bf16 with fp32 master weights, FSDP over all chips (MoE: experts over an expert axis, megablox
 dispatch), full rematerialisation, splash attention, one packed row of 8192 tokens and 4096 patches per chip.
 
 Modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a released
@@ -26,6 +26,11 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
     devices (the rest of the slice is fsdp) and dispatch them with the megablox kernels."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} not in {MODES}")
+    if preset.startswith("qwen3.5") and mode == "long":
+        raise ValueError(
+            f"{preset}: `:long` splits a sequence over the mesh's `context` axis, which Qwen3.5's gated delta-net "
+            "layers do not do yet; `:sft_32k` trains on 32,768 tokens per chip"
+        )
     sft = mode != "pretrain"
     c = run_config()
     c.steps = 10_000 if sft else 200_000

@@ -9,6 +9,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,17 +28,19 @@ from qwen3vl_jax.training.run_config import config_from_file
 from qwen3vl_jax.training.train_step import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # for the binaries: one CPU device, as a user's machine has
+# for the binaries: one CPU device, as a user's machine has, and the tests' other XLA flags (conftest.py)
+XLA_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")).strip()
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
 
 # ------------------------------------------------------------------------------------------------ the train binary
 
 
-def command(workdir, *, steps, every):
+def command(workdir, *, steps, every, config="configs/tiny.py"):
     return [
         sys.executable,
         "-m",
         "experiments.train",
-        "--config=configs/tiny.py",
+        f"--config={config}",
         f"--workdir={workdir}",
         f"--config.steps={steps}",
         f"--config.checkpoint.every={every}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -12,21 +13,36 @@ from qwen3vl_jax.config import ModelConfig, to_hf
 
 torch.set_num_threads(2)
 
+# model_type -> (the transformers model class, its config class)
+HF_CLASSES = {
+    "qwen3_vl": (transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLConfig),
+    "qwen3_vl_moe": (transformers.Qwen3VLMoeForConditionalGeneration, transformers.Qwen3VLMoeConfig),
+    "qwen3_5": (transformers.Qwen3_5ForConditionalGeneration, transformers.Qwen3_5Config),
+    "qwen3_5_moe": (transformers.Qwen3_5MoeForConditionalGeneration, transformers.Qwen3_5MoeConfig),
+}
+
 
 def hf_model(config: ModelConfig, seed: int = 0, dtype=torch.float32):
-    """A transformers Qwen3VLForConditionalGeneration for `config` whose weights are all perturbed away from
-    their init (norm scales != 1, biases != 0), so that no parameter can be mapped wrongly unnoticed."""
+    """A transformers model of `config`'s model_type (Qwen3-VL or Qwen3.5, dense or MoE) whose weights are all
+    perturbed away from their init (norm scales != 1, biases != 0), so that no parameter can be mapped wrongly
+    unnoticed."""
     torch.manual_seed(seed)
-    if config.text.is_moe:
-        model = transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(**to_hf(config)))
-    else:
-        model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**to_hf(config)))
-    model = model.eval()
+    model_class, config_class = HF_CLASSES[config.model_type]
+    model = model_class(config_class(**to_hf(config))).eval()
     generator = torch.Generator().manual_seed(seed)
+    # Qwen3.5's zero-centred RMSNorms scale by 1 + w: their weights are perturbed around 0 (a scale near 1, as in
+    # the other norms; around 1 each norm would double the activations)
+    zero_centred = {
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ in ("Qwen3_5RMSNorm", "Qwen3_5MoeRMSNorm")
+    }
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
-            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "layernorm" in name:
+            if name.removesuffix(".weight") in zero_centred:
+                p.copy_(0.2 * noise)
+            elif name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "layernorm" in name:
                 p.copy_(1.0 + 0.2 * noise)
             elif p.ndim == 1:
                 p.copy_(0.1 * noise)
@@ -34,6 +50,17 @@ def hf_model(config: ModelConfig, seed: int = 0, dtype=torch.float32):
                 fan_in = p.shape[-1] if "experts" in name else p[0].numel()  # experts: (E, out, in)
                 p.copy_(noise / np.sqrt(fan_in))
     return model.to(dtype)
+
+
+def float64_copy(model):
+    """A float64 copy of a transformers model: the exact reference where float32 itself strays (the chunked gated
+    delta rule). MoE experts run in the eager loop (torch's grouped matmul has no float64)."""
+    exact = copy.deepcopy(model).double()
+    for module in exact.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+    return exact
 
 
 def save_hf(model, path) -> str:
@@ -104,6 +131,12 @@ def batch_inputs(config: ModelConfig, prompts: list[Prompt], pad_id: int = 0) ->
 
 
 def hf_logits(model, inputs: dict) -> np.ndarray:
+    """The model's logits for numpy inputs as float32 numpy; a float64 model (`float64_copy`) gets its pixels in
+    float64 and gives float64 logits."""
+    exact = next(model.parameters()).dtype == torch.float64
+    tensors = {
+        k: torch.from_numpy(v.astype(np.float64) if exact and v.dtype.kind == "f" else v) for k, v in inputs.items()
+    }
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-    return out.logits.float().numpy()
+        out = model(**tensors)
+    return out.logits.numpy() if exact else out.logits.float().numpy()

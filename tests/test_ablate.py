@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import ENV, ROOT
+from helpers import ENV, ROOT, random_params
 from ml_collections import ConfigDict
 from scipy import stats
 
@@ -167,7 +167,7 @@ def test_vit_probe_cells_and_scores():
     from qwen3vl_jax.processing.chat import load_chat_template
 
     config = preset("tiny")
-    model = Qwen3VLModel.from_config(config, seed=0)
+    model = Qwen3VLModel(config, random_params(config, 0))
     processor = Processor(
         byte_tokenizer(), load_chat_template(None), config=VisionProcessingConfig(image_min_pixels=32 * 32)
     )

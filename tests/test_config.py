@@ -19,7 +19,7 @@ def test_to_hf_from_hf_round_trip(name):
     assert from_hf(to_hf(config)) == config
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if not preset(n).text.is_qwen3_5))  # Qwen3.5: its own file
 def test_transformers_reads_to_hf(name):
     """transformers parses what to_hf writes into the same numbers (rope, head_dim, tie, MoE fields)."""
     config = preset(name)

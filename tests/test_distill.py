@@ -1,7 +1,9 @@
 """Distillation: the chunked KL_T(teacher || student) and cross-entropy equal a hand-written torch reference on
 whole logits, values and gradients (student hidden states and head; nothing flows into the teacher)."""
 
+import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, random_params
 
+from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.training.objectives.distill import chunked_distillation, distillation_loss
 
 B, L, HS, HT, V = 2, 13, 16, 24, 40
@@ -91,22 +94,63 @@ def test_kl_is_zero_for_the_teacher_itself_and_vocabularies_must_match():
         chunked_distillation(hidden, head, hidden, head[:, :39], jnp.asarray(c["targets"]), temperature=1.0, chunk=4)
 
 
+@dataclasses.dataclass
+class StudentAndTeacher:
+    """The tiny student and a deeper, wider teacher, their random parameters, and per token of the packed batch
+    KL_T(teacher || student) at T = 2 and the student's cross-entropy, from the two models' whole logits in
+    float64, each of shape (B, L)."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    params: Any
+    teacher_params: Any
+    kl: np.ndarray
+    ce: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def student_and_teacher(batch) -> StudentAndTeacher:
+    """Shared by both token selections: nothing here depends on which tokens the KL covers."""
+    from qwen3vl_jax.config import preset
+    from qwen3vl_jax.modeling.model import Qwen3VL
+
+    student = preset("tiny")
+    teacher = preset("tiny", text=dict(num_hidden_layers=4, intermediate_size=192))
+    params, teacher_params = random_params(student, 0), random_params(teacher, 9)
+
+    def whole_logits(config, params):
+        forward = jax.jit(lambda params: Qwen3VL(config).apply({"params": params}, batch.inputs))
+        return np.asarray(forward(params), np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    logits, teacher_logits = whole_logits(student, params), whole_logits(teacher, teacher_params)
+    p, q = log_softmax(teacher_logits / 2.0), log_softmax(logits / 2.0)
+    return StudentAndTeacher(
+        student=student,
+        teacher=teacher,
+        params=params,
+        teacher_params=teacher_params,
+        kl=4.0 * (np.exp(p) * (p - q)).sum(-1),
+        ce=-np.take_along_axis(log_softmax(logits), batch.targets[..., None], -1)[..., 0],
+    )
+
+
 @pytest.mark.parametrize("all_text_tokens", [False, True], ids=["supervised_tokens", "all_text_tokens"])
-def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text_tokens):
+def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, student_and_teacher, all_text_tokens):
     """One train step of the tiny student with a deeper, wider teacher on the same packed batch: its loss is
     alpha * KL_T + (1 - alpha) * CE over the batch, recomputed here from the two models' whole logits."""
     from helpers import OPTIMIZER
 
-    from qwen3vl_jax.config import preset
-    from qwen3vl_jax.modeling.model import Qwen3VL
     from qwen3vl_jax.training.loss import token_weights
     from qwen3vl_jax.training.objectives.distill import OnlineDistillation
     from qwen3vl_jax.training.optimizer import make_optimizer
     from qwen3vl_jax.training.train_step import TrainState, make_train_step
 
-    student = preset("tiny")
-    teacher = preset("tiny", text=dict(num_hidden_layers=4, intermediate_size=192))
-    params, teacher_params = random_params(student, 0), random_params(teacher, 9)
+    student, teacher = student_and_teacher.student, student_and_teacher.teacher
+    params, teacher_params = student_and_teacher.params, student_and_teacher.teacher_params
     distill = OnlineDistillation(teacher=teacher, alpha=0.7, temperature=2.0, all_text_tokens=all_text_tokens)
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=10, params=params)
     step = make_train_step(
@@ -115,17 +159,7 @@ def test_a_distillation_step_mixes_the_teachers_kl_into_the_loss(batch, all_text
     state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
     _, metrics = jax.jit(step)(state, batch, teacher_params)
 
-    inputs = batch.inputs
-    logits = np.asarray(Qwen3VL(student).apply({"params": params}, inputs), np.float64)
-    teacher_logits = np.asarray(Qwen3VL(teacher).apply({"params": teacher_params}, inputs), np.float64)
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    p, q = log_softmax(teacher_logits / 2.0), log_softmax(logits / 2.0)
-    kl = 4.0 * (np.exp(p) * (p - q)).sum(-1)
-    ce = -np.take_along_axis(log_softmax(logits), batch.targets[..., None], -1)[..., 0]
+    kl, ce = student_and_teacher.kl, student_and_teacher.ce
     w = np.asarray(token_weights(batch.loss_mask, batch.segment_ids, normalization="sqrt"))
     if all_text_tokens:
         ids, segments = batch.input_ids, batch.segment_ids
@@ -147,6 +181,7 @@ def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
 
     import qwen3vl_jax
     from qwen3vl_jax.config import preset
+    from qwen3vl_jax.modeling.model import abstract_params
     from qwen3vl_jax.training.objectives.distill import from_config
 
     student = preset("tiny")
@@ -159,7 +194,10 @@ def test_a_teacher_must_share_the_vocabulary_and_the_vit_geometry(tmp_path):
         "vocab": preset("tiny", text=dict(vocab_size=600)),
         "vit": preset("tiny", vision=dict(num_position_embeddings=64)),
     }.items():
-        qwen3vl_jax.Qwen3VLModel.from_config(teacher).save_pretrained(str(tmp_path / name))
+        # from_config reads the teacher's config.json alone: zero weights make a whole checkpoint directory
+        # without compiling an initialisation for each of the three models
+        zeros = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract_params(teacher))
+        qwen3vl_jax.Qwen3VLModel(teacher, zeros).save_pretrained(str(tmp_path / name))
     settings.distill.teacher = str(tmp_path / "good")
     assert from_config(settings, student).teacher.text.num_hidden_layers == 4
     settings.distill.teacher = str(tmp_path / "vocab")

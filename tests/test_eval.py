@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ENV, ROOT, command, image
+from helpers import ENV, ROOT, XLA_FLAGS, command, image
 
 from qwen3vl_jax.evaluation.metrics import character_accuracy, score
 from qwen3vl_jax.processing import Processor, byte_tokenizer
@@ -113,7 +113,7 @@ def test_eval_binary_sharded_over_the_config_mesh(checkpoint_and_data, single_de
     )
     mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     args = [f"--checkpoint={checkpoint}", f"--jsonl={data}", "--batch_size=2", f"--config={config}", *mesh]
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(ENV, XLA_FLAGS=f"{XLA_FLAGS} --xla_force_host_platform_device_count=4")
     _, predictions = run_eval([*args, "--num_examples=3"], tmp_path, env=env)  # the first 3
     assert [p["set"] for p in predictions] == ["qa.jsonl"] * 3
     assert predictions == single_device_eval[1][:3]

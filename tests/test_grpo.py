@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONFIG, ROOT
+from helpers import CONFIG, ROOT, random_params
 
 from qwen3vl_jax.api import Qwen3VLModel
 from qwen3vl_jax.checkpoints.hf_export import export_hf
@@ -69,7 +69,8 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def model():
-    return Qwen3VLModel.from_config(CONFIG, seed=0)
+    # Qwen3VLModel.from_config(CONFIG, seed=0)'s weights, from the initialisation the other tests compile
+    return Qwen3VLModel(CONFIG, random_params(CONFIG, 0))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from qwen3vl_jax.checkpoints.peft import (
     merge_lora,
     save_adapters,
 )
-from qwen3vl_jax.config.model import LORA_TARGETS, LoraConfig
+from qwen3vl_jax.config.lora import LORA_TARGETS, LoraConfig
 from qwen3vl_jax.modeling.layers import is_lora
 from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.parallel.sharding import param_shardings

@@ -17,7 +17,7 @@ from safetensors import safe_open
 import qwen3vl_jax
 from qwen3vl_jax.config import preset
 from qwen3vl_jax.inputs.batch import TrainingBatch
-from qwen3vl_jax.modeling.decoder import layer_runs
+from qwen3vl_jax.modeling.decoder import LayerKind, layer_runs
 from qwen3vl_jax.modeling.lm_head import token_cross_entropy
 from qwen3vl_jax.modeling.model import Qwen3VL, abstract_params
 from qwen3vl_jax.modeling.moe import MoeBlock, experts_dense, experts_grouped, load_balancing_loss, route
@@ -140,7 +140,8 @@ def test_save_then_transformers_loads_same_logits(moe, tmp_path, layout):
 def test_mixed_dense_and_moe_layers(tmp_path):
     """mlp_only_layers / decoder_sparse_step pick the layer kinds; each run of one kind is a scanned stack."""
     config = preset("tiny-moe").replace(text=dict(num_hidden_layers=4, mlp_only_layers=(1,)))
-    assert layer_runs(config.text) == [(0, 1, True), (1, 2, False), (2, 4, True)]
+    moe, dense = (LayerKind(mixer="full_attention", moe=flag) for flag in (True, False))
+    assert layer_runs(config.text) == [(0, 1, (moe,)), (1, 2, (dense,)), (2, 4, (moe,))]
     reference = Reference(config, tmp_path)
     inputs = batch_inputs(config, [build_prompt(config, PROMPTS["image_and_text"][0], rng=np.random.default_rng(6))])
     ref_logits, ref_aux = hf_outputs(reference.hf, inputs)

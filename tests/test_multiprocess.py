@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import CONFIG, ENV, ROOT, flip_bytes_in_largest_file, losses
+from helpers import CONFIG, ENV, ROOT, XLA_FLAGS, flip_bytes_in_largest_file, losses
 from ml_collections import ConfigDict
 from multiprocess_worker import data_run_config, example_labels, keep_gradient
 from safetensors.numpy import load_file
@@ -481,7 +481,7 @@ def train_alone(workdir, *, env) -> subprocess.CompletedProcess:
 def by_hand(index, *, port, workdir, extra=()):
     """A train process of a 2-process run started by hand, with the JAX_* environment variables."""
     env = dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
-    env.update(JAX_INITIALIZATION_TIMEOUT="60", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env.update(JAX_INITIALIZATION_TIMEOUT="60", XLA_FLAGS=f"{XLA_FLAGS} --xla_force_host_platform_device_count=4")
     command = [sys.executable, "-m", *train_command(workdir, export=False), *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

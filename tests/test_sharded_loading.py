@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 from flax.traverse_util import flatten_dict
-from helpers import RecordingFile, data_bytes_read
+from helpers import RecordingFile, data_bytes_read, random_params
 from hf_reference import batch_inputs, build_prompt, hf_logits, hf_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -217,5 +217,5 @@ def test_fresh_parts_are_not_read_and_may_be_missing(tmp_path):
             value = loaded[rule.path] if rule.index is None else loaded[rule.path][rule.index]
             np.testing.assert_array_equal(value, rule.to_ours(tensors[rule.hf], value.shape), err_msg=rule.hf)
     # a checkpoint that has the fresh parts: they are ignored, not an error
-    qwen3vl_jax.Qwen3VLModel.from_config(with_deepstack, seed=4).save_pretrained(str(tmp_path / "with"))
+    qwen3vl_jax.Qwen3VLModel(with_deepstack, random_params(with_deepstack, 4)).save_pretrained(str(tmp_path / "with"))
     assert hf_io.load_params(str(tmp_path / "with"), with_deepstack, fresh=("visual/deepstack_merger",)).keys()

@@ -4,6 +4,7 @@ made for other batches is refused, naming what differs."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -83,18 +84,29 @@ def metrics_of(workdir):
         return [json.loads(line) for line in f if '"loss"' in line]
 
 
-def test_training_from_a_cache_of_every_logit_equals_training_with_the_teacher(tmp_path, teacher_dir):
+@pytest.fixture(scope="module")
+def cache_of_every_logit(tmp_path_factory, teacher_dir):
+    """write_cache of the teacher's top 512 logits (k = the vocabulary) for the 3 steps of student_config; shared
+    by the tests below (one that damages it works on a copy)."""
+    from experiments.cache_teacher import write_cache
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    write_cache(student_config(teacher=teacher_dir, top_k=512), cache)
+    return cache
+
+
+def test_training_from_a_cache_of_every_logit_equals_training_with_the_teacher(
+    tmp_path, teacher_dir, cache_of_every_logit
+):
     """k = the vocabulary: the cached KL is the exact KL, so the offline student takes the online student's steps;
     the cache holds only the supervised positions."""
-    from experiments.cache_teacher import write_cache
     from qwen3vl_jax.training.trainer import Trainer
 
     online = student_config(teacher=teacher_dir)
     online.eval.update(every=3, sets=dict(digits=dict(num_examples=8, sources=[online.eval.sets.digits.sources[0]])))
     results = Trainer(online, str(tmp_path / "online")).run()  # the eval step runs without the teacher
     assert results["digits/examples"] >= 8
-    cache = str(tmp_path / "cache")
-    write_cache(student_config(teacher=teacher_dir, top_k=512), cache)
+    cache = cache_of_every_logit
     with np.load(os.path.join(cache, "step_00000002.npz")) as step:
         assert step["top_logits"].shape == (len(step["positions"]), 512)
         assert len(step["positions"]) == int((step["loss_mask"] > 0).sum()) < step["input_ids"].size / 4
@@ -106,21 +118,19 @@ def test_training_from_a_cache_of_every_logit_equals_training_with_the_teacher(t
     assert expected[0]["kl"] > 1.0
 
 
-def test_a_cache_made_for_other_batches_is_refused_naming_what_differs(tmp_path, teacher_dir):
+def test_a_cache_made_for_other_batches_is_refused_naming_what_differs(tmp_path, teacher_dir, cache_of_every_logit):
     from experiments.cache_teacher import write_cache
     from qwen3vl_jax.training.teacher_cache import TeacherCacheError, step_file
     from qwen3vl_jax.training.trainer import Trainer
 
     cache = str(tmp_path / "cache")
-    config = student_config(teacher=teacher_dir, top_k=4)
-    config.steps = 2
-    write_cache(config, cache)
+    shutil.copytree(cache_of_every_logit, cache)  # made by `config`; damaged below
+    config = student_config(teacher=teacher_dir, top_k=512)
     with np.load(step_file(cache, 0)) as step:
-        assert step["top_ids"].shape[1] == 4
+        assert step["top_ids"].shape[1] == 512
 
     def offline(**changes):
-        student = student_config(teacher_cache=cache, top_k=4)
-        student.steps = 2
+        student = student_config(teacher_cache=cache, top_k=512)
         for name, value in changes.items():
             target, _, field = name.rpartition(".")
             (student if not target else student[target])[field] = value
@@ -132,9 +142,9 @@ def test_a_cache_made_for_other_batches_is_refused_naming_what_differs(tmp_path,
         offline(**{"processing.image_max_pixels": 128 * 128})
     with pytest.raises(TeacherCacheError, match="cached for all_text_tokens=False, this run has True"):
         offline(**{"distill.all_text_tokens": True})
-    with pytest.raises(TeacherCacheError, match=r"top 4 logits are cached, this run has distill\.top_k = 8"):
+    with pytest.raises(TeacherCacheError, match=r"top 512 logits are cached, this run has distill\.top_k = 8"):
         offline(**{"distill.top_k": 8})
-    with pytest.raises(TeacherCacheError, match="2 steps cached, this run trains 5"):
+    with pytest.raises(TeacherCacheError, match="3 steps cached, this run trains 5"):
         offline(steps=5)
     with pytest.raises(ValueError, match="both set"):
         offline(**{"distill.teacher": teacher_dir})

@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax.traverse_util import flatten_dict
 from helpers import ENV, OPTIMIZER, ROOT, command, losses, random_params, tiny_config
 from ml_collections import ConfigDict
@@ -41,9 +42,20 @@ def one_step(config, optimizer_config, *, batch, stop_frozen=True, compiled=None
     return params, new.params, metrics
 
 
-def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
-    frozen = ConfigDict({**OPTIMIZER.to_dict(), "freeze": ("vision",)})
-    before, after, _ = one_step(CONFIG, frozen, batch=batch)
+FROZEN_VIT = ConfigDict({**OPTIMIZER.to_dict(), "freeze": ("vision",)})
+
+
+@pytest.fixture(scope="module")
+def frozen_vit_step(batch):
+    """(parameters before, after, the compiled step) of one step with the ViT frozen and no backward pass into it
+    (as the Trainer's), shared by the two tests of a frozen ViT."""
+    programs = []
+    before, after, _ = one_step(CONFIG, FROZEN_VIT, batch=batch, compiled=programs)
+    return before, after, programs[0]
+
+
+def test_freezing_the_vit_keeps_it_and_trains_the_rest(frozen_vit_step):
+    before, after, _ = frozen_vit_step
     changed = jax.tree_util.tree_map_with_path(
         lambda path, a, b: (part_of(tuple(k.key for k in path)), bool(np.any(np.asarray(a) != np.asarray(b)))),
         before,
@@ -55,13 +67,12 @@ def test_freezing_the_vit_keeps_it_and_trains_the_rest(batch):
     assert not any(parts["vision"]) and all(parts["llm"]) and all(parts["mergers"])
 
 
-def test_a_frozen_vit_gets_no_backward_pass_and_the_same_updates(batch):
+def test_a_frozen_vit_gets_no_backward_pass_and_the_same_updates(batch, frozen_vit_step):
     """Stopping the gradients at the frozen ViT changes no update (the optimizer zeroes the ViT's anyway) and
     the step needs less: no backward pass through the ViT blocks, no activations kept for one."""
-    frozen = ConfigDict({**OPTIMIZER.to_dict(), "freeze": ("vision",)})
-    programs = []
-    _, stopped, _ = one_step(CONFIG, frozen, batch=batch, compiled=programs)
-    _, through, _ = one_step(CONFIG, frozen, batch=batch, stop_frozen=False, compiled=programs)
+    _, stopped, stopping = frozen_vit_step
+    programs = [stopping]
+    _, through, _ = one_step(CONFIG, FROZEN_VIT, batch=batch, stop_frozen=False, compiled=programs)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), stopped, through)
     flops = [program.cost_analysis()["flops"] for program in programs]
     assert flops[0] < 0.95 * flops[1], flops

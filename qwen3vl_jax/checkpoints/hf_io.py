@@ -23,7 +23,14 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from qwen3vl_jax import storage
-from qwen3vl_jax.checkpoints.hf_mapping import COPY, EXPERT_LAYOUTS, EXPERTS, Rule, hf_rules
+from qwen3vl_jax.checkpoints.expert_layouts import (
+    EXPERT_LAYOUT_KEY,
+    PER_EXPERT,
+    ExpertLayoutError,
+    expert_layouts,
+    per_expert_keys,
+)
+from qwen3vl_jax.checkpoints.hf_mapping import COPY, EXPERT_LAYOUTS, EXPERTS, Rule, hf_rules, released_expert_layout
 from qwen3vl_jax.checkpoints.safetensors_slices import SafetensorsFile, SafetensorsFormatError, write_streamed
 from qwen3vl_jax.config import ModelConfig, from_hf, to_hf
 from qwen3vl_jax.modeling.layers import is_lora
@@ -34,7 +41,6 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
-EXPERT_LAYOUT_KEY = "qwen3vl_jax.expert_layout"  # safetensors metadata: the layout of the fused expert tensors
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -103,7 +109,12 @@ def load_params(
     try:
         for file in sorted(set(files.values())):
             readers[file] = _open(file, opener=opener)
-        source = _Source(files=files, readers=readers, layouts=_expert_layouts(path, rules, files, readers))
+        shapes = {key: readers[file].tensors[key].shape for key, file in files.items()}
+        try:
+            layouts = expert_layouts(path, rules, shapes=shapes, metadata=lambda key: readers[files[key]].metadata)
+        except ExpertLayoutError as e:
+            raise CheckpointError(str(e)) from None
+        source = _Source(files=files, readers=readers, layouts=layouts)
         dtype = np.dtype(_NUMPY_DTYPES[config.param_dtype])
         by_path: dict[tuple[str, ...], list[Rule]] = {}
         for rule in rules:
@@ -132,6 +143,11 @@ def _is_fresh(name: tuple[str, ...], *, prefixes: tuple[str, ...]) -> bool:
 
 def _check_names(path: str, files: dict[str, str], rules: list[Rule], config: ModelConfig) -> None:
     expected = {r.hf for r in rules}
+    for rule in rules:  # fused experts may be stored one tensor per expert (expert_layouts.py)
+        if rule.kind == EXPERTS and rule.hf not in files:
+            per_expert = {key for key, _ in per_expert_keys(rule)}
+            if per_expert & files.keys():
+                expected = (expected - {rule.hf}) | per_expert
     missing = sorted(expected - files.keys())
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:5]}")
@@ -141,52 +157,14 @@ def _check_names(path: str, files: dict[str, str], rules: list[Rule], config: Mo
         if dropped:
             log.info("deepstack=False: ignoring %d DeepStack merger tensors of %s", len(dropped), path)
         ignorable |= dropped
-    unexpected = sorted(files.keys() - expected - ignorable)
+    multi_token_prediction = {k for k in files if k.startswith("mtp.")}
+    if multi_token_prediction:  # Qwen3.5's MTP head, which transformers does not load either
+        log.info("ignoring %d multi-token-prediction tensors (mtp.*) of %s", len(multi_token_prediction), path)
+    unexpected = sorted(files.keys() - expected - ignorable - multi_token_prediction)
     if unexpected:
         raise CheckpointError(
             f"{path}: checkpoint has {len(unexpected)} tensor(s) this config does not use, e.g. {unexpected[:5]}"
         )
-
-
-def _expert_layouts(
-    path: str, rules: list[Rule], files: dict[str, str], readers: dict[str, SafetensorsFile]
-) -> dict[str, str]:
-    """Checks every tensor's shape (from the file headers) and returns the layout of each fused expert tensor:
-    told by its shape, or, when it is square (hidden = 2 x moe_intermediate_size), by what wrote the file: our
-    marker in the safetensors metadata, else config.json's `transformers_version` (the released checkpoints,
-    4.x: "hub"; transformers 5.x writes its in-memory "transposed" layout). Refused when neither says."""
-    layouts, version = {}, _transformers_version(path)
-    for rule in rules:
-        file = files[rule.hf]
-        shape = readers[file].tensors[rule.hf].shape
-        if not rule.accepts(shape):
-            raise CheckpointError(f"{file}: tensor {rule.hf} has shape {shape}, but the config needs {rule.hf_shape}")
-        if rule.kind != EXPERTS:
-            continue
-        if rule.hf_shape != rule.transposed_shape:
-            layouts[rule.hf] = "hub" if shape == rule.hf_shape else "transposed"
-            continue
-        marked = readers[file].metadata.get(EXPERT_LAYOUT_KEY)
-        if marked in EXPERT_LAYOUTS:
-            layouts[rule.hf] = marked
-        elif version is not None:
-            layouts[rule.hf] = "transposed" if version >= 5 else "hub"
-        else:
-            raise CheckpointError(
-                f"{file}: cannot tell the layout of {rule.hf} from its square shape {shape}: the file's metadata has "
-                f"no {EXPERT_LAYOUT_KEY!r} and {path}/config.json no 'transformers_version'"
-            )
-    return layouts
-
-
-def _transformers_version(path: str) -> int | None:
-    """The major version of transformers that wrote `path` (config.json's transformers_version), if it says."""
-    file = os.path.join(path, "config.json")
-    version = _read_json(file).get("transformers_version") if storage.path(file).exists() else None
-    try:
-        return int(str(version).split(".")[0]) if version else None
-    except ValueError:
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +209,8 @@ class _ParamReader:
     def _read(self, rule: Rule, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
         """The box `box` of the (one-layer) parameter of shape `shape` that `rule` maps from its HF tensor."""
         if rule.kind == EXPERTS:
+            if self.source.layouts[rule.hf] == PER_EXPERT:
+                return self._read_per_expert(rule, box)
             if self.source.layouts[rule.hf] == "hub":
                 return self.source.read(rule.hf, box)
             return self.source.read(rule.hf, (box[0], box[2], box[1])).swapaxes(1, 2)
@@ -246,6 +226,18 @@ class _ParamReader:
         outs = len(shape) - split
         x = self.source.read(rule.hf, (*box[split:], *box[:split]), as_shape=(*shape[split:], *shape[:split]))
         return x.transpose(*range(outs, len(shape)), *range(outs))
+
+    def _read_per_expert(self, rule: Rule, box: tuple[slice, ...]) -> np.ndarray:
+        """The box of a fused (E, in, out) expert tensor from its per-expert (out, in) tensors (gate_up: the gate's
+        rows, then the up's, as transformers' `Concatenate` conversion fuses them)."""
+        keys = per_expert_keys(rule)
+        per = len(keys) // rule.hf_shape[0]
+        experts = range(*box[0].indices(rule.hf_shape[0])[:2])
+        fused = [
+            np.concatenate([self.source.read(key) for key, _ in keys[e * per : (e + 1) * per]], axis=0).T[box[1:]]
+            for e in experts
+        ]
+        return np.stack(fused) if fused else np.zeros((0, *self.shape[1:]), self.dtype)[:, box[1], box[2]]
 
 
 def _check_tied_head(source: _Source, *, embedding: Any, dtype: np.dtype) -> None:
@@ -273,13 +265,16 @@ def save_params(
 ) -> None:
     """Writes `params` as an HF checkpoint directory (config.json + safetensors, sharded with an index when
     larger than `max_shard_bytes`) that transformers' `from_pretrained` loads. MoE experts are written in the
-    released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes.
+    released (`"hub"`) layout or in the `"transposed"` one transformers 5.x writes (expert_layouts.py); for
+    Qwen3.5 both mean its released layout, (E, out, in), the only one transformers reads for it.
 
     `params` may be numpy arrays or jax.Arrays sharded over a mesh (of several processes too): the tensors are
     gathered one at a time, in checkpoint order, and streamed into the files, so the host never holds more than
     one tensor. Every process must call this; process 0 writes (to a local path or gs://)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout {expert_layout!r} not in {EXPERT_LAYOUTS}")
+    if config.text.is_qwen3_5:
+        expert_layout = released_expert_layout(config)
     if config.lora.rank:
         raise ValueError(
             "this model has LoRA adapters, which an HF checkpoint cannot hold: save them with "

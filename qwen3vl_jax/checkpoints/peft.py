@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from qwen3vl_jax.checkpoints.hf_io import CheckpointError
 from qwen3vl_jax.checkpoints.hf_mapping import LINEAR, hf_rules
 from qwen3vl_jax.config import ModelConfig
-from qwen3vl_jax.config.model import LORA_TARGETS, LoraConfig
+from qwen3vl_jax.config.lora import LORA_TARGETS, LoraConfig
 from qwen3vl_jax.modeling.layers import is_lora
 from qwen3vl_jax.modeling.model import abstract_params
 from qwen3vl_jax.storage import read_json, write_json

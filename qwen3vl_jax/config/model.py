@@ -17,11 +17,13 @@ Three ablation switches have no HF counterpart and change the computation:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any
 
 import jax.numpy as jnp
+
+from qwen3vl_jax.config.delta_net import GatedDeltaNetConfig
+from qwen3vl_jax.config.lora import LORA_TARGETS, LoraConfig  # noqa: F401 (re-exported)
 
 MROPE_LAYOUTS = ("interleaved", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +31,8 @@ ATTENTION_IMPLS = ("xla", "splash")
 ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "offload")  # see modeling/remat.py
 MOE_BACKENDS = ("megablox", "ragged_dot", "dense", "blocked")  # see modeling/moe.py
+ARCHITECTURES = ("qwen3_vl", "qwen3_5")
+LAYER_TYPES = ("full_attention", "linear_attention")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -99,7 +103,11 @@ class VisionConfig:
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """The Qwen3 decoder (`Qwen3VLTextConfig`) including the MoE fields of `Qwen3VLMoeTextConfig`
-    (num_experts = 0: dense)."""
+    (num_experts = 0: dense), and Qwen3.5's (`Qwen3_5TextConfig`, `Qwen3_5MoeTextConfig`) when architecture is
+    "qwen3_5": gated delta-net layers among the full-attention ones (`layer_types`, the `linear_*` sizes), an
+    output gate on full attention, rotary on the first partial_rotary_factor of each head, zero-centred RMSNorm
+    weights (1 + w) and, for MoE, a shared expert beside the routed ones. transformers has no switches for the
+    last three (they always come with the architecture), so neither do we."""
 
     vocab_size: int = 151936
     hidden_size: int = 4096
@@ -127,10 +135,52 @@ class TextConfig:
     mlp_only_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0  # optional (ST-MoE); not part of transformers' objective
+    # Qwen3.5 (architecture "qwen3_5"); the defaults are those of Qwen3-VL, where they change nothing
+    architecture: str = "qwen3_vl"
+    # per layer "full_attention" or "linear_attention"; () = the architecture's pattern (`layer_kinds`)
+    layer_types: tuple[str, ...] = ()
+    partial_rotary_factor: float = 1.0  # rotary on the first int(head_dim * factor) dims of each head
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    shared_expert_intermediate_size: int = 0  # Qwen3.5 MoE: the shared expert's SwiGLU width
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        _check(
+            self.architecture in ARCHITECTURES,
+            f"text architecture {self.architecture!r} is not one of {ARCHITECTURES}",
+        )
+        _check(
+            not self.layer_types or len(self.layer_types) == self.num_hidden_layers,
+            f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers",
+        )
+        _check(
+            set(self.layer_types) <= set(LAYER_TYPES),
+            f"layer_types {sorted(set(self.layer_types) - set(LAYER_TYPES))} are not among {LAYER_TYPES}",
+        )
+        _check(
+            self.architecture == "qwen3_5" or "linear_attention" not in self.layer_kinds,
+            "linear_attention layers are a Qwen3.5 layer kind: set architecture='qwen3_5'",
+        )
+        _check(
+            0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0,
+            f"partial_rotary_factor {self.partial_rotary_factor} must give an even number of rotary dims in "
+            f"(0, head_dim={self.head_dim}], got {self.rotary_dim}",
+        )
+        _check(
+            self.linear_num_value_heads % self.linear_num_key_heads == 0,
+            f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
+            f"linear_num_key_heads {self.linear_num_key_heads}",
+        )
+        _check(
+            self.architecture == "qwen3_5" or not self.shared_expert_intermediate_size,
+            "shared_expert_intermediate_size is a Qwen3.5 MoE field: set architecture='qwen3_5'",
+        )
         _check(
             self.num_attention_heads % self.num_key_value_heads == 0,
             f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -138,8 +188,9 @@ class TextConfig:
         )
         _check(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even")
         _check(
-            len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
-            f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}",
+            len(self.mrope_section) == 3 and sum(self.mrope_section) == self.rotary_dim // 2,
+            f"mrope_section {self.mrope_section} must have 3 entries summing to the rotary dims / 2 = "
+            f"{self.rotary_dim // 2}",
         )
         _check(self.hidden_act == "silu", f"text hidden_act {self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
         object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
@@ -160,75 +211,44 @@ class TextConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def is_qwen3_5(self) -> bool:
+        """Qwen3.5's gated attention, zero-centred norms and (MoE) shared expert."""
+        return self.architecture == "qwen3_5"
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head the rotary embedding turns (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each layer's token mixer: `layer_types`, or the architecture's pattern: Qwen3-VL all full attention,
+        Qwen3.5 a full-attention layer after every three linear ones (`full_attention_interval` 4)."""
+        if self.layer_types:
+            return self.layer_types
+        if self.architecture == "qwen3_5":
+            return tuple(
+                "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(self.num_hidden_layers)
+            )
+        return ("full_attention",) * self.num_hidden_layers
+
+    @property
+    def delta_net(self) -> GatedDeltaNetConfig:
+        """The gated delta-net layers' sizes."""
+        return GatedDeltaNetConfig(
+            hidden_size=self.hidden_size,
+            num_key_heads=self.linear_num_key_heads,
+            num_value_heads=self.linear_num_value_heads,
+            key_head_dim=self.linear_key_head_dim,
+            value_head_dim=self.linear_value_head_dim,
+            conv_kernel_size=self.linear_conv_kernel_dim,
+            rms_norm_eps=self.rms_norm_eps,
+        )
+
     def is_sparse_layer(self, layer: int) -> bool:
         """Which decoder layers use the MoE block (the rule of `Qwen3VLMoeTextDecoderLayer.__init__`)."""
         return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
-
-
-LORA_TARGETS = (
-    # decoder (transformers' module names)
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    # ViT blocks (ours: transformers' attn.qkv, attn.proj, mlp.linear_fc1, mlp.linear_fc2) and the patch mergers
-    "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "linear_fc1", "linear_fc2",
-)  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """Low-rank adapters (LoRA, Hu et al. 2021) on the named linear layers: y = x W + (alpha / rank) dropout(x) A B
-    with A (in, rank), B (rank, out) in float32 (B starts at zero), W frozen. rank 0: no adapters (and then alpha,
-    dropout and targets must keep their defaults: a config that sets them with rank 0 is refused, since it would
-    train the whole model). The MoE experts are never adapted (they are not among the targets). Dropout applies
-    only when the model is applied with a "dropout" rng (the train step; never in eval or generation)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):  # one layer name, not its characters
-            object.__setattr__(self, "targets", (self.targets,))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        _check(
-            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 0,
-            f"lora rank must be an integer >= 0 (0: no adapters), got {self.rank!r}",
-        )
-        _check(
-            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 < self.alpha < math.inf,
-            f"lora alpha must be a number > 0 (the adapters' scale is alpha / rank), got {self.alpha!r}",
-        )
-        _check(
-            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-            f"lora dropout must be in [0, 1), got {self.dropout!r}",
-        )
-        unknown = [name for name in self.targets if name not in LORA_TARGETS]
-        if unknown:
-            guesses = {name: difflib.get_close_matches(str(name), LORA_TARGETS, n=2) for name in unknown}
-            hints = "; ".join(
-                f"{name!r}: did you mean {' or '.join(close)}?" for name, close in guesses.items() if close
-            )
-            _check(
-                False,
-                f"lora targets {unknown} are not adaptable layers ({hints or 'no close name'}); "
-                f"the adaptable layers are {', '.join(LORA_TARGETS)}",
-            )
-        if self.rank == 0:
-            given = [
-                f"{field.name}={getattr(self, field.name)!r}"
-                for field in dataclasses.fields(self)
-                if field.name != "rank" and getattr(self, field.name) != field.default
-            ]
-            _check(
-                not given,
-                f"lora rank is 0, which turns the adapters off (the whole model trains), but {', '.join(given)} "
-                "is set: give lora.rank > 0 for adapters, or leave alpha, dropout and targets at their defaults",
-            )
-        else:
-            _check(bool(self.targets), "lora targets are empty: name the layers to adapt (or set lora rank 0)")
-
-    def adapts(self, layer_name: str) -> bool:
-        return self.rank > 0 and layer_name in self.targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +275,8 @@ class ModelConfig:
     # the dense MLP runs this many strided slices of the sequence one after the other, each rematerialised
     # (1: the whole sequence at once); divides the (B, L, intermediate) buffers of a layer's backward pass
     mlp_chunks: int = 1
-    lora: LoraConfig = LoraConfig()  # not part of an HF config.json: adapters are saved in the PEFT format
+    # not part of an HF config.json: adapters are saved in the PEFT format
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self):
         _check(self.remat in REMAT_POLICIES, f"remat {self.remat!r} not in {REMAT_POLICIES}")
@@ -287,6 +308,10 @@ class ModelConfig:
             self.num_deepstack <= self.text.num_hidden_layers,
             f"{self.num_deepstack} DeepStack levels but only {self.text.num_hidden_layers} decoder layers",
         )
+        _check(
+            not (self.text.is_qwen3_5 and self.vision.deepstack_visual_indexes),
+            f"Qwen3.5 has no DeepStack, but deepstack_visual_indexes is {self.vision.deepstack_visual_indexes}",
+        )
         ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
         _check(
             all(0 <= i < self.text.vocab_size for i in ids),
@@ -310,7 +335,9 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        return "qwen3_vl_moe" if self.text.is_moe else "qwen3_vl"
+        """transformers' model_type: qwen3_vl, qwen3_vl_moe, qwen3_5 or qwen3_5_moe."""
+        family = "qwen3_5" if self.text.is_qwen3_5 else "qwen3_vl"
+        return f"{family}_moe" if self.text.is_moe else family
 
     def replace(self, **changes: Any) -> ModelConfig:
         """`dataclasses.replace`, also accepting dicts for `vision=` / `text=` / `lora=` (partial overrides; a

@@ -1,11 +1,13 @@
 """The Qwen3 decoder (transformers' `Qwen3VLTextModel`): pre-norm layers with per-head q/k RMSNorm, GQA with an
 explicit head_dim and a SwiGLU MLP or a sparse MoE block (`Qwen3VLMoeTextSparseMoeBlock`), scanned over depth
-with DeepStack injected inside the scan.
+with DeepStack injected inside the scan. Qwen3.5's decoder (`Qwen3_5TextModel`) is the same house with gated
+delta-net layers (modeling.gated_delta_net) in place of attention in three layers out of four.
 
 The same layer code runs two ways: as scanned stacks (training, eval, prefill: parameters with a leading
 `layers` axis, compile time independent of depth) or, for decoding, unrolled over per-layer parameters that
 `unstack_decoder_params` slices out of the stacks once per generation (inside the decode loop, slicing the stacks
-would copy every weight at every step on XLA:CPU).
+would copy every weight at every step on XLA:CPU). Layers of different kinds that repeat with a period (Qwen3.5:
+linear, linear, linear, full) scan one period per step, its layers as submodules `sublayer_0`, `sublayer_1`, ...
 """
 
 from __future__ import annotations
@@ -13,118 +15,67 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from qwen3vl_jax.config import LoraConfig, ModelConfig, TextConfig
-from qwen3vl_jax.modeling.attention import attention, cached_attention
+from qwen3vl_jax.config import ModelConfig, TextConfig
 from qwen3vl_jax.modeling.deepstack import add_deepstack
-from qwen3vl_jax.modeling.kv_cache import KVCache
-from qwen3vl_jax.modeling.layers import Dense, RMSNorm
+from qwen3vl_jax.modeling.gated_delta_net import DeltaNetState, GatedDeltaNet
+from qwen3vl_jax.modeling.kv_cache import KVCache, LayerCache
+from qwen3vl_jax.modeling.layers import RMSNorm
+from qwen3vl_jax.modeling.mlp import chunked_swiglu
 from qwen3vl_jax.modeling.moe import MoeBlock
 from qwen3vl_jax.modeling.mrope import text_mrope_tables
 from qwen3vl_jax.modeling.outputs import DecoderOutputs
 from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
-from qwen3vl_jax.modeling.rotary import apply_rotary
+from qwen3vl_jax.modeling.self_attention import DecoderLayerInputs, self_attention
 from qwen3vl_jax.parallel.sharding import split_by_names
 
-
-class LayerCache(NamedTuple):
-    """One decoder layer's part of the `KVCache`: the slots' keys and values (B, Hkv, S, D) and, after a prefill split
-    over `context`, the prompt block's (B, Hkv, L, D) (else None)."""
-
-    k: jax.Array
-    v: jax.Array
-    prompt_k: jax.Array | None = None
-    prompt_v: jax.Array | None = None
+FULL, LINEAR = "full_attention", "linear_attention"
+LayerState = LayerCache | DeltaNetState  # what one layer keeps while generating
 
 
-@flax.struct.dataclass
-class DecoderLayerInputs:
-    """What every decoder layer reads besides its hidden states x; built once per call by `Decoder`."""
+class LayerKind(NamedTuple):
+    """What a decoder layer is: its token mixer (FULL attention or a LINEAR gated delta-net) and its MLP."""
 
-    segment_ids: jax.Array  # (B, L) int32: packed example of each token, 0 = padding
-    cos: jax.Array  # (B, L, head_dim) float32 MRoPE tables
-    sin: jax.Array
-    deepstack: jax.Array | None  # (K, B, N, H) DeepStack features, None without vision
-    visual_index: jax.Array | None  # (B, L) merged-token row of each visual token, -1 for text
-    cache_index: jax.Array | None  # with a KV cache: the slot of the first token of x
-    kv_segment_ids: jax.Array | None  # with a KV cache: (B, S) segment ids of the cache slots, x's included
-    # with a KV cache holding a prompt block (kv_cache.py): its segment ids (B, L_prompt), split over `context`
-    prompt_segment_ids: jax.Array | None = None
-    # modeling.attention's `context_layout`: "load_balanced" when the tokens are split over the `context` axis
-    context_layout: str | None = flax.struct.field(pytree_node=False, default=None)
-
-    @property
-    def fills_prompt_block(self) -> bool:
-        """A prefill with the tokens split over `context`: x's keys and values become the cache's prompt block."""
-        return self.cache_index is not None and self.context_layout is not None
-
-
-class SwiGLU(nn.Module):
-    """The dense MLP (`Qwen3VLTextMLP`): down(silu(gate(x)) * up(x))."""
-
-    intermediate_size: int
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    lora: LoraConfig | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (..., H) -> (..., H) in the compute dtype."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
-        gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
-
-
-def _swiglu(h: jax.Array, *, chunks: int, intermediate_size: int, dtype, param_dtype, lora) -> jax.Array:
-    """The dense MLP on h (B, L, H), over `chunks` strided slices of the sequence one at a time, each recomputed in
-    the backward pass: the (B, L, intermediate) activations exist a slice at a time. Strided (slice c holds
-    positions c, c + chunks, ...), so a length split over the mesh stays split."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
-    batch, length, hidden = h.shape
-    if chunks == 1 or length % chunks:
-        return SwiGLU(intermediate_size, name="mlp", **kw)(h)
-    sliced = nn.scan(
-        nn.remat(_SwiGLUSlice, prevent_cse=False),
-        variable_broadcast="params",
-        split_rngs={"params": False},
-        in_axes=2,
-        out_axes=2,
-        length=chunks,
-    )
-    _, out = sliced(intermediate_size, name="mlp", **kw)(None, h.reshape(batch, length // chunks, chunks, hidden))
-    return out.reshape(batch, length, hidden)
-
-
-class _SwiGLUSlice(SwiGLU):
-    """SwiGLU as an nn.scan body over sequence slices (same parameters)."""
-
-    def __call__(self, carry, x):
-        return carry, super().__call__(x)
+    mixer: str
+    moe: bool  # a sparse MoE block (else a dense SwiGLU)
 
 
 class LayerRun(NamedTuple):
-    """Decoder layers start .. end - 1, all of one kind: one scanned stack (`layer_runs`)."""
+    """Decoder layers start .. end - 1 as one scanned stack: each scan step runs the layers of `period` in turn
+    (layer start + s * len(period) + j is of kind period[j])."""
 
     start: int
     end: int  # one past the run's last layer
-    moe: bool  # sparse MoE layers (else dense SwiGLU ones)
+    period: tuple[LayerKind, ...]
+
+    @property
+    def steps(self) -> int:
+        return (self.end - self.start) // len(self.period)
+
+
+def layer_kinds(text: TextConfig) -> list[LayerKind]:
+    """Each decoder layer's kind (`TextConfig.layer_kinds`, `TextConfig.is_sparse_layer`)."""
+    return [LayerKind(mixer, text.is_sparse_layer(i)) for i, mixer in enumerate(text.layer_kinds)]
 
 
 def layer_runs(text: TextConfig) -> list[LayerRun]:
-    """Maximal runs [start, end) of consecutive decoder layers of the same kind (MoE or dense, as
-    `TextConfig.is_sparse_layer` says); each run is one scanned stack. Dense models and the released MoE models
-    are a single run."""
+    """The scanned stacks: one run of one kind when all layers are alike; else one run over the shortest period
+    that repeats through the whole depth (Qwen3.5); else maximal runs of consecutive layers of the same kind
+    (a Qwen3-VL MoE with `mlp_only_layers`)."""
+    kinds = layer_kinds(text)
+    depth = len(kinds)
+    if len(set(kinds)) > 1:
+        for period in range(2, depth // 2 + 1):
+            if depth % period == 0 and all(kinds[i] == kinds[i % period] for i in range(depth)):
+                return [LayerRun(start=0, end=depth, period=tuple(kinds[:period]))]
     runs: list[LayerRun] = []
-    for layer in range(text.num_hidden_layers):
-        moe = text.is_sparse_layer(layer)
-        if runs and runs[-1].moe == moe:
+    for layer, kind in enumerate(kinds):
+        if runs and runs[-1].period == (kind,):
             runs[-1] = runs[-1]._replace(end=layer + 1)
         else:
-            runs.append(LayerRun(start=layer, end=layer + 1, moe=moe))
+            runs.append(LayerRun(start=layer, end=layer + 1, period=(kind,)))
     return runs
 
 
@@ -134,94 +85,101 @@ def run_names(text: TextConfig) -> list[str]:
     return ["layers"] if len(runs) == 1 else [f"layers_{i}" for i in range(len(runs))]
 
 
+class LayerParams(NamedTuple):
+    """Where a decoder layer's parameters live in the scanned decoder's: under `path` (relative to the decoder's
+    parameters), slice `index` of each stacked leaf."""
+
+    path: tuple[str, ...]
+    index: int
+
+
+def layer_params(text: TextConfig) -> list[LayerParams]:
+    """Per decoder layer, where its parameters are among the scanned decoder's (`layer_runs`)."""
+    located = []
+    for run, name in zip(layer_runs(text), run_names(text)):
+        size = len(run.period)
+        for layer in range(run.start, run.end):
+            step, j = divmod(layer - run.start, size)
+            located.append(LayerParams(path=(name,) if size == 1 else (name, f"sublayer_{j}"), index=step))
+    return located
+
+
 class DecoderLayer(nn.Module):
     """One decoder layer followed by its DeepStack addition:
-    (x, (layer index, this layer's LayerCache or None), layer_inputs) ->
-    (x, (the updated LayerCache or None, router logits (B*L, E) or None))."""
+    (x, (layer index, this layer's state or None), layer_inputs) ->
+    (x, (the updated state or None, router logits (B*L, E) or None))."""
 
     config: ModelConfig
-    moe: bool = False
+    kind: LayerKind = LayerKind(FULL, moe=False)
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
-        layer_and_kv: tuple[jax.Array | int, LayerCache | None],
+        layer_and_state: tuple[jax.Array | int, LayerState | None],
         layer_inputs: DecoderLayerInputs,
-    ) -> tuple[jax.Array, tuple[LayerCache | None, jax.Array | None]]:
-        """x (B, L, H); layer_and_kv: the layer index (int, or the scan's traced int32) and, when generating, this
-        layer's `LayerCache`. Returns x (B, L, H) and (the LayerCache with x's keys and values written to its slots
-        or, for a prefill split over `context`, as its prompt block; None without a cache; router logits (B*L, E)
-        or None), as nn.scan's (carry, per-layer output)."""
-        layer, kv = layer_and_kv
-        text, kw, linear = self.config.text, self.config.dense_kwargs, self.config.linear_kwargs
+    ) -> tuple[jax.Array, tuple[LayerState | None, jax.Array | None]]:
+        """x (B, L, H); layer_and_state: the layer index (int, or the scan's traced int32) and, when generating,
+        this layer's `LayerCache` (full attention) or `DeltaNetState` (gated delta-net). Returns x (B, L, H) and
+        (the state with x's tokens taken in, None without one; router logits (B*L, E) or None), as nn.scan's
+        (carry, per-layer output)."""
+        layer, state = layer_and_state
+        text, kw = self.config.text, self.config.dense_kwargs
         x = mark_layer_input(nn.with_logical_constraint(x, ("batch", "length", "embed")))
 
-        def norm(name, axis="embed"):
-            return RMSNorm(text.rms_norm_eps, axis_name=axis, param_dtype=kw["param_dtype"], name=name)
-
-        def projection(heads, *, axis, name):
-            return Dense(
-                (heads, text.head_dim), ("embed", axis, "head_dim"), use_bias=text.attention_bias, name=name, **linear
-            )
+        def norm(name):
+            return RMSNorm(text.rms_norm_eps, param_dtype=kw["param_dtype"], zero_centered=text.is_qwen3_5, name=name)
 
         h = norm("input_layernorm")(x)
-        q = projection(text.num_attention_heads, axis="q_heads", name="q_proj")(h)
-        k = projection(text.num_key_value_heads, axis="kv_heads", name="k_proj")(h)
-        v = projection(text.num_key_value_heads, axis="kv_heads", name="v_proj")(h)
-        q = apply_rotary(norm("q_norm", "head_dim")(q), layer_inputs.cos, layer_inputs.sin)
-        k = apply_rotary(norm("k_norm", "head_dim")(k), layer_inputs.cos, layer_inputs.sin)
-        impl = dict(impl=self.config.attention_impl, block_sizes=self.config.splash_block_sizes)
-        if kv is None or layer_inputs.fills_prompt_block:
-            segments = dict(q_segment_ids=layer_inputs.segment_ids, kv_segment_ids=layer_inputs.segment_ids)
-            o = attention(q, k, v, **segments, causal=True, context_layout=layer_inputs.context_layout, **impl)
-            if kv is not None:  # the prompt's keys and values stay split over `context` where they are
-                block = [split_by_names(new.swapaxes(1, 2), ("batch", "kv_heads", "length", None)) for new in (k, v)]
-                kv = kv._replace(prompt_k=block[0].astype(kv.k.dtype), prompt_v=block[1].astype(kv.v.dtype))
+        if self.kind.mixer == LINEAR:
+            mixer = GatedDeltaNet(text.delta_net, name="linear_attn", **self.config.linear_kwargs)
+            h, state = mixer(h, segment_ids=layer_inputs.segment_ids, state=state)
         else:
-            new_k, new_v = (
-                jax.lax.dynamic_update_slice_in_dim(
-                    cached, new.swapaxes(1, 2).astype(cached.dtype), layer_inputs.cache_index, axis=2
-                )
-                for cached, new in ((kv.k, k), (kv.v, v))
-            )
-            kv = kv._replace(k=new_k, v=new_v)
-            o = cached_attention(
-                q,
-                cache_k=kv.k,
-                cache_v=kv.v,
-                q_segment_ids=layer_inputs.segment_ids,
-                kv_segment_ids=layer_inputs.kv_segment_ids,
-                cache_index=layer_inputs.cache_index,
-                prompt_k=kv.prompt_k,
-                prompt_v=kv.prompt_v,
-                prompt_segment_ids=layer_inputs.prompt_segment_ids,
-            )
-        o_proj = Dense(
-            text.hidden_size,
-            ("q_heads", "head_dim", "embed"),
-            contract=2,
-            use_bias=text.attention_bias,
-            name="o_proj",
-            **linear,
-        )
-        x = x + o_proj(o)
+            h, state = self_attention(h, kv=state, layer_inputs=layer_inputs, config=self.config)
+        x = x + h
         h = norm("post_attention_layernorm")(x)
         router_logits = None
-        if self.moe:
+        if self.kind.moe:
             dispatch = dict(backend=self.config.moe_backend, tiling=self.config.moe_tiling)
             h, router_logits = MoeBlock(text, **dispatch, name="mlp", **kw)(h)
         else:
-            h = _swiglu(h, chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size, **linear)
+            mlp = dict(chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size)
+            h = chunked_swiglu(h, **mlp, name="mlp", **self.config.linear_kwargs)
         x = x + h
         if layer_inputs.deepstack is not None:
             x = add_deepstack(x, features=layer_inputs.deepstack, visual_index=layer_inputs.visual_index, layer=layer)
-        return x, (kv, router_logits)
+        return x, (state, router_logits)
+
+
+class DecoderPeriod(nn.Module):
+    """The layers of one period of a `LayerRun` (`sublayer_0`, ...), one scan step:
+    (x, (layer indices (period,), their states or None), layer_inputs) ->
+    (x, (their updated states or None, the MoE layers' router logits (moe layers, B*L, E) or None))."""
+
+    config: ModelConfig
+    period: tuple[LayerKind, ...]
+
+    @nn.compact
+    def __call__(self, x, layers_and_states, layer_inputs: DecoderLayerInputs):
+        layers, states = layers_and_states
+        layer_cls = maybe_remat(DecoderLayer, self.config.remat)
+        new_states, router_logits = [], []
+        for j, kind in enumerate(self.period):
+            state = None if states is None else states[j]
+            layer = layer_cls(self.config, kind, name=f"sublayer_{j}")
+            x, (state, logits) = layer(x, (layers[j], state), layer_inputs)
+            new_states.append(state)
+            if logits is not None:
+                router_logits.append(logits)
+        return x, (
+            None if states is None else tuple(new_states),
+            jnp.stack(router_logits) if router_logits else None,
+        )
 
 
 class Decoder(nn.Module):
-    """The decoder layers, then the final norm. Scanned: one stack per run of layers of the same kind (params
-    `layers` / `layers_0`, ... with a leading layer axis); unrolled: `layer_0`, `layer_1`, ... (decoding)."""
+    """The decoder layers, then the final norm. Scanned: one stack per `LayerRun` (params `layers` / `layers_0`,
+    ... with a leading axis of scan steps); unrolled: `layer_0`, `layer_1`, ... (decoding)."""
 
     config: ModelConfig
     unrolled: bool = False
@@ -241,12 +199,18 @@ class Decoder(nn.Module):
         """x (B, L, H) embeddings; segment_ids (B, L) int32; positions (B, 3, L) int32 MRoPE positions; deepstack
         (K, B, N, H) and visual_index (B, L) int32 with vision; context_layout: "load_balanced" when the tokens are
         in parallel/context.py's layout, split over the mesh's `context` axis. Returns `DecoderOutputs`: the
-        final-norm hidden states (B, L, H); the cache with x's keys and values written at cache.index (None
-        without a cache); the router logits of the MoE layers (num MoE layers, B*L, E) or None.
+        final-norm hidden states (B, L, H); the cache with x's tokens taken in (keys and values written at
+        cache.index, delta-net states advanced; None without a cache); the router logits of the MoE layers
+        (num MoE layers, B*L, E) or None.
 
         With a cache and a context_layout (a prompt prefilled split over `context`), x's keys and values become the
         cache's prompt block (kv_cache.py) and its slots stay empty for the tokens to come."""
         text = self.config.text
+        if context_layout is not None and LINEAR in text.layer_kinds:
+            raise ValueError(
+                "the gated delta-net layers of Qwen3.5 do not split the sequence over the mesh's `context` axis: "
+                "run Qwen3.5 on a mesh with context = 1"
+            )
         cos, sin = text_mrope_tables(positions, self.config)
         fills_prompt_block = cache is not None and context_layout is not None
         if fills_prompt_block and cache.has_prompt_block:
@@ -270,70 +234,99 @@ class Decoder(nn.Module):
             prompt_segment_ids=prompt_segment_ids,
             context_layout=context_layout,
         )
+        states = None if cache is None else _layer_states(cache, text)
         run = self._unrolled if self.unrolled else self._scanned
-        x, new_kv, router_logits = run(x, layer_inputs, cache=cache)
-        x = RMSNorm(text.rms_norm_eps, param_dtype=jnp.dtype(self.config.param_dtype), name="norm")(x)
+        x, states, router_logits = run(x, layer_inputs, states=states)
+        x = RMSNorm(
+            text.rms_norm_eps,
+            param_dtype=jnp.dtype(self.config.param_dtype),
+            zero_centered=text.is_qwen3_5,
+            name="norm",
+        )(x)
         if cache is not None:
+            full = [state for state in states if isinstance(state, LayerCache)]
             cache = KVCache(
-                k=tuple(layer.k for layer in new_kv),
-                v=tuple(layer.v for layer in new_kv),
+                k=tuple(layer.k for layer in full),
+                v=tuple(layer.v for layer in full),
                 segment_ids=kv_segment_ids,
                 index=cache.index + (0 if fills_prompt_block else x.shape[1]),
-                prompt_k=tuple(layer.prompt_k for layer in new_kv) if new_kv[0].prompt_k is not None else None,
-                prompt_v=tuple(layer.prompt_v for layer in new_kv) if new_kv[0].prompt_v is not None else None,
+                prompt_k=tuple(layer.prompt_k for layer in full) if full and full[0].prompt_k is not None else None,
+                prompt_v=tuple(layer.prompt_v for layer in full) if full and full[0].prompt_v is not None else None,
                 prompt_segment_ids=prompt_segment_ids,
+                delta_net=tuple(state for state in states if isinstance(state, DeltaNetState)),
             )
         return DecoderOutputs(
             hidden=x, cache=cache, router_logits=jnp.concatenate(router_logits) if router_logits else None
         )
 
-    def _scanned(self, x, layer_inputs: DecoderLayerInputs, *, cache: KVCache | None):
+    def _scanned(self, x, layer_inputs: DecoderLayerInputs, *, states: list[LayerState] | None):
         text = self.config.text
-        new_kv, router_logits = [], []
-        for (start, end, moe), name in zip(layer_runs(text), run_names(text)):
+        new_states, router_logits = [], []
+        for run, name in zip(layer_runs(text), run_names(text)):
+            size = len(run.period)
+            if size == 1:
+                body, kwargs = maybe_remat(DecoderLayer, self.config.remat), dict(kind=run.period[0])
+            else:
+                body, kwargs = DecoderPeriod, dict(period=run.period)
             layers = nn.scan(
-                maybe_remat(DecoderLayer, self.config.remat),
+                body,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
-                length=end - start,
+                length=run.steps,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            kv = None
-            if cache is not None:
-                kv = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *_layer_caches(cache)[start:end])
-            x, (kv, logits) = layers(self.config, moe=moe, name=name)(x, (jnp.arange(start, end), kv), layer_inputs)
-            if kv is not None:
-                new_kv += [jax.tree_util.tree_map(lambda a, i=i: a[i], kv) for i in range(end - start)]
-            if logits is not None:
-                router_logits.append(logits)
-        return x, new_kv, router_logits
+            # per scan step: the layer indices and states of its layers, stacked over the steps
+            indices = jnp.arange(run.start, run.end).reshape(run.steps, size)
+            run_states = None
+            if states is not None:
+                by_position = [states[run.start + j : run.end : size] for j in range(size)]
+                run_states = tuple(jax.tree_util.tree_map(lambda *s: jnp.stack(s), *same) for same in by_position)
+            if size == 1:
+                indices, run_states = indices[:, 0], None if run_states is None else run_states[0]
+            x, (run_states, logits) = layers(self.config, **kwargs, name=name)(x, (indices, run_states), layer_inputs)
+            if run_states is not None:
+                per_position = [run_states] if size == 1 else list(run_states)
+                new_states += [
+                    jax.tree_util.tree_map(lambda a, s=s: a[s], per_position[j])
+                    for s in range(run.steps)
+                    for j in range(size)
+                ]
+            if logits is not None:  # (steps, E-layers per step, T, E) for a period, (steps, T, E) otherwise
+                router_logits.append(logits.reshape(-1, *logits.shape[-2:]))
+        return x, new_states or None, router_logits
 
-    def _unrolled(self, x, layer_inputs: DecoderLayerInputs, *, cache: KVCache | None):
-        text = self.config.text
-        new_kv, router_logits = [], []
-        for i in range(text.num_hidden_layers):
-            kv = None if cache is None else _layer_caches(cache)[i]
-            layer = DecoderLayer(self.config, moe=text.is_sparse_layer(i), name=f"layer_{i}")
-            x, (kv, logits) = layer(x, (i, kv), layer_inputs)
-            new_kv.append(kv)
+    def _unrolled(self, x, layer_inputs: DecoderLayerInputs, *, states: list[LayerState] | None):
+        new_states, router_logits = [], []
+        for i, kind in enumerate(layer_kinds(self.config.text)):
+            state = None if states is None else states[i]
+            x, (state, logits) = DecoderLayer(self.config, kind, name=f"layer_{i}")(x, (i, state), layer_inputs)
+            new_states.append(state)
             if logits is not None:
                 router_logits.append(logits[None])
-        return x, new_kv, router_logits
+        return x, new_states if states is not None else None, router_logits
 
 
-def _layer_caches(cache: KVCache) -> list[LayerCache]:
-    """The cache as one `LayerCache` per decoder layer."""
-    blocks = zip(cache.prompt_k, cache.prompt_v) if cache.has_prompt_block else [(None, None)] * len(cache.k)
-    return [LayerCache(k, v, *block) for k, v, block in zip(cache.k, cache.v, blocks)]
+def _layer_states(cache: KVCache, text: TextConfig) -> list[LayerState]:
+    """The cache as one state per decoder layer: a `LayerCache` for a full-attention layer, a `DeltaNetState` for
+    a gated delta-net layer."""
+    full = len(cache.k)
+    blocks = zip(cache.prompt_k, cache.prompt_v) if cache.has_prompt_block else [(None, None)] * full
+    attention = iter([LayerCache(k, v, *block) for k, v, block in zip(cache.k, cache.v, blocks)])
+    delta_net = iter(cache.delta_net)
+    states = [next(attention) if mixer == FULL else next(delta_net) for mixer in text.layer_kinds]
+    if next(attention, None) is not None or next(delta_net, None) is not None:
+        raise ValueError("the cache was made for a model with other layer kinds (kv_cache.init_cache)")
+    return states
 
 
 def unstack_decoder_params(decoder_params: dict, text: TextConfig) -> dict:
     """The parameters of `Decoder(unrolled=True)` (`layer_0`, `layer_1`, ... and `norm`) sliced out of those of
-    the scanned decoder (`layers` or `layers_0`, ... and `norm`): each stacked leaf (layers of the run, ...)
-    becomes one (...) leaf per layer."""
+    the scanned decoder (`layer_params`): each stacked leaf (steps, ...) becomes one (...) leaf per layer."""
     unrolled = {"norm": decoder_params["norm"]}
-    for (start, end, _), name in zip(layer_runs(text), run_names(text)):
-        for i in range(end - start):
-            unrolled[f"layer_{start + i}"] = jax.tree_util.tree_map(lambda p, i=i: p[i], decoder_params[name])
+    for layer, (path, index) in enumerate(layer_params(text)):
+        stacked = decoder_params
+        for key in path:
+            stacked = stacked[key]
+        unrolled[f"layer_{layer}"] = jax.tree_util.tree_map(lambda p, i=index: p[i], stacked)
     return unrolled

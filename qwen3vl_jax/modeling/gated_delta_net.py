@@ -30,51 +30,16 @@ H = hidden_size, C = 2 Hk Dk + Hv Dv the conv channels (q, k, v concatenated in 
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import LoraConfig
+from qwen3vl_jax.config.delta_net import GatedDeltaNetConfig
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
 
 L2NORM_EPS = 1e-6  # transformers' `l2norm` default, as the FLA kernels use
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GatedDeltaNetConfig:
-    """Sizes of one gated delta-net layer (transformers' `linear_*` fields of `Qwen3_5TextConfig`)."""
-
-    hidden_size: int
-    num_key_heads: int  # linear_num_key_heads
-    num_value_heads: int  # linear_num_value_heads, a multiple of num_key_heads
-    key_head_dim: int  # linear_key_head_dim
-    value_head_dim: int  # linear_value_head_dim
-    conv_kernel_size: int = 4  # linear_conv_kernel_dim
-    rms_norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        for name in ("hidden_size", "num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GatedDeltaNetConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.conv_kernel_size < 2:
-            raise ValueError(f"GatedDeltaNetConfig.conv_kernel_size must be at least 2, got {self.conv_kernel_size}")
-        if self.num_value_heads % self.num_key_heads:
-            raise ValueError(
-                f"GatedDeltaNetConfig.num_value_heads ({self.num_value_heads}) must be a multiple of "
-                f"num_key_heads ({self.num_key_heads})"
-            )
-
-    @property
-    def key_dim(self) -> int:
-        return self.num_key_heads * self.key_head_dim
-
-    @property
-    def conv_channels(self) -> int:
-        """C: the q, k and v channels that the conv runs over."""
-        return 2 * self.key_dim + self.num_value_heads * self.value_head_dim
 
 
 @flax.struct.dataclass
@@ -235,7 +200,7 @@ def chunked_gated_delta_rule(
     k_beta = k * beta[..., None]
     system = jnp.einsum("...id,...jd->...ij", k_beta, k) * pair_decay
     rhs = jnp.concatenate([v * beta[..., None], k_beta * decay_from_start[..., None]], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    solved = unit_lower_triangular_solve(system, rhs)
     new_values, decayed_keys = solved[..., :value_dim], solved[..., value_dim:]
     intra_attention = jnp.einsum("...id,...jd->...ij", q, k) * pair_decay
     q_from_start = q * decay_from_start[..., None]
@@ -254,6 +219,27 @@ def chunked_gated_delta_rule(
     )
     out = out.swapaxes(2, 3).swapaxes(0, 1).reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length]
     return out.astype(out_dtype), final_state
+
+
+def unit_lower_triangular_solve(system: jax.Array, rhs: jax.Array) -> jax.Array:
+    """X (..., C, D) with (I + strictly_lower(system)) X = rhs: system (..., C, C) (its diagonal and upper part are
+    not read), rhs (..., C, D). XLA's triangular solve on accelerators; on CPU the same forward substitution row by
+    row, because jaxlib's CPU kernel (LAPACK trsm, its batch spread over the thread pool that also runs the
+    devices' programs) deadlocks when several CPU devices run it at once."""
+
+    def substitution(system, rhs):
+        lower = jnp.tril(system, -1)
+
+        def row(i, solved):
+            value = rhs[..., i, :] - jnp.einsum("...j,...jd->...d", lower[..., i, :], solved)
+            return jax.lax.dynamic_update_index_in_dim(solved, value, i, axis=-2)
+
+        return jax.lax.fori_loop(0, rhs.shape[-2], row, jnp.zeros_like(rhs))
+
+    def triangular_solve(system, rhs):
+        return jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+
+    return jax.lax.platform_dependent(system, rhs, cpu=substitution, default=triangular_solve)
 
 
 def recurrent_gated_delta_rule(

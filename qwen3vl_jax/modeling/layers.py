@@ -123,14 +123,21 @@ class _Norm(nn.Module):
 
 
 class RMSNorm(_Norm):
-    """Qwen3 RMSNorm, as `Qwen3VLTextRMSNorm`: normalise in fp32, cast back to the input dtype, then scale (no 1+w)."""
+    """Qwen3 RMSNorm, as `Qwen3VLTextRMSNorm`: normalise in fp32, cast back to the input dtype, then scale (no 1+w).
+    zero_centered (Qwen3.5, `Qwen3_5RMSNorm`): the weight w starts at 0 and the fp32 normalised x is multiplied by
+    1 + w before the cast back."""
+
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., D) -> (..., D) in x's dtype, normalised over D."""
-        scale = self.feature_param("scale", nn.initializers.ones, x.shape[-1])
+        init = nn.initializers.zeros if self.zero_centered else nn.initializers.ones
+        scale = self.feature_param("scale", init, x.shape[-1])
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return y.astype(x.dtype) * scale.astype(x.dtype)
 
 

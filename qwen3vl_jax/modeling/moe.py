@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec
 from qwen3vl_jax.config import TextConfig
 from qwen3vl_jax.kernels.megablox import megablox_matmul
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
+from qwen3vl_jax.modeling.mlp import SwiGLU
 from qwen3vl_jax.parallel.sharding import BATCH_AXES
 
 
@@ -325,7 +326,14 @@ class MoeBlock(nn.Module):
             y = _expert_parallel(tokens, **routed, mesh=mesh, backend=self.backend, tiling=self.tiling)
         else:
             y = experts_grouped(tokens, **routed, backend=self.backend, tiling=self.tiling)
-        return MoeBlockOutputs(hidden=y.reshape(batch, length, hidden), router_logits=logits)
+        y = y.reshape(batch, length, hidden)
+        if text.shared_expert_intermediate_size:
+            # Qwen3.5 (`Qwen3_5MoeSparseMoeBlock`): a SwiGLU on every token, scaled by sigmoid(x . shared_gate)
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            shared = SwiGLU(text.shared_expert_intermediate_size, name="shared_expert", **kw)(x)
+            gate = Dense(1, ("embed", "expert_router"), name="shared_expert_gate", **kw)(x)
+            y = y + jax.nn.sigmoid(gate) * shared
+        return MoeBlockOutputs(hidden=y, router_logits=logits)
 
 
 def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, tiling):

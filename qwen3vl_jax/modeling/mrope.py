@@ -44,7 +44,7 @@ def mrope_tables(
 
 
 def text_mrope_tables(positions: jax.Array, config: ModelConfig) -> RotaryTables:
-    """The decoder's cos, sin (B, L, head_dim) for positions (B, 3, L), with the config's rope and layout."""
+    """The decoder's cos, sin (B, L, rotary_dim) for positions (B, 3, L), with the config's rope and layout."""
     inv_freq, scaling = text_rope(config.text)
     axis_of_frequency = mrope_axis_of_frequency(config.text.mrope_section, config.mrope_layout)
     return mrope_tables(positions, inv_freq=inv_freq, axis_of_frequency=axis_of_frequency, scaling=scaling)

@@ -36,13 +36,14 @@ def inverse_frequencies(theta: float, dim: int) -> np.ndarray:
 
 
 def text_rope(text: TextConfig) -> RopeFrequencies:
-    """The text decoder's inverse frequencies (head_dim/2,) and cos/sin scaling: plain RoPE, or YaRN as
+    """The text decoder's inverse frequencies (rotary_dim/2,) and cos/sin scaling (rotary_dim = head_dim but for
+    Qwen3.5's partial rotary): plain RoPE, or YaRN as
     transformers computes it (NTK-by-parts interpolation between extrapolated and factor-interpolated
     frequencies, attention factor 0.1 ln(factor) + 1 unless given)."""
     if text.rope_type == "default":
-        return RopeFrequencies(inv_freq=inverse_frequencies(text.rope_theta, text.head_dim), scaling=1.0)
+        return RopeFrequencies(inv_freq=inverse_frequencies(text.rope_theta, text.rotary_dim), scaling=1.0)
     scaling = dict(text.rope_scaling)
-    dim, base, factor = text.head_dim, text.rope_theta, scaling["factor"]
+    dim, base, factor = text.rotary_dim, text.rope_theta, scaling["factor"]
     original = scaling["original_max_position_embeddings"]
 
     def mscale(scale, m=1.0):
@@ -77,12 +78,18 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *, compute_dtype=None) -> jax.Array:
-    """x (B, L, heads, hd); cos/sin (B, L, hd) -> (B, L, heads, hd) in x's dtype. Rotate-half pairing (i, i + hd/2).
+    """x (B, L, heads, hd); cos/sin (B, L, r) with r <= hd -> (B, L, heads, hd) in x's dtype. Rotates the first r
+    dims of each head with the rotate-half pairing (i, i + r/2) and passes the rest through (r < hd: Qwen3.5's
+    partial rotary, transformers' `apply_rotary_pos_emb` in modeling_qwen3_5).
 
     The text decoder rotates in the activation dtype with cos/sin cast to it; the ViT rotates in float32
     (`compute_dtype=jnp.float32`), as transformers does.
     """
     dtype = compute_dtype or x.dtype
+    rotary_dim = cos.shape[-1]
     cos, sin = cos[..., None, :].astype(dtype), sin[..., None, :].astype(dtype)
     xc = x.astype(dtype)
+    if rotary_dim < x.shape[-1]:
+        turned, passed = xc[..., :rotary_dim], xc[..., rotary_dim:]
+        return jnp.concatenate([turned * cos + rotate_half(turned) * sin, passed], axis=-1).astype(x.dtype)
     return (xc * cos + rotate_half(xc) * sin).astype(x.dtype)
