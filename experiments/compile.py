@@ -113,7 +113,13 @@ def model_flops_outside_kernels(builder: StepBuilder) -> float:
     for part, flops in (
         ("vision", forward.vit + (not splash) * forward.vit_attention),
         ("mergers", forward.mergers),
-        ("llm", forward.text_dense + (not megablox) * forward.text_experts + (not splash) * forward.text_attention),
+        (
+            "llm",
+            forward.text_dense
+            + forward.text_delta_rule
+            + (not megablox) * forward.text_experts
+            + (not splash) * forward.text_attention,
+        ),
     ):
         trained = part not in frozen
         total += flops * (3 if trained else 2 if trained_before else 1)

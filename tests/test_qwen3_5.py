@@ -211,3 +211,69 @@ def test_the_train_binary_trains_a_tiny_qwen3_5_and_exports_what_transformers_lo
     exact = hf_logits(float64_copy(loaded.eval()), inputs)[0]
     assert np.abs(exact).max() > 0.1
     np.testing.assert_allclose(ours(**inputs)[0], exact, atol=5e-4, rtol=0)
+
+
+def test_lora_on_every_adaptable_layer_loads_in_peft_with_our_logits(reference, tmp_path):
+    """Adapters on the delta-net projections, the gated attention, the (shared-expert) MLPs and the ViT, saved in
+    the PEFT format: peft puts them on transformers' model, which then gives our logits (against its float64 run,
+    as in test_logits_equal_transformers)."""
+    import copy
+
+    import peft
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from qwen3vl_jax.checkpoints.peft import save_adapters
+    from qwen3vl_jax.config.lora import LORA_TARGETS
+    from qwen3vl_jax.modeling.model import abstract_params
+
+    config = reference.config.replace(lora=dict(rank=4, alpha=8.0, targets=LORA_TARGETS))
+    flat = dict(flatten_dict(jax.device_get(reference.ours.params)))
+    rng = np.random.default_rng(1)
+    for name, leaf in flatten_dict(abstract_params(config)).items():
+        if name[-1] in ("lora_a", "lora_b"):
+            flat[name] = (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    params = unflatten_dict(flat)
+    save_adapters(str(tmp_path), params, config, base_model=reference.path)
+    adapted = peft.PeftModel.from_pretrained(copy.deepcopy(reference.exact), str(tmp_path)).eval().double()
+    layers = {
+        name.rsplit(".", 1)[-1] for name, m in adapted.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj", "gate_proj"} <= layers
+    inputs = prompts(reference.config, "image", seed=6)
+    exact = hf_logits(adapted, inputs)[0]
+    ours = qwen3vl_jax.Qwen3VLModel(config, params)(**inputs)[0]
+    assert np.abs(ours - hf_logits(reference.exact, inputs)[0]).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(ours, exact, atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "distill"])
+def test_dpo_and_distillation_train_a_qwen3_5_student(objective, tmp_path):
+    """One Trainer step of each objective with configs/tiny_qwen3_5.py's model. DPO: the step's policy is its
+    reference (the step-0 weights), so its reward margin is 0 and its loss log 2. Distillation from a Qwen3.5
+    teacher with the student's architecture and other weights: the KL term is positive and the loss mixes it
+    with the cross-entropy."""
+    import json
+    import os
+
+    from qwen3vl_jax.training.model_source import model_config_from
+    from qwen3vl_jax.training.run_config import config_from_file
+    from qwen3vl_jax.training.trainer import Trainer
+
+    config = config_from_file(os.path.join(ROOT, "configs", "dpo_toy.py" if objective == "dpo" else "tiny_qwen3_5.py"))
+    config.model = config_from_file(os.path.join(ROOT, "configs", "tiny_qwen3_5.py")).model
+    config.update(steps=1, log_every=1, export_hf=False)
+    config.data.update(seq_len=256, max_patches=64, batch_size=8)  # a row per fake device
+    config.eval.every = 0
+    if objective == "distill":
+        teacher = str(tmp_path / "teacher")
+        qwen3vl_jax.Qwen3VLModel.from_config(model_config_from(config), seed=5).save_pretrained(teacher)
+        config.objective = "distill"
+        config.distill.update(teacher=teacher, alpha=0.5)
+    Trainer(config, str(tmp_path / "run")).run()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = next(m for m in map(json.loads, f) if m.get("step") == 1 and m.get("split") == "train")
+    if objective == "dpo":
+        np.testing.assert_allclose(first["reward_margin"], 0.0, atol=1e-6)
+        np.testing.assert_allclose(first["dpo_loss"], np.log(2.0), rtol=1e-5)
+    else:
+        assert first["kl"] > 0.01 and np.isfinite(first["loss"]), first

@@ -26,6 +26,9 @@ from qwen3vl_jax.training.run_config import model_settings, run_config
 CONFIG_FILES = {
     "tiny.py": "",
     "tiny_moe.py": "",
+    "tiny_qwen3_5.py": "",
+    "qwen3_5_2b.py": ":sft_32k",
+    "qwen3_5_9b.py": "",
     "dpo_toy.py": "",
     "grpo_toy.py": "",
     "grpo_vs_sft.py": ":/default/hf",

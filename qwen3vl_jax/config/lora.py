@@ -15,6 +15,8 @@ def _check(condition: bool, message: str) -> None:
 LORA_TARGETS = (
     # decoder (transformers' module names)
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    # Qwen3.5's gated delta-net layers (transformers' linear_attn.*)
+    "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj",
     # ViT blocks (ours: transformers' attn.qkv, attn.proj, mlp.linear_fc1, mlp.linear_fc2) and the patch mergers
     "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "linear_fc1", "linear_fc2",
 )  # fmt: skip
@@ -25,8 +27,9 @@ class LoraConfig:
     """Low-rank adapters (LoRA, Hu et al. 2021) on the named linear layers: y = x W + (alpha / rank) dropout(x) A B
     with A (in, rank), B (rank, out) in float32 (B starts at zero), W frozen. rank 0: no adapters (and then alpha,
     dropout and targets must keep their defaults: a config that sets them with rank 0 is refused, since it would
-    train the whole model). The MoE experts are never adapted (they are not among the targets). Dropout applies
-    only when the model is applied with a "dropout" rng (the train step; never in eval or generation)."""
+    train the whole model). The routed MoE experts are never adapted (they are not among the targets; a Qwen3.5
+    shared expert is, as a gate_proj / up_proj / down_proj). Dropout applies only when the model is applied with a
+    "dropout" rng (the train step; never in eval or generation)."""
 
     rank: int = 0
     alpha: float = 16.0

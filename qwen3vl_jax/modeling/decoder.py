@@ -141,7 +141,8 @@ class DecoderLayer(nn.Module):
         router_logits = None
         if self.kind.moe:
             dispatch = dict(backend=self.config.moe_backend, tiling=self.config.moe_tiling)
-            h, router_logits = MoeBlock(text, **dispatch, name="mlp", **kw)(h)
+            lora = self.config.linear_kwargs["lora"]
+            h, router_logits = MoeBlock(text, **dispatch, lora=lora, name="mlp", **kw)(h)
         else:
             mlp = dict(chunks=self.config.mlp_chunks, intermediate_size=text.intermediate_size)
             h = chunked_swiglu(h, **mlp, name="mlp", **self.config.linear_kwargs)

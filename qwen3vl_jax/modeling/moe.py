@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from qwen3vl_jax.config import TextConfig
+from qwen3vl_jax.config import LoraConfig, TextConfig
 from qwen3vl_jax.kernels.megablox import megablox_matmul
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
 from qwen3vl_jax.modeling.mlp import SwiGLU
@@ -284,6 +284,7 @@ class MoeBlock(nn.Module):
     tiling: tuple[int, int, int]
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraConfig | None = None  # adapters on the shared expert's projections (Qwen3.5)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> MoeBlockOutputs:
@@ -330,7 +331,7 @@ class MoeBlock(nn.Module):
         if text.shared_expert_intermediate_size:
             # Qwen3.5 (`Qwen3_5MoeSparseMoeBlock`): a SwiGLU on every token, scaled by sigmoid(x . shared_gate)
             kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-            shared = SwiGLU(text.shared_expert_intermediate_size, name="shared_expert", **kw)(x)
+            shared = SwiGLU(text.shared_expert_intermediate_size, name="shared_expert", lora=self.lora, **kw)(x)
             gate = Dense(1, ("embed", "expert_router"), name="shared_expert_gate", **kw)(x)
             y = y + jax.nn.sigmoid(gate) * shared
         return MoeBlockOutputs(hidden=y, router_logits=logits)
