@@ -34,7 +34,13 @@ from qwen3vl_jax.training.optimizer import make_optimizer
 PROMPTS = [[("text", 4), ("image", (6, 8)), ("text", 9)], [("text", 3), ("video", (2, 4, 6)), ("text", 5)]]
 
 
-def with_adapters(tiny, *, targets=LORA_TARGETS, rank=4, alpha=8.0):
+# every layer kind Qwen3-VL has (the others are Qwen3.5's gated delta-net projections)
+QWEN3_VL_TARGETS = tuple(
+    t for t in LORA_TARGETS if t not in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+)
+
+
+def with_adapters(tiny, *, targets=QWEN3_VL_TARGETS, rank=4, alpha=8.0):
     """Our tiny model's weights plus adapters on `targets`, A and B both random (at init B = 0: no effect; A drawn
     as its init draws it, U(+-1/sqrt(in)), with the tiny model's in ~ 100)."""
     config = tiny.config.replace(lora=dict(rank=rank, alpha=alpha, targets=targets))

@@ -182,6 +182,12 @@ class TextConfig:
             "shared_expert_intermediate_size is a Qwen3.5 MoE field: set architecture='qwen3_5'",
         )
         _check(
+            not (self.architecture == "qwen3_5" and self.is_moe)
+            or (not self.mlp_only_layers and self.decoder_sparse_step == 1),
+            f"every layer of a Qwen3.5 MoE model is sparse (transformers has no dense ones), but mlp_only_layers is "
+            f"{self.mlp_only_layers} and decoder_sparse_step {self.decoder_sparse_step}",
+        )
+        _check(
             self.num_attention_heads % self.num_key_value_heads == 0,
             f"num_attention_heads {self.num_attention_heads} is not a multiple of "
             f"num_key_value_heads {self.num_key_value_heads}",
