@@ -9,7 +9,15 @@ import dataclasses
 import logging
 from typing import Any
 
-from qwen3vl_jax.config.model import DTYPES, ModelConfig, TextConfig, VisionConfig
+from qwen3vl_jax.config.model import (
+    DTYPES,
+    LAYER_TYPES,
+    QWEN3_5_FULL_ATTENTION_INTERVAL,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    interval_layer_types,
+)
 
 log = logging.getLogger(__name__)
 # keys of an HF rope dict that describe the scaling itself (the rest: type, theta, MRoPE layout)
@@ -192,7 +200,6 @@ _QWEN3_5_MOE_TEXT_DEFAULTS: dict[str, Any] = dict(
 _QWEN3_5_ROPE_THETA = 10000.0
 _QWEN3_5_PARTIAL_ROTARY_FACTOR = 0.25
 _QWEN3_5_MROPE_SECTION = (11, 11, 10)
-_QWEN3_5_FULL_ATTENTION_INTERVAL = 4
 # `Qwen3_5Config` defaults
 _QWEN3_5_TOP_DEFAULTS = dict(
     image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054
@@ -280,7 +287,7 @@ def _qwen3_5_rope_dict(text_hf: dict) -> dict:
             "keep one"
         )
     rope = scaling or parameters or {}
-    if any(kind in rope for kind in ("full_attention", "linear_attention")):
+    if any(kind in rope for kind in LAYER_TYPES):
         raise ValueError(
             f"config.json text_config.rope_parameters {rope} is nested by layer type; Qwen3.5 has one rope for "
             "all layers"
@@ -292,10 +299,10 @@ def _qwen3_5_layer_types(text_hf: dict, *, num_hidden_layers: int) -> tuple[str,
     """`layer_types`, or the pattern `Qwen3_5TextConfig.__post_init__` builds from `full_attention_interval`."""
     if text_hf.get("layer_types") is not None:
         return tuple(text_hf["layer_types"])
-    interval = text_hf.get("full_attention_interval", _QWEN3_5_FULL_ATTENTION_INTERVAL)
+    interval = text_hf.get("full_attention_interval", QWEN3_5_FULL_ATTENTION_INTERVAL)
     if not isinstance(interval, int) or interval < 1:
         raise ValueError(f"config.json text_config.full_attention_interval {interval!r} must be a positive integer")
-    return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_hidden_layers))
+    return interval_layer_types(num_hidden_layers, full_attention_interval=interval)
 
 
 def _refuse_qwen3_5_keys_transformers_ignores(

@@ -32,7 +32,9 @@ ROPE_TYPES = ("default", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "offload")  # see modeling/remat.py
 MOE_BACKENDS = ("megablox", "ragged_dot", "dense", "blocked")  # see modeling/moe.py
 ARCHITECTURES = ("qwen3_vl", "qwen3_5")
-LAYER_TYPES = ("full_attention", "linear_attention")
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"  # transformers' `layer_types` values
+LAYER_TYPES = (FULL_ATTENTION, LINEAR_ATTENTION)
+QWEN3_5_FULL_ATTENTION_INTERVAL = 4  # transformers' `Qwen3_5TextConfig` default
 
 
 def _check(condition: bool, message: str) -> None:
@@ -100,6 +102,14 @@ class VisionConfig:
         return math.isqrt(self.num_position_embeddings)
 
 
+def interval_layer_types(num_layers: int, *, full_attention_interval: int) -> tuple[str, ...]:
+    """Qwen3.5's layer pattern (`Qwen3_5TextConfig.__post_init__`): every `full_attention_interval`-th layer full
+    attention, the others linear attention."""
+    return tuple(
+        FULL_ATTENTION if (i + 1) % full_attention_interval == 0 else LINEAR_ATTENTION for i in range(num_layers)
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """The Qwen3 decoder (`Qwen3VLTextConfig`) including the MoE fields of `Qwen3VLMoeTextConfig`
@@ -164,7 +174,7 @@ class TextConfig:
             f"layer_types {sorted(set(self.layer_types) - set(LAYER_TYPES))} are not among {LAYER_TYPES}",
         )
         _check(
-            self.architecture == "qwen3_5" or "linear_attention" not in self.layer_kinds,
+            self.architecture == "qwen3_5" or LINEAR_ATTENTION not in self.layer_kinds,
             "linear_attention layers are a Qwen3.5 layer kind: set architecture='qwen3_5'",
         )
         _check(
@@ -234,10 +244,8 @@ class TextConfig:
         if self.layer_types:
             return self.layer_types
         if self.architecture == "qwen3_5":
-            return tuple(
-                "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(self.num_hidden_layers)
-            )
-        return ("full_attention",) * self.num_hidden_layers
+            return interval_layer_types(self.num_hidden_layers, full_attention_interval=QWEN3_5_FULL_ATTENTION_INTERVAL)
+        return (FULL_ATTENTION,) * self.num_hidden_layers
 
     @property
     def delta_net(self) -> GatedDeltaNetConfig:

@@ -10,12 +10,10 @@ from qwen3vl_jax.config.model import ModelConfig, TextConfig, VisionConfig
 # what the released models share: vocabulary, rope, the ViT's position table; two ViT sizes
 _RELEASED_TEXT = dict(vocab_size=151936, head_dim=128, rope_theta=5_000_000.0, mrope_section=(24, 20, 20))
 _RELEASED_TEXT.update(rms_norm_eps=1e-6, max_position_embeddings=262144)
-_SMALL_VIT = dict(
-    depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, deepstack_visual_indexes=(5, 11, 17)
-)
-_LARGE_VIT = dict(
-    depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24)
-)
+_SMALL_VIT_SIZES = dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096)
+_LARGE_VIT_SIZES = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304)
+_SMALL_VIT = dict(_SMALL_VIT_SIZES, deepstack_visual_indexes=(5, 11, 17))
+_LARGE_VIT = dict(_LARGE_VIT_SIZES, deepstack_visual_indexes=(8, 16, 24))
 
 
 def _released(
@@ -42,9 +40,10 @@ _QWEN3_5_TEXT.update(linear_key_head_dim=128, linear_value_head_dim=128)
 _QWEN3_5_IDS = dict(
     image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054
 )
+# the two larger towers are Qwen3-VL's (without DeepStack)
 _QWEN3_5_SMALL_VIT = dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072)
-_QWEN3_5_MEDIUM_VIT = dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096)
-_QWEN3_5_LARGE_VIT = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304)
+_QWEN3_5_MEDIUM_VIT = _SMALL_VIT_SIZES
+_QWEN3_5_LARGE_VIT = _LARGE_VIT_SIZES
 
 
 def _released_qwen3_5(

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig, TextConfig
+from qwen3vl_jax.config.model import FULL_ATTENTION, LINEAR_ATTENTION
 from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.gated_delta_net import DeltaNetState, GatedDeltaNet
 from qwen3vl_jax.modeling.kv_cache import KVCache, LayerCache
@@ -31,7 +32,7 @@ from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
 from qwen3vl_jax.modeling.self_attention import DecoderLayerInputs, self_attention
 from qwen3vl_jax.parallel.sharding import split_by_names
 
-FULL, LINEAR = "full_attention", "linear_attention"
+FULL, LINEAR = FULL_ATTENTION, LINEAR_ATTENTION
 LayerState = LayerCache | DeltaNetState  # what one layer keeps while generating
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.config.model import FULL_ATTENTION
 from qwen3vl_jax.modeling.gated_delta_net import DeltaNetState
 from qwen3vl_jax.parallel.sharding import split_by_names
 
@@ -61,7 +62,7 @@ def init_cache(config: ModelConfig, *, batch: int, length: int) -> KVCache:
     """An empty cache of `length` slots for the full-attention layers and zero states for the gated delta-net
     layers; under a mesh split by batch (the batch axes) and heads (`tensor`), as the layers that read it are."""
     t = config.text
-    full = sum(kind == "full_attention" for kind in t.layer_kinds)
+    full = sum(kind == FULL_ATTENTION for kind in t.layer_kinds)
     zeros = jnp.zeros((batch, t.num_key_value_heads, length, t.head_dim), jnp.dtype(config.dtype))
     layers = (split_by_names(zeros, ("batch", "kv_heads", None, None)),) * full
     segment_ids = split_by_names(jnp.zeros((batch, length), jnp.int32), ("batch", None))

@@ -14,6 +14,7 @@ from tensorboardX import SummaryWriter
 
 from qwen3vl_jax import storage
 from qwen3vl_jax.config import ModelConfig
+from qwen3vl_jax.config.model import LINEAR_ATTENTION
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 
 
@@ -43,7 +44,7 @@ def forward_flops(config: ModelConfig, *, batch: int, seq_len: int, patches: int
     # per token and layer, the widths of the weight matrices it multiplies (times hidden_size)
     widths, full_layers, linear_layers, sparse_layers = 0, 0, 0, 0
     for layer, mixer in enumerate(text.layer_kinds):
-        if mixer == "linear_attention":
+        if mixer == LINEAR_ATTENTION:
             linear_layers += 1
             widths += delta.conv_channels + 2 * d_values + 2 * delta.num_value_heads  # in_proj_qkv, z, a, b; out
         else:
