@@ -25,12 +25,15 @@ inference/generation.py) and --max_new_tokens decoded greedily, the weights in t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices come from the topology description
 
@@ -40,15 +43,16 @@ import jax.numpy as jnp
 from absl import flags
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from experiments import cli
+from experiments import cli, plan_search
 from qwen3vl_jax.inference.generation import jitted_generate
 from qwen3vl_jax.inference.sampling import SamplingConfig
 from qwen3vl_jax.inputs.batch import TrainingBatch
 from qwen3vl_jax.inputs.model_inputs import INPUT_FIELDS, ModelInputs
+from qwen3vl_jax.modeling.loops import unrolled_loops
 from qwen3vl_jax.modeling.model import abstract_params
-from qwen3vl_jax.parallel.chips import TPU_CHIPS
+from qwen3vl_jax.parallel.chips import TPU_CHIPS, Chip
 from qwen3vl_jax.parallel.sharding import (
     BATCH_AXES,
     batch_shardings,
@@ -62,6 +66,7 @@ from qwen3vl_jax.training.hlo_flops import count_flops
 from qwen3vl_jax.training.metrics import forward_flops
 from qwen3vl_jax.training.objectives.grpo import PolicyOptimization
 from qwen3vl_jax.training.rollouts import SlotLayout, generation_buffer_sizes
+from qwen3vl_jax.training.step_time import CompilerCost, StepTime, depth_probes, extrapolate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4 or v6e:16x16.")
@@ -73,14 +78,25 @@ _MODE = flags.DEFINE_enum(
     "prompt tokens + data.max_patches patches each) on its mesh, prefill + decode.",
 )
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "--mode=generate: new tokens per row.")
+_STEP_TIME = flags.DEFINE_enum(
+    "step_time",
+    "extrapolated",
+    ["extrapolated", "unrolled", "none"],
+    "The train step's modeled time (the TPU compiler's estimate): extrapolated from three unrolled compiles at small "
+    "depths, from one unrolled compile of the whole depth (slow), or none.",
+)
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Plan against this much HBM per chip (GiB; 0: the chip's).")
+_SEARCH = flags.DEFINE_bool(
+    "search", False, "Search for the fastest plan that fits (experiments/plan_search.py; its --search_* flags)."
+)
 
 GIB = 2**30
 
 
-def hbm_per_chip(device) -> int:
+def chip_of(device) -> Chip:
     if device.device_kind not in TPU_CHIPS:
-        raise ValueError(f"unknown HBM size for TPU kind {device.device_kind!r}; known: {sorted(TPU_CHIPS)}")
-    return TPU_CHIPS[device.device_kind][1]
+        raise ValueError(f"unknown TPU kind {device.device_kind!r}; known: {sorted(TPU_CHIPS)}")
+    return TPU_CHIPS[device.device_kind]
 
 
 def abstract_batch(builder: StepBuilder) -> TrainingBatch:
@@ -101,29 +117,69 @@ def abstract_batch(builder: StepBuilder) -> TrainingBatch:
     )
 
 
-def model_flops_outside_kernels(builder: StepBuilder) -> float:
-    """The step's model matmul FLOPs that XLA runs itself (not inside a Pallas kernel): 3 x forward for a
-    trained part, 2 x for a frozen part whose input gradient a trained part before it needs, 1 x otherwise."""
+def _step_flops(builder: StepBuilder, *, outside_kernels: bool) -> float:
+    """The step's model matmul FLOPs (all of them, or those XLA runs itself, not inside a Pallas kernel): 3 x forward
+    for a trained part, 2 x for a frozen part whose input gradient a trained part before it needs, 1 x otherwise."""
     config, mc = builder.config, builder.model_config
     data = config.data
     forward = forward_flops(mc, batch=builder.global_batch_size(data), seq_len=data.seq_len, patches=data.max_patches)
-    splash, megablox = mc.attention_impl == "splash", mc.moe_backend == "megablox"
-    frozen = set(config.optimizer.freeze)
-    total, trained_before = 0.0, False
-    for part, flops in (
-        ("vision", forward.vit + (not splash) * forward.vit_attention),
-        ("mergers", forward.mergers),
-        (
-            "llm",
-            forward.text_dense
-            + forward.text_delta_rule
-            + (not megablox) * forward.text_experts
-            + (not splash) * forward.text_attention,
-        ),
-    ):
-        trained = part not in frozen
+    splash = outside_kernels and mc.attention_impl == "splash"
+    megablox = outside_kernels and mc.moe_backend == "megablox"
+    total = 0.0
+    for part, trained_before in _parts(builder):
+        trained = part.name not in config.optimizer.freeze
+        flops = sum(
+            getattr(forward, name)
+            for name in part.flops
+            if not (splash and name in _SPLASH_FLOPS) and not (megablox and name == "text_experts")
+        )
         total += flops * (3 if trained else 2 if trained_before else 1)
-        trained_before |= trained
+    return total
+
+
+class _Part(NamedTuple):
+    name: str  # as config.optimizer.freeze names it
+    flops: tuple[str, ...]  # its ForwardFlops fields
+
+
+_PARTS = (
+    _Part("vision", ("vit", "vit_attention")),
+    _Part("mergers", ("mergers",)),
+    _Part("llm", ("text_dense", "text_delta_rule", "text_experts", "text_attention")),
+)
+_SPLASH_FLOPS = ("vit_attention", "text_attention")
+
+
+def _parts(builder: StepBuilder):
+    """(part, whether a part before it is trained) in the order the forward pass runs them."""
+    trained_before, frozen = False, set(builder.config.optimizer.freeze)
+    for part in _PARTS:
+        yield part, trained_before
+        trained_before |= part.name not in frozen
+
+
+def model_flops_outside_kernels(builder: StepBuilder) -> float:
+    return _step_flops(builder, outside_kernels=True)
+
+
+def splash_flops(builder: StepBuilder) -> float:
+    """The matmul FLOPs the step's splash kernels run (0 without splash): the score and value matmuls of the
+    blocks the mask keeps (half of the decoder's causal L x L, all of the ViT's P x P) in the forward kernel, again
+    in its recompute (any remat policy), and 3.5 x forward in the backward kernels (dq: 3 matmuls, dk/dv: 4) where
+    a gradient flows through (dq alone, 1.5 x, where only the input's gradient is needed)."""
+    mc, data = builder.model_config, builder.config.data
+    if mc.attention_impl != "splash":
+        return 0.0
+    forward = forward_flops(mc, batch=builder.global_batch_size(data), seq_len=data.seq_len, patches=data.max_patches)
+    attention = {"vision": forward.vit_attention, "llm": forward.text_attention / 2}
+    recompute = mc.remat != "none"
+    total = 0.0
+    for part, trained_before in _parts(builder):
+        if part.name not in attention:
+            continue
+        trained = part.name not in builder.config.optimizer.freeze
+        backward = 3.5 if trained else 1.5 if trained_before else 0.0
+        total += attention[part.name] * (1 + (recompute and backward > 0) + backward)
     return total
 
 
@@ -183,11 +239,13 @@ def bytes_per_chip(tree) -> int:
     )
 
 
-def compile_or_report(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compiled | None, float]:
+def compile_or_report(
+    lower: Callable[[], jax.stages.Lowered], *, compiler_options: dict | None = None
+) -> tuple[jax.stages.Compiled | None, float]:
     """(the compiled program, seconds), or (None, seconds) after printing why when the TPU compiler ran out of HBM."""
     start = time.perf_counter()
     try:
-        return lower().compile(), time.perf_counter() - start
+        return lower().compile(compiler_options=compiler_options), time.perf_counter() - start
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -213,17 +271,99 @@ def print_memory(memory: ChipMemory, *, hbm: int, resident_name: str = "") -> bo
     return fits
 
 
-def plan_train_step(builder: StepBuilder, *, hbm: int, chips: int) -> bool:
-    """Compiles the train step, prints its memory, FLOPs and XLA's cost analysis; whether it fits."""
-    with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules):
-        arguments = (builder.abstract_state(), abstract_batch(builder), *builder.abstract_frozen_params())
-        compiled, seconds = compile_or_report(lambda: builder.train_step.lower(*arguments))
+# The compiles for the modeled step time keep scatters (the embedding gradient) on the TensorCores: the compiler's
+# cost model gives each async call of a scatter offloaded to the SparseCores -1 s (libtpu 0.0.42.1)
+ESTIMATE_COMPILER_OPTIONS = {"xla_tpu_enable_offloading_scatter_to_sparsecore": False}
+
+
+def compile_train_step(builder: StepBuilder, *, unrolled: bool = False):
+    """(the train step compiled for the builder's mesh, or None when it ran out of HBM; seconds). `unrolled`:
+    every loop unrolled (modeling/loops.py), for the compiler's cost model."""
+    loops = unrolled_loops() if unrolled else contextlib.nullcontext()
+    if unrolled:  # jax's trace caches know nothing of the unrolling: no program traced with loops may be reused
+        jax.clear_caches()
+    try:
+        with jax.set_mesh(builder.mesh), nn.logical_axis_rules(builder.rules), loops:
+            arguments = (builder.abstract_state(), abstract_batch(builder), *builder.abstract_frozen_params())
+            options = ESTIMATE_COMPILER_OPTIONS if unrolled else None
+            return compile_or_report(lambda: builder.train_step.lower(*arguments), compiler_options=options)
+    finally:
+        if unrolled:
+            jax.clear_caches()
+
+
+def probe_config(config: ConfigDict, probe) -> ConfigDict:
+    """`config` with the model cut to a `DepthProbes` probe's depths."""
+    vit_depth, taps, layers, layer_types = probe
+    config = config.copy_and_resolve_references()
+    overrides = config.model.overrides
+    with overrides.unlocked():
+        vision = dict(overrides.get("vision") or {}, depth=vit_depth, deepstack_visual_indexes=taps)
+        text = dict(overrides.get("text") or {}, num_hidden_layers=layers)
+        if layer_types:
+            text["layer_types"] = layer_types
+        overrides.vision, overrides.text = ConfigDict(vision), ConfigDict(text)
+    return config
+
+
+def modeled_step_time(builder: StepBuilder, *, chip: Chip, method: str = "extrapolated") -> StepTime | None:
+    """The compiler's modeled time of the builder's train step (`training/step_time.py`): compiled with its loops
+    unrolled at three small depths and extrapolated (`method="extrapolated"`), or unrolled at the full depth
+    (`"unrolled"`). None (after saying why) when a compile runs out of HBM."""
+    devices = builder.mesh.devices.flatten().tolist()
+    start = time.perf_counter()
+    if method == "extrapolated":
+        try:
+            probes = depth_probes(builder.model_config)
+        except ValueError as e:
+            print(f"  {e}: unrolling the whole depth")
+            method = "unrolled"
+    if method == "unrolled":
+        compiled, _ = compile_train_step(builder, unrolled=True)
+        if compiled is None:
+            return None
+        cost = CompilerCost.of(compiled)
+    else:
+        costs = []
+        for probe in (probes.base, probes.more_vit, probes.more_decoder):
+            config = probe_config(builder.config, probe)
+            probe_builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
+            compiled, _ = compile_train_step(probe_builder, unrolled=True)
+            if compiled is None:
+                return None
+            costs.append(CompilerCost.of(compiled))
+        cost = extrapolate(*costs, probes=probes)
+    print(f"  step time modeled in {time.perf_counter() - start:.0f} s ({method})")
+    data, chips = builder.config.data, len(devices)
+    return StepTime(
+        compiler=cost,
+        kernel_flops=splash_flops(builder) / chips,
+        model_flops=_step_flops(builder, outside_kernels=False) / chips,
+        tokens=builder.global_batch_size(data) * data.seq_len / chips,
+        chip=chip,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What planning a train step found: whether it fits, its memory per chip (None when the compiler ran out of
+    HBM) and its modeled time (None when not modeled)."""
+
+    fits: bool
+    memory: ChipMemory | None
+    step_time: StepTime | None
+
+
+def plan_train_step(builder: StepBuilder, *, chip: Chip, hbm: int, chips: int, step_time: str = "none") -> TrainPlan:
+    """Compiles the train step, prints its memory, FLOPs and (unless `step_time="none"`) its modeled time."""
+    compiled, seconds = compile_train_step(builder)
     if compiled is None:
-        return False
+        return TrainPlan(fits=False, memory=None, step_time=None)
     hlo = compiled.as_text()
     kernels = hlo.count('custom_call_target="tpu_custom_call"')
     print(f"  compiled in {seconds:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
-    fits = print_memory(ChipMemory.of(compiled), hbm=hbm)
+    memory = ChipMemory.of(compiled)
+    fits = print_memory(memory, hbm=hbm)
     print_flops(builder, hlo, chips=chips)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -231,7 +371,12 @@ def plan_train_step(builder: StepBuilder, *, hbm: int, chips: int) -> bool:
         f"  XLA cost analysis per chip and step (each loop body counted once, so below what runs): "
         f"{cost.get('flops', 0) / 1e12:.4g} TFLOP, {cost.get('bytes accessed', 0) / GIB:.4g} GiB accessed"
     )
-    return fits
+    estimate = None
+    if step_time != "none" and fits:
+        estimate = modeled_step_time(builder, chip=chip, method=step_time)
+        for line in estimate.lines() if estimate else ["  step time not modeled: an unrolled compile ran out of HBM"]:
+            print(f"  {line}")
+    return TrainPlan(fits=fits, memory=memory, step_time=estimate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,13 +524,39 @@ def plan_generation(builder: StepBuilder, *, hbm: int, max_new_tokens: int) -> b
     return print_memory(ChipMemory.of(compiled), hbm=hbm)
 
 
+def plan_outcome(config: ConfigDict, *, devices, chip: Chip, hbm: int, step_time: str) -> plan_search.Outcome:
+    """`plan_train_step` of `config` on `devices`, as the search records it."""
+    builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
+    plan = plan_train_step(builder, chip=chip, hbm=hbm, chips=len(devices), step_time=step_time)
+    step = plan.step_time
+    return plan_search.Outcome(
+        memory_bytes=plan.memory.total if plan.memory else None,
+        seconds=step.seconds if step else None,
+        tokens_per_second=step.tokens_per_second if step else None,
+        mfu=step.mfu if step else None,
+    )
+
+
+def search(config: ConfigDict, *, devices, chip: Chip, hbm: int) -> plan_search.Plan | None:
+    """`--search`: each plan of the grid planned as `plan_train_step` plans the config (experiments/plan_search.py)."""
+    return plan_search.search(
+        config,
+        plan_one=functools.partial(plan_outcome, devices=devices, chip=chip, hbm=hbm, step_time=_STEP_TIME.value),
+        topology=_TOPOLOGY.value,
+        chips=len(devices),
+        hbm=hbm,
+        method=_STEP_TIME.value,
+    )
+
+
 def main(argv):
     del argv
     config = _CONFIG.value
     topology = topologies.get_topology_desc(platform="tpu", topology_name=_TOPOLOGY.value)
     devices = topology.devices
     builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
-    hbm = hbm_per_chip(devices[0])
+    chip = chip_of(devices[0])
+    hbm = int(_HBM_GIB.value * GIB) or chip.hbm_bytes
     mc = builder.model_config
     params = sum(x.size for x in jax.tree_util.tree_leaves(builder.abstract_state().params))
     print(
@@ -398,7 +569,10 @@ def main(argv):
         sys.exit(0 if plan_generation(builder, hbm=hbm, max_new_tokens=_MAX_NEW_TOKENS.value) else 1)
     objective = builder.objective
     if not isinstance(objective, PolicyOptimization):
-        sys.exit(0 if plan_train_step(builder, hbm=hbm, chips=len(devices)) else 1)
+        if _SEARCH.value:
+            sys.exit(0 if search(config, devices=devices, chip=chip, hbm=hbm) else 1)
+        plan = plan_train_step(builder, chip=chip, hbm=hbm, chips=len(devices), step_time=_STEP_TIME.value)
+        sys.exit(0 if plan.fits else 1)
     settings, plan = objective.rollout, rollout_plan(builder, objective)
     layout = plan.layout
     print(
@@ -407,7 +581,7 @@ def main(argv):
         f"patches, in {layout.rows} rows x {layout.slots_per_row} slots ({plan.rows / layout.capacity:.0%} full)"
     )
     print("update: the train step on the packed rollout")
-    update_fits = plan_train_step(builder, hbm=hbm, chips=len(devices))
+    update_fits = plan_train_step(builder, chip=chip, hbm=hbm, chips=len(devices), step_time=_STEP_TIME.value).fits
     print(
         f"rollout: generation of {plan.rows} rows x {plan.seq_len} prompt tokens + {plan.max_patches} patches, "
         f"{plan.max_new_tokens} new tokens (prefill + decode loop; KV cache of {plan.seq_len + plan.max_new_tokens} "

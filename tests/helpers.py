@@ -72,9 +72,12 @@ def losses(workdir) -> dict[int, float]:
 
 def compile_for_tpu(config: str, *flags: str, timeout: int = 900) -> str:
     """`experiments.compile` of `config` for a v5p:2x2x1 topology (libtpu's compiler, run on this CPU) with more
-    `flags`; asserts that it succeeded and returns what it printed."""
+    `flags` (without the modeled step time unless they ask for it: its compiles are tests/test_step_time.py's);
+    asserts that it succeeded and returns what it printed."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     binary = [sys.executable, "-m", "experiments.compile", f"--config={config}", "--topology=v5p:2x2x1"]
+    if not any(flag.startswith("--step_time") for flag in flags):
+        binary.append("--step_time=none")
     result = subprocess.run([*binary, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -15,7 +15,8 @@ from qwen3vl_jax.training.run_config import config_from_file
 
 def test_tiny_train_step_compiles_for_v5p_and_fits():
     splash = "--config.model.overrides.attention_impl=splash"
-    out = compile_for_tpu("configs/tiny.py", "--config.mesh.data=2", "--config.mesh.fsdp=2", splash, timeout=600)
+    mesh = ("--config.mesh.data=2", "--config.mesh.fsdp=2")
+    out = compile_for_tpu("configs/tiny.py", *mesh, splash, "--step_time=extrapolated", timeout=600)
     assert "(4 x TPU v5), mesh {'data': 2, 'fsdp': 2, 'context': 1, 'tensor': 1, 'expert': 1}" in out
     assert "-> fits" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
@@ -29,6 +30,13 @@ def test_tiny_train_step_compiles_for_v5p_and_fits():
     # and XLA's own cost analysis beside it (loop bodies once, so it may only be smaller than what runs)
     cost = next(line for line in out.splitlines() if "XLA cost analysis" in line)
     assert 0 < float(cost.split(": ")[1].split(" TFLOP")[0]), cost
+    # the modeled step time: too shallow a ViT to extrapolate from (2 blocks, 2 DeepStack taps), so unrolled whole
+    assert "too shallow to extrapolate" in out and "(unrolled)" in out
+    modeled = next(line for line in out.splitlines() if "modeled step time per chip" in line)
+    compiler, kernels = (float(part.split(" ms")[0]) for part in modeled.split("= ")[1].split(" + "))
+    assert 0 < compiler and 0 < kernels, modeled  # the splash kernels' share is added
+    mfu = next(line for line in out.splitlines() if "modeled MFU" in line)
+    assert 0 < float(mfu.split("modeled MFU ")[1].split("%")[0]) < 100, mfu
 
 
 def test_grpo_plan_compiles_the_update_and_the_rollouts_generation_and_exits_0_when_both_fit():

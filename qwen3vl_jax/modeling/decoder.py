@@ -24,6 +24,7 @@ from qwen3vl_jax.modeling.deepstack import add_deepstack
 from qwen3vl_jax.modeling.gated_delta_net import DeltaNetState, GatedDeltaNet
 from qwen3vl_jax.modeling.kv_cache import KVCache, LayerCache
 from qwen3vl_jax.modeling.layers import RMSNorm
+from qwen3vl_jax.modeling.loops import scan_unroll
 from qwen3vl_jax.modeling.mlp import chunked_swiglu
 from qwen3vl_jax.modeling.moe import MoeBlock
 from qwen3vl_jax.modeling.mrope import text_mrope_tables
@@ -276,6 +277,7 @@ class Decoder(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
                 length=run.steps,
+                unroll=scan_unroll(run.steps),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             # per scan step: the layer indices and states of its layers, stacked over the steps

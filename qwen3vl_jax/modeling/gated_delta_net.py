@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from qwen3vl_jax.config import LoraConfig
 from qwen3vl_jax.config.delta_net import GatedDeltaNetConfig
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
+from qwen3vl_jax.modeling.loops import scan_unroll
 
 L2NORM_EPS = 1e-6  # transformers' `l2norm` default, as the FLA kernels use
 
@@ -216,6 +217,7 @@ def chunked_gated_delta_rule(
         step,
         initial_state.astype(jnp.float32),
         (new_values, decayed_keys, intra_attention, q_from_start, k_to_end, chunk_decay),
+        unroll=scan_unroll(new_values.shape[0]),
     )
     out = out.swapaxes(2, 3).swapaxes(0, 1).reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length]
     return out.astype(out_dtype), final_state

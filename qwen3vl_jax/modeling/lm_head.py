@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3vl_jax.modeling.layers import default_init, param
+from qwen3vl_jax.modeling.loops import scan_unroll
 
 
 class CrossEntropyAndHits(NamedTuple):
@@ -108,7 +109,7 @@ def over_position_chunks(per_chunk, arrays: tuple[jax.Array, ...], *, chunk: int
     def one_chunk(carry, c):
         return carry, per_chunk(*(jax.lax.dynamic_index_in_dim(a, c, axis=2, keepdims=False) for a in arrays))
 
-    _, outputs = jax.lax.scan(one_chunk, None, jnp.arange(chunks))
+    _, outputs = jax.lax.scan(one_chunk, None, jnp.arange(chunks), unroll=scan_unroll(chunks))
 
     def unchunk(values):  # (chunks, B, chunk, ...) -> (B, L, ...)
         return jnp.moveaxis(values, 0, 2).reshape(batch, chunks * chunk, *values.shape[3:])[:, :length]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from qwen3vl_jax.config import LoraConfig
 from qwen3vl_jax.modeling.layers import Dense
+from qwen3vl_jax.modeling.loops import scan_unroll
 
 
 class SwiGLU(nn.Module):
@@ -45,6 +46,7 @@ def chunked_swiglu(
         in_axes=2,
         out_axes=2,
         length=chunks,
+        unroll=scan_unroll(chunks),
     )
     _, out = sliced(intermediate_size, name=name, **kw)(None, h.reshape(batch, length // chunks, chunks, hidden))
     return out.reshape(batch, length, hidden)

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec
 from qwen3vl_jax.config import LoraConfig, TextConfig
 from qwen3vl_jax.kernels.megablox import megablox_matmul
 from qwen3vl_jax.modeling.layers import Dense, default_init, param
+from qwen3vl_jax.modeling.loops import scan_unroll
 from qwen3vl_jax.modeling.mlp import SwiGLU
 from qwen3vl_jax.parallel.sharding import BATCH_AXES
 
@@ -377,7 +378,12 @@ def _expert_parallel(tokens, *, experts, weights, gate_up, down, mesh, backend, 
             return jax.lax.psum(dispatch(tokens, experts, weights), "expert")
         gathered = [jax.lax.all_gather(a, "expert") for a in (tokens, experts, weights)]  # (n, T, ...)
         # one source device's tokens at a time, recomputed in the backward pass: T k rows of temporaries
-        _, y = jax.lax.scan(lambda _, chunk: (None, jax.checkpoint(dispatch)(*chunk)), None, gathered)
+        _, y = jax.lax.scan(
+            lambda _, chunk: (None, jax.checkpoint(dispatch)(*chunk)),
+            None,
+            gathered,
+            unroll=scan_unroll(gathered[0].shape[0]),
+        )
         return jax.lax.psum_scatter(y, "expert")  # (n, T, H) -> this device's (T, H)
 
     experts_spec = PartitionSpec("expert")

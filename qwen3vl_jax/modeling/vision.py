@@ -21,6 +21,7 @@ from qwen3vl_jax.inputs.model_inputs import ModelInputs
 from qwen3vl_jax.modeling.attention import attention
 from qwen3vl_jax.modeling.deepstack import block_stacks
 from qwen3vl_jax.modeling.layers import Dense, LayerNorm, default_init, param
+from qwen3vl_jax.modeling.loops import scan_unroll
 from qwen3vl_jax.modeling.merger import PatchMerger
 from qwen3vl_jax.modeling.outputs import VisionOutputs, VisionOutputsWithHiddenStates
 from qwen3vl_jax.modeling.remat import mark_layer_input, maybe_remat
@@ -151,6 +152,7 @@ class VisionTower(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=end - start,
+                unroll=scan_unroll(end - start),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, outputs = blocks(self.config, keep_output=return_hidden_states, name=f"blocks_{stack}")(x, block_inputs)

@@ -21,12 +21,30 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*)$")
 _ARRAY_SHAPE = re.compile(r"^(\w+)\[([\d,]*)\]")
 _OPCODE = re.compile(r"\s([a-z][\w-]*)\(")
 _OPERAND = re.compile(r"%([\w.-]+)")
+_RESULT_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+# what one collective moves is counted as its result's bytes (of a tuple result, the largest element: an async
+# all-gather's result is (input, output))
+COLLECTIVES = (
+    "all-gather",
+    "all-gather-start",
+    "all-reduce",
+    "all-reduce-start",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-permute-start",
+)
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Instruction:
     name: str
     dims: tuple[int, ...] | None  # None for tuple-shaped results
+    result_bytes: float  # of a tuple-shaped result, its largest element
     opcode: str
     operands: tuple[str, ...]
     arguments: str  # the text inside the opcode's parentheses, e.g. a constant's value
@@ -38,6 +56,8 @@ class ProgramFlops:
     """What one run of a compiled program does, per device (an SPMD program runs once on every chip).
 
     matmul_flops: 2 x multiply-adds of every dot / convolution XLA runs, loops included.
+    collective_bytes: the result bytes of every collective (all-gather, all-reduce, reduce-scatter, all-to-all,
+        collective-permute) it runs, loops included.
     kernel_calls: Pallas kernel name -> how many times it runs.
     unknown_trip_counts: loops whose trip count could not be read; their bodies are counted once.
     """
@@ -45,6 +65,21 @@ class ProgramFlops:
     matmul_flops: float
     kernel_calls: dict[str, int]
     unknown_trip_counts: list[str]
+    collective_bytes: float = 0.0
+
+
+@dataclasses.dataclass
+class _Tally:
+    flops: float = 0.0
+    collective_bytes: float = 0.0
+    calls: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, other: _Tally) -> None:
+        self.flops += other.flops
+        self.collective_bytes += other.collective_bytes
+        self.calls.update(other.calls)
+        self.unknown.extend(other.unknown)
 
 
 def _split_arguments(text: str) -> tuple[str, str]:
@@ -69,7 +104,15 @@ def _parse_instruction(line: str) -> _Instruction | None:
     shape = _ARRAY_SHAPE.match(rest)
     dims = tuple(int(d) for d in shape.group(2).split(",") if d) if shape else None
     arguments, attributes = _split_arguments(rest[opcode.end() :])
-    return _Instruction(name, dims, opcode.group(1), tuple(_OPERAND.findall(arguments)), arguments, attributes)
+    result_bytes = max(
+        (
+            _DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in extents.split(",") if d)
+            for dtype, extents in _RESULT_ARRAY.findall(rest[: opcode.start()])
+        ),
+        default=0,
+    )
+    operands = tuple(_OPERAND.findall(arguments))
+    return _Instruction(name, dims, result_bytes, opcode.group(1), operands, arguments, attributes)
 
 
 def parse_computations(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str, dict[str, str]]:
@@ -226,31 +269,27 @@ def _trip_count(
 
 
 def count_flops(hlo_text: str) -> ProgramFlops:
-    """The matmul FLOPs and Pallas kernel calls of one run of the program in `hlo_text` (optimised HLO)."""
+    """The matmul FLOPs, collective bytes and Pallas kernel calls of one run of the program in `hlo_text`
+    (optimised HLO)."""
     computations, entry, roots = parse_computations(hlo_text)
 
-    def visit(name: str, times: int) -> tuple[float, collections.Counter[str], list[str]]:
-        """(matmul FLOPs, kernel calls, loops of unknown trip count) of computation `name` run `times` times."""
-        flops, calls, unknown = 0.0, collections.Counter(), []
-
-        def add(part: tuple[float, collections.Counter[str], list[str]]) -> None:
-            nonlocal flops
-            flops += part[0]
-            calls.update(part[1])
-            unknown.extend(part[2])
-
+    def visit(name: str, times: int) -> _Tally:
+        """What computation `name` does when run `times` times."""
+        tally = _Tally()
         instructions = computations[name]
         for instruction in instructions.values():
             if instruction.opcode in ("dot", "convolution"):
-                flops += times * _matmul_flops(instruction, instructions)
+                tally.flops += times * _matmul_flops(instruction, instructions)
+            elif instruction.opcode in COLLECTIVES:
+                tally.collective_bytes += times * instruction.result_bytes
             elif instruction.opcode == "custom-call" and '"tpu_custom_call"' in instruction.attributes:
-                calls[re.sub(r"(\.\d+)+$", "", instruction.name)] += times
+                tally.calls[re.sub(r"(\.\d+)+$", "", instruction.name)] += times
             elif instruction.opcode == "while":
                 trips = _trip_count(instruction, instructions, computations, roots)
                 if trips is None:
-                    unknown.append(instruction.name)
+                    tally.unknown.append(instruction.name)
                     trips = 1
-                add(visit(_attribute(instruction.attributes, "body"), times * trips))
+                tally.add(visit(_attribute(instruction.attributes, "body"), times * trips))
             elif instruction.opcode == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
                 names = (
@@ -259,12 +298,17 @@ def count_flops(hlo_text: str) -> ProgramFlops:
                     else [_attribute(instruction.attributes, key) for key in ("true_computation", "false_computation")]
                 )
                 # one branch runs: count the most expensive (its kernel calls and loops only)
-                add(max((visit(branch, times) for branch in names), key=lambda part: part[0]))
+                tally.add(max((visit(branch, times) for branch in names), key=lambda part: part.flops))
             elif instruction.opcode in ("fusion", "call", "async-start"):
                 callee = _attribute(instruction.attributes, "calls") or _attribute(instruction.attributes, "to_apply")
                 if callee in computations:
-                    add(visit(callee, times))
-        return flops, calls, unknown
+                    tally.add(visit(callee, times))
+        return tally
 
-    flops, calls, unknown = visit(entry, 1)
-    return ProgramFlops(matmul_flops=flops, kernel_calls=dict(calls), unknown_trip_counts=unknown)
+    tally = visit(entry, 1)
+    return ProgramFlops(
+        matmul_flops=tally.flops,
+        kernel_calls=dict(tally.calls),
+        unknown_trip_counts=tally.unknown,
+        collective_bytes=tally.collective_bytes,
+    )

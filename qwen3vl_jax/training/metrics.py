@@ -90,7 +90,7 @@ def device_peak_flops(measure_seconds: float = 1.0) -> float:
     (2048^3, repeated for `measure_seconds`; once per process)."""
     kind = jax.devices()[0].device_kind
     if kind in TPU_CHIPS:
-        return TPU_CHIPS[kind][0]
+        return TPU_CHIPS[kind].peak_flops
     x = jnp.ones((2048, 2048), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()

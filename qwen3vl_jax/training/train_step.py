@@ -13,6 +13,7 @@ import optax
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.inputs.batch import TrainingBatch
+from qwen3vl_jax.modeling.loops import scan_unroll
 from qwen3vl_jax.modeling.model import Qwen3VL
 from qwen3vl_jax.modeling.moe import load_balancing_loss, router_z_loss
 from qwen3vl_jax.training.objectives.base import Counters, Objective, StepSettings
@@ -116,7 +117,7 @@ def make_train_step(
 
             first = jax.tree_util.tree_map(lambda x: x[0], micro)
             zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
-            ((value, counters), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            ((value, counters), grads), _ = jax.lax.scan(accumulate, zeros, micro, unroll=scan_unroll(grad_accum_steps))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         tokens = jnp.maximum(counters.tokens, 1.0)
