@@ -64,8 +64,9 @@ def test_extrapolated_step_time_agrees_with_an_unrolled_compile_of_the_whole_dep
 
 
 def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices, tmp_path):
-    """A grid of three plans: the search's choice is the fastest of those that fit when each is compiled by hand;
-    with less HBM, so that plan no longer fits, a second search compiles nothing (its cache) and picks the next."""
+    """A grid of three plans, the two that can be planned also compiled by hand: the search (one result already in its
+    cache, the other compiled by the search itself) picks the fastest that fits; with less HBM, so that this plan
+    no longer fits, a second search compiles nothing and picks the next, and so does the binary from its flags."""
     chip = TPU_CHIPS[devices[0].device_kind]
     config = tiny_config()
     grid = [
@@ -75,21 +76,31 @@ def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices,
     ]
     hbm = chip.hbm_bytes
 
-    def plan_one(planned, *, hbm=hbm):
+    def plan_one(planned):
         return planner.plan_outcome(planned, devices=devices, chip=chip, hbm=hbm, step_time="unrolled")
-
-    cache = plan_search.ResultCache(str(tmp_path), topology="v5p:2x2x1", method="unrolled")
-    results = dict(plan_search.run_search(config, grid, plan_one, chips=4, hbm=hbm, cache=cache, budget_s=math.inf))
-    assert "does not divide" in results[grid[2]].error
 
     by_hand = {plan: plan_one(plan_search.apply(config, plan, fsdp=4)) for plan in grid[:2]}
     fastest = min(by_hand, key=lambda plan: by_hand[plan].seconds)
     assert by_hand[grid[0]].seconds != by_hand[grid[1]].seconds  # recomputing the forward pass costs time
-    best, outcome = plan_search.fastest_fitting(list(results.items()), hbm=hbm)
-    assert best == fastest and outcome == by_hand[fastest]
+
+    cache = plan_search.ResultCache(str(tmp_path), topology="v5p:2x2x1", method="unrolled")
+    cache.put(plan_search.apply(config, grid[0], fsdp=4), by_hand[grid[0]])
+    compiled = []
+
+    def search_plan_one(planned):
+        compiled.append(planned)
+        return plan_one(planned)
+
+    results = plan_search.run_search(config, grid, search_plan_one, chips=4, hbm=hbm, cache=cache, budget_s=math.inf)
+    assert len(compiled) == 1 and compiled[0].model.overrides.remat == "none"  # the other plan came from the cache
+    assert "does not divide" in dict(results)[grid[2]].error
+    best, outcome = plan_search.fastest_fitting(results, hbm=hbm)
+    assert best == fastest
+    assert outcome.memory_bytes == by_hand[fastest].memory_bytes
+    assert outcome.seconds == pytest.approx(by_hand[fastest].seconds, rel=1e-6)
 
     # the fastest plan no longer fits: the other one wins, with every result read from the cache
-    less = by_hand[fastest].memory_bytes - 1
+    less = by_hand[fastest].memory_bytes - 4096  # (a margin for --hbm_gib's float below)
     other = next(plan for plan in by_hand if plan != fastest)
     assert by_hand[other].memory_bytes <= less  # recomputation saves memory: the slower plan needs less
 
