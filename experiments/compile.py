@@ -62,7 +62,7 @@ from qwen3vl_jax.parallel.sharding import (
     project_mesh,
 )
 from qwen3vl_jax.training.builder import StepBuilder
-from qwen3vl_jax.training.hlo_flops import count_flops
+from qwen3vl_jax.training.hlo_flops import ProgramFlops, count_flops
 from qwen3vl_jax.training.metrics import forward_flops
 from qwen3vl_jax.training.objectives.grpo import PolicyOptimization
 from qwen3vl_jax.training.rollouts import SlotLayout, generation_buffer_sizes
@@ -183,7 +183,7 @@ def splash_flops(builder: StepBuilder) -> float:
     return total
 
 
-def print_flops(builder: StepBuilder, hlo: str, chips: int) -> None:
+def print_flops(builder: StepBuilder, hlo: str, chips: int) -> ProgramFlops:
     program = count_flops(hlo)
     tokens = builder.global_batch_size(builder.config.data) * builder.config.data.seq_len
     executed, model = program.matmul_flops * chips / tokens, model_flops_outside_kernels(builder) / tokens
@@ -200,6 +200,7 @@ def print_flops(builder: StepBuilder, hlo: str, chips: int) -> None:
     if program.kernel_calls:
         calls = ", ".join(f"{name} {count}" for name, count in sorted(program.kernel_calls.items()))
         print(f"  Pallas kernel calls per step per chip: {calls}")
+    return program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +353,7 @@ class TrainPlan:
     fits: bool
     memory: ChipMemory | None
     step_time: StepTime | None
+    matmul_flops: float = 0.0  # per chip: what the compiled step's dots run (loops x trip counts), kernels aside
 
 
 def plan_train_step(builder: StepBuilder, *, chip: Chip, hbm: int, chips: int, step_time: str = "none") -> TrainPlan:
@@ -364,7 +366,7 @@ def plan_train_step(builder: StepBuilder, *, chip: Chip, hbm: int, chips: int, s
     print(f"  compiled in {seconds:.0f} s; Pallas (Mosaic) kernel calls: {kernels}")
     memory = ChipMemory.of(compiled)
     fits = print_memory(memory, hbm=hbm)
-    print_flops(builder, hlo, chips=chips)
+    program = print_flops(builder, hlo, chips=chips)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     print(
@@ -376,7 +378,7 @@ def plan_train_step(builder: StepBuilder, *, chip: Chip, hbm: int, chips: int, s
         estimate = modeled_step_time(builder, chip=chip, method=step_time)
         for line in estimate.lines() if estimate else ["  step time not modeled: an unrolled compile ran out of HBM"]:
             print(f"  {line}")
-    return TrainPlan(fits=fits, memory=memory, step_time=estimate)
+    return TrainPlan(fits=fits, memory=memory, step_time=estimate, matmul_flops=program.matmul_flops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,24 +526,35 @@ def plan_generation(builder: StepBuilder, *, hbm: int, max_new_tokens: int) -> b
     return print_memory(ChipMemory.of(compiled), hbm=hbm)
 
 
-def plan_outcome(config: ConfigDict, *, devices, chip: Chip, hbm: int, step_time: str) -> plan_search.Outcome:
-    """`plan_train_step` of `config` on `devices`, as the search records it."""
+def plan_memory(config: ConfigDict, *, devices, chip: Chip, hbm: int) -> plan_search.Outcome:
+    """`plan_train_step` of `config` on `devices` without its step time: memory and compute floor, for the search."""
     builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
-    plan = plan_train_step(builder, chip=chip, hbm=hbm, chips=len(devices), step_time=step_time)
-    step = plan.step_time
-    return plan_search.Outcome(
-        memory_bytes=plan.memory.total if plan.memory else None,
-        seconds=step.seconds if step else None,
-        tokens_per_second=step.tokens_per_second if step else None,
-        mfu=step.mfu if step else None,
+    plan = plan_train_step(builder, chip=chip, hbm=hbm, chips=len(devices), step_time="none")
+    if plan.memory is None:
+        return plan_search.Outcome()
+    floor = (plan.matmul_flops + splash_flops(builder) / len(devices)) / chip.peak_flops
+    return plan_search.Outcome(memory_bytes=plan.memory.total, floor_seconds=floor)
+
+
+def model_time(config: ConfigDict, *, devices, chip: Chip, method: str) -> plan_search.Outcome:
+    """The modeled step time of `config` on `devices`, for the search (printed as `plan_train_step` prints it)."""
+    estimate = modeled_step_time(
+        StepBuilder(config, make_mesh(config.mesh.to_dict(), devices)), chip=chip, method=method
     )
+    if estimate is None:
+        return plan_search.Outcome(note="not modeled: an unrolled compile ran out of HBM")
+    for line in estimate.lines():
+        print(f"  {line}")
+    return plan_search.Outcome(seconds=estimate.seconds, tokens_per_second=estimate.tokens_per_second, mfu=estimate.mfu)
 
 
 def search(config: ConfigDict, *, devices, chip: Chip, hbm: int) -> plan_search.Plan | None:
-    """`--search`: each plan of the grid planned as `plan_train_step` plans the config (experiments/plan_search.py)."""
+    """`--search`: the plans of the grid, each compiled as `plan_train_step` compiles the config
+    (experiments/plan_search.py)."""
     return plan_search.search(
         config,
-        plan_one=functools.partial(plan_outcome, devices=devices, chip=chip, hbm=hbm, step_time=_STEP_TIME.value),
+        plan_memory=functools.partial(plan_memory, devices=devices, chip=chip, hbm=hbm),
+        model_time=functools.partial(model_time, devices=devices, chip=chip, method=_STEP_TIME.value),
         topology=_TOPOLOGY.value,
         chips=len(devices),
         hbm=hbm,

@@ -2,11 +2,14 @@
 
 Tries the plans a user would try by hand, the product of the `--search_*` lists: remat policy x `mlp_chunks` x
 `loss_chunk` x mesh split (a `tensor` axis of each listed size, fsdp over the rest of the slice) x splash block
-sizes. Each plan is compiled for the topology (memory per chip: does it fit?) and, when it fits, its step time is
-modeled (training/step_time.py). Plans run in grid order until `--search_budget_s` has passed; each result is kept
-in `--search_cache` (keyed by the planned config, the topology, the jax / libtpu versions and the package's source),
-so a second search over a wider grid compiles only the new plans. Prints a table sorted by modeled step time with
-the fastest plan that fits marked, and its overrides as command-line flags (also written to `--search_out`).
+sizes. Each plan is compiled for the topology (memory per chip: does it fit? and its compute floor, the matmul
+FLOPs the step runs at the chip's peak); then the plans that fit, lowest floor first, get their step time modeled
+(training/step_time.py: three more compiles each), except those whose floor is already above the fastest time
+modeled (the compiler models no program faster than the chip's peak, so they cannot win). No new compile starts
+after `--search_budget_s`; each result is kept in `--search_cache` (keyed by the planned config, the topology, the
+jax / libtpu versions and the package's source), so a second search over a wider grid compiles only the new plans.
+Prints a table sorted by modeled step time with the fastest plan that fits marked, and its overrides as
+command-line flags (also written to `--search_out`).
 """
 
 from __future__ import annotations
@@ -107,14 +110,17 @@ def grid_from_flags() -> list[Plan]:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """A plan's result: memory per chip (None: the compiler ran out of HBM), modeled step time in seconds (None: not
-    modeled, as for a plan that does not fit), modeled tokens/s per chip and MFU, or why it could not be planned."""
+    """A plan's result: memory per chip (None: the compiler ran out of HBM); its compute floor (the matmul FLOPs the
+    compiled step runs per chip, at the chip's peak: no modeled time can be below it); the modeled step time in
+    seconds, tokens/s per chip and MFU (None: not modeled); why it could not be planned or was not modeled."""
 
     memory_bytes: int | None = None
+    floor_seconds: float | None = None
     seconds: float | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
     error: str = ""
+    note: str = ""
 
     def fits(self, hbm: int) -> bool:
         return self.memory_bytes is not None and self.memory_bytes <= hbm and not self.error
@@ -160,38 +166,64 @@ class ResultCache:
 def run_search(
     config: ConfigDict,
     grid: list[Plan],
-    plan_one: Callable[[ConfigDict], Outcome],
     *,
+    plan_memory: Callable[[ConfigDict], Outcome],
+    model_time: Callable[[ConfigDict], Outcome],
     chips: int,
     hbm: int,
     cache: ResultCache | None,
     budget_s: float,
 ) -> list[tuple[Plan, Outcome | None]]:
-    """Each plan's outcome (None: not tried, the budget was spent), cached results first."""
+    """Each plan's outcome (None: not compiled, the budget was spent). First every plan's memory and compute floor
+    (`plan_memory`: one compile each); then, in order of their floors, the modeled time of the plans that fit
+    (`model_time`: the step-time compiles), skipping a plan whose floor is already above the fastest time modeled.
+    Results come from the cache where it has them and go into it."""
     start = time.perf_counter()
-    results = []
+    outcomes: dict[Plan, Outcome | None] = {}
+    planned: dict[Plan, ConfigDict] = {}
     for plan in grid:
         fsdp = fsdp_size(config, plan, chips=chips)
         if fsdp is None:
-            results.append((plan, Outcome(error=f"tensor {plan.tensor} x context x expert does not divide {chips}")))
+            outcomes[plan] = Outcome(error=f"tensor {plan.tensor} x context x expert does not divide {chips}")
             continue
-        planned = apply(config, plan, fsdp=fsdp)
-        outcome = cache.get(planned) if cache else None
-        if outcome is not None and outcome.fits(hbm) and outcome.seconds is None:
-            outcome = None  # planned against less HBM, so its time was not modeled
-        if outcome is None and time.perf_counter() - start > budget_s:
-            results.append((plan, None))
-            continue
-        if outcome is None:
+        planned[plan] = apply(config, plan, fsdp=fsdp)
+        outcome = cache.get(planned[plan]) if cache else None
+        if outcome is None and time.perf_counter() - start <= budget_s:
             print(f"plan {plan.label()}:")
             try:
-                outcome = plan_one(planned)
+                outcome = plan_memory(planned[plan])
             except ValueError as e:  # a plan the config refuses, e.g. a tensor axis that does not divide the heads
                 outcome = Outcome(error=str(e).splitlines()[0])
             if cache:
-                cache.put(planned, outcome)
-        results.append((plan, outcome))
-    return results
+                cache.put(planned[plan], outcome)
+        outcomes[plan] = outcome
+
+    fitting = sorted(
+        (plan for plan, outcome in outcomes.items() if outcome is not None and outcome.fits(hbm)),
+        key=lambda plan: outcomes[plan].floor_seconds or 0.0,
+    )
+    times = [outcomes[plan].seconds for plan in fitting if outcomes[plan].seconds is not None]
+    fastest = min(times, default=math.inf)
+    for plan in fitting:
+        outcome = outcomes[plan]
+        if outcome.seconds is not None:
+            continue
+        if (outcome.floor_seconds or 0.0) >= fastest:
+            note = f"not modeled: its compute floor {outcome.floor_seconds * 1e3:.1f} ms >= the fastest modeled step"
+            outcomes[plan] = dataclasses.replace(outcome, note=note)
+        elif time.perf_counter() - start > budget_s:
+            outcomes[plan] = dataclasses.replace(outcome, note="not modeled: search budget spent")
+        else:
+            print(f"step time of plan {plan.label()}:")
+            timed = model_time(planned[plan])
+            outcomes[plan] = outcome = dataclasses.replace(
+                outcome, seconds=timed.seconds, tokens_per_second=timed.tokens_per_second, mfu=timed.mfu
+            )
+            if cache:
+                cache.put(planned[plan], outcome)
+            if outcome.seconds is not None:
+                fastest = min(fastest, outcome.seconds)
+    return [(plan, outcomes[plan]) for plan in grid]
 
 
 def fastest_fitting(results: list[tuple[Plan, Outcome | None]], *, hbm: int) -> tuple[Plan, Outcome] | None:
@@ -211,14 +243,14 @@ def print_table(results: list[tuple[Plan, Outcome | None]], *, hbm: int) -> None
     print("|---|---|---|---|---|---|")
     for plan, outcome in sorted(results, key=order):
         if outcome is None:
-            print(f"| {plan.label()} | not tried (search budget spent) | | | | |")
+            print(f"| {plan.label()} | not compiled (search budget spent) | | | | |")
             continue
         if outcome.error:
             print(f"| {plan.label()} | {outcome.error} | | | | |")
             continue
         memory = "out of HBM" if outcome.memory_bytes is None else f"{outcome.memory_bytes / GIB:.2f} GiB"
         fits = "fits" if outcome.fits(hbm) else "does not fit"
-        time_ = "" if outcome.seconds is None else f"{outcome.seconds * 1e3:.1f} ms"
+        time_ = outcome.note if outcome.seconds is None else f"{outcome.seconds * 1e3:.1f} ms"
         rate = "" if outcome.tokens_per_second is None else f"{outcome.tokens_per_second:,.0f}"
         mfu = "" if outcome.mfu is None else f"{outcome.mfu:.1%}"
         mark = "**fastest that fits**" if best and plan == best[0] else fits
@@ -226,13 +258,29 @@ def print_table(results: list[tuple[Plan, Outcome | None]], *, hbm: int) -> None
 
 
 def search(
-    config: ConfigDict, *, plan_one: Callable[[ConfigDict], Outcome], topology: str, chips: int, hbm: int, method: str
+    config: ConfigDict,
+    *,
+    plan_memory: Callable[[ConfigDict], Outcome],
+    model_time: Callable[[ConfigDict], Outcome],
+    topology: str,
+    chips: int,
+    hbm: int,
+    method: str,
 ) -> Plan | None:
     """The search the flags describe; prints the table and returns the fastest plan that fits (None if none)."""
     grid = grid_from_flags()
     cache = ResultCache(_CACHE.value, topology=topology, method=method) if _CACHE.value else None
     print(f"search: {len(grid)} plans on {topology}, budget {_BUDGET.value} s, cache {_CACHE.value or 'none'}")
-    results = run_search(config, grid, plan_one, chips=chips, hbm=hbm, cache=cache, budget_s=_BUDGET.value)
+    results = run_search(
+        config,
+        grid,
+        plan_memory=plan_memory,
+        model_time=model_time,
+        chips=chips,
+        hbm=hbm,
+        cache=cache,
+        budget_s=_BUDGET.value,
+    )
     print_table(results, hbm=hbm)
     best = fastest_fitting(results, hbm=hbm)
     if best is None:

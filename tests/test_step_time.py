@@ -1,6 +1,7 @@
 """The compile planner's modeled step time and its search for the fastest plan that fits, compiled for a v5p:2x2x1
 topology with libtpu on this CPU (experiments/compile.py, experiments/plan_search.py, training/step_time.py)."""
 
+import dataclasses
 import math
 import os
 
@@ -76,10 +77,19 @@ def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices,
     ]
     hbm = chip.hbm_bytes
 
-    def plan_one(planned):
-        return planner.plan_outcome(planned, devices=devices, chip=chip, hbm=hbm, step_time="unrolled")
+    def plan_memory(planned):
+        return planner.plan_memory(planned, devices=devices, chip=chip, hbm=hbm)
 
-    by_hand = {plan: plan_one(plan_search.apply(config, plan, fsdp=4)) for plan in grid[:2]}
+    def model_time(planned):
+        return planner.model_time(planned, devices=devices, chip=chip, method="unrolled")
+
+    by_hand = {}
+    for plan in grid[:2]:
+        planned = plan_search.apply(config, plan, fsdp=4)
+        memory, timed = plan_memory(planned), model_time(planned)
+        by_hand[plan] = dataclasses.replace(memory, seconds=timed.seconds, tokens_per_second=timed.tokens_per_second)
+        by_hand[plan] = dataclasses.replace(by_hand[plan], mfu=timed.mfu)
+        assert 0 < memory.floor_seconds < timed.seconds  # the search's pruning rests on this
     fastest = min(by_hand, key=lambda plan: by_hand[plan].seconds)
     assert by_hand[grid[0]].seconds != by_hand[grid[1]].seconds  # recomputing the forward pass costs time
 
@@ -87,12 +97,26 @@ def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices,
     cache.put(plan_search.apply(config, grid[0], fsdp=4), by_hand[grid[0]])
     compiled = []
 
-    def search_plan_one(planned):
-        compiled.append(planned)
-        return plan_one(planned)
+    def counted(step):
+        def run(planned):
+            compiled.append((step.__name__, planned.model.overrides.remat))
+            return step(planned)
 
-    results = plan_search.run_search(config, grid, search_plan_one, chips=4, hbm=hbm, cache=cache, budget_s=math.inf)
-    assert len(compiled) == 1 and compiled[0].model.overrides.remat == "none"  # the other plan came from the cache
+        return run
+
+    results = plan_search.run_search(
+        config,
+        grid,
+        plan_memory=counted(plan_memory),
+        model_time=counted(model_time),
+        chips=4,
+        hbm=hbm,
+        cache=cache,
+        budget_s=math.inf,
+    )
+    # the other plan came from the cache; this one is timed unless its floor is above the cached plan's time
+    timed = by_hand[grid[1]].floor_seconds < by_hand[grid[0]].seconds
+    assert compiled == [("plan_memory", "none")] + [("model_time", "none")] * timed
     assert "does not divide" in dict(results)[grid[2]].error
     best, outcome = plan_search.fastest_fitting(results, hbm=hbm)
     assert best == fastest
@@ -107,7 +131,16 @@ def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices,
     def must_not_compile(planned):
         raise AssertionError("a cached plan was compiled again")
 
-    again = plan_search.run_search(config, grid, must_not_compile, chips=4, hbm=less, cache=cache, budget_s=math.inf)
+    again = plan_search.run_search(
+        config,
+        grid,
+        plan_memory=must_not_compile,
+        model_time=must_not_compile,
+        chips=4,
+        hbm=less,
+        cache=cache,
+        budget_s=math.inf,
+    )
     assert plan_search.fastest_fitting(again, hbm=less)[0] == other
 
     # the binary: the same grid from its flags, every result from the cache; the winner's flags written out
@@ -126,3 +159,47 @@ def test_search_returns_the_fastest_plan_that_fits_and_reuses_its_cache(devices,
     assert "plan remat=" not in out  # nothing compiled: all cached
     assert f"remat={other.remat} mlp_chunks=1 loss_chunk=128 tensor=1 | " in out and "**fastest that fits**" in out
     assert out_file.read_text().split() == other.flags(fsdp=4)
+
+
+def test_search_models_the_lowest_floors_first_and_skips_plans_that_cannot_win(tmp_path):
+    """run_search with stand-in compiles: plans are timed in order of their compute floor, a plan whose floor is
+    above the fastest time so far is not timed, a plan that does not fit is not timed, and nothing new starts once
+    the budget is spent (the cache still answers)."""
+    config = tiny_config()
+    plans = [plan_search.Plan(remat=r, mlp_chunks=1, loss_chunk=128, tensor=1) for r in ("none", "dots", "full")]
+    # remat -> (memory GiB, floor ms, modeled ms)
+    figures = {"none": (9.0, 1.0, 5.0), "dots": (2.0, 2.0, 3.0), "full": (1.0, 4.0, 6.0)}
+    calls = []
+
+    def plan_memory(planned):
+        remat = planned.model.overrides.remat
+        calls.append(("memory", remat))
+        memory, floor, _ = figures[remat]
+        return plan_search.Outcome(memory_bytes=int(memory * 2**30), floor_seconds=floor / 1e3)
+
+    def model_time(planned):
+        remat = planned.model.overrides.remat
+        calls.append(("time", remat))
+        return plan_search.Outcome(seconds=figures[remat][2] / 1e3, tokens_per_second=1.0, mfu=0.5)
+
+    kw = dict(plan_memory=plan_memory, model_time=model_time, chips=4, budget_s=math.inf)
+    results = dict(plan_search.run_search(config, plans, hbm=8 * 2**30, cache=None, **kw))
+    # "none" does not fit; "dots" (floor 2 ms) is timed at 3 ms, so "full" (floor 4 ms) cannot win
+    assert calls == [("memory", "none"), ("memory", "dots"), ("memory", "full"), ("time", "dots")]
+    assert results[plans[1]].seconds == 3e-3 and "compute floor 4.0 ms" in results[plans[2]].note
+    assert plan_search.fastest_fitting(list(results.items()), hbm=8 * 2**30)[0] == plans[1]
+
+    # with all the HBM: "none" (floor 1 ms) is timed first, at 5 ms; then "dots" (3 ms); "full" is skipped
+    calls.clear()
+    cache = plan_search.ResultCache(str(tmp_path), topology="v5p:2x2x1", method="unrolled")
+    results = dict(plan_search.run_search(config, plans, hbm=16 * 2**30, cache=cache, **kw))
+    assert [call for call in calls if call[0] == "time"] == [("time", "none"), ("time", "dots")]
+    assert plan_search.fastest_fitting(list(results.items()), hbm=16 * 2**30)[0] == plans[1]
+
+    # a spent budget: no compile starts; what the cache holds still answers
+    calls.clear()
+    spent = dict(kw, budget_s=-1.0)
+    results = plan_search.run_search(
+        config, [*plans, plans[0].__class__("none", 2, 128, 1)], hbm=16 * 2**30, cache=cache, **spent
+    )
+    assert calls == [] and results[-1][1] is None and results[1][1].seconds == 3e-3
