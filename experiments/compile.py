@@ -36,6 +36,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU devices come from the topology description
+# the planner only compiles: it may share libtpu with another process (a second planner, a test run)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import flax.linen as nn
 import jax
@@ -83,7 +85,7 @@ _STEP_TIME = flags.DEFINE_enum(
     "extrapolated",
     ["extrapolated", "unrolled", "none"],
     "The train step's modeled time (the TPU compiler's estimate): extrapolated from three unrolled compiles at small "
-    "depths, from one unrolled compile of the whole depth (slow), or none.",
+    "depths, from one unrolled compile of the whole depth (its size grows with the depth), or none.",
 )
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Plan against this much HBM per chip (GiB; 0: the chip's).")
 _SEARCH = flags.DEFINE_bool(

@@ -40,7 +40,7 @@ _SPLASH_BLOCKS = flags.DEFINE_list(
     [],
     "--search: splash (q, kv) block sizes to try, e.g. 512x512,1024x1024 (empty: the config's).",
 )
-_BUDGET = flags.DEFINE_integer("search_budget_s", 3600, "--search: start no new plan after this many seconds.")
+_BUDGET = flags.DEFINE_integer("search_budget_s", 3600, "--search: start no new compile after this many seconds.")
 _CACHE = flags.DEFINE_string("search_cache", "~/.cache/qwen3vl_jax/plans", "--search: where results are kept.")
 _OUT = flags.DEFINE_string("search_out", "", "--search: write the fastest fitting plan's flags to this file.")
 
