@@ -1,6 +1,7 @@
 """Matmul FLOPs counted from compiled HLO, loops by their trip count: exact on programs whose FLOPs are known,
 for XLA:CPU (dots) and XLA:TPU (libtpu, convolutions) alike."""
 
+import functools
 import itertools
 import os
 
@@ -83,3 +84,26 @@ def test_window_pairs_count_the_positions_that_read_real_input():
             rhs_dilation=rhs_dilation,
         )
         assert counted == expected, (size, window, stride, pad_low, pad_high, rhs_dilation)
+
+
+def test_collectives_are_counted_by_their_result_bytes_once_per_loop_trip():
+    """A scan of STEPS steps that all-gathers a row of 64 floats (16 on each of 4 devices) each step: STEPS x 64 x 4
+    bytes of all-gather results per device."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(PartitionSpec(None, "x"), PartitionSpec()),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
+    def gather_each_step(weights, x):  # weights (STEPS, 16) here: this device's quarter of each row
+        def body(h, row):
+            return h * jax.lax.all_gather(row, "x", tiled=True).sum(), None
+
+        return jax.lax.scan(body, x, weights)[0]
+
+    weights, x = jnp.ones((STEPS, 64)), jnp.ones(())
+    program = count_flops(jax.jit(gather_each_step).lower(weights, x).compile().as_text())
+    assert program.collective_bytes == STEPS * 64 * 4
