@@ -1,6 +1,7 @@
 """Shared recipe of the released-size configs (qwen3_vl_{2b,4b,8b,32b,30b_a3b,235b_a22b}.py, qwen3_5_{2b,9b}.py):
 TPU pod training in bf16 with fp32 master weights, FSDP over all chips (MoE: experts over an expert axis, megablox
-dispatch), full rematerialisation, splash attention, one packed row of 8192 tokens and 4096 patches per chip.
+dispatch), full rematerialisation (or the searched plan's policy, SEARCHED_PLANS), splash attention, one packed row
+of 8192 tokens and 4096 patches per chip.
 
 Modes, chosen after the file name: `--config=configs/qwen3_vl_8b.py:sft` (default) fine-tunes a released
 checkpoint (set --config.model.init_from=/path/to/Qwen3-VL-8B-Instruct and
@@ -19,6 +20,13 @@ from qwen3vl_jax.training.run_config import run_config
 
 MODES = ("sft", "pretrain", "sft_32k", "long")
 LONG_CONTEXT_SHARDS = 8  # `:long` splits each sequence over 8 chips
+
+# (preset, mode) -> the model overrides of the fastest plan that fits its smallest slice, as
+# `python -m experiments.compile --search` found it (the grid and the figures: docs/results/step_time.md); the
+# sizes and modes not listed keep the recipe below
+SEARCHED_PLANS = {
+    ("qwen3-vl-2b", "sft"): dict(remat="dots"),  # v5p:2x2x1: 494 ms modeled against 541 ms with "full"
+}
 
 
 def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigDict:
@@ -57,4 +65,5 @@ def released_config(preset: str, mode: str, expert_parallel: int = 1) -> ConfigD
         c.data.update(seq_len=262_144, max_patches=262_144)
         c.mesh.update(fsdp=-1, context=LONG_CONTEXT_SHARDS)
         c.processing.video_max_pixels = 262_144 * 16 * 16
+    c.model.overrides.update(SEARCHED_PLANS.get((preset, mode), {}))
     return c
