@@ -42,7 +42,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import app, flags
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict, config_flags
@@ -580,9 +580,11 @@ def main(argv):
         f"{config.data.max_patches} patches per row"
     )
     print(f"topology: {_TOPOLOGY.value} ({len(devices)} x {devices[0].device_kind}), mesh {dict(builder.mesh.shape)}")
+    objective = builder.objective
+    if _SEARCH.value and (_MODE.value == "generate" or isinstance(objective, PolicyOptimization)):
+        raise app.UsageError("--search plans the train step of a config, not --mode=generate or a GRPO config")
     if _MODE.value == "generate":
         sys.exit(0 if plan_generation(builder, hbm=hbm, max_new_tokens=_MAX_NEW_TOKENS.value) else 1)
-    objective = builder.objective
     if not isinstance(objective, PolicyOptimization):
         if _SEARCH.value:
             sys.exit(0 if search(config, devices=devices, chip=chip, hbm=hbm) else 1)
