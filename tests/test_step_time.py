@@ -1,5 +1,5 @@
 """The compile planner's modeled step time and its search for the fastest plan that fits, compiled for a v5p:2x2x1
-topology with libtpu on this CPU (experiments/compile.py, experiments/plan_search.py, training/step_time.py)."""
+topology with libtpu on this CPU (experiments/planner.py, experiments/plan_search.py, training/step_time.py)."""
 
 import dataclasses
 import math
@@ -9,8 +9,7 @@ import pytest
 from helpers import ROOT, compile_for_tpu, parse_flags
 from jax.experimental import topologies
 
-from experiments import compile as planner
-from experiments import plan_search
+from experiments import plan_search, planner
 from qwen3vl_jax.parallel.chips import TPU_CHIPS
 from qwen3vl_jax.parallel.sharding import make_mesh
 from qwen3vl_jax.training.builder import StepBuilder

@@ -3,7 +3,7 @@ time does not grow with depth) or unrolled into straight-line code.
 
 The TPU compiler's cost model (`compiled.cost_analysis()`: FLOPs, bytes and its modeled `optimal_seconds`) counts
 a while loop's body once, however often it runs; with every loop unrolled it sees the whole step. The compile
-planner (experiments/compile.py) lowers the step inside `unrolled_loops()` for its modeled step time. Every
+planner (experiments/planner.py) lowers the step inside `unrolled_loops()` for its modeled step time. Every
 `scan` of the model and the train step takes its `unroll` from `scan_unroll`: the layer stacks of the ViT and the
 decoder, the MLP's sequence slices, the loss chunks, the MoE dispatch over source devices, the delta rule's chunks
 and gradient accumulation. What the step computes is the same either way.

@@ -6,7 +6,7 @@ scan it reports a fraction of the work and cannot show what rematerialisation re
 matmuls as convolutions), multiplies each computation by how often its callers run it (a scan's trip count
 is read from its loop condition `i < N`, its counter's start and its step), and counts the calls of each
 Pallas (Mosaic) kernel the same way: their FLOPs are not in the HLO, so the caller adds them from the model
-(see `experiments/compile.py`).
+(see `experiments/planner.py`).
 """
 
 from __future__ import annotations
