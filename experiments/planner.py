@@ -39,7 +39,7 @@ from qwen3vl_jax.training.hlo_flops import ProgramFlops, count_flops
 from qwen3vl_jax.training.metrics import forward_flops
 from qwen3vl_jax.training.objectives.grpo import PolicyOptimization
 from qwen3vl_jax.training.rollouts import SlotLayout, generation_buffer_sizes
-from qwen3vl_jax.training.step_time import CompilerCost, StepTime, depth_probes, extrapolate
+from qwen3vl_jax.training.step_time import CompilerCost, DepthProbe, StepTime, depth_probes, extrapolate
 
 GIB = 2**30
 
@@ -244,18 +244,24 @@ def compile_train_step(builder: StepBuilder, *, unrolled: bool = False):
             jax.clear_caches()
 
 
-def probe_config(config: ConfigDict, probe) -> ConfigDict:
-    """`config` with the model cut to a `DepthProbes` probe's depths."""
-    vit_depth, taps, layers, layer_types = probe
+def probe_config(config: ConfigDict, probe: DepthProbe) -> ConfigDict:
+    """`config` with the model cut to the probe's depths."""
     config = config.copy_and_resolve_references()
     overrides = config.model.overrides
     with overrides.unlocked():
-        vision = dict(overrides.get("vision") or {}, depth=vit_depth, deepstack_visual_indexes=taps)
-        text = dict(overrides.get("text") or {}, num_hidden_layers=layers)
-        if layer_types:
-            text["layer_types"] = layer_types
+        vision = dict(overrides.get("vision") or {}, depth=probe.vit_depth)
+        vision.update(deepstack_visual_indexes=probe.deepstack_taps)
+        text = dict(overrides.get("text") or {}, num_hidden_layers=probe.decoder_layers)
+        if probe.layer_types:
+            text["layer_types"] = probe.layer_types
         overrides.vision, overrides.text = ConfigDict(vision), ConfigDict(text)
     return config
+
+
+def unrolled_cost(builder: StepBuilder) -> CompilerCost | None:
+    """The compiler's cost of the builder's train step with every loop unrolled; None when it ran out of HBM."""
+    compiled, _ = compile_train_step(builder, unrolled=True)
+    return None if compiled is None else CompilerCost.of(compiled)
 
 
 def modeled_step_time(builder: StepBuilder, *, chip: Chip, method: str = "extrapolated") -> StepTime | None:
@@ -271,20 +277,17 @@ def modeled_step_time(builder: StepBuilder, *, chip: Chip, method: str = "extrap
             print(f"  {e}: unrolling the whole depth")
             method = "unrolled"
     if method == "unrolled":
-        compiled, _ = compile_train_step(builder, unrolled=True)
-        if compiled is None:
-            return None
-        cost = CompilerCost.of(compiled)
+        cost = unrolled_cost(builder)
     else:
         costs = []
         for probe in (probes.base, probes.more_vit, probes.more_decoder):
             config = probe_config(builder.config, probe)
-            probe_builder = StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))
-            compiled, _ = compile_train_step(probe_builder, unrolled=True)
-            if compiled is None:
+            costs.append(unrolled_cost(StepBuilder(config, make_mesh(config.mesh.to_dict(), devices))))
+            if costs[-1] is None:
                 return None
-            costs.append(CompilerCost.of(compiled))
         cost = extrapolate(*costs, probes=probes)
+    if cost is None:
+        return None
     print(f"  step time modeled in {time.perf_counter() - start:.0f} s ({method})")
     data, chips = builder.config.data, len(devices)
     return StepTime(

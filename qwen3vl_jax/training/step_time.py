@@ -4,10 +4,11 @@ An AOT compile for a TPU topology carries the compiler's cost analysis (`compile
 program's FLOPs, the bytes it moves through HBM, and `optimal_seconds`, the compiler's own estimate of its run
 time. It counts a while loop's body once, so the step is compiled with every loop unrolled
 (`modeling.loops.unrolled_loops`). The layer stacks are the only loops whose length grows with the model, and an
-unrolled compile of every layer is slow, so the step is compiled unrolled at three small depths that differ by
-one ViT block and by one period of decoder layers; the cost is linear in the number of identical layers, so the
-whole depth's follows from the differences (`DepthProbes`, `extrapolate`). The test suite checks the extrapolation
-against an unrolled compile of the full depth.
+unrolled compile of every layer grows with the depth (in size and in the compiling machine's memory), so by
+default the step is compiled unrolled at three small depths that differ by one ViT block and by one period of
+decoder layers; the cost is linear in the number of identical layers, so the whole depth's follows from the
+differences (`DepthProbes`, `extrapolate`). The test suite checks the extrapolation against an unrolled compile of
+the full depth.
 
 Two things the compiler does not model are added or reported beside it: Pallas kernels that carry no cost
 estimate (splash attention) count as free in `optimal_seconds`, so their matmul FLOPs are added at the chip's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 from qwen3vl_jax.config import ModelConfig
 from qwen3vl_jax.modeling.decoder import layer_runs
@@ -66,15 +68,23 @@ class CompilerCost:
         )
 
 
+class DepthProbe(NamedTuple):
+    """The model cut to a small depth for one unrolled compile."""
+
+    vit_depth: int
+    deepstack_taps: tuple[int, ...]  # the ViT blocks the DeepStack mergers read
+    decoder_layers: int
+    layer_types: tuple[str, ...]  # the decoder's first `decoder_layers` layer types, or () where it has none
+
+
 @dataclasses.dataclass(frozen=True)
 class DepthProbes:
     """Three small depths to compile unrolled: `base`, then one more ViT block, then one more period of decoder
-    layers; `vit_blocks` and `decoder_periods` are how many blocks and periods the full model has beyond `base`.
-    Each probe is (ViT depth, its DeepStack taps, decoder layers, decoder layer types or ())."""
+    layers; `vit_blocks` and `decoder_periods` are how many blocks and periods the full model has beyond `base`."""
 
-    base: tuple[int, tuple[int, ...], int, tuple[str, ...]]
-    more_vit: tuple[int, tuple[int, ...], int, tuple[str, ...]]
-    more_decoder: tuple[int, tuple[int, ...], int, tuple[str, ...]]
+    base: DepthProbe
+    more_vit: DepthProbe
+    more_decoder: DepthProbe
     vit_blocks: int
     decoder_periods: int
 
@@ -96,9 +106,8 @@ def depth_probes(config: ModelConfig) -> DepthProbes:
     vit = max(levels, 1)
     taps = tuple(range(levels))
 
-    def probe(vit_depth: int, layers: int):
-        types = text.layer_types[:layers] if text.layer_types else ()
-        return (vit_depth, taps, layers, types)
+    def probe(vit_depth: int, layers: int) -> DepthProbe:
+        return DepthProbe(vit_depth, taps, decoder_layers=layers, layer_types=text.layer_types[:layers])
 
     if vision.depth < vit + 1 or text.num_hidden_layers < decoder + period:
         raise ValueError(
